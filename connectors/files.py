@@ -1,0 +1,271 @@
+"""Recorded data in and scores out: the file side of replay and evaluation.
+
+Formats (``--format``):
+
+``nab``   CSV ``timestamp,value``: one device, named after the file.
+``wide``  CSV with an optional ``timestamp`` column, every other column a channel
+          of one device; a headerless numeric CSV (SMD) works too, channels
+          ``c0..cN`` and row numbers as timestamps.
+``jsonl`` one reading message per line (the Kafka message format).
+
+``.gz`` files are read directly.  Rows that cannot be used become ``BadRecord``s
+naming their line; a file that cannot be read at all raises ``FileFormatError``.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from monitor.readings import (BadReason, BadRecord, MessageFormat, Reading, Score, check_value,
+                              parse_message, parse_timestamp)
+
+FORMATS = ("nab", "wide", "jsonl")
+_TIMESTAMP_COLUMNS = ("timestamp", "ts", "time")
+
+
+class FileFormatError(ValueError):
+    """A recorded file that cannot be read; the message names the file and line."""
+
+
+@dataclass
+class Batch:
+    """Readings from consecutive records, plus the records that were rejected."""
+
+    readings: list[Reading] = field(default_factory=list)
+    bad: list[BadRecord] = field(default_factory=list)
+
+
+def device_name(path: str | Path) -> str:
+    """The device a single-device file describes: its name without extensions.
+
+    >>> device_name("data/machine-1-2.txt.gz")
+    'machine-1-2'
+    """
+    name = Path(path).name
+    for suffix in (".gz", ".csv", ".txt", ".jsonl", ".ndjson", ".json"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def open_text(path: str | Path) -> IO[str]:
+    path = Path(path)
+    if not path.exists():
+        raise FileFormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise FileFormatError(f"{path}: is a directory, not a recording")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess the format from the name and the first line."""
+    name = Path(path).name.removesuffix(".gz")
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    with open_text(path) as f:
+        try:
+            first = f.readline().strip().lower()
+        except (OSError, EOFError) as exc:
+            raise FileFormatError(f"{path}: unreadable ({exc})") from None
+    if first.startswith("{"):
+        return "jsonl"
+    if first.replace(" ", "") == "timestamp,value":
+        return "nab"
+    return "wide"
+
+
+class FileSource:
+    """Iterate a recorded file as batches of readings.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "pump.csv")
+    >>> _ = open(path, "w").write("timestamp,value\\n2024-01-01 00:00:00,1.5\\n2024-01-01 00:05:00,oops\\n")
+    >>> batch, = FileSource(path).batches()
+    >>> [r.values for r in batch.readings], [str(b) for b in batch.bad]
+    ([{'value': 1.5}], ["line 3: non_numeric_value: device 'pump' channel 'value': 'oops' is not a number"])
+    """
+
+    def __init__(self, path: str | Path, fmt: str | None = None, batch_size: int = 1000,
+                 message_format: MessageFormat = MessageFormat(), device: str | None = None) -> None:
+        if fmt is not None and fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.path = Path(path)
+        self.format = fmt or detect_format(path)
+        self.batch_size = batch_size
+        self.message_format = message_format
+        self.device = device or device_name(path)
+
+    def batches(self) -> Iterator[Batch]:
+        records = {"nab": self._csv_records, "wide": self._csv_records, "jsonl": self._jsonl_records}[self.format]
+        batch = Batch()
+        for reading, bad in records():
+            if reading is not None:
+                batch.readings.append(reading)
+            batch.bad.extend(bad)
+            if len(batch.readings) + len(batch.bad) >= self.batch_size:
+                yield batch
+                batch = Batch()
+        if batch.readings or batch.bad:
+            yield batch
+
+    def readings(self) -> Iterator[Reading]:
+        for batch in self.batches():
+            yield from batch.readings
+
+    # ---- jsonl -------------------------------------------------------------
+    def _jsonl_records(self) -> Iterator[tuple[Reading | None, list[BadRecord]]]:
+        with open_text(self.path) as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                parsed = parse_message(line.rstrip("\r\n"), self.message_format, ref=f"line {number}")
+                yield parsed.reading, parsed.bad
+
+    # ---- csv (nab and wide) -----------------------------------------------------
+    def _csv_records(self) -> Iterator[tuple[Reading | None, list[BadRecord]]]:
+        max_abs = self.message_format.max_abs_value
+        with open_text(self.path) as f:
+            rows = csv.reader(f)
+            try:
+                first = next(rows, None)
+            except csv.Error as exc:
+                raise FileFormatError(f"{self.path}: line 1: not CSV ({exc})") from None
+            if first is None:
+                raise FileFormatError(f"{self.path}: empty file, expected a CSV header or data")
+            header, ts_col, pending = self._header(first)
+            width = len(header) + (ts_col is not None)
+            row_number = 0
+            line = 1 if pending is None else 0
+            stream = rows if pending is None else _chain([pending], rows)
+            while True:
+                try:
+                    row = next(stream)
+                except StopIteration:
+                    break
+                except csv.Error as exc:
+                    line += 1
+                    yield None, [BadRecord(BadReason.MALFORMED, f"not CSV ({exc})", f"line {line}")]
+                    continue
+                line += 1
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                ref = f"line {line}"
+                raw = ",".join(row)[:500]
+                if len(row) != width:
+                    yield None, [BadRecord(BadReason.MALFORMED, f"expected {width} fields, got {len(row)}", ref, raw)]
+                    continue
+                if ts_col is None:
+                    ts = float(row_number)
+                else:
+                    try:
+                        ts = parse_timestamp(_number_or_text(row[ts_col]))
+                    except ValueError as exc:
+                        yield None, [BadRecord(BadReason.BAD_TIMESTAMP, str(exc), ref, raw)]
+                        continue
+                row_number += 1
+                values: dict[str, float] = {}
+                bad: list[BadRecord] = []
+                fields = (v for i, v in enumerate(row) if i != ts_col)
+                for channel, text in zip(header, fields):
+                    value, reason, detail = check_value(_number_or_text(text), max_abs)
+                    if reason is None:
+                        values[channel] = value
+                    else:
+                        if reason is BadReason.NON_NUMERIC_VALUE:
+                            detail = f"{text.strip()[:40]!r} is not a number"
+                        bad.append(BadRecord(reason, f"device {self.device!r} channel {channel!r}: {detail}", ref, raw))
+                yield (Reading(self.device, ts, values, ref) if values else None), bad
+
+    def _header(self, first: list[str]) -> tuple[list[str], int | None, list[str] | None]:
+        """Channel names, the timestamp column, and the first row if it was data."""
+        cells = [c.strip() for c in first]
+        if self.format == "nab":
+            if [c.lower() for c in cells] != ["timestamp", "value"]:
+                raise FileFormatError(f"{self.path}: line 1: a nab file starts with 'timestamp,value', got {','.join(cells)[:80]!r}")
+            return ["value"], 0, None
+        if all(isinstance(_number_or_text(c), float) for c in cells):
+            return [f"c{i}" for i in range(len(cells))], None, first
+        lowered = [c.lower() for c in cells]
+        ts_col = next((lowered.index(n) for n in _TIMESTAMP_COLUMNS if n in lowered), None)
+        channels = [c for i, c in enumerate(cells) if i != ts_col]
+        if not channels or any(not c for c in channels) or len(set(channels)) != len(channels):
+            raise FileFormatError(f"{self.path}: line 1: channel names must be non-empty and unique, got {','.join(cells)[:80]!r}")
+        return channels, ts_col, None
+
+
+def _chain(first: list, rest: Iterator) -> Iterator:
+    yield from first
+    yield from rest
+
+
+def _number_or_text(text: str) -> float | str:
+    """A CSV cell as a float if it spells one (NaN and inf included), else its text."""
+    text = text.strip()
+    if not text:
+        return None  # type: ignore[return-value]  # an empty cell is a missing value
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_series(path: str | Path, fmt: str | None = None) -> dict[str, np.ndarray]:
+    """Every stream of a recording as an array of its accepted values, keyed ``device/channel``."""
+    series: dict[str, list[float]] = {}
+    for reading in FileSource(path, fmt, batch_size=10_000).readings():
+        for channel, value in reading.values.items():
+            series.setdefault(f"{reading.device}/{channel}", []).append(value)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in series.items()}
+
+
+class ScoreCsvWriter:
+    """Writes ``ts,device,score,anomaly,channel``, one row per reading; empty while warming."""
+
+    HEADER = ("ts", "device", "score", "anomaly", "channel")
+
+    def __init__(self, out: IO[str]) -> None:
+        self._writer = csv.writer(out, lineterminator="\n")
+        self._writer.writerow(self.HEADER)
+
+    def write(self, scores: list[Score]) -> None:
+        self._writer.writerows(
+            (format_ts(s.ts), s.device,
+             "" if s.score is None else f"{s.score:.6f}",
+             "" if s.anomaly is None else int(s.anomaly),
+             s.channel or "")
+            for s in scores)
+
+
+class DeadLetterWriter:
+    """Bad records as JSON lines: reason, detail, where, and the raw record."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+
+    def write(self, bad: list[BadRecord]) -> None:
+        for b in bad:
+            self._out.write(json.dumps({"reason": b.reason.value, "detail": b.detail, "ref": b.ref, "raw": b.raw}) + "\n")
+
+
+def format_ts(ts: float) -> str:
+    """Shortest exact text for a timestamp: ``1700000000`` rather than ``1700000000.0``.
+
+    >>> format_ts(1700000000.0), format_ts(12.25)
+    ('1700000000', '12.25')
+    """
+    if math.isfinite(ts) and ts == int(ts):
+        return str(int(ts))
+    return repr(ts)

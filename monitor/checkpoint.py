@@ -1,0 +1,97 @@
+"""The meta-learned initialization on disk: weights plus everything needed to use them.
+
+A checkpoint is a plain dict of tensors, strings and numbers written with
+``torch.save`` and read with ``weights_only=True``, so loading one never
+unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from monitor.adapt import AdaptConfig
+from monitor.forecaster import LSTMSpec, Params, init_params
+from monitor.normalize import Normalization
+
+FORMAT = "forewarn-init"
+VERSION = 1
+DEFAULT_INIT = "default_init.pt"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable Forewarn initialization."""
+
+
+@dataclass
+class Initialization:
+    """Shared starting weights for every new stream, and how to adapt from them.
+
+    >>> init = Initialization.random(LSTMSpec(hidden=4), seed=0)
+    >>> init.spec, init.adapt.steps
+    (LSTMSpec(hidden=4, layers=1), 10)
+    """
+
+    spec: LSTMSpec
+    params: Params
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    normalization: Normalization = field(default_factory=Normalization)
+    inner_lr: Params | None = None      # learned per-parameter step sizes (Meta-SGD)
+    info: dict = field(default_factory=dict)  # how it was made: algorithm, corpus, seed, loss
+
+    @classmethod
+    def random(cls, spec: LSTMSpec = LSTMSpec(), seed: int = 0, **kwargs) -> "Initialization":
+        params = init_params(spec, torch.Generator().manual_seed(seed))
+        return cls(spec, params, info={"algorithm": "random", "seed": seed}, **kwargs)
+
+    def save(self, path: str | Path) -> None:
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "spec": self.spec.to_dict(),
+            "params": {k: v.detach().clone() for k, v in self.params.items()},
+            "inner_lr": None if self.inner_lr is None else {k: v.detach().clone() for k, v in self.inner_lr.items()},
+            "adapt": self.adapt.to_dict(),
+            "normalization": self.normalization.to_dict(),
+            "info": self.info,
+        }
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Initialization":
+        try:
+            payload = torch.load(path, weights_only=True, map_location="cpu")
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such initialization file") from None
+        except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
+            raise CheckpointError(f"{path}: not a Forewarn initialization ({exc})") from None
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a Forewarn initialization (format tag missing)")
+        if payload.get("version") != VERSION:
+            raise CheckpointError(f"{path}: initialization version {payload.get('version')!r}, "
+                                  f"this Forewarn reads version {VERSION}")
+        try:
+            spec = LSTMSpec(**payload["spec"])
+            init = cls(spec=spec, params=dict(payload["params"]),
+                       adapt=AdaptConfig(**payload["adapt"]),
+                       normalization=Normalization(**payload["normalization"]),
+                       inner_lr=None if payload["inner_lr"] is None else dict(payload["inner_lr"]),
+                       info=dict(payload.get("info", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: incomplete initialization ({exc})") from None
+        for name, group in (("params", init.params), ("inner_lr", init.inner_lr or {})):
+            for key, shape in spec.shapes().items():
+                if name == "inner_lr" and not group:
+                    break
+                if key not in group or tuple(group[key].shape) != shape:
+                    raise CheckpointError(f"{path}: {name}[{key!r}] missing or not of shape {shape}")
+        return init
+
+    @classmethod
+    def default(cls) -> "Initialization":
+        """The initialization shipped in the package (meta-trained on SMD, see the README)."""
+        with resources.as_file(resources.files("monitor.data") / DEFAULT_INIT) as path:
+            return cls.load(path)

@@ -1,0 +1,296 @@
+"""``forewarn``: the command line.  Each subcommand is a thin shell over the library."""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from connectors.files import (FORMATS, DeadLetterWriter, FileFormatError, FileSource, ScoreCsvWriter,
+                              format_ts, read_series)
+from monitor.adapt import AdaptConfig
+from monitor.checkpoint import CheckpointError, Initialization
+from monitor.forecaster import LSTMSpec
+from monitor.pipeline import Pipeline, PipelineConfig
+from monitor.readings import BadRecord, Score
+from monitor.scoring import ScoringConfig
+
+SHOWN_BAD_RECORDS = 20
+
+
+def tune_runtime(threads: int | None = None) -> None:
+    """Process settings for long-running streaming work.
+
+    Every live stream holds a few Python objects; with the default thresholds the
+    cyclic GC rescans all of them every few hundred allocations, which costs more
+    than the forecasting itself at fleet scale.  Nothing here builds cycles per
+    reading, so a rarer young-generation collection loses nothing.
+    """
+    gc.set_threshold(50_000, 50, 100)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _progress(enabled: bool, **kwargs):
+    from tqdm import tqdm
+    return tqdm(disable=not enabled, file=sys.stderr, mininterval=0.5, **kwargs)
+
+
+def _load_init(path: str | None) -> Initialization:
+    return Initialization.load(path) if path else Initialization.default()
+
+
+def _pipeline_config(args: argparse.Namespace, init: Initialization) -> PipelineConfig:
+    adapt = init.adapt
+    if args.adapt_steps is not None:
+        adapt = AdaptConfig(**{**adapt.to_dict(), "steps": args.adapt_steps})
+    return PipelineConfig(warmup=args.warmup, adapt=adapt,
+                          scoring=ScoringConfig(threshold=args.threshold))
+
+
+class _BadRecordLog:
+    """Shows the first bad records on stderr and counts all of them."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.counts: Counter[str] = Counter()
+        self.stream = stream
+
+    def add(self, bad: list[BadRecord]) -> None:
+        for b in bad:
+            if sum(self.counts.values()) < SHOWN_BAD_RECORDS:
+                print(f"warning: {b}", file=self.stream)
+            self.counts[b.reason.value] += 1
+
+
+def replay(source: FileSource, pipeline: Pipeline, out_csv=None, dead_letter=None,
+           progress: bool = True, on_scores=None) -> dict:
+    """Feed a recording through ``pipeline``; returns the summary."""
+    writer = ScoreCsvWriter(out_csv) if out_csv is not None else None
+    dlq = DeadLetterWriter(dead_letter) if dead_letter is not None else None
+    bad_log = _BadRecordLog()
+    started = time.perf_counter()
+    n = 0
+    with _progress(progress, unit=" readings", desc=f"replay {source.path.name}") as bar:
+        for batch in source.batches():
+            bad_log.add(batch.bad)
+            result = pipeline.feed(batch.readings)
+            bad_log.add(result.bad)
+            if dlq:
+                dlq.write(batch.bad + result.bad)
+            if writer:
+                writer.write(result.scores)
+            if on_scores:
+                on_scores(result.scores)
+            n += len(batch.readings)
+            bar.update(len(batch.readings))
+    elapsed = time.perf_counter() - started
+    shown = min(SHOWN_BAD_RECORDS, sum(bad_log.counts.values()))
+    hidden = sum(bad_log.counts.values()) - shown
+    if hidden:
+        print(f"warning: {hidden} more bad records not shown (--dead-letter FILE keeps them all)", file=sys.stderr)
+    return {
+        "devices": len(pipeline.devices()),
+        "streams": pipeline.streams_by_state(),
+        "readings": pipeline.counts["readings"],
+        "scored": pipeline.counts["scored"],
+        "anomalies": pipeline.counts["anomalies"],
+        "late_channels": pipeline.counts["late_channel"],
+        "bad_records": dict(sorted(bad_log.counts.items())),
+        "seconds": elapsed,
+        "records": n,
+    }
+
+
+def print_summary(summary: dict, stream=sys.stderr) -> None:
+    bad = summary["bad_records"]
+    rate = summary["records"] / summary["seconds"] if summary["seconds"] > 0 else float("nan")
+    print(f"devices: {summary['devices']}  streams: {summary['streams']}", file=stream)
+    print(f"readings: {summary['readings']}  scored: {summary['scored']}  anomalies: {summary['anomalies']}"
+          f"  late channels: {summary['late_channels']}", file=stream)
+    print(f"bad records: {sum(bad.values())}" + (f"  {bad}" if bad else ""), file=stream)
+    print(f"time: {summary['seconds']:.1f} s ({rate:,.0f} readings/s)", file=stream)
+
+
+# ---- subcommands ----------------------------------------------------------------------
+def cmd_replay(args: argparse.Namespace) -> int:
+    init = _load_init(args.init)
+    pipeline = Pipeline(init, _pipeline_config(args, init))
+    source = FileSource(args.input, args.format, batch_size=args.batch_size)
+    out = open(args.out, "w", newline="") if args.out else None
+    dlq = open(args.dead_letter, "w") if args.dead_letter else None
+    try:
+        summary = replay(source, pipeline, out, dlq, progress=not args.quiet)
+    finally:
+        for f in (out, dlq):
+            if f:
+                f.close()
+    print_summary(summary)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from monitor.evaluate import compare_with_windows, load_windows
+    data = resources.files("monitor.data") / "nab"
+    with resources.as_file(data / "machine_temperature_system_failure.csv") as csv_path, \
+            resources.as_file(data / "windows.json") as windows_path:
+        init = _load_init(args.init)
+        pipeline = Pipeline(init, _pipeline_config(args, init))
+        flagged: list[Score] = []
+        print(f"Replaying the bundled NAB recording {csv_path.name} (MIT, see monitor/data/nab/README.md)",
+              file=sys.stderr)
+        summary = replay(FileSource(csv_path, "nab"), pipeline, progress=not args.quiet,
+                         on_scores=lambda scores: flagged.extend(s for s in scores if s.anomaly))
+        windows = load_windows(windows_path)
+    report = compare_with_windows(flagged, windows)
+    print_summary(summary)
+    print(f"\nLabelled anomaly windows caught: {report.detected} of {len(windows)}")
+    for hit in report.windows:
+        found = "first flag " + _iso(hit.first_detection) if hit.first_detection is not None else "missed"
+        print(f"  {_iso(hit.start)} .. {_iso(hit.end)}: {found}")
+    print(f"Flags outside labelled windows: {report.flags_outside} of {report.flags_total} "
+          f"({summary['scored']} readings scored, threshold {args.threshold})")
+    return 0
+
+
+def _iso(ts: float) -> str:
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from monitor.meta import MetaConfig, Progress, TaskSampler, meta_train
+    cfg = MetaConfig(
+        algorithm=args.algorithm, iterations=args.iterations, tasks_per_batch=args.tasks_per_batch,
+        support=args.warmup, query=args.query, meta_lr=args.meta_lr,
+        inner=AdaptConfig(steps=args.inner_steps, lr=args.inner_lr, prox=args.prox, loss=args.loss),
+        learn_inner_lr=not args.fixed_inner_lr, spec=LSTMSpec(args.hidden, args.layers), seed=args.seed)
+    series = []
+    for path in _expand_paths(args.data):
+        series.extend(read_series(path, args.format).values())
+    sampler = TaskSampler(series, cfg.support, cfg.query, cfg.normalization, cfg.seed)
+    print(f"meta-train {cfg.algorithm}: {len(sampler.series)} series ({sampler.skipped} too short or constant)",
+          file=sys.stderr)
+    with _progress(not args.quiet, total=cfg.iterations, unit=" it", desc=cfg.algorithm) as bar:
+        def on_progress(p: Progress) -> None:
+            bar.update(1)
+            if p.iteration % 10 == 0:
+                bar.set_postfix(query_loss=f"{p.query_loss:.4f}")
+        init = meta_train(sampler, cfg, on_progress)
+    init.info["data"] = [Path(p).name for p in _expand_paths(args.data)]
+    init.save(args.out)
+    print(f"wrote {args.out}: {init.info['algorithm']}, query loss {init.info['final_query_loss']:.4f}, "
+          f"{init.info['seconds']} s", file=sys.stderr)
+    return 0
+
+
+def _expand_paths(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
+        else:
+            out.append(p)
+    if not out:
+        raise FileFormatError("no data files given")
+    return out
+
+
+# ---- argument parsing --------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _detector_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", metavar="FILE", help="initialization checkpoint (default: the one shipped in the package)")
+    p.add_argument("--warmup", type=_positive_int, default=256, metavar="W",
+                   help="readings a stream buffers before it is adapted and scored (default: 256)")
+    p.add_argument("--adapt-steps", type=int, default=None, metavar="K",
+                   help="inner gradient steps of fast adaptation (default: the initialization's, 10 for the shipped one)")
+    p.add_argument("--threshold", type=_probability, default=ScoringConfig().threshold,
+                   help="score at or above which a reading is an anomaly (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forewarn", description="Streaming anomaly detection for sensor fleets: "
+                                     "per-stream LSTM forecasters fast-adapted from a meta-learned initialization.")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("replay", help="score a recorded file through the detector",
+                       description="Replay a recording through the same pipeline the daemon uses. Scores go to "
+                                   "--out as CSV (ts,device,score,anomaly,channel; score empty while a device warms "
+                                   "up); a summary and the first bad records go to stderr.")
+    p.add_argument("input", help="recorded file (.gz is read directly)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="nab: timestamp,value CSV; wide: one channel per column; jsonl: reading messages "
+                        "(default: guessed from the name and first line)")
+    p.add_argument("--out", metavar="CSV", help="write one score row per reading here")
+    p.add_argument("--dead-letter", metavar="FILE", help="write every bad record here as a JSON line")
+    p.add_argument("--batch-size", type=_positive_int, default=1000, help="records per pipeline batch (default: 1000)")
+    _detector_options(p)
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("demo", help="replay the bundled NAB recording and compare with its labels",
+                       description="Replay the NAB machine-temperature recording bundled in the package and "
+                                   "report which labelled anomaly windows the detector caught.")
+    _detector_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("meta-train", help="learn an initialization from a corpus of recordings",
+                       description="Meta-learn the initialization new streams start from. Every channel of every "
+                                   "file is a series; each task is a warm-up window and the query after it.")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="recordings or folders of them")
+    p.add_argument("--format", choices=FORMATS, default=None, help="format of the recordings (default: guessed)")
+    p.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write")
+    p.add_argument("--algorithm", choices=("reptile", "fomaml", "maml", "pooled"), default="fomaml",
+                   help="reptile, first-order MAML, second-order MAML, or pooled pre-training (default: %(default)s)")
+    p.add_argument("--iterations", type=_positive_int, default=1000, help="meta-iterations (default: %(default)s)")
+    p.add_argument("--tasks-per-batch", type=_positive_int, default=16, help="tasks per meta-batch (default: %(default)s)")
+    p.add_argument("--warmup", type=_positive_int, default=256, metavar="W", help="support length (default: %(default)s)")
+    p.add_argument("--query", type=_positive_int, default=128, help="query length (default: %(default)s)")
+    p.add_argument("--inner-steps", type=int, default=5, metavar="K", help="inner steps (default: %(default)s)")
+    p.add_argument("--inner-lr", type=float, default=0.01, help="inner learning rate, or its start when learned (default: %(default)s)")
+    p.add_argument("--fixed-inner-lr", action="store_true", help="do not learn per-parameter inner rates (Meta-SGD)")
+    p.add_argument("--meta-lr", type=float, default=1e-3, help="outer Adam learning rate (default: %(default)s)")
+    p.add_argument("--prox", type=float, default=0.0, help="L2 pull toward the initialization while adapting (default: %(default)s)")
+    p.add_argument("--loss", choices=("huber", "mse"), default="huber", help="loss (default: %(default)s)")
+    p.add_argument("--hidden", type=_positive_int, default=32, help="LSTM hidden units (default: %(default)s)")
+    p.add_argument("--layers", type=_positive_int, default=1, help="LSTM layers (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_meta_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    tune_runtime(args.threads)
+    try:
+        return args.func(args)
+    except (FileFormatError, CheckpointError, ValueError, OSError) as exc:
+        print(f"forewarn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("forewarn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""One-step-ahead LSTM forecasters for a whole fleet of streams.
+
+Parameters are plain tensors in a dict (the ``torch.func`` style), so the same
+code serves three shapes:
+
+* one shared set (``w`` is ``[in+H, 4H]``): a meta-initialization or a pooled model;
+* one set per stream, stacked (``w`` is ``[n, in+H, 4H]``): a fleet, or a batch of
+  meta-learning tasks;
+* a shared set broadcast over a batch of series (pre-training).
+
+The cell is written by hand with ``addmm``/``baddbmm`` because ``nn.LSTM`` keeps
+one weight set per module and cannot be vmapped over streams.  The forecast is
+``x_t + head(h_t)``: a zero head is the last-value forecaster, a strong prior for
+sensor data that every initialization starts from.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+State = tuple[Tensor, Tensor]  # (h, c), each [layers, batch, hidden]
+
+
+@dataclass(frozen=True)
+class LSTMSpec:
+    """Shape of a univariate forecaster: ``hidden`` units in each of ``layers`` layers.
+
+    >>> spec = LSTMSpec(hidden=8, layers=2)
+    >>> sorted(init_params(spec, torch.Generator().manual_seed(0)))
+    ['head.b', 'head.w', 'l0.b', 'l0.w', 'l1.b', 'l1.w']
+    >>> spec.n_params
+    873
+    """
+
+    hidden: int = 32
+    layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1 or self.layers < 1:
+            raise ValueError(f"hidden and layers must be >= 1, got {self}")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        h = self.hidden
+        out: dict[str, tuple[int, ...]] = {}
+        for layer in range(self.layers):
+            fan_in = (1 if layer == 0 else h) + h
+            out[f"l{layer}.w"] = (fan_in, 4 * h)
+            out[f"l{layer}.b"] = (4 * h,)
+        out["head.w"] = (h,)
+        out["head.b"] = ()
+        return out
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.shapes().values())
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def init_params(spec: LSTMSpec, generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float32) -> Params:
+    """PyTorch's default LSTM initialization, U(-1/sqrt(H), 1/sqrt(H)); head at zero."""
+    bound = 1.0 / math.sqrt(spec.hidden)
+    params: Params = {}
+    for name, shape in spec.shapes().items():
+        if name.startswith("head"):
+            params[name] = torch.zeros(shape, dtype=dtype)
+        else:
+            params[name] = (torch.rand(shape, generator=generator, dtype=dtype) * 2 - 1) * bound
+    return params
+
+
+def spec_of(params: Params) -> LSTMSpec:
+    """Recover the spec from a parameter dict (shared or stacked)."""
+    layers = sum(1 for k in params if k.endswith(".w") and k.startswith("l"))
+    return LSTMSpec(hidden=params["head.w"].shape[-1], layers=layers)
+
+
+def is_stacked(params: Params) -> bool:
+    return params["l0.w"].dim() == 3
+
+
+def stack(params: Params, n: int) -> Params:
+    """``n`` independent copies of a shared parameter set, one row per stream."""
+    return {k: v.unsqueeze(0).expand(n, *v.shape).clone() for k, v in params.items()}
+
+
+def zero_state(spec: LSTMSpec, batch: int, dtype: torch.dtype = torch.float32) -> State:
+    shape = (spec.layers, batch, spec.hidden)
+    return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+
+
+def _gates(xh: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    if w.dim() == 2:  # shared weights: one GEMM for the whole batch
+        return torch.addmm(b, xh, w)
+    return torch.baddbmm(b.unsqueeze(1), xh.unsqueeze(1), w).squeeze(1)
+
+
+def _cell(gates: Tensor, c: Tensor) -> State:
+    i, f, g, o = gates.chunk(4, dim=-1)  # PyTorch's gate order
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c_new), c_new
+
+
+def _head(params: Params, h_top: Tensor) -> Tensor:
+    w, b = params["head.w"], params["head.b"]
+    if w.dim() == 1:
+        return h_top @ w + b
+    return (h_top * w).sum(-1) + b
+
+
+def step(params: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
+    """Advance every row by one reading ``x`` ([B]); return the forecast of the next one.
+
+    ``params`` are shared or stacked with B rows; ``state`` is ``(h, c)``, each [L, B, H].
+
+    >>> spec = LSTMSpec(hidden=4)
+    >>> p = stack(init_params(spec, torch.Generator().manual_seed(1)), 3)
+    >>> forecast, (h, c) = step(p, torch.tensor([0.5, -1.0, 2.0]), zero_state(spec, 3))
+    >>> forecast.tolist()  # zero head: the last value
+    [0.5, -1.0, 2.0]
+    >>> tuple(h.shape)
+    (1, 3, 4)
+    """
+    h_all, c_all = state
+    hs, cs = [], []
+    inp = x.unsqueeze(-1)
+    for layer in range(h_all.shape[0]):
+        xh = torch.cat([inp, h_all[layer]], dim=-1)
+        h, c = _cell(_gates(xh, params[f"l{layer}.w"], params[f"l{layer}.b"]), c_all[layer])
+        hs.append(h)
+        cs.append(c)
+        inp = h
+    return x + _head(params, inp), (torch.stack(hs), torch.stack(cs))
+
+
+def _gates_seq(x_t: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """``x_t + h @ w`` for h [B, S, K]: S series side by side on one row's weights."""
+    if w.dim() == 2:
+        return torch.addmm(x_t.flatten(0, 1), h.flatten(0, 1), w).view_as(x_t)
+    return torch.baddbmm(x_t, h, w)
+
+
+def forecast_sequence(params: Params, x: Tensor, state: State | None = None,
+                      lengths: Tensor | None = None) -> tuple[Tensor, State]:
+    """Run series through the model; ``out[..., t]`` forecasts ``x[..., t+1]``.
+
+    ``x`` is [B, T] (one series per parameter row) or [B, S, T] (S series per
+    row, all on that row's weights: each step reads a row's weights once for S
+    series, which is what makes adaptation on chunked windows fast).  The state is
+    [L, B, H] or [L, B, S, H] to match.  With ``lengths`` ([B], only for [B, T])
+    a row stops at its own length and its final state is the one after its last
+    real value.
+    """
+    single = x.dim() == 2
+    if single:
+        x = x.unsqueeze(1)
+    batch, series, steps = x.shape
+    spec = spec_of(params)
+    if state is None:
+        h0 = torch.zeros((spec.layers, batch, series, spec.hidden), dtype=x.dtype)
+        state = (h0, torch.zeros_like(h0))
+    elif single:
+        state = (state[0].unsqueeze(2), state[1].unsqueeze(2))
+    h_all, c_all = state
+    layers = h_all.shape[0]
+    # The input's contribution to layer 0 for every step at once: one op instead of T.
+    w0, b0 = params["l0.w"], params["l0.b"]
+    if w0.dim() == 2:
+        x_part = x.unsqueeze(-1) * w0[0] + b0  # [B, S, T, 4H]
+        w0_h = w0[1:]
+    else:
+        x_part = x.unsqueeze(-1) * w0[:, 0, None, None] + b0[:, None, None]
+        w0_h = w0[:, 1:]
+    hs = list(h_all.unbind(0))
+    cs = list(c_all.unbind(0))
+    alive_at = None if lengths is None else (torch.arange(steps) < lengths.unsqueeze(1))
+    outs = []
+    # unbind once: indexing x_part[:, :, t] would make autograd allocate a
+    # full-size zero gradient for every step.
+    for t, x_t in enumerate(x_part.unbind(2)):
+        h, c = _cell(_gates_seq(x_t, hs[0], w0_h), cs[0])
+        new_h, new_c = [h], [c]
+        for layer in range(1, layers):
+            w, b = params[f"l{layer}.w"], params[f"l{layer}.b"]
+            bias = b.expand(batch, series, -1) if b.dim() == 1 else b.unsqueeze(1).expand(-1, series, -1)
+            xh = torch.cat([new_h[-1], hs[layer]], dim=-1)
+            h, c = _cell(_gates_seq(bias, xh, w), cs[layer])
+            new_h.append(h)
+            new_c.append(c)
+        if alive_at is not None:
+            alive = alive_at[:, t, None, None]
+            new_h = [torch.where(alive, n, o) for n, o in zip(new_h, hs)]
+            new_c = [torch.where(alive, n, o) for n, o in zip(new_c, cs)]
+        hs, cs = new_h, new_c
+        outs.append(hs[-1])
+    h_top = torch.stack(outs, dim=2)  # [B, S, T, H]
+    w, b = params["head.w"], params["head.b"]
+    if w.dim() == 1:
+        head = h_top @ w + b
+    else:
+        head = (h_top * w[:, None, None]).sum(-1) + b[:, None, None]
+    out = x + head
+    h_fin, c_fin = torch.stack(hs), torch.stack(cs)
+    if single:
+        return out.squeeze(1), (h_fin.squeeze(2), c_fin.squeeze(2))
+    return out, (h_fin, c_fin)
+
+
+class FleetForecaster:
+    """The live streams of a fleet: stacked weights, (h, c) state and scaling, one row each.
+
+    ``observe`` takes one reading for each of a set of rows, returns the forecast
+    that had been made for it and the scaled residual, and advances those rows by
+    one step in a single batched call.  Rows are recycled when streams leave.
+
+    >>> spec = LSTMSpec(hidden=4)
+    >>> fleet = FleetForecaster(spec)
+    >>> rows = fleet.add(stack(init_params(spec), 2),
+    ...                  center=torch.tensor([10.0, 0.0], dtype=torch.float64),
+    ...                  scale=torch.tensor([2.0, 1.0], dtype=torch.float64))
+    >>> forecast, residual = fleet.observe(rows, torch.tensor([12.0, 1.0], dtype=torch.float64))
+    >>> forecast.tolist(), residual.tolist()  # fresh rows forecast their centre
+    ([10.0, 0.0], [1.0, 1.0])
+    >>> fleet.observe(rows, torch.tensor([12.0, 1.0], dtype=torch.float64))[0].tolist()
+    [12.0, 1.0]
+    """
+
+    # Below this share of the fleet a batch gathers its rows; above it, computing
+    # every row in place is cheaper than copying the touched rows' weights out.
+    FULL_STEP_SHARE = 0.25
+
+    def __init__(self, spec: LSTMSpec, dtype: torch.dtype = torch.float32, clip: float = 10.0,
+                 capacity: int = 64) -> None:
+        self.spec = spec
+        self.dtype = dtype
+        self.clip = clip
+        self._params = {k: torch.zeros((capacity, *s), dtype=dtype) for k, s in spec.shapes().items()}
+        self._h = torch.zeros((spec.layers, capacity, spec.hidden), dtype=dtype)
+        self._c = torch.zeros_like(self._h)
+        self._center = torch.zeros(capacity, dtype=torch.float64)
+        self._scale = torch.ones(capacity, dtype=torch.float64)
+        self._forecast = torch.zeros(capacity, dtype=dtype)  # scaled forecast of the next reading
+        self._used = 0
+        self._free: list[int] = []
+
+    def __len__(self) -> int:
+        return self._used - len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        return self._center.shape[0]
+
+    def state_bytes_per_stream(self) -> int:
+        """Bytes held per live stream (weights, state, scaling, pending forecast)."""
+        per_row = sum(t[0].numel() * t.element_size() for t in self._params.values())
+        per_row += 2 * self.spec.layers * self.spec.hidden * self._h.element_size()
+        per_row += self._center.element_size() + self._scale.element_size()
+        return per_row + self._forecast.element_size()
+
+    def _grow(self, needed: int) -> None:
+        cap = self.capacity
+        if needed <= cap:
+            return
+        new_cap = max(needed, 2 * cap)
+
+        def grown(t: Tensor, dim: int = 0, fill: float = 0.0) -> Tensor:
+            shape = list(t.shape)
+            shape[dim] = new_cap - cap
+            return torch.cat([t, torch.full(shape, fill, dtype=t.dtype)], dim=dim)
+
+        self._params = {k: grown(v) for k, v in self._params.items()}
+        self._h, self._c = grown(self._h, 1), grown(self._c, 1)
+        self._center, self._scale = grown(self._center), grown(self._scale, fill=1.0)
+        self._forecast = grown(self._forecast)
+
+    def add(self, params: Params, center: Tensor, scale: Tensor, state: State | None = None,
+            forecast: Tensor | None = None) -> Tensor:
+        """Place streams (stacked ``params`` rows) in the fleet; returns their row indices.
+
+        ``state`` and ``forecast`` (scaled) continue a stream that already ran, such
+        as one just adapted on its warm-up window; fresh streams start at zero.
+        """
+        n = center.shape[0]
+        reuse = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        fresh = list(range(self._used, self._used + n - len(reuse)))
+        self._grow(self._used + len(fresh))
+        self._used += len(fresh)
+        rows = torch.tensor(reuse + fresh, dtype=torch.long)
+        with torch.no_grad():
+            for k, v in params.items():
+                self._params[k][rows] = v.to(self.dtype)
+            if state is None:
+                self._h[:, rows] = 0
+                self._c[:, rows] = 0
+            else:
+                self._h[:, rows] = state[0].to(self.dtype)
+                self._c[:, rows] = state[1].to(self.dtype)
+            self._center[rows] = center.to(torch.float64)
+            self._scale[rows] = scale.to(torch.float64)
+            self._forecast[rows] = 0 if forecast is None else forecast.to(self.dtype)
+        return rows
+
+    def remove(self, rows: Tensor) -> None:
+        """Free rows for reuse by later streams."""
+        self._free.extend(int(r) for r in rows)
+
+    def params_of(self, rows: Tensor) -> Params:
+        return {k: v[rows].clone() for k, v in self._params.items()}
+
+    @torch.no_grad()
+    def observe(self, rows: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """One reading per row (``rows`` distinct); returns (forecast, scaled residual).
+
+        ``forecast`` is in the stream's own units (float64), ``residual`` is
+        ``scaled value - scaled forecast`` before clipping.
+        """
+        center, scale = self._center[rows], self._scale[rows]
+        scaled = (values - center) / scale
+        prev = self._forecast[rows]
+        forecast = prev.to(torch.float64) * scale + center
+        residual = scaled - prev.to(torch.float64)
+        x = scaled.clamp(-self.clip, self.clip).to(self.dtype)
+        n = self._used
+        if rows.numel() >= self.FULL_STEP_SHARE * n:
+            x_all = torch.zeros(n, dtype=self.dtype)
+            x_all[rows] = x
+            params = {k: v[:n] for k, v in self._params.items()}
+            nxt, (h, c) = step(params, x_all, (self._h[:, :n], self._c[:, :n]))
+            nxt, h, c = nxt[rows], h[:, rows], c[:, rows]
+        else:
+            params = {k: v[rows] for k, v in self._params.items()}
+            nxt, (h, c) = step(params, x, (self._h[:, rows], self._c[:, rows]))
+        self._h[:, rows] = h
+        self._c[:, rows] = c
+        self._forecast[rows] = nxt.clamp(-self.clip, self.clip)
+        return forecast, residual

@@ -1,0 +1,206 @@
+"""Learning the initialization every new stream starts from.
+
+Each task is one window of one series: the first ``support`` values play the
+warm-up window a new device would give us, the ``query`` values after them the
+readings it must then forecast.  The algorithms:
+
+``reptile``  move the initialization toward the weights each task adapts to;
+``fomaml``   first-order MAML: the query-loss gradient at the adapted weights;
+``maml``     second-order MAML: the query loss differentiated through the whole
+             inner loop (``torch.func.grad`` inside autograd);
+``pooled``   no meta-learning: one model trained on every window (the baseline
+             meta-learning has to beat).
+
+With ``learn_inner_lr`` (Meta-SGD) ``fomaml`` and ``maml`` also learn a step size
+per parameter, which can shrink toward zero where adapting does not pay.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from monitor.adapt import AdaptConfig, adapt, pointwise_loss, sequence_loss
+from monitor.checkpoint import Initialization
+from monitor.forecaster import LSTMSpec, Params, forecast_sequence, init_params
+from monitor.normalize import Normalization
+
+ALGORITHMS = ("reptile", "fomaml", "maml", "pooled")
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Meta-training settings.
+
+    >>> MetaConfig(algorithm="maml").inner.steps
+    5
+    """
+
+    algorithm: str = "fomaml"
+    iterations: int = 1000
+    tasks_per_batch: int = 16
+    support: int = 256          # the warm-up length W the initialization is trained for
+    query: int = 128
+    query_context: int = 32     # support values re-run before the query to warm the state
+    meta_lr: float = 1e-3
+    inner: AdaptConfig = field(default_factory=lambda: AdaptConfig(steps=5, lr=0.01))
+    learn_inner_lr: bool = True
+    spec: LSTMSpec = field(default_factory=LSTMSpec)
+    normalization: Normalization = field(default_factory=Normalization)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.iterations < 1 or self.tasks_per_batch < 1:
+            raise ValueError("iterations and tasks_per_batch must be >= 1")
+        if self.support < 16 or self.query < 2 or not 0 <= self.query_context <= self.support:
+            raise ValueError("need support >= 16, query >= 2, 0 <= query_context <= support")
+        if self.meta_lr <= 0:
+            raise ValueError("meta_lr must be > 0")
+
+
+# ---- tasks ---------------------------------------------------------------------
+class TaskSampler:
+    """Random (support, query) windows from a corpus of series, scaled by the support.
+
+    Series shorter than one window, or constant throughout, carry no task and are
+    left out (``skipped`` counts them).
+    """
+
+    def __init__(self, series: Sequence[np.ndarray], support: int, query: int,
+                 normalization: Normalization, seed: int = 0) -> None:
+        need = support + query
+        self.series = [np.asarray(s, dtype=np.float64) for s in series
+                       if len(s) >= need and np.ptp(s) > 0]
+        self.skipped = len(series) - len(self.series)
+        if not self.series:
+            raise ValueError(f"no series with at least {need} values that is not constant")
+        self.support, self.query = support, query
+        self.normalization = normalization
+        self.rng = np.random.default_rng(seed)
+        weights = np.array([len(s) - need + 1 for s in self.series], dtype=np.float64)
+        self._p = weights / weights.sum()  # every window equally likely
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` tasks: scaled, clipped (support [n, W], query [n, Q]) float32 tensors."""
+        need = self.support + self.query
+        windows = []
+        while len(windows) < n:
+            s = self.series[self.rng.choice(len(self.series), p=self._p)]
+            start = self.rng.integers(0, len(s) - need + 1)
+            w = s[start:start + need]
+            if np.ptp(w[: self.support]) > 0:  # a flat warm-up teaches nothing
+                windows.append(w)
+        return self.scale(torch.tensor(np.stack(windows)))
+
+    def scale(self, windows: Tensor) -> tuple[Tensor, Tensor]:
+        norm = self.normalization
+        center, scale = norm.fit(windows[:, : self.support])
+        scaled = norm.apply(windows, center, scale).clamp(-norm.clip, norm.clip).float()
+        return scaled[:, : self.support], scaled[:, self.support:]
+
+
+# ---- losses --------------------------------------------------------------------
+def query_loss(params: Params, support: Tensor, query: Tensor, cfg: AdaptConfig, context: int) -> Tensor:
+    """Per-task loss on the query, the state warmed on the last ``context`` support values."""
+    series = torch.cat([support[:, support.shape[1] - context:], query], dim=1)
+    pred, _ = forecast_sequence(params, series[:, :-1])
+    return pointwise_loss(pred[:, context - 1:], series[:, context:], cfg).mean(dim=1)
+
+
+def query_mse(params: Params, support: Tensor, query: Tensor) -> Tensor:
+    """Per-task one-step MSE on the query after running the whole support (as deployed)."""
+    series = torch.cat([support, query], dim=1)
+    with torch.no_grad():
+        pred, _ = forecast_sequence(params, series[:, :-1])
+    w = support.shape[1]
+    return ((pred[:, w - 1:] - series[:, w:]) ** 2).mean(dim=1)
+
+
+# ---- training --------------------------------------------------------------------
+@dataclass
+class Progress:
+    iteration: int
+    query_loss: float
+
+
+def meta_train(sampler: TaskSampler, cfg: MetaConfig,
+               on_progress: Callable[[Progress], None] | None = None) -> Initialization:
+    """Learn an initialization on ``sampler``'s tasks with ``cfg.algorithm``."""
+    torch.manual_seed(cfg.seed)
+    params = {k: v.requires_grad_() for k, v in init_params(cfg.spec, torch.Generator().manual_seed(cfg.seed)).items()}
+    learn_lr = cfg.learn_inner_lr and cfg.algorithm in ("fomaml", "maml")
+    log_lr = {k: torch.full_like(v, math.log(cfg.inner.lr), requires_grad=True) for k, v in params.items()} \
+        if learn_lr else None
+    opt = torch.optim.Adam(list(params.values()) + (list(log_lr.values()) if log_lr else []), lr=cfg.meta_lr)
+    started = time.perf_counter()
+    running = None
+    for iteration in range(1, cfg.iterations + 1):
+        support, query = sampler.sample(cfg.tasks_per_batch)
+        opt.zero_grad()
+        if cfg.algorithm == "pooled":
+            loss = sequence_loss(params, torch.cat([support, query], dim=1), cfg.inner).mean()
+            loss.backward()
+        elif cfg.algorithm == "reptile":
+            adapted = adapt({k: v.detach() for k, v in params.items()}, support, cfg.inner)
+            with torch.no_grad():
+                loss = query_loss(adapted, support, query, cfg.inner, cfg.query_context).mean()
+                for k, v in params.items():  # Reptile's direction, fed to Adam as a gradient
+                    v.grad = v - adapted[k].mean(dim=0)
+        else:
+            lr = {k: v.exp() for k, v in log_lr.items()} if log_lr else None
+            adapted = adapt(params, support, cfg.inner, lr, create_graph=cfg.algorithm == "maml")
+            loss = query_loss(adapted, support, query, cfg.inner, cfg.query_context).mean()
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 10.0)
+        opt.step()
+        value = float(loss)
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if on_progress is not None:
+            on_progress(Progress(iteration, running))
+    info = {
+        "algorithm": cfg.algorithm,
+        "iterations": cfg.iterations,
+        "tasks_per_batch": cfg.tasks_per_batch,
+        "support": cfg.support,
+        "query": cfg.query,
+        "meta_lr": cfg.meta_lr,
+        "seed": cfg.seed,
+        "series": len(sampler.series),
+        "final_query_loss": running,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    inner_lr = {k: v.detach().exp() for k, v in log_lr.items()} if log_lr else None
+    return Initialization(cfg.spec, {k: v.detach().clone() for k, v in params.items()},
+                          adapt=cfg.inner,
+                          normalization=cfg.normalization, inner_lr=inner_lr, info=info)
+
+
+def config_dict(cfg: MetaConfig) -> dict:
+    return asdict(cfg)
+
+
+# ---- measuring adaptation ------------------------------------------------------------
+def adaptation_mse(init: Initialization, support: Tensor, query: Tensor, steps: int,
+                   lr: float | None = None) -> float:
+    """Mean query MSE after ``steps`` inner steps from ``init`` on each task's support.
+
+    ``lr`` replaces the initialization's step sizes (learned or not) with one rate.
+    """
+    cfg = AdaptConfig(**{**init.adapt.to_dict(), "steps": steps, **({"lr": lr} if lr is not None else {})})
+    inner_lr = init.inner_lr if lr is None else None
+    with torch.no_grad():
+        adapted = adapt(init.params, support, cfg, inner_lr)
+    return float(query_mse(adapted, support, query).mean())
+
+
+def last_value_mse(support: Tensor, query: Tensor) -> float:
+    """The forecast "same as the last reading", on the same tasks."""
+    series = torch.cat([support[:, -1:], query], dim=1)
+    return float(((series[:, 1:] - series[:, :-1]) ** 2).mean())

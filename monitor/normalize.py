@@ -1,0 +1,59 @@
+"""Robust per-stream scaling fitted on each stream's warm-up window.
+
+One meta-initialization has to serve a temperature in kelvin and a byte counter
+in the billions, so every stream is mapped to a common scale before the LSTM sees
+it: centre = median, scale = IQR / 1.349 (the standard deviation of a normal
+series), with floors so that flat or mostly-constant channels do not divide by
+zero.  Values are clipped to +-``clip`` on the way into the model so that a wild
+reading cannot saturate the recurrent state; residuals are taken before the clip,
+so the wild reading still scores as anomalous.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+_IQR_TO_STD = 1.349
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How series are scaled; saved with every initialization that was trained with it.
+
+    >>> norm = Normalization()
+    >>> center, scale = norm.fit(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]], dtype=torch.float64))
+    >>> center.item(), round(scale.item(), 3)
+    (3.0, 1.483)
+    """
+
+    kind: str = "median_iqr"
+    rel_floor: float = 1e-3   # scale >= rel_floor * |median|
+    std_floor: float = 0.1    # scale >= std_floor * std: spiky series with IQR 0
+    abs_floor: float = 1e-6   # last resort for flat channels
+    clip: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.kind != "median_iqr":
+            raise ValueError(f"unknown normalization kind {self.kind!r}")
+        if self.clip <= 0 or self.abs_floor <= 0:
+            raise ValueError("clip and abs_floor must be > 0")
+
+    def fit(self, windows: Tensor) -> tuple[Tensor, Tensor]:
+        """Centre and scale of each row of ``windows`` ([B, W], float64)."""
+        q = torch.quantile(windows, torch.tensor([0.25, 0.5, 0.75], dtype=windows.dtype), dim=1)
+        center = q[1]
+        scale = (q[2] - q[0]) / _IQR_TO_STD
+        scale = torch.maximum(scale, self.rel_floor * center.abs())
+        scale = torch.maximum(scale, self.std_floor * windows.std(dim=1))
+        return center, scale.clamp_min(self.abs_floor)
+
+    def apply(self, values: Tensor, center: Tensor, scale: Tensor) -> Tensor:
+        """Scaled, unclipped values (float64); ``values`` is [B] or windows [B, W]."""
+        if values.dim() == center.dim() + 1:
+            center, scale = center.unsqueeze(-1), scale.unsqueeze(-1)
+        return (values - center) / scale
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,273 @@
+"""The detector: readings in, one score per reading out, for any number of devices.
+
+Each channel of each device is a stream with a lifecycle:
+
+    warming  -- buffers its first ``warmup`` values
+    adapting -- its window is full; it is adapted at the end of the current batch,
+                together with every other stream that filled up in that batch
+    live     -- a row of the ``FleetForecaster``; every reading is forecast,
+                scored and learned
+
+The daemon and the replay tools differ only in where batches come from and where
+scores go: both call ``Pipeline.feed``.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from monitor.adapt import AdaptConfig, adapt
+from monitor.checkpoint import Initialization
+from monitor.forecaster import FleetForecaster, forecast_sequence
+from monitor.readings import BadReason, BadRecord, Reading, Score
+from monitor.scoring import ResidualScorer, ScoringConfig
+
+
+class Lifecycle(str, Enum):
+    WARMING = "warming"
+    ADAPTING = "adapting"
+    LIVE = "live"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Per-stream behaviour; ``adapt`` overrides the initialization's own settings.
+
+    >>> PipelineConfig().warmup
+    256
+    """
+
+    warmup: int = 256
+    adapt: AdaptConfig | None = None
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    max_streams: int = 1_000_000
+    seed_residuals: int = 128   # warm-up residuals that prime each stream's score statistics
+
+    def __post_init__(self) -> None:
+        if self.warmup < 16:
+            raise ValueError(f"warmup must be >= 16 readings, got {self.warmup}")
+        if self.max_streams < 1 or self.seed_residuals < 0:
+            raise ValueError("max_streams must be >= 1 and seed_residuals >= 0")
+
+
+class _Stream:
+    __slots__ = ("device", "channel", "state", "buffer", "row", "scorer", "last_ts", "backlog")
+
+    def __init__(self, device: str, channel: str, scorer: ResidualScorer) -> None:
+        self.device = device
+        self.channel = channel
+        self.state = Lifecycle.WARMING
+        self.buffer: list[float] | None = []
+        self.row = -1
+        self.scorer = scorer
+        self.last_ts: float | None = None
+        self.backlog: list[tuple[int, float]] = []  # readings that arrived while adapting
+
+
+@dataclass
+class FeedResult:
+    """Scores for the accepted readings of a batch, in input order, and the rejects."""
+
+    scores: list[Score]
+    bad: list[BadRecord]
+    adapted: int = 0           # streams that went live in this batch
+    adapt_seconds: float = 0.0
+
+
+class Pipeline:
+    """Turns batches of readings into scores, owning every stream's lifecycle.
+
+    >>> import math
+    >>> from monitor.forecaster import LSTMSpec
+    >>> pipe = Pipeline(Initialization.random(LSTMSpec(hidden=4)), PipelineConfig(warmup=32))
+    >>> batch = [Reading("pump", float(t), {"temp": math.sin(t / 4)}) for t in range(40)]
+    >>> result = pipe.feed(batch)
+    >>> result.scores[0].score is None, result.scores[-1].score is not None
+    (True, True)
+    >>> pipe.streams_by_state()
+    {'warming': 0, 'adapting': 0, 'live': 1}
+    """
+
+    def __init__(self, init: Initialization, config: PipelineConfig | None = None) -> None:
+        self.init = init
+        self.config = config or PipelineConfig()
+        self.adapt_config = self.config.adapt or init.adapt
+        self.fleet = FleetForecaster(init.spec, clip=init.normalization.clip)
+        self._streams: dict[tuple[str, str], _Stream] = {}
+        self._devices: set[str] = set()
+        self._state_counts = Counter({s: 0 for s in Lifecycle})
+        self.counts: Counter[str] = Counter()           # readings, scored, anomalies, late_channel
+        self.bad_counts: Counter[BadReason] = Counter()
+
+    # ---- introspection -------------------------------------------------
+    def streams_by_state(self) -> dict[str, int]:
+        return {s.value: self._state_counts[s] for s in Lifecycle}
+
+    def devices(self) -> set[str]:
+        return set(self._devices)
+
+    def _set_state(self, stream: _Stream, state: Lifecycle) -> None:
+        self._state_counts[stream.state] -= 1
+        self._state_counts[state] += 1
+        stream.state = state
+
+    # ---- the hot path ---------------------------------------------------
+    def feed(self, readings: Sequence[Reading]) -> FeedResult:
+        """Score a batch.  A stream seen several times in it advances once per reading, in order."""
+        bad: list[BadRecord] = []
+        accepted = [False] * len(readings)
+        rounds: list[list[tuple[int, _Stream, float]]] = []
+        seen_in_batch: dict[int, int] = {}
+        streams = self._streams
+        for i, reading in enumerate(readings):
+            device, ts = reading.device, reading.ts
+            known = device in self._devices
+            for channel, value in reading.values.items():
+                stream = streams.get((device, channel))
+                if stream is None:
+                    stream = self._new_stream(device, channel, known, reading, bad)
+                    if stream is None:
+                        continue
+                last = stream.last_ts
+                if last is not None and ts <= last:
+                    reason = BadReason.DUPLICATE_TIMESTAMP if ts == last else BadReason.OUT_OF_ORDER_TIMESTAMP
+                    bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: ts {ts!r} after {last!r}",
+                                         reading.ref))
+                    continue
+                stream.last_ts = ts
+                k = seen_in_batch.get(id(stream), 0)
+                seen_in_batch[id(stream)] = k + 1
+                if k == len(rounds):
+                    rounds.append([])
+                rounds[k].append((i, stream, value))
+                accepted[i] = True
+            self._devices.add(device)
+
+        results: list[dict[str, tuple[float, float, float]] | None] = [None] * len(readings)
+        pending: list[_Stream] = []
+        for observations in rounds:
+            live = []
+            for obs in observations:
+                i, stream, value = obs
+                state = stream.state
+                if state is Lifecycle.LIVE:
+                    live.append(obs)
+                elif state is Lifecycle.WARMING:
+                    stream.buffer.append(value)
+                    if len(stream.buffer) >= self.config.warmup:
+                        self._set_state(stream, Lifecycle.ADAPTING)
+                        pending.append(stream)
+                else:
+                    stream.backlog.append((i, value))
+            if live:
+                self._observe(live, results)
+        result = FeedResult([], bad)
+        if pending:
+            started = time.perf_counter()
+            self._go_live(pending, results)
+            result.adapted = len(pending)
+            result.adapt_seconds = time.perf_counter() - started
+
+        for b in bad:
+            self.bad_counts[b.reason] += 1
+        threshold = self.config.scoring.threshold
+        scores = result.scores
+        n_anomalies = n_scored = 0
+        for i, reading in enumerate(readings):
+            if not accepted[i]:
+                continue
+            channels = results[i]
+            if channels is None:
+                scores.append(Score(reading.device, reading.ts, None, None, ref=reading.ref))
+                continue
+            if len(channels) == 1:
+                (channel, (score, forecast, value)), = channels.items()
+            else:
+                channel = max(channels, key=lambda c: channels[c][0])
+                score, forecast, value = channels[channel]
+            anomaly = score >= threshold
+            n_scored += 1
+            n_anomalies += anomaly
+            scores.append(Score(reading.device, reading.ts, score, anomaly, channel, forecast, value, reading.ref))
+        self.counts["readings"] += len(scores)
+        self.counts["scored"] += n_scored
+        self.counts["anomalies"] += n_anomalies
+        return result
+
+    def _new_stream(self, device: str, channel: str, device_known: bool, reading: Reading,
+                    bad: list[BadRecord]) -> _Stream | None:
+        if len(self._streams) >= self.config.max_streams:
+            bad.append(BadRecord(BadReason.STREAM_LIMIT,
+                                 f"device {device!r} channel {channel!r}: already {self.config.max_streams} streams",
+                                 reading.ref))
+            return None
+        if device_known:
+            self.counts["late_channel"] += 1
+        stream = _Stream(device, channel, ResidualScorer(self.config.scoring))
+        self._streams[(device, channel)] = stream
+        self._state_counts[Lifecycle.WARMING] += 1
+        return stream
+
+    def _observe(self, live: list[tuple[int, _Stream, float]],
+                 results: list[dict[str, tuple[float, float, float]] | None]) -> None:
+        rows = torch.tensor([s.row for _, s, _ in live], dtype=torch.long)
+        values = torch.tensor([v for _, _, v in live], dtype=torch.float64)
+        forecasts, residuals = self.fleet.observe(rows, values)
+        for (i, stream, value), forecast, residual in zip(live, forecasts.tolist(), residuals.tolist()):
+            score = stream.scorer.score_learn_one(residual)
+            channels = results[i]
+            if channels is None:
+                channels = results[i] = {}
+            channels[stream.channel] = (score, forecast, value)
+
+    def _go_live(self, streams: list[_Stream], results: list) -> None:
+        """Adapt all newly full streams at once, place them in the fleet, score their backlog."""
+        norm = self.init.normalization
+        windows = torch.tensor([s.buffer for s in streams], dtype=torch.float64)
+        center, scale = norm.fit(windows)
+        scaled = norm.apply(windows, center, scale)
+        clipped = scaled.clamp(-norm.clip, norm.clip).to(self.fleet.dtype)
+        with torch.no_grad():
+            params = adapt(self.init.params, clipped, self.adapt_config, self.init.inner_lr)
+            pred, state = forecast_sequence(params, clipped)
+        # Prime the score statistics with the adapted model's residuals on the window
+        # (past the cold-state burn-in), so the first live readings are judged fairly.
+        residuals = scaled[:, 1:] - pred[:, :-1].to(torch.float64)
+        first = max(self.adapt_config.burn_in, residuals.shape[1] - self.config.seed_residuals)
+        for stream, row_residuals in zip(streams, residuals[:, first:].tolist()):
+            for r in row_residuals:
+                stream.scorer.learn_one(r)
+        rows = self.fleet.add(params, center, scale, state, forecast=pred[:, -1])
+        for stream, row in zip(streams, rows.tolist()):
+            stream.row = row
+            stream.buffer = None
+            self._set_state(stream, Lifecycle.LIVE)
+        backlog = [s for s in streams if s.backlog]
+        depth = 0
+        while backlog:
+            self._observe([(s.backlog[depth][0], s, s.backlog[depth][1]) for s in backlog], results)
+            depth += 1
+            backlog = [s for s in backlog if len(s.backlog) > depth]
+        for s in streams:
+            s.backlog = []
+
+    # ---- membership ------------------------------------------------------
+    def drop_devices(self, devices: Iterable[str]) -> int:
+        """Forget devices (for instance when their partition moves away); returns streams dropped."""
+        devices = set(devices)
+        gone = [key for key in self._streams if key[0] in devices]
+        rows = []
+        for key in gone:
+            stream = self._streams.pop(key)
+            self._state_counts[stream.state] -= 1
+            if stream.state is Lifecycle.LIVE:
+                rows.append(stream.row)
+        if rows:
+            self.fleet.remove(torch.tensor(rows, dtype=torch.long))
+        self._devices -= devices
+        return len(gone)

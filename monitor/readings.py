@@ -1,0 +1,197 @@
+"""What flows through the pipeline: readings in, scores and bad records out.
+
+Every source (file, Kafka) turns its raw records into ``Reading`` objects with
+``parse_message`` or its own parser; anything that is not a clean reading
+becomes a ``BadRecord`` with one of the ``BadReason`` values, never a guess.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+
+
+class BadReason(str, Enum):
+    """Why a record was rejected; a bounded set, safe as a metric label."""
+
+    MALFORMED = "malformed"                  # not parseable at all (bad JSON, bad CSV row)
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_DEVICE = "missing_device"
+    BAD_DEVICE = "bad_device"
+    MISSING_TIMESTAMP = "missing_timestamp"
+    BAD_TIMESTAMP = "bad_timestamp"
+    MISSING_VALUE = "missing_value"
+    NON_NUMERIC_VALUE = "non_numeric_value"
+    NON_FINITE_VALUE = "non_finite_value"
+    VALUE_OUT_OF_RANGE = "value_out_of_range"
+    DUPLICATE_TIMESTAMP = "duplicate_timestamp"
+    OUT_OF_ORDER_TIMESTAMP = "out_of_order_timestamp"
+    STREAM_LIMIT = "stream_limit"            # more streams than the configured cap
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One message from one device: a timestamp and a value per channel.
+
+    ``ref`` says where it came from (``"line 12"``, ``"sensors/3@1042"``) for errors.
+
+    >>> Reading("pump-7", 1700000000.0, {"temp": 71.2}).values["temp"]
+    71.2
+    """
+
+    device: str
+    ts: float
+    values: dict[str, float]
+    ref: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """A rejected record or value, with the reason and enough context to find it."""
+
+    reason: BadReason
+    detail: str
+    ref: str = ""
+    raw: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.ref}: " if self.ref else ""
+        return f"{where}{self.reason.value}: {self.detail}"
+
+
+@dataclass(slots=True)
+class Score:
+    """The verdict on one reading. ``score`` is None while the device warms up.
+
+    ``channel`` names the channel that drove the score; ``forecast`` and ``value``
+    are that channel's.
+    """
+
+    device: str
+    ts: float
+    score: float | None
+    anomaly: bool | None
+    channel: str | None = None
+    forecast: float | None = None
+    value: float | None = None
+    ref: str = ""
+
+
+@dataclass(frozen=True)
+class MessageFormat:
+    """Field names of a JSON reading message (see the README)."""
+
+    device: str = "device"
+    ts: str = "ts"
+    values: str = "values"
+    value: str = "value"
+    max_abs_value: float = 1e15
+
+
+def parse_timestamp(raw: object) -> float:
+    """Epoch seconds from a JSON number or an ISO 8601 string (naive means UTC).
+
+    >>> parse_timestamp("2014-07-15 04:35:00")
+    1405398900.0
+    >>> parse_timestamp(1700000000)
+    1700000000.0
+    """
+    if isinstance(raw, bool):
+        raise ValueError("a boolean is not a timestamp")
+    if isinstance(raw, (int, float)):
+        ts = float(raw)
+    elif isinstance(raw, str):
+        try:
+            parsed = datetime.fromisoformat(raw.strip())
+        except ValueError:
+            raise ValueError(f"not ISO 8601 or epoch seconds: {raw[:40]!r}") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        ts = parsed.timestamp()
+    else:
+        raise ValueError(f"a {type(raw).__name__} is not a timestamp")
+    if not math.isfinite(ts):
+        raise ValueError(f"non-finite timestamp {raw!r}")
+    return ts
+
+
+def check_value(raw: object, max_abs: float) -> tuple[float | None, BadReason | None, str]:
+    """Accept a JSON number as a float; anything else gets a reason.
+
+    >>> check_value("3.1", 1e15)
+    (None, <BadReason.NON_NUMERIC_VALUE: 'non_numeric_value'>, "'3.1' is a str, not a number")
+    """
+    if raw is None:
+        return None, BadReason.MISSING_VALUE, "null value"
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return None, BadReason.NON_NUMERIC_VALUE, f"{str(raw)[:40]!r} is a {type(raw).__name__}, not a number"
+    try:
+        value = float(raw)
+    except OverflowError:  # an integer beyond float range
+        return None, BadReason.VALUE_OUT_OF_RANGE, f"{str(raw)[:40]} overflows a float"
+    if not math.isfinite(value):
+        return None, BadReason.NON_FINITE_VALUE, f"{value!r}"
+    if abs(value) > max_abs:
+        return None, BadReason.VALUE_OUT_OF_RANGE, f"|{value!r}| > {max_abs:g}"
+    return value, None, ""
+
+
+@dataclass(slots=True)
+class Parsed:
+    """A message's reading (None if nothing in it was usable) and what was rejected."""
+
+    reading: Reading | None
+    bad: list[BadRecord] = field(default_factory=list)
+
+
+def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: str = "") -> Parsed:
+    """Parse one JSON reading message; bad channels are rejected, good ones kept.
+
+    >>> parse_message('{"device": "p1", "ts": 5, "values": {"a": 1.5, "b": "x"}}').reading.values
+    {'a': 1.5}
+    >>> [b.reason.value for b in parse_message('{"device": "p1", "value": 2}').bad]
+    ['missing_timestamp']
+    """
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, (bytes, bytearray)) else raw
+    short = text[:500]
+
+    def rejected(reason: BadReason, detail: str) -> Parsed:
+        return Parsed(None, [BadRecord(reason, detail, ref, short)])
+
+    try:
+        msg = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return rejected(BadReason.MALFORMED, f"invalid JSON ({exc})")
+    if not isinstance(msg, dict):
+        return rejected(BadReason.NOT_AN_OBJECT, f"a JSON {type(msg).__name__}, not an object")
+    if fmt.device not in msg:
+        return rejected(BadReason.MISSING_DEVICE, f"no {fmt.device!r} field")
+    device = msg[fmt.device]
+    if isinstance(device, bool) or not isinstance(device, (str, int)) or str(device) == "":
+        return rejected(BadReason.BAD_DEVICE, f"device must be a non-empty string, got {str(device)[:40]!r}")
+    device = str(device)
+    if fmt.ts not in msg:
+        return rejected(BadReason.MISSING_TIMESTAMP, f"no {fmt.ts!r} field")
+    try:
+        ts = parse_timestamp(msg[fmt.ts])
+    except ValueError as exc:
+        return rejected(BadReason.BAD_TIMESTAMP, str(exc))
+    if fmt.values in msg:
+        raw_values = msg[fmt.values]
+        if not isinstance(raw_values, dict) or not raw_values:
+            return rejected(BadReason.MISSING_VALUE, f"{fmt.values!r} must be a non-empty object")
+    elif fmt.value in msg:
+        raw_values = {fmt.value: msg[fmt.value]}
+    else:
+        return rejected(BadReason.MISSING_VALUE, f"neither {fmt.values!r} nor {fmt.value!r} present")
+    values: dict[str, float] = {}
+    bad: list[BadRecord] = []
+    for channel, raw_value in raw_values.items():
+        value, reason, detail = check_value(raw_value, fmt.max_abs_value)
+        if reason is None:
+            values[channel] = value
+        else:
+            bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: {detail}", ref, short))
+    return Parsed(Reading(device, ts, values, ref) if values else None, bad)

@@ -1,0 +1,100 @@
+"""Anomaly scores from forecast residuals, one small River-style object per stream.
+
+A residual is standardized by River's exponentially weighted mean and variance
+of the stream's own past residuals, and the two-sided normal tail turns it into
+a score in [0, 1]: 0.999 means a residual as far out as 1 in 1,000 normal
+residuals.  What the statistics learn is winsorized at ``learn_clip`` standard
+deviations, so one huge anomaly does not widen the band enough to hide the next.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from river import stats
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How residuals become scores.
+
+    >>> ScoringConfig().threshold
+    0.999
+    """
+
+    fading_factor: float = 0.01   # weight of the newest residual (about 1/fading_factor readings of memory)
+    threshold: float = 0.999      # a score at or above it flags an anomaly
+    min_std: float = 0.05         # floor on the residual spread, in scaled units
+    learn_clip: float = 4.0       # residuals are clipped to this many stds before learning
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fading_factor <= 1:
+            raise ValueError(f"fading_factor must be in (0, 1], got {self.fading_factor}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.min_std <= 0 or self.learn_clip <= 0:
+            raise ValueError("min_std and learn_clip must be > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResidualScorer:
+    """Scores one stream's residuals against their own running statistics.
+
+    >>> scorer = ResidualScorer()
+    >>> for r in [0.1, -0.2, 0.05, 0.15, -0.1, 0.0] * 20:
+    ...     scorer.learn_one(r)
+    >>> round(scorer.score_one(0.02), 2)
+    0.09
+    >>> scorer.score_one(3.0) > ScoringConfig().threshold
+    True
+    """
+
+    __slots__ = ("config", "_mean", "_var", "_min_var")
+
+    def __init__(self, config: ScoringConfig | None = None) -> None:
+        self.config = config or ScoringConfig()
+        self._min_var = self.config.min_std ** 2
+        self._mean = stats.EWMean(self.config.fading_factor)
+        self._var = stats.EWVar(self.config.fading_factor)
+
+    def _std(self) -> float:
+        var = self._var.get()
+        return math.sqrt(var) if var > self._min_var else self.config.min_std
+
+    def score_one(self, residual: float) -> float:
+        """Score in [0, 1]: the two-sided normal probability mass inside ``|z|``."""
+        z = (residual - self._mean.get()) / self._std()
+        return math.erf(abs(z) * _INV_SQRT2)
+
+    def learn_one(self, residual: float) -> None:
+        self.score_learn_one(residual)
+
+    def score_learn_one(self, residual: float) -> float:
+        """``score_one`` then ``learn_one`` in one pass: the per-reading hot path."""
+        mean = self._mean.get()
+        std = self._std()
+        z = (residual - mean) / std
+        clip = self.config.learn_clip
+        if abs(z) > clip:
+            residual = mean + math.copysign(clip * std, z)
+        self._mean.update(residual)
+        self._var.update(residual)
+        return math.erf(abs(z) * _INV_SQRT2)
+
+    def is_anomaly(self, score: float) -> bool:
+        return score >= self.config.threshold
+
+
+def device_score(channel_scores: Mapping[str, float]) -> tuple[float, str]:
+    """A device's score is its worst channel's; returns ``(score, channel)``.
+
+    >>> device_score({"temp": 0.4, "pressure": 0.97})
+    (0.97, 'pressure')
+    """
+    channel = max(channel_scores, key=channel_scores.__getitem__)
+    return channel_scores[channel], channel
