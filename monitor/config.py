@@ -1,0 +1,212 @@
+"""Daemon configuration: a TOML file, then ``FOREWARN_<SECTION>_<KEY>`` environment overrides.
+
+Every setting has a default, a type and a one-line description, which ``forewarn
+config --print`` and ``forewarn run --help`` show; unknown keys and wrong types
+are errors at start, naming the key.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class KafkaConfig:
+    bootstrap_servers: str = _setting("localhost:9092", "comma-separated host:port list")
+    topic: str = _setting("sensors", "topic the readings arrive on (keyed by device id)")
+    group_id: str = _setting("forewarn", "consumer group; instances in one group share the devices")
+    client_id: str = _setting("forewarn", "client id shown to the broker")
+    anomalies_topic: str = _setting("", "topic for anomaly events, keyed by device ('' = none)")
+    dead_letter_topic: str = _setting("", "topic for bad records with their reason ('' = none)")
+    scores_topic: str = _setting("", "topic for every reading's score, keyed by device ('' = none)")
+    auto_offset_reset: str = _setting("earliest", "where a group without committed offsets starts: earliest|latest")
+    max_poll_records: int = _setting(5000, "records per poll, i.e. the largest pipeline batch")
+    poll_timeout_ms: int = _setting(500, "how long one poll waits for records")
+    max_poll_interval_ms: int = _setting(300000, "rebalance timeout; a group join waits this long (keep small in tests)")
+    session_timeout_ms: int = _setting(10000, "consumer session timeout")
+    heartbeat_interval_ms: int = _setting(3000, "consumer heartbeat interval")
+    security_protocol: str = _setting("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    sasl_mechanism: str = _setting("", "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 ('' = none)")
+    sasl_plain_username: str = _setting("", "SASL user name")
+    sasl_plain_password: str = _setting("", "SASL password (prefer the environment variable)")
+    ssl_cafile: str = _setting("", "CA bundle for SSL")
+    ssl_certfile: str = _setting("", "client certificate for SSL")
+    ssl_keyfile: str = _setting("", "client key for SSL")
+
+    def validate(self) -> None:
+        if not self.bootstrap_servers.strip():
+            raise ConfigError("kafka.bootstrap_servers must not be empty")
+        if not self.topic:
+            raise ConfigError("kafka.topic must not be empty")
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            raise ConfigError(f"kafka.auto_offset_reset must be earliest or latest, got {self.auto_offset_reset!r}")
+        if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            raise ConfigError(f"kafka.security_protocol: unknown {self.security_protocol!r}")
+        for name in ("max_poll_records", "poll_timeout_ms", "max_poll_interval_ms", "session_timeout_ms",
+                     "heartbeat_interval_ms"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"kafka.{name} must be >= 1")
+
+    def security(self) -> dict[str, Any]:
+        """The security settings kafka-python takes, passed through as given."""
+        out: dict[str, Any] = {"security_protocol": self.security_protocol}
+        for name in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password", "ssl_cafile",
+                     "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        return out
+
+
+@dataclass
+class DetectorConfig:
+    init: str = _setting("", "initialization checkpoint ('' = the one shipped in the package)")
+    warmup: int = _setting(256, "readings a stream buffers before it is adapted and scored")
+    adapt_steps: int = _setting(-1, "inner steps of fast adaptation (-1 = the initialization's)")
+    threshold: float = _setting(0.999, "score at or above which a reading is an anomaly")
+    max_streams: int = _setting(1_000_000, "cap on streams held; readings of new streams past it are bad records")
+
+    def validate(self) -> None:
+        if self.warmup < 16:
+            raise ConfigError("detector.warmup must be >= 16")
+        if not 0 < self.threshold < 1:
+            raise ConfigError("detector.threshold must be between 0 and 1")
+        if self.max_streams < 1 or self.adapt_steps < -1:
+            raise ConfigError("detector.max_streams must be >= 1 and detector.adapt_steps >= -1")
+
+
+@dataclass
+class MetricsConfig:
+    host: str = _setting("0.0.0.0", "address of the /metrics, /healthz and /readyz server")
+    port: int = _setting(9108, "port of that server (0 = any free port)")
+    max_devices: int = _setting(10_000, "devices exported with their own score series; the rest are counted")
+    healthy_after_s: float = _setting(60.0, "/healthz fails when the loop has not turned for this long")
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError("metrics.port must be in 0..65535")
+        if self.max_devices < 0 or self.healthy_after_s <= 0:
+            raise ConfigError("metrics.max_devices must be >= 0 and metrics.healthy_after_s > 0")
+
+
+@dataclass
+class LogConfig:
+    level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    format: str = _setting("json", "json (one object per line) or text")
+
+    def validate(self) -> None:
+        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log.level: unknown level {self.level!r}")
+        if self.format not in ("json", "text"):
+            raise ConfigError("log.format must be json or text")
+
+
+@dataclass
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "Config":
+        for section in (self.kafka, self.detector, self.metrics, self.log):
+            section.validate()
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, environ: dict[str, str] | None = None) -> "Config":
+        """Defaults, then the TOML file, then the environment.
+
+        >>> cfg = Config.load(environ={"FOREWARN_KAFKA_TOPIC": "plant-1", "FOREWARN_DETECTOR_WARMUP": "128"})
+        >>> cfg.kafka.topic, cfg.detector.warmup
+        ('plant-1', 128)
+        >>> Config.load(environ={"FOREWARN_DETECTOR_WARMUP": "many"})
+        Traceback (most recent call last):
+        ...
+        monitor.config.ConfigError: FOREWARN_DETECTOR_WARMUP: expected an integer, got 'many'
+        """
+        cfg = cls()
+        if path is not None:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: no such configuration file") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+            for section_name, values in data.items():
+                section = getattr(cfg, section_name, None)
+                if section is None or not isinstance(values, dict):
+                    raise ConfigError(f"{path}: unknown section [{section_name}]")
+                for key, value in values.items():
+                    _assign(section, section_name, key, value, f"{path}: {section_name}.{key}")
+        env = os.environ if environ is None else environ
+        for section_name in ("kafka", "detector", "metrics", "log"):
+            section = getattr(cfg, section_name)
+            for f in fields(section):
+                var = f"FOREWARN_{section_name.upper()}_{f.name.upper()}"
+                if var in env:
+                    _assign(section, section_name, f.name, _from_text(env[var], f.type, var), var)
+        return cfg.validate()
+
+    def describe(self) -> str:
+        """Every setting with its current value, as TOML, each with its help as a comment."""
+        lines = []
+        for section_name in ("kafka", "detector", "metrics", "log"):
+            section = getattr(self, section_name)
+            lines.append(f"[{section_name}]")
+            for f in fields(section):
+                value = getattr(section, f.name)
+                shown = "***" if "password" in f.name and value else value
+                lines.append(f"# {f.metadata['help']} (env FOREWARN_{section_name.upper()}_{f.name.upper()})")
+                lines.append(f"{f.name} = {_toml_value(shown)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+_TYPES = {"str": str, "int": int, "float": float}
+
+
+def _assign(section: Any, section_name: str, key: str, value: Any, where: str) -> None:
+    known = {f.name: f for f in fields(section)}
+    if key not in known:
+        raise ConfigError(f"{where}: unknown setting (known in [{section_name}]: {', '.join(known)})")
+    kind = _TYPES[known[key].type]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {_NAMES[kind]}, got {value!r}")
+    setattr(section, key, value)
+
+
+_NAMES = {str: "a string", int: "an integer", float: "a number"}
+
+
+def _from_text(text: str, type_name: str, var: str) -> Any:
+    kind = _TYPES[type_name]
+    if kind is str:
+        return text
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{var}: expected {_NAMES[kind]}, got {text!r}") from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

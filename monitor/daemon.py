@@ -1,0 +1,223 @@
+"""``forewarn run``: the detector attached to a Kafka topic, observable over HTTP.
+
+The loop: poll a batch, score it, send anomaly events and dead letters, wait for
+the broker to acknowledge them, then commit the batch's offsets.  A crash
+anywhere in between replays the batch (at-least-once); nothing is committed
+that was not delivered.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from monitor.adapt import AdaptConfig
+from monitor.checkpoint import Initialization
+from monitor.config import Config
+from monitor.metrics import Metrics
+from monitor.pipeline import FeedResult, Pipeline, PipelineConfig
+from monitor.scoring import ScoringConfig
+
+log = logging.getLogger("forewarn.daemon")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("forewarn")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def _fields(**kwargs) -> dict:
+    return {"fields": kwargs}
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args) -> None:  # scrapes every few seconds are not news
+        pass
+
+
+class HealthServer:
+    """``/metrics``, ``/healthz`` (the loop turned recently) and ``/readyz`` (partitions
+    assigned, initialization loaded) on one port, in a background thread."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+                 healthy: Callable[[], bool], ready: Callable[[], bool]) -> None:
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ, start_response):
+            path = environ.get("PATH_INFO", "")
+            if path in ("/healthz", "/readyz"):
+                ok = healthy() if path == "/healthz" else ready()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"ok\n" if ok else b"not ok\n"]
+            if path in ("/metrics", "/"):
+                return metrics_app(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+
+        self.server: WSGIServer = make_server(host, port, app, handler_class=_QuietHandler)
+        self.port = self.server.server_port
+        self.thread = threading.Thread(target=self.server.serve_forever, name="forewarn-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Daemon:
+    """One consumer-group member: owns the devices of its partitions.
+
+    ``on_result(result)`` sees every scored batch (the demo prints from it).
+    """
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None,
+                 init: Initialization | None = None, on_result: Callable[[FeedResult], None] | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        det = config.detector
+        self.init = init or (Initialization.load(det.init) if det.init else Initialization.default())
+        adapt = self.init.adapt
+        if det.adapt_steps >= 0:
+            adapt = AdaptConfig(**{**adapt.to_dict(), "steps": det.adapt_steps})
+        self.pipeline = Pipeline(self.init, PipelineConfig(
+            warmup=det.warmup, adapt=adapt, scoring=ScoringConfig(threshold=det.threshold),
+            max_streams=det.max_streams))
+        self.metrics = Metrics(self.registry, config.metrics.max_devices, det.threshold)
+        self.on_result = on_result
+        self.stopping = threading.Event()
+        self._last_turn = time.monotonic()
+        self._assigned: set = set()
+        self._devices_by_partition: dict[int, set[str]] = {}
+        self.server: HealthServer | None = None
+        self.source = None
+        self.batches = 0
+        self.records = 0          # Kafka records processed and committed
+
+    # ---- health --------------------------------------------------------------
+    def healthy(self) -> bool:
+        return not self.stopping.is_set() and time.monotonic() - self._last_turn < self.config.metrics.healthy_after_s
+
+    def ready(self) -> bool:
+        return bool(self._assigned) and self.init is not None and not self.stopping.is_set()
+
+    def stop(self, *_args) -> None:
+        if not self.stopping.is_set():
+            log.info("stopping: finishing the current batch")
+        self.stopping.set()
+
+    # ---- rebalancing ------------------------------------------------------------
+    def _on_revoke(self, partitions) -> None:
+        gone = set()
+        for tp in partitions:
+            gone |= self._devices_by_partition.pop(tp.partition, set())
+        dropped = self.pipeline.drop_devices(gone)
+        self.metrics.forget_devices(gone)
+        for tp in partitions:
+            try:
+                self.metrics.lag.remove(tp.topic, str(tp.partition))
+            except KeyError:  # never exported
+                pass
+        self._assigned -= set(partitions)
+        log.info("partitions revoked", extra=_fields(partitions=sorted(tp.partition for tp in partitions),
+                                                     devices_dropped=len(gone), streams_dropped=dropped))
+
+    def _on_assign(self, partitions) -> None:
+        self._assigned = set(partitions)
+        log.info("partitions assigned", extra=_fields(partitions=sorted(tp.partition for tp in partitions)))
+
+    # ---- the loop -----------------------------------------------------------------
+    def run(self) -> int:
+        from connectors.kafka import KafkaSinks, KafkaSource
+
+        cfg = self.config
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        self.server = HealthServer(cfg.metrics.host, cfg.metrics.port, self.registry, self.healthy, self.ready)
+        self.server.start()
+        log.info("serving metrics", extra=_fields(port=self.server.port, path="/metrics"))
+        self.source = source = KafkaSource(cfg.kafka, on_revoke=self._on_revoke, on_assign=self._on_assign)
+        sinks = KafkaSinks(cfg.kafka)
+        log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
+                                            bootstrap=cfg.kafka.bootstrap_servers,
+                                            init=self.init.info.get("algorithm", "?")))
+        last_lag = 0.0
+        try:
+            while not self.stopping.is_set():
+                batch = source.poll()
+                self._last_turn = time.monotonic()
+                if batch.records:
+                    self._process(batch, source, sinks)
+                if time.monotonic() - last_lag > 5 or not batch.records:
+                    self._update_lag(source)
+                    last_lag = time.monotonic()
+        finally:
+            log.info("closing consumer and producer")
+            try:
+                source.close()
+            finally:
+                sinks.close()
+                self.server.stop()
+        log.info("stopped", extra=_fields(batches=self.batches, **{k: v for k, v in self.pipeline.counts.items()}))
+        return 0
+
+    def _process(self, batch, source, sinks) -> None:
+        for reading in batch.readings:
+            self._devices_by_partition.setdefault(batch.partition_of[reading.device], set()).add(reading.device)
+        result = self.pipeline.feed(batch.readings)
+        bad = batch.bad + result.bad
+        sent = sinks.send_scores(result.scores)
+        sinks.send_dead_letters(bad)
+        sinks.flush()  # raises if the broker did not take them: then nothing is committed
+        now = time.time()
+        arrival = batch.arrival
+        for reading in batch.readings:
+            t = arrival.get(id(reading))
+            if t is not None:
+                self.metrics.latency.observe(max(0.0, now - t))
+        source.commit(batch.offsets)
+        self.batches += 1
+        self.records += batch.records
+        self.metrics.observe_scores(result.scores)
+        self.metrics.observe_bad(b.reason for b in bad)
+        self.metrics.set_streams(self.pipeline.streams_by_state())
+        if result.adapted:
+            self.metrics.adaptation.observe(result.adapt_seconds)
+            self.metrics.adapted.inc(result.adapted)
+            log.info("streams adapted", extra=_fields(streams=result.adapted, seconds=round(result.adapt_seconds, 3)))
+        for b in bad[:5]:
+            log.warning("bad record", extra=_fields(reason=b.reason.value, detail=b.detail, source=b.ref))
+        if self.on_result:
+            self.on_result(result)
+        log.debug("batch", extra=_fields(records=batch.records, anomalies_sent=sent, bad=len(bad)))
+
+    def _update_lag(self, source) -> None:
+        try:
+            for tp, lag in source.lag().items():
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+        except Exception:  # lag is information, never a reason to stop
+            log.debug("lag unavailable", exc_info=True)

@@ -1,0 +1,76 @@
+"""Where the labelled benchmark data lives, and readers for its layouts.
+
+The data is never downloaded: it is read from ``$FOREWARN_DATA`` or from the
+``shared/data`` folder beside the project checkout (see the README).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+SMD_MACHINES = ("1-2", "1-3", "1-4", "1-5", "1-6", "1-7", "1-8",
+                "2-1", "2-2", "2-3", "2-4", "2-5", "2-7", "2-8")
+# Machines the shipped initialization was meta-trained on; the others are held out
+# for every comparison that claims to measure new devices.
+SMD_META_TRAIN = SMD_MACHINES[:10]
+SMD_HELD_OUT = SMD_MACHINES[10:]
+
+
+def data_dir() -> Path:
+    """``$FOREWARN_DATA``, else ``../shared/data`` from the project root."""
+    env = os.environ.get("FOREWARN_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        raise FileNotFoundError(f"benchmark data not found at {path}; set FOREWARN_DATA")
+    return path
+
+
+def smd_path(machine: str, split: str = "train") -> Path:
+    return data_dir() / "smd" / split / f"machine-{machine}.txt.gz"
+
+
+def load_smd(machine: str, split: str = "train") -> np.ndarray:
+    """[rows, 38] values of one SMD machine."""
+    return np.loadtxt(smd_path(machine, split), delimiter=",")
+
+
+def load_smd_labels(machine: str) -> np.ndarray:
+    return np.loadtxt(data_dir() / "smd" / "test_label" / f"machine-{machine}.txt", dtype=np.int8)
+
+
+def nab_files() -> list[Path]:
+    """Every NAB series, sorted by ``category/name.csv``."""
+    return sorted((data_dir() / "nab" / "data").glob("*/*.csv"))
+
+
+def load_nab_values(path: Path) -> np.ndarray:
+    return np.genfromtxt(path, delimiter=",", skip_header=1, usecols=1, dtype=np.float64)
+
+
+def held_out_tasks(n_smd: int, n_nab: int, support: int = 256, query: int = 128, seed: int = 0):
+    """Tasks from series no shipped initialization was trained on: the held-out SMD
+    machines (train split) and every NAB series; returns scaled (support, query)."""
+    import torch
+
+    from monitor.meta import TaskSampler
+    from monitor.normalize import Normalization
+
+    parts = []
+    if n_smd:
+        smd = [col for m in SMD_HELD_OUT for col in load_smd(m).T]
+        parts.append(TaskSampler(smd, support, query, Normalization(), seed).sample(n_smd))
+    if n_nab:
+        nab = [load_nab_values(p) for p in nab_files()]
+        parts.append(TaskSampler(nab, support, query, Normalization(), seed + 1).sample(n_nab))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def meta_train_tasks(n: int, support: int = 256, query: int = 128, seed: int = 0):
+    """Validation tasks from the meta-training machines (for tuning baselines, never the test)."""
+    from monitor.meta import TaskSampler
+    from monitor.normalize import Normalization
+
+    smd = [col for m in SMD_META_TRAIN for col in load_smd(m).T]
+    return TaskSampler(smd, support, query, Normalization(), seed + 1000).sample(n)

@@ -1,0 +1,87 @@
+"""Helpers for tests against the real embedded broker and a real daemon process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAST_GROUP = {  # a consumer group joins only after the rebalance timeout: keep it short here
+    "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000",
+    "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000",
+    "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+    "FOREWARN_KAFKA_POLL_TIMEOUT_MS": "200",
+}
+
+
+def wait_for(condition, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    """Poll until ``condition()`` is truthy; a generous deadline, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"gave up waiting for {what} after {timeout} s")
+
+
+def start_daemon(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    full = {**os.environ, **FAST_GROUP, "FOREWARN_LOG_FORMAT": "text", **env}
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "monitor.cli", "--threads", "1", "run"], cwd=ROOT,
+                            env=full, stdout=log, stderr=subprocess.STDOUT)
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def metric_value(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def read_topic(bootstrap: str, topic: str, idle_ms: int = 1500) -> list[dict]:
+    """Every message on the topic, from the beginning, as parsed JSON."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=idle_ms)
+    parts = consumer.partitions_for_topic(topic) or set()
+    consumer.assign([TopicPartition(topic, p) for p in parts])
+    consumer.seek_to_beginning()
+    out = [json.loads(m.value) for m in consumer]
+    consumer.close()
+    return out
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    parts = consumer.partitions_for_topic(topic) or set()
+    out = {}
+    for p in parts:
+        c = consumer.committed(TopicPartition(topic, p))
+        out[p] = c or 0
+    consumer.close()
+    return out
+
+
+def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    for key, value in messages:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()

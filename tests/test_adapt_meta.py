@@ -1,0 +1,122 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.adapt import AdaptConfig, adapt, sequence_loss
+from monitor.checkpoint import CheckpointError, Initialization
+from monitor.forecaster import LSTMSpec, init_params
+from monitor.meta import MetaConfig, TaskSampler, meta_train, query_loss
+from monitor.normalize import Normalization
+
+
+def _series(n, length=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(length, dtype=torch.float32)
+    phase = torch.rand(n, 1, generator=g) * 6
+    return torch.sin(t / 5 + phase) + 0.1 * torch.randn(n, length, generator=g)
+
+
+def test_batched_adaptation_equals_adapting_each_stream_alone():
+    init = init_params(LSTMSpec(hidden=8), torch.Generator().manual_seed(0))
+    support = _series(5, 64)
+    cfg = AdaptConfig(steps=3, lr=0.05, chunks=2)
+    together = adapt(init, support, cfg)
+    for i in range(5):
+        alone = adapt(init, support[i:i + 1], cfg)
+        for k in init:
+            assert torch.allclose(together[k][i], alone[k][0], atol=1e-5), k
+
+
+def test_adaptation_lowers_the_warmup_loss_and_prox_holds_it_back():
+    init = init_params(LSTMSpec(hidden=8), torch.Generator().manual_seed(0))
+    support = _series(4, 128)
+    before = sequence_loss(init, support, AdaptConfig())
+    free = adapt(init, support, AdaptConfig(steps=10, lr=0.1))
+    held = adapt(init, support, AdaptConfig(steps=10, lr=0.1, prox=5.0))
+    assert (sequence_loss(free, support, AdaptConfig()) < before).all()
+
+    def distance(p):
+        return sum(((p[k] - init[k]) ** 2).sum() for k in init)
+
+    assert distance(held) < 0.5 * distance(free)
+
+
+def test_second_order_maml_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    spec = LSTMSpec(hidden=3)
+    init = {k: v.double() for k, v in init_params(spec, torch.Generator().manual_seed(1)).items()}
+    init["head.w"] = torch.randn(3, dtype=torch.float64) * 0.3
+    series = _series(2, 40).double()
+    support, query = series[:, :30], series[:, 30:]
+    cfg = AdaptConfig(steps=2, lr=0.3, chunks=1, burn_in=2, loss="mse", max_grad_norm=1e9)
+
+    def outer(params, second_order=True):
+        adapted = adapt(params, support, cfg, create_graph=second_order)
+        return query_loss(adapted, support, query, cfg, context=8).sum()
+
+    params = {k: v.clone().requires_grad_() for k, v in init.items()}
+    grads = torch.autograd.grad(outer(params), list(params.values()))
+    first_order = torch.autograd.grad(outer(params, second_order=False), list(params.values()))
+    g_w = dict(zip(params, grads))["head.w"]
+    eps = 1e-6
+    for j in range(3):
+        plus = {k: v.clone() for k, v in init.items()}
+        minus = {k: v.clone() for k, v in init.items()}
+        plus["head.w"][j] += eps
+        minus["head.w"][j] -= eps
+        numeric = (outer(plus).item() - outer(minus).item()) / (2 * eps)
+        assert math.isclose(g_w[j].item(), numeric, rel_tol=1e-4, abs_tol=1e-8)
+    # first-order MAML drops the inner-loop curvature: a different direction
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, first_order))
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "fomaml", "maml", "pooled"])
+def test_every_algorithm_trains_and_round_trips_through_a_checkpoint(tmp_path, algorithm):
+    rng = np.random.default_rng(0)
+    corpus = [np.sin(np.arange(400) / (5 + i)) + 0.05 * rng.standard_normal(400) for i in range(6)]
+    corpus.append(np.zeros(400))  # constant: no task
+    cfg = MetaConfig(algorithm=algorithm, iterations=3, tasks_per_batch=4, support=64, query=16,
+                     inner=AdaptConfig(steps=2, lr=0.05, chunks=2), spec=LSTMSpec(hidden=4))
+    sampler = TaskSampler(corpus, cfg.support, cfg.query, Normalization(), seed=0)
+    assert sampler.skipped == 1
+    seen = []
+    init = meta_train(sampler, cfg, on_progress=lambda p: seen.append(p.query_loss))
+    assert len(seen) == 3 and all(math.isfinite(v) for v in seen)
+    assert (init.inner_lr is not None) == (algorithm in ("fomaml", "maml"))
+    path = tmp_path / "init.pt"
+    init.save(path)
+    loaded = Initialization.load(path)
+    assert loaded.info["algorithm"] == algorithm and loaded.spec == cfg.spec
+    assert all(torch.equal(loaded.params[k], init.params[k]) for k in init.params)
+
+
+def test_loading_refuses_files_that_are_not_initializations(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a Forewarn initialization"):
+        Initialization.load(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"format": "forewarn-init", "version": 99}, other)
+    with pytest.raises(CheckpointError, match="version 99"):
+        Initialization.load(other)
+    with pytest.raises(CheckpointError, match="no such"):
+        Initialization.load(tmp_path / "missing.pt")
+
+
+def test_checkpoints_are_loaded_without_unpickling_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "forewarn-init", "version": 1, "spec": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        Initialization.load(path)
+
+
+def test_shipped_initialization_loads():
+    init = Initialization.default()
+    assert init.info["algorithm"] in ("reptile", "fomaml", "maml")
+    assert init.adapt.steps == 10

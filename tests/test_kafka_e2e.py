@@ -1,0 +1,167 @@
+"""The daemon against a real Kafka-protocol broker (Tansu) and a real Prometheus server."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from connectors.tansu import free_port
+from monitor.readings import parse_timestamp
+from tests.kafka_support import (ROOT, committed_offsets, http_get, metric_value, read_topic, start_daemon,
+                                 wait_for)
+
+BUNDLED = ROOT / "monitor" / "data" / "nab" / "machine_temperature_system_failure.csv"
+# NAB's labelled window around the machine's catastrophic failure
+FAILURE_WINDOW = (parse_timestamp("2014-02-07 14:55:00"), parse_timestamp("2014-02-09 14:05:00"))
+
+
+def _nab_rows(path: Path, start: str, end: str) -> list[tuple[str, float]]:
+    with open(path) as f:
+        rows = list(csv.reader(f))[1:]
+    return [(t, float(v)) for t, v in rows if start <= t <= end]
+
+
+def _write_recording(path: Path, data_dir: Path) -> dict[str, int]:
+    """Two labelled NAB series as two devices; the machine's ends inside its failure window."""
+    devices = {
+        "machine-temp": _nab_rows(BUNDLED, "2014-02-01 00:00:00", "2014-02-09 12:40:00"),
+        "ambient-temp": _nab_rows(data_dir / "nab/data/realKnownCause/ambient_temperature_system_failure.csv",
+                                  "2013-07-04 00:00:00", "2013-08-20 00:00:00"),
+    }
+    with open(path, "w") as f:
+        for device, rows in devices.items():
+            for t, v in rows:
+                f.write(json.dumps({"device": device, "ts": t, "value": v}) + "\n")
+    return {d: len(r) for d, r in devices.items()}
+
+
+def _daemon_env(broker, topic: str, group: str, port: int, **extra) -> dict[str, str]:
+    return {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": topic,
+            "FOREWARN_KAFKA_GROUP_ID": group, "FOREWARN_METRICS_HOST": "127.0.0.1",
+            "FOREWARN_METRICS_PORT": str(port), **extra}
+
+
+def _replay_to_kafka(path: Path, broker, topic: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(["python", "-m", "monitor.cli", "replay-to-kafka", str(path), "--topic", topic,
+                             "--bootstrap-servers", broker.bootstrap, "--quiet", *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def prometheus_bin():
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.fail("the prometheus server is not installed (apt-get install prometheus; .ci/run does)")
+    return path
+
+
+def _start_prometheus(prometheus_bin: str, tmp_path: Path, target_port: int) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(f"""
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: forewarn
+    static_configs:
+      - targets: ["127.0.0.1:{target_port}"]
+""")
+    proc = subprocess.Popen([prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200, 60, what="prometheus ready")
+    return proc, port
+
+
+def _query(port: int, promql: str) -> list[dict]:
+    status, body = http_get(f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    assert status == 200, body
+    return json.loads(body)["data"]["result"]
+
+
+def test_end_to_end_kafka_daemon_prometheus(broker, data_dir, tmp_path, prometheus_bin):
+    topic, anomalies = "e2e-sensors", "e2e-anomalies"
+    broker.create_topics({topic: 4, anomalies: 1, "e2e-dead": 1})
+    recording = tmp_path / "fleet.jsonl"
+    counts = _write_recording(recording, data_dir)
+    metrics_port = free_port()
+    daemon = start_daemon(_daemon_env(broker, topic, "e2e", metrics_port, FOREWARN_KAFKA_ANOMALIES_TOPIC=anomalies,
+                                      FOREWARN_KAFKA_DEAD_LETTER_TOPIC="e2e-dead"), tmp_path / "daemon.log")
+    prometheus, prom_port = _start_prometheus(prometheus_bin, tmp_path, metrics_port)
+    try:
+        wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200, 60, what="daemon ready")
+        assert http_get(f"http://127.0.0.1:{metrics_port}/healthz")[0] == 200
+        publisher = _replay_to_kafka(recording, broker, topic)
+        out, err = publisher.communicate(timeout=120)
+        assert publisher.returncode == 0, err
+        assert out.startswith(f"published {sum(counts.values())} readings")
+        total = sum(counts.values())
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        wait_for(lambda: metric_value(http_get(url)[1], "forewarn_readings_total") == total, 120,
+                 what="every reading processed")
+        # Prometheus itself must have scraped the final state
+        wait_for(lambda: _query(prom_port, f"forewarn_readings_total == {total}"), 30, what="prometheus scrape")
+        series = _query(prom_port, "forewarn_anomaly_score")
+        assert {s["metric"]["device"] for s in series} == set(counts)
+        flagged = _query(prom_port, 'max_over_time(forewarn_anomaly_score{device="machine-temp"}[10m]) >= 0.999')
+        assert flagged, "the labelled failure should drive the machine's score over the threshold"
+        assert _query(prom_port, 'forewarn_streams{state="live"} == 2')
+        events = read_topic(broker.bootstrap, anomalies)
+        in_window = [e for e in events if e["device"] == "machine-temp" and FAILURE_WINDOW[0] <= e["ts"] <= FAILURE_WINDOW[1]]
+        assert in_window and all(e["score"] >= 0.999 and e["channel"] == "value" for e in in_window)
+        assert {"forecast", "value", "ts", "score"} <= set(in_window[0])
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(30)
+        prometheus.terminate()
+        prometheus.wait(10)
+    assert code == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+    assert "stopped" in (tmp_path / "daemon.log").read_text()
+
+
+def test_sigkill_mid_replay_loses_nothing_and_commits_only_processed(broker, tmp_path):
+    topic, scores_topic, group = "kill-sensors", "kill-scores", "kill"
+    broker.create_topics({topic: 2, scores_topic: 1})
+    recording = tmp_path / "fleet.jsonl"
+    with open(recording, "w") as f:
+        for t in range(3000):
+            for d in range(4):
+                f.write(json.dumps({"device": f"d{d}", "ts": t, "value": (t * (d + 1)) % 17 / 3.0}) + "\n")
+    env = _daemon_env(broker, topic, group, free_port(), FOREWARN_KAFKA_SCORES_TOPIC=scores_topic,
+                      FOREWARN_KAFKA_MAX_POLL_RECORDS="200", FOREWARN_DETECTOR_WARMUP="64")
+    first = start_daemon(env, tmp_path / "first.log")
+    publisher = _replay_to_kafka(recording, broker, topic, "--speed", "150")  # 3,000 s of readings in ~20 s
+    try:
+        # kill it once it has committed part of the stream, wherever it is in its loop
+        wait_for(lambda: sum(committed_offsets(broker.bootstrap, group, topic).values()) >= 3000, 120,
+                 what="some readings processed")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    scored_before = read_topic(broker.bootstrap, scores_topic)
+    committed = committed_offsets(broker.bootstrap, group, topic)
+    assert sum(committed.values()) < 12_000, "killed mid-stream"
+    done_before: dict[int, set[int]] = {}
+    for s in scored_before:
+        part, offset = s["source"].rsplit("/", 1)[1].split("@")
+        done_before.setdefault(int(part), set()).add(int(offset))
+    for part, offset in committed.items():
+        assert set(range(offset)) <= done_before.get(part, set()), f"partition {part} committed unscored offsets"
+
+    assert publisher.wait(120) == 0
+    second = start_daemon(env, tmp_path / "second.log")
+    try:
+        wait_for(lambda: sum(committed_offsets(broker.bootstrap, group, topic).values()) == 12_000, 120,
+                 what="the restarted daemon to finish")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    scored = read_topic(broker.bootstrap, scores_topic)
+    keys = {(s["device"], s["ts"]) for s in scored}
+    assert keys == {(f"d{d}", float(t)) for t in range(3000) for d in range(4)}, "a reading was never scored"

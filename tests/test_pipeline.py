@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+
+from monitor.adapt import AdaptConfig
+from monitor.checkpoint import Initialization
+from monitor.forecaster import LSTMSpec
+from monitor.pipeline import Pipeline, PipelineConfig
+from monitor.readings import BadReason, Reading
+
+
+@pytest.fixture(scope="module")
+def init():
+    return Initialization.random(LSTMSpec(hidden=8), seed=0, adapt=AdaptConfig(steps=2, lr=0.05))
+
+
+def _wave(device, n, start=0, channel="v", period=6.0, noise_seed=0):
+    g = torch.Generator().manual_seed(noise_seed)
+    noise = (0.05 * torch.randn(n, generator=g)).tolist()
+    return [Reading(device, float(t), {channel: math.sin(t / period) + noise[i]})
+            for i, t in enumerate(range(start, start + n))]
+
+
+def test_lifecycle_warming_then_live_and_scores_in_input_order(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    readings = _wave("a", 40)
+    first = pipe.feed(readings[:31])
+    assert [s.score for s in first.scores] == [None] * 31
+    assert pipe.streams_by_state() == {"warming": 1, "adapting": 0, "live": 0}
+    rest = pipe.feed(readings[31:])
+    assert rest.adapted == 1
+    assert rest.scores[0].score is None  # the 32nd reading completes the window
+    assert all(0.0 <= s.score <= 1.0 for s in rest.scores[1:])
+    assert [s.ts for s in rest.scores] == [r.ts for r in readings[31:]]
+    assert pipe.streams_by_state() == {"warming": 0, "adapting": 0, "live": 1}
+
+
+def test_one_big_batch_scores_exactly_like_one_reading_at_a_time(init):
+    devices = [_wave(f"d{i}", 60, noise_seed=i, period=4.0 + i) for i in range(3)]
+    interleaved = [r for group in zip(*devices) for r in group]
+    together = Pipeline(init, PipelineConfig(warmup=32)).feed(interleaved).scores
+    alone_pipe = Pipeline(init, PipelineConfig(warmup=32))
+    one_by_one = []
+    for r in interleaved:
+        one_by_one.extend(alone_pipe.feed([r]).scores)
+    assert [(s.device, s.ts) for s in together] == [(s.device, s.ts) for s in one_by_one]
+    for a, b in zip(together, one_by_one):
+        if a.score is None:
+            assert b.score is None
+        else:
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+            assert a.forecast == pytest.approx(b.forecast, rel=1e-4, abs=1e-6)
+
+
+def test_a_jump_scores_high_and_is_flagged(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=64))
+    pipe.feed(_wave("a", 200))
+    spike = pipe.feed([Reading("a", 200.0, {"v": 25.0})]).scores[0]
+    assert spike.anomaly and spike.score > 0.999 and spike.channel == "v"
+    assert spike.value == 25.0 and abs(spike.forecast) < 2
+
+
+def test_device_score_is_its_worst_channel(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    for t in range(100):
+        pipe.feed([Reading("m", float(t), {"calm": math.sin(t / 5), "wild": math.cos(t / 7)})])
+    score = pipe.feed([Reading("m", 100.0, {"calm": math.sin(20), "wild": 40.0})]).scores[0]
+    assert score.channel == "wild" and score.anomaly
+
+
+def test_duplicate_and_out_of_order_timestamps_are_rejected_per_stream(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    result = pipe.feed([Reading("a", 5.0, {"v": 1.0}), Reading("a", 5.0, {"v": 2.0}),
+                        Reading("a", 3.0, {"v": 3.0}), Reading("b", 3.0, {"v": 3.0})])
+    assert [b.reason for b in result.bad] == [BadReason.DUPLICATE_TIMESTAMP, BadReason.OUT_OF_ORDER_TIMESTAMP]
+    assert [s.device for s in result.scores] == ["a", "b"]
+    assert pipe.bad_counts[BadReason.DUPLICATE_TIMESTAMP] == 1
+
+
+def test_a_late_channel_warms_up_on_its_own(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    pipe.feed([Reading("m", float(t), {"a": math.sin(t)}) for t in range(40)])
+    late = pipe.feed([Reading("m", float(t), {"a": math.sin(t), "b": 1.0 + t % 3}) for t in range(40, 50)])
+    assert pipe.counts["late_channel"] == 1
+    assert pipe.streams_by_state() == {"warming": 1, "adapting": 0, "live": 1}
+    assert all(s.score is not None and s.channel == "a" for s in late.scores)
+
+
+def test_stream_limit_rejects_new_streams_with_a_reason(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32, max_streams=2))
+    result = pipe.feed([Reading(f"d{i}", 0.0, {"v": 1.0}) for i in range(3)])
+    assert [b.reason for b in result.bad] == [BadReason.STREAM_LIMIT]
+    assert len(result.scores) == 2
+
+
+def test_dropped_devices_free_their_rows_and_start_over(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    pipe.feed(_wave("a", 40) + _wave("b", 40))
+    assert len(pipe.fleet) == 2
+    assert pipe.drop_devices(["a"]) == 1
+    assert len(pipe.fleet) == 1 and pipe.devices() == {"b"}
+    again = pipe.feed(_wave("a", 1, start=100))
+    assert again.scores[0].score is None

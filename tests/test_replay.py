@@ -1,0 +1,152 @@
+import csv
+import gzip
+import json
+import math
+
+import pytest
+
+from connectors.files import FileFormatError, FileSource
+from monitor.cli import main
+
+
+def _good(device, t, **values):
+    return json.dumps({"device": device, "ts": t, "values": values})
+
+
+def _run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+BAD_LINES = {
+    "malformed": '{"device": "p1", "ts": 1,',
+    "not_an_object": "[1, 2, 3]",
+    "missing_device": '{"ts": 1, "value": 1.0}',
+    "bad_device": '{"device": "", "ts": 1, "value": 1.0}',
+    "missing_timestamp": '{"device": "p1", "value": 1.0}',
+    "bad_timestamp": '{"device": "p1", "ts": "yesterday", "value": 1.0}',
+    "missing_value": '{"device": "p1", "ts": 1}',
+    "non_numeric_value": '{"device": "p1", "ts": 1, "values": {"temp": "71.2"}}',
+    "non_finite_value": '{"device": "p1", "ts": 1, "values": {"temp": NaN}}',
+    "value_out_of_range": '{"device": "p1", "ts": 1, "values": {"temp": 1e300}}',
+}
+
+
+def test_replay_of_every_kind_of_bad_record(tmp_path, capsys):
+    lines = []
+    for t in range(120):
+        lines.append(_good("p1", 1000 + t, temp=20 + math.sin(t / 4), rpm=1500 + 10 * math.cos(t / 3)))
+        lines.append(_good("p2", f"2024-01-01T00:{t // 60:02d}:{t % 60:02d}Z", temp=5.0 + (t % 7) / 10))
+        if t == 60:
+            lines.extend(BAD_LINES.values())
+            lines.append('{"device": "p1", "ts": 1059, "values": {"temp": 1.0}}')   # out of order
+            lines.append('{"device": "p1", "ts": 1060, "values": {"temp": 1.0}}')   # duplicate
+            lines.append('{"device": "p1", "ts": 1060.5, "values": {"temp": true, "rpm": 1500}}')  # half bad
+        if t == 80:
+            lines.append(_good("p1", 1080.5, temp=21.0, rpm=1500.0, vibration=0.2))  # late channel
+    path = tmp_path / "fleet.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out, dlq = tmp_path / "scores.csv", tmp_path / "dead.jsonl"
+    code, _, err = _run(["replay", str(path), "--warmup", "32", "--out", str(out),
+                         "--dead-letter", str(dlq), "--quiet"], capsys)
+    assert code == 0
+    dead = [json.loads(line) for line in dlq.read_text().splitlines()]
+    reasons = sorted(d["reason"] for d in dead)
+    expected = sorted(list(BAD_LINES) + ["out_of_order_timestamp", "duplicate_timestamp", "non_numeric_value"])
+    assert reasons == expected
+    # every bad record names its line, and the summary counts them by reason
+    malformed_line = lines.index(BAD_LINES["malformed"]) + 1
+    assert f"line {malformed_line}: malformed: invalid JSON" in err
+    assert "bad records: 13" in err and "'non_numeric_value': 2" in err
+    assert "late channels: 1" in err
+    rows = _rows(out)
+    assert list(rows[0]) == ["ts", "device", "score", "anomaly", "channel"]
+    # 240 good readings, the half-bad one (its rpm survives) and the late-channel one
+    assert len(rows) == 242
+    half_bad = [r for r in rows if r["ts"] == "1060.5"]
+    assert len(half_bad) == 1 and half_bad[0]["channel"] == "rpm"
+    after = [r for r in rows if r["device"] == "p1" and float(r["ts"]) > 1061]
+    assert after and all(r["score"] != "" and 0 <= float(r["score"]) <= 1 for r in after)
+
+
+def test_replay_of_a_bad_csv_keeps_scoring_around_bad_rows(tmp_path, capsys):
+    rows = ["timestamp,value"]
+    for t in range(80):
+        rows.append(f"2024-01-01 {t // 60:02d}:{t % 60:02d}:00,{10 + math.sin(t / 3):.4f}")
+    rows[40] = "2024-01-01 00:39:00,nan"
+    rows[41] = "2024-01-01 00:40:00,hello"
+    rows[42] = "not a time,1.0"
+    rows[43] = "2024-01-01 00:42:00,1.0,extra"
+    rows[44] = "2024-01-01 00:43:00,"
+    path = tmp_path / "sensor.csv"
+    path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "scores.csv"
+    code, _, err = _run(["replay", str(path), "--warmup", "20", "--out", str(out), "--quiet"], capsys)
+    assert code == 0
+    for line, reason in [(41, "non_finite_value"), (42, "non_numeric_value"), (43, "bad_timestamp"),
+                         (44, "malformed: expected 2 fields, got 3"), (45, "missing_value")]:
+        assert f"line {line}: {reason}" in err
+    scored = _rows(out)
+    assert len(scored) == 75 and {r["device"] for r in scored} == {"sensor"}
+    assert all(r["score"] != "" for r in scored[20:])
+
+
+def test_wide_headerless_gzip_like_smd(tmp_path, capsys):
+    path = tmp_path / "machine-9-9.txt.gz"
+    with gzip.open(path, "wt") as f:
+        for t in range(60):
+            f.write(",".join(f"{0.5 + 0.1 * math.sin(t / (2 + c)):.5f}" for c in range(3)) + "\n")
+    out = tmp_path / "scores.csv"
+    code, _, err = _run(["replay", str(path), "--warmup", "24", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    rows = _rows(out)
+    assert len(rows) == 60 and rows[0]["ts"] == "0" and rows[-1]["ts"] == "59"
+    assert {r["channel"] for r in rows[24:]} <= {"c0", "c1", "c2"} and rows[30]["channel"]
+    assert "streams: {'warming': 0, 'adapting': 0, 'live': 3}" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "empty file"),
+    ("time,value\n1,2\n", "line 1: a nab file starts with 'timestamp,value'"),
+])
+def test_a_malformed_file_is_a_clear_error(tmp_path, capsys, content, message):
+    path = tmp_path / "broken.csv"
+    path.write_text(content)
+    code, _, err = _run(["replay", str(path), "--format", "nab", "--quiet"], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_missing_input_and_bad_init_are_clear_errors(tmp_path, capsys):
+    code, _, err = _run(["replay", str(tmp_path / "nope.csv"), "--quiet"], capsys)
+    assert code == 2 and "no such file" in err
+    data = tmp_path / "ok.csv"
+    data.write_text("timestamp,value\n2024-01-01 00:00:00,1\n")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("junk")
+    code, _, err = _run(["replay", str(data), "--init", str(junk), "--quiet"], capsys)
+    assert code == 2 and "not a Forewarn initialization" in err
+
+
+def test_wide_csv_with_header_and_timestamp_column(tmp_path):
+    path = tmp_path / "pump.csv"
+    path.write_text("temp,timestamp,pressure\n70.1,2024-01-01T00:00:00,3.0\n70.2,2024-01-01T00:01:00,3.1\n")
+    readings = list(FileSource(path).readings())
+    assert [r.values for r in readings] == [{"temp": 70.1, "pressure": 3.0}, {"temp": 70.2, "pressure": 3.1}]
+    assert readings[1].ts - readings[0].ts == 60
+    dup = tmp_path / "dup.csv"
+    dup.write_text("a,a\n1,2\n")
+    with pytest.raises(FileFormatError, match="unique"):
+        list(FileSource(dup).readings())
+
+
+def test_demo_replays_the_bundled_recording_against_its_labels(capsys):
+    code, out, err = _run(["demo", "--quiet"], capsys)
+    assert code == 0
+    assert "Labelled anomaly windows caught:" in out and "of 4" in out
+    assert "readings: 22683" in err  # 22,695 rows, 12 of them out of order or duplicate in NAB's own file
