@@ -145,8 +145,9 @@ def test_wide_csv_with_header_and_timestamp_column(tmp_path):
         list(FileSource(dup).readings())
 
 
-def test_demo_replays_the_bundled_recording_against_its_labels(capsys):
-    code, out, err = _run(["demo", "--quiet"], capsys)
+def test_offline_demo_replays_the_bundled_recording_against_its_labels(capsys):
+    code, out, err = _run(["demo", "--offline", "--quiet"], capsys)
     assert code == 0
     assert "Labelled anomaly windows caught:" in out and "of 4" in out
     assert "readings: 22683" in err  # 22,695 rows, 12 of them out of order or duplicate in NAB's own file
+    assert "'out_of_order_timestamp': 11" in err

@@ -1,0 +1,15 @@
+import re
+
+from monitor.cli import main
+
+
+def test_demo_runs_the_whole_system_through_an_embedded_broker(capsys):
+    assert main(["demo", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "22695 readings through Kafka" in out
+    # anomalies are printed live, as the daemon finds them, before the summary
+    live = [line for line in out.splitlines() if line.startswith("anomaly ")]
+    assert live and out.index(live[0]) < out.index("readings through Kafka")
+    caught = int(re.search(r"Labelled anomaly windows caught: (\d) of 4", out).group(1))
+    assert caught >= 2
+    assert re.search(r"Metrics were served at http://127.0.0.1:\d+/metrics", out)
