@@ -116,6 +116,7 @@ class Daemon:
         self.source = None
         self.batches = 0
         self.records = 0          # Kafka records processed and committed
+        self.latency_log: list[float] | None = None  # set to a list to keep every latency (benchmarks)
 
     # ---- health --------------------------------------------------------------
     def healthy(self) -> bool:
@@ -199,6 +200,8 @@ class Daemon:
             t = arrival.get(id(reading))
             if t is not None:
                 self.metrics.latency.observe(max(0.0, now - t))
+                if self.latency_log is not None:
+                    self.latency_log.append(now - t)
         source.commit(batch.offsets)
         self.batches += 1
         self.records += batch.records

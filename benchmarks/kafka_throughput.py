@@ -1,0 +1,128 @@
+"""Kafka throughput and latency, all against one embedded broker in one run.
+
+    python benchmarks/kafka_throughput.py [--devices 10000] [--live-readings 20]
+
+1. raw: kafka-python polls the whole topic and discards it (the ceiling);
+2. Forewarn: the daemon (one instance) consumes the same records, parses,
+   scores, and commits after each batch; its rate is taken over the live phase,
+   once every device is past its warm-up;
+3. latency: readings produced at a steady 2,000/s to live devices; from the
+   record's broker timestamp to its score being sent, p50 and p99.
+
+Every device is live after a 16-reading warm-up adapted with K=0 (the scoring
+path's speed does not depend on K; adaptation is measured in throughput.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kafka import KafkaConsumer, KafkaProducer  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from connectors.tansu import EmbeddedBroker  # noqa: E402
+from monitor.cli import tune_runtime  # noqa: E402
+from monitor.config import Config  # noqa: E402
+from monitor.daemon import Daemon  # noqa: E402
+
+WARMUP = 16
+
+
+def produce(bootstrap: str, topic: str, devices: int, rounds: range, rate: float | None = None) -> int:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024, acks=1)
+    n = 0
+    started = time.monotonic()
+    for t in rounds:
+        for d in range(devices):
+            msg = json.dumps({"device": f"dev-{d}", "ts": float(t), "value": (t * 7 + d) % 13 / 4.0}).encode()
+            producer.send(topic, key=f"dev-{d}".encode(), value=msg)
+            n += 1
+            if rate is not None:
+                delay = started + n / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+    producer.flush()
+    producer.close()
+    return n
+
+
+def raw_rate(bootstrap: str, topic: str, total: int) -> float:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id="raw", enable_auto_commit=False,
+                             auto_offset_reset="earliest", max_poll_records=5000, max_poll_interval_ms=3000,
+                             session_timeout_ms=3000, heartbeat_interval_ms=500)
+    n, first = 0, None
+    while n < total:
+        for msgs in consumer.poll(timeout_ms=500, max_records=5000).values():
+            if first is None:
+                first = time.perf_counter()
+            n += len(msgs)
+    elapsed = time.perf_counter() - first
+    consumer.close()
+    return n / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--live-readings", type=int, default=20, help="readings per device after the warm-up")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    tune_runtime(threads=2)
+    with EmbeddedBroker() as broker:
+        topic = "bench"
+        broker.create_topics({topic: args.partitions})
+        warm = produce(broker.bootstrap, topic, args.devices, range(WARMUP))
+        live = produce(broker.bootstrap, topic, args.devices, range(WARMUP, WARMUP + args.live_readings))
+        total = warm + live
+        raw = raw_rate(broker.bootstrap, topic, total)
+
+        env = {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": topic,
+               "FOREWARN_KAFKA_GROUP_ID": "forewarn", "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000",
+               "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000", "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+               "FOREWARN_KAFKA_MAX_POLL_RECORDS": "10000", "FOREWARN_METRICS_HOST": "127.0.0.1",
+               "FOREWARN_METRICS_PORT": "0", "FOREWARN_DETECTOR_WARMUP": str(WARMUP),
+               "FOREWARN_DETECTOR_ADAPT_STEPS": "0", "FOREWARN_LOG_LEVEL": "WARNING"}
+        daemon = Daemon(Config.load(environ=env), registry=CollectorRegistry())
+        thread = threading.Thread(target=daemon.run, daemon=True)
+        thread.start()
+        while daemon.records < warm:
+            time.sleep(0.01)
+        live_start, live_start_records = time.perf_counter(), daemon.records
+        while daemon.records < total:
+            time.sleep(0.005)
+        forewarn = (daemon.records - live_start_records) / (time.perf_counter() - live_start)
+        assert daemon.pipeline.streams_by_state()["live"] == args.devices
+
+        daemon.latency_log = []
+        rounds = max(1, int(args.latency_seconds * 2000 / args.devices))
+        paced = produce(broker.bootstrap, topic, args.devices, range(WARMUP + args.live_readings,
+                                                                     WARMUP + args.live_readings + rounds), rate=2000)
+        while daemon.records < total + paced:
+            time.sleep(0.01)
+        daemon.stop()
+        thread.join(30)
+        lat = sorted(daemon.latency_log)
+        p50 = statistics.median(lat) * 1000
+        p99 = lat[int(0.99 * (len(lat) - 1))] * 1000
+
+    print(f"{args.devices:,} devices, {total:,} records ({args.partitions} partitions), one instance, 2 threads")
+    print("| measurement | value |")
+    print("|---|---|")
+    print(f"| raw kafka-python consume (poll and discard) | {raw:,.0f} records/s |")
+    print(f"| Forewarn end to end, live devices (parse, score, commit) | {forewarn:,.0f} records/s |")
+    print(f"| Forewarn / raw | {forewarn / raw:.0%} |")
+    print(f"| latency produce -> score at 2,000 readings/s, p50 | {p50:.1f} ms |")
+    print(f"| latency produce -> score at 2,000 readings/s, p99 | {p99:.1f} ms |")
+
+
+if __name__ == "__main__":
+    main()

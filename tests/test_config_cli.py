@@ -1,0 +1,47 @@
+import pytest
+
+from monitor.cli import main
+from monitor.config import Config, ConfigError
+
+
+def test_toml_then_environment(tmp_path):
+    path = tmp_path / "forewarn.toml"
+    path.write_text('[kafka]\ntopic = "plant"\nmax_poll_records = 100\n[detector]\nthreshold = 0.99\n')
+    cfg = Config.load(path, environ={"FOREWARN_KAFKA_MAX_POLL_RECORDS": "250", "FOREWARN_KAFKA_SASL_MECHANISM": "PLAIN"})
+    assert (cfg.kafka.topic, cfg.kafka.max_poll_records, cfg.detector.threshold) == ("plant", 250, 0.99)
+    assert cfg.kafka.security() == {"security_protocol": "PLAINTEXT", "sasl_mechanism": "PLAIN"}
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[kafka]\ntopik = 'x'\n", "kafka.topik: unknown setting"),
+    ("[kafka]\nmax_poll_records = 'many'\n", "kafka.max_poll_records: expected an integer"),
+    ("[kafka]\nauto_offset_reset = 'middle'\n", "auto_offset_reset must be earliest or latest"),
+    ("[detector]\nthreshold = 2\n", "detector.threshold must be between 0 and 1"),
+    ("[nope]\na = 1\n", "unknown section [nope]"),
+    ("[kafka\n", "not valid TOML"),
+])
+def test_invalid_configuration_is_rejected_with_the_key(tmp_path, toml, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        Config.load(path, environ={})
+
+
+def test_run_with_a_bad_configuration_exits_with_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[metrics]\nport = 70000\n")
+    assert main(["run", "--config", str(path)]) == 2
+    assert "metrics.port must be in 0..65535" in capsys.readouterr().err
+
+
+def test_config_print_and_run_help_show_every_setting(capsys, monkeypatch):
+    monkeypatch.setenv("FOREWARN_KAFKA_SASL_PLAIN_PASSWORD", "secret")
+    assert main(["config", "--print"]) == 0
+    printed = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = capsys.readouterr().out
+    for section in ("kafka", "detector", "metrics", "log"):
+        for name in vars(getattr(Config(), section)):
+            assert f"{name} = " in printed and f"{name} = " in help_text
+    assert "secret" not in printed and 'sasl_plain_password = "***"' in printed

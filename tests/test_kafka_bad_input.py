@@ -1,0 +1,118 @@
+"""Property: whatever arrives on the topic, the daemon keeps going, rejects the bad with a
+reason on the dead-letter topic and in the counter, and scores every good reading."""
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kafka import KafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from connectors.tansu import free_port
+from monitor.config import Config
+from monitor.daemon import Daemon
+from tests.kafka_support import FAST_GROUP, publish, wait_for
+
+finite = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6)
+text = st.text(max_size=20)
+
+# Each strategy builds one message that is bad in exactly one way (so one dead letter each).
+bad_messages = st.one_of(
+    st.binary(min_size=1, max_size=40).filter(lambda b: not b.strip().startswith(b"{")),
+    st.builds(lambda v: json.dumps(v).encode(), st.one_of(st.lists(st.integers(), max_size=3), st.integers(), text)),
+    st.builds(lambda v: json.dumps({"ts": 1, "value": v}).encode(), finite),                      # no device
+    st.builds(lambda d: json.dumps({"device": d, "value": 1.0}).encode(), st.just("x")),          # no ts
+    st.builds(lambda s: json.dumps({"device": "x", "ts": "not-a-time " + s, "value": 1}).encode(), text),
+    st.builds(lambda s: json.dumps({"device": "x", "ts": 1, "value": "n" + s}).encode(), text),   # a string value
+    st.sampled_from([b'{"device": "x", "ts": 1, "value": NaN}', b'{"device": "x", "ts": 1, "value": Infinity}',
+                     b'{"device": "x", "ts": 1, "value": 1e400}', b'{"device": "x", "ts": 1, "value": true}',
+                     b'{"device": "x", "ts": 1, "value": null}', b'{"device": "x", "ts": 1, "value": 1e20}',
+                     b'{"device": "x", "ts": 1, "values": {}}', b'{"device": 5.5, "ts": 1, "value": 1}',
+                     b'{"device": "x", "ts": 1e999, "value": 1}', b'{"device": "x", "ts": 1,']),
+)
+
+_examples = itertools.count()
+
+
+class _Harness:
+    def __init__(self, broker) -> None:
+        self.broker = broker
+        broker.create_topics({"hyp-sensors": 2, "hyp-scores": 1, "hyp-dead": 1})
+        env = {**FAST_GROUP, "FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": "hyp-sensors",
+               "FOREWARN_KAFKA_GROUP_ID": "hyp", "FOREWARN_KAFKA_SCORES_TOPIC": "hyp-scores",
+               "FOREWARN_KAFKA_DEAD_LETTER_TOPIC": "hyp-dead", "FOREWARN_METRICS_HOST": "127.0.0.1",
+               "FOREWARN_METRICS_PORT": str(free_port()), "FOREWARN_DETECTOR_WARMUP": "16"}
+        self.registry = CollectorRegistry()
+        self.daemon = Daemon(Config.load(environ=env), registry=self.registry)
+        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
+        self.thread.start()
+        wait_for(self.daemon.ready, 60, what="daemon ready")
+        self.published = 0
+        self.readers = {}
+        for topic in ("hyp-scores", "hyp-dead"):
+            c = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+            c.assign([TopicPartition(topic, 0)])
+            c.seek_to_beginning()
+            self.readers[topic] = c
+
+    def drain(self, topic: str, n: int) -> list[dict]:
+        out: list[dict] = []
+
+        def got_all():
+            for msgs in self.readers[topic].poll(timeout_ms=200).values():
+                out.extend(json.loads(m.value) for m in msgs)
+            return len(out) >= n
+
+        if n:
+            wait_for(got_all, 60, what=f"{n} messages on {topic}")
+        return out
+
+    def bad_total(self) -> float:
+        return sum(s.value for m in self.registry.collect() if m.name == "forewarn_bad_records"
+                   for s in m.samples if s.name.endswith("_total"))
+
+    def close(self) -> None:
+        self.daemon.stop()
+        self.thread.join(30)
+        for c in self.readers.values():
+            c.close()
+
+
+def test_malformed_messages_never_stop_the_daemon(broker):
+    harness = _Harness(broker)
+    try:
+        @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.lists(st.one_of(st.tuples(st.just("good"), finite), st.tuples(st.just("bad"), bad_messages)),
+                        min_size=1, max_size=25))
+        def check(items):
+            n = next(_examples)
+            device = f"hyp-{n}"
+            messages, good, bad = [], 0, 0
+            for i, (kind, payload) in enumerate(items):
+                if kind == "good":
+                    messages.append((device.encode(), json.dumps({"device": device, "ts": i, "value": payload}).encode()))
+                    good += 1
+                else:
+                    messages.append((device.encode(), payload))
+                    bad += 1
+            before = harness.bad_total()
+            publish(broker.bootstrap, "hyp-sensors", messages)
+            harness.published += len(messages)
+            wait_for(lambda: harness.daemon.records >= harness.published, 60, what="records processed")
+            assert harness.thread.is_alive()
+            scores = harness.drain("hyp-scores", good)
+            assert len(scores) == good and {s["device"] for s in scores} <= {device}
+            assert sorted(s["ts"] for s in scores) == sorted(float(i) for i, (k, _) in enumerate(items) if k == "good")
+            letters = harness.drain("hyp-dead", bad)
+            assert len(letters) == bad
+            assert all(letter["reason"] and letter["detail"] and letter["source"].startswith("hyp-sensors/")
+                       for letter in letters)
+            assert harness.bad_total() - before == bad
+
+        check()
+        assert harness.daemon.healthy()
+    finally:
+        harness.close()
