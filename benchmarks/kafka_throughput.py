@@ -54,8 +54,8 @@ def produce(bootstrap: str, topic: str, devices: int, rounds: range, rate: float
     return n
 
 
-def raw_rate(bootstrap: str, topic: str, total: int) -> float:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id="raw", enable_auto_commit=False,
+def raw_rate(bootstrap: str, topic: str, total: int, group: str) -> float:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                              auto_offset_reset="earliest", max_poll_records=5000, max_poll_interval_ms=3000,
                              session_timeout_ms=3000, heartbeat_interval_ms=500)
     n, first = 0, None
@@ -83,7 +83,8 @@ def main() -> None:
         warm = produce(broker.bootstrap, topic, args.devices, range(WARMUP))
         live = produce(broker.bootstrap, topic, args.devices, range(WARMUP, WARMUP + args.live_readings))
         total = warm + live
-        raw = raw_rate(broker.bootstrap, topic, total)
+        # the raw rate is the ceiling: take the better of two runs
+        raw = max(raw_rate(broker.bootstrap, topic, total, group) for group in ("raw-1", "raw-2"))
 
         env = {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": topic,
                "FOREWARN_KAFKA_GROUP_ID": "forewarn", "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000",

@@ -68,6 +68,7 @@ class KafkaSource:
             enable_auto_commit=False,
             auto_offset_reset=cfg.auto_offset_reset,
             max_poll_records=cfg.max_poll_records,
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
             max_poll_interval_ms=cfg.max_poll_interval_ms,
             session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=cfg.heartbeat_interval_ms,

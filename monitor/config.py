@@ -38,6 +38,7 @@ class KafkaConfig:
     auto_offset_reset: str = _setting("earliest", "where a group without committed offsets starts: earliest|latest")
     max_poll_records: int = _setting(5000, "records per poll, i.e. the largest pipeline batch")
     poll_timeout_ms: int = _setting(500, "how long one poll waits for records")
+    fetch_max_wait_ms: int = _setting(100, "how long the broker may hold a fetch for more data (latency vs. batching)")
     max_poll_interval_ms: int = _setting(300000, "rebalance timeout; a group join waits this long (keep small in tests)")
     session_timeout_ms: int = _setting(10000, "consumer session timeout")
     heartbeat_interval_ms: int = _setting(3000, "consumer heartbeat interval")
@@ -58,7 +59,7 @@ class KafkaConfig:
             raise ConfigError(f"kafka.auto_offset_reset must be earliest or latest, got {self.auto_offset_reset!r}")
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             raise ConfigError(f"kafka.security_protocol: unknown {self.security_protocol!r}")
-        for name in ("max_poll_records", "poll_timeout_ms", "max_poll_interval_ms", "session_timeout_ms",
+        for name in ("max_poll_records", "poll_timeout_ms", "fetch_max_wait_ms", "max_poll_interval_ms", "session_timeout_ms",
                      "heartbeat_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"kafka.{name} must be >= 1")

@@ -31,7 +31,7 @@ class BadReason(str, Enum):
     STREAM_LIMIT = "stream_limit"            # more streams than the configured cap
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reading:
     """One message from one device: a timestamp and a value per channel.
 
@@ -154,30 +154,30 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     >>> [b.reason.value for b in parse_message('{"device": "p1", "value": 2}').bad]
     ['missing_timestamp']
     """
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, (bytes, bytearray)) else raw
-    short = text[:500]
-
     def rejected(reason: BadReason, detail: str) -> Parsed:
-        return Parsed(None, [BadRecord(reason, detail, ref, short)])
+        return Parsed(None, [BadRecord(reason, detail, ref, _excerpt(raw))])
 
     try:
-        msg = json.loads(text)
+        msg = json.loads(raw)  # bytes are decoded as UTF-8 by json itself
     except (ValueError, RecursionError) as exc:
         return rejected(BadReason.MALFORMED, f"invalid JSON ({exc})")
-    if not isinstance(msg, dict):
+    if type(msg) is not dict:
         return rejected(BadReason.NOT_AN_OBJECT, f"a JSON {type(msg).__name__}, not an object")
-    if fmt.device not in msg:
-        return rejected(BadReason.MISSING_DEVICE, f"no {fmt.device!r} field")
-    device = msg[fmt.device]
-    if isinstance(device, bool) or not isinstance(device, (str, int)) or str(device) == "":
-        return rejected(BadReason.BAD_DEVICE, f"device must be a non-empty string, got {str(device)[:40]!r}")
-    device = str(device)
-    if fmt.ts not in msg:
-        return rejected(BadReason.MISSING_TIMESTAMP, f"no {fmt.ts!r} field")
-    try:
-        ts = parse_timestamp(msg[fmt.ts])
-    except ValueError as exc:
-        return rejected(BadReason.BAD_TIMESTAMP, str(exc))
+    device = msg.get(fmt.device)
+    if type(device) is not str or not device:
+        if fmt.device not in msg:
+            return rejected(BadReason.MISSING_DEVICE, f"no {fmt.device!r} field")
+        if type(device) is not int:
+            return rejected(BadReason.BAD_DEVICE, f"device must be a non-empty string, got {str(device)[:40]!r}")
+        device = str(device)
+    ts = msg.get(fmt.ts)
+    if type(ts) is not float or not math.isfinite(ts):  # the common case costs one check
+        if fmt.ts not in msg:
+            return rejected(BadReason.MISSING_TIMESTAMP, f"no {fmt.ts!r} field")
+        try:
+            ts = parse_timestamp(ts)
+        except ValueError as exc:
+            return rejected(BadReason.BAD_TIMESTAMP, str(exc))
     if fmt.values in msg:
         raw_values = msg[fmt.values]
         if not isinstance(raw_values, dict) or not raw_values:
@@ -188,10 +188,19 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
         return rejected(BadReason.MISSING_VALUE, f"neither {fmt.values!r} nor {fmt.value!r} present")
     values: dict[str, float] = {}
     bad: list[BadRecord] = []
+    max_abs = fmt.max_abs_value
     for channel, raw_value in raw_values.items():
-        value, reason, detail = check_value(raw_value, fmt.max_abs_value)
+        if type(raw_value) is float and -max_abs <= raw_value <= max_abs:  # finite and in range
+            values[channel] = raw_value
+            continue
+        value, reason, detail = check_value(raw_value, max_abs)
         if reason is None:
             values[channel] = value
         else:
-            bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: {detail}", ref, short))
+            bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: {detail}", ref, _excerpt(raw)))
     return Parsed(Reading(device, ts, values, ref) if values else None, bad)
+
+
+def _excerpt(raw: bytes | str) -> str:
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, (bytes, bytearray)) else raw
+    return text[:500]
