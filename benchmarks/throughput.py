@@ -110,8 +110,8 @@ def main() -> None:
     state = pipe.fleet.state_bytes_per_stream()
 
     print(f"torch threads: {torch.get_num_threads()}, LSTM hidden {init.spec.hidden} x {init.spec.layers} layer(s)")
-    print(f"| measurement | value |")
-    print(f"|---|---|")
+    print("| measurement | value |")
+    print("|---|---|")
     print(f"| Pipeline.feed, {args.streams:,} live streams | {feed_rate:,.0f} readings/s |")
     print(f"| forecaster + scoring alone | {core_rate:,.0f} readings/s |")
     print(f"| naive loop of per-stream nn.LSTM | {naive_rate:,.0f} readings/s |")

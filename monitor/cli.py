@@ -13,7 +13,7 @@ import torch
 from kafka.errors import KafkaError
 
 from connectors.files import (FORMATS, DeadLetterWriter, FileFormatError, FileSource, ScoreCsvWriter,
-                              format_ts, read_series)
+                              read_series)
 from monitor.adapt import AdaptConfig
 from monitor.checkpoint import CheckpointError, Initialization
 from monitor.forecaster import LSTMSpec
