@@ -1,0 +1,1 @@
+"""Scoring detectors against labelled benchmarks (NAB, SMD-style point labels)."""
