@@ -24,14 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from monitor.checkpoint import Initialization  # noqa: E402
 from monitor.datasets import held_out_tasks, meta_train_tasks  # noqa: E402
-from monitor.meta import adaptation_mse, last_value_mse  # noqa: E402
-
-LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
-
-
-def best_lr(init: Initialization, support, query, k: int) -> float:
-    return min(LR_GRID, key=lambda lr: adaptation_mse(init, support, query, k, lr))
-
+from monitor.meta import adaptation_mse, best_lr, last_value_mse  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

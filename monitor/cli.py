@@ -140,7 +140,7 @@ def _bundled(name: str):
 
 
 def _report_windows(flagged: list[Score], windows_path, scored: int, threshold: float) -> None:
-    from monitor.evaluate import compare_with_windows, load_windows
+    from monitor.evaluation.windows import compare_with_windows, load_windows
     windows = load_windows(windows_path)
     report = compare_with_windows(flagged, windows)
     print(f"\nLabelled anomaly windows caught: {report.detected} of {len(windows)}")
@@ -304,6 +304,38 @@ def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from monitor.datasets import SMD_HELD_OUT, data_dir
+    from monitor.evaluation import harness
+    data = Path(args.data) if args.data else data_dir()
+    init_dir = Path(args.init_dir) if args.init_dir else Path(__file__).resolve().parents[1] / "benchmarks" / "artifacts"
+    detectors = harness.build_detectors(args.detectors, init_dir)
+    if args.dataset == "nab":
+        n_series = len(json.loads((data / "nab" / "labels" / args.windows).read_text()))
+        total = len(detectors) * min(n_series, args.limit or n_series)
+    else:
+        machines = args.machines or list(SMD_HELD_OUT)
+        total = len(detectors) * len(machines)
+    with _progress(not args.quiet, total=total, unit=" series", desc=f"evaluate {args.dataset}") as bar:
+        def step(what: str) -> None:
+            bar.set_postfix_str(what[-40:])
+            bar.update(1)
+        if args.dataset == "nab":
+            run = harness.evaluate_nab(detectors, data, args.limit, args.windows, step)
+            table = harness.markdown_nab(run.scores, detectors)
+        else:
+            run = harness.evaluate_smd(detectors, data, machines, step)
+            table = harness.markdown_smd(run.scores, detectors)
+    print(table)
+    if args.report:
+        written = harness.write_report(Path(args.report), args.dataset, run, detectors, table,
+                                       adaptation=not args.no_adaptation_plot)
+        print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
 def _expand_paths(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
@@ -406,6 +438,28 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay_to_kafka)
+
+    p = sub.add_parser("evaluate", help="score detectors on a labelled benchmark (NAB or SMD layout)",
+                       description="Replay a labelled benchmark through Forewarn's pipeline and the baselines, "
+                                   "score every detector the same way, print a Markdown table and, with --report, "
+                                   "write it with the raw results. NAB: NAB's scoring, three profiles. SMD: held-out "
+                                   "machines, warmed on the tail of their train split, scored on their test split.")
+    p.add_argument("--dataset", choices=("nab", "smd"), required=True)
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="folder holding nab/ and smd/ (default: $FOREWARN_DATA or ../shared/data)")
+    p.add_argument("--detectors", nargs="+", default=["forewarn", "meta-no-adapt", "lstm-scratch", "zscore", "hst", "pad-hw"],
+                   help="detectors to run (default: %(default)s; also pooled, forewarn-fomaml, forewarn-reptile)")
+    p.add_argument("--init-dir", metavar="DIR", default=None,
+                   help="where pooled.pt, fomaml.pt, reptile.pt are (default: benchmarks/artifacts of the checkout)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="NAB: only the first N labelled series")
+    p.add_argument("--windows", default="combined_windows.json", help="NAB label file (default: %(default)s)")
+    p.add_argument("--machines", nargs="+", default=None, help="SMD machines (default: the held-out 2-4 2-5 2-7 2-8)")
+    p.add_argument("--report", metavar="DIR",
+                   help="write the table (Markdown), the numbers (JSON) and figures (PNG) here")
+    p.add_argument("--no-adaptation-plot", action="store_true",
+                   help="with --report: skip the forecast-error-against-K figure (a minute or two)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("meta-train", help="learn an initialization from a corpus of recordings",
                        description="Meta-learn the initialization new streams start from. Every channel of every "

@@ -16,10 +16,13 @@ def test_point_adjustment_inflates_and_pa_k_limits_it():
     assert pointwise_f1(point_adjust(pred, LABELS, 40), LABELS) == pytest.approx(2 / 7)  # 25% < 40%
 
 
-def test_event_f1_counts_segments_not_points():
+def test_event_f1_is_point_precision_with_segment_recall():
     pred = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1])
-    # predicted runs: [0], [2], [11] -> 1 of 3 correct; labelled segments: 1 of 2 found
+    # flagged points 0, 2, 11: precision 1/3; labelled segments: 1 of 2 found
     assert event_f1(pred, LABELS) == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    # flagging everything finds every segment but its precision is the label rate
+    everything = np.ones(12, dtype=np.int8)
+    assert event_f1(everything, LABELS) == pytest.approx(2 * 0.5 * 1.0 / 1.5)
 
 
 def test_best_pointwise_f1_and_average_precision():

@@ -4,7 +4,9 @@ Point-adjusted F1 marks a whole labelled segment detected as soon as one of its
 points is flagged, which rewards even random scores on SMD; it is reported only
 next to the metrics that do not inflate: point-wise F1, event-wise F1, PA%K
 (Kim et al., AAAI 2022: a segment is adjusted only when more than K% of its
-points are flagged) and the area under the precision-recall curve.
+points are flagged) and the area under the precision-recall curve.  Each is
+reported at its own best threshold (an oracle threshold, as the SMD literature
+does): these numbers rank detectors, they are not what a fixed threshold gets.
 """
 from __future__ import annotations
 
@@ -55,21 +57,33 @@ def pointwise_f1(pred: np.ndarray, labels: np.ndarray) -> float:
 
 
 def event_f1(pred: np.ndarray, labels: np.ndarray) -> float:
-    """Segment-level F1: a labelled segment is found if any point of it is flagged;
-    a flagged run is correct if it touches a labelled segment.
+    """Event-wise (composite) F1 of Garg et al. (2021): point-wise precision with
+    event-wise recall, the share of labelled segments with at least one flagged
+    point.  Counting flagged *runs* as events instead would let one flag over the
+    whole series score a perfect 1.
 
     >>> event_f1(np.array([1, 0, 0, 1, 1, 0]), np.array([0, 0, 0, 1, 0, 0]))
-    0.6666666666666666
+    0.5
     """
-    pred = np.asarray(pred, dtype=np.int8)
+    pred = np.asarray(pred, dtype=bool)
     labels = np.asarray(labels, dtype=np.int8)
-    true_segs, pred_segs = segments(labels), segments(pred)
-    if not true_segs or not pred_segs:
+    true_segs = segments(labels)
+    flagged = int(pred.sum())
+    if not true_segs or flagged == 0:
         return 0.0
-    found = sum(pred[a:b + 1].any() for a, b in true_segs)
-    correct = sum(labels[a:b + 1].any() for a, b in pred_segs)
-    precision, recall = correct / len(pred_segs), found / len(true_segs)
-    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+    precision = float((pred & labels.astype(bool)).sum()) / flagged
+    recall = sum(bool(pred[a:b + 1].any()) for a, b in true_segs) / len(true_segs)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def _ranked_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(thresholds, tp, fp) at every distinct score, highest first, and the number of positives."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the end of each run of equal scores
+    return s[last], np.cumsum(y)[last], np.cumsum(~y)[last], int(labels.sum())
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -78,34 +92,18 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     >>> average_precision(np.array([0.9, 0.8, 0.1, 0.7]), np.array([1, 0, 0, 1]))
     0.8333333333333333
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=bool)
-    positives = labels.sum()
-    if positives == 0:
+    precision, recall = precision_recall_curve(scores, labels)
+    if np.asarray(labels).sum() == 0:
         return float("nan")
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order]
-    tp = np.cumsum(y)
-    fp = np.cumsum(~y)
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the end of each run of equal scores
-    precision = tp[last] / (tp[last] + fp[last])
-    recall = tp[last] / positives
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def best_pointwise_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """The best point-wise F1 over every threshold, and that threshold."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=bool)
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order]
-    tp = np.cumsum(y)
-    fp = np.cumsum(~y)
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    fn = labels.sum() - tp[last]
-    f1s = np.where(tp[last] > 0, 2 * tp[last] / (2 * tp[last] + fp[last] + fn), 0.0)
+    thresholds, tp, fp, positives = _ranked_counts(scores, labels)
+    f1s = np.where(tp > 0, 2 * tp / np.maximum(tp + fp + positives, 1), 0.0)
     i = int(np.argmax(f1s))
-    return float(f1s[i]), float(s[last[i]])
+    return float(f1s[i]), float(thresholds[i])
 
 
 @dataclass
@@ -135,3 +133,9 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray, n_thresholds: int = 
     auc = sum((f1s[i] + f1s[i + 1]) / 2 * (PA_K[i + 1] - PA_K[i]) for i in range(len(PA_K) - 1)) / 100.0
     return DetectionReport(best_pointwise_f1(scores, labels)[0], best_event, best_pa[0], best_pa, auc,
                            average_precision(scores, labels))
+
+
+def precision_recall_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Point-wise (precision, recall) at every distinct threshold, highest threshold first."""
+    _, tp, fp, positives = _ranked_counts(scores, labels)
+    return tp / (tp + fp), tp / max(positives, 1)

@@ -1,4 +1,4 @@
-"""Comparing what the detector flagged with labelled anomaly windows."""
+"""Comparing what the detector flagged with labelled anomaly windows (the demo's report)."""
 from __future__ import annotations
 
 import json

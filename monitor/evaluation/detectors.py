@@ -1,0 +1,102 @@
+"""Detectors the harness compares, each turning a recording into one score per row.
+
+Forewarn's own variants run through the very ``Pipeline`` the daemon uses; the
+baselines are what people would otherwise pick, run on the same rows:
+
+* ``zscore``        rolling z-score of each channel (River ``Rolling(Var)``), max over channels
+* ``hst``           River ``HalfSpaceTrees`` behind a ``MinMaxScaler``, all channels as features
+* ``pad-hw``        River ``PredictiveAnomalyDetection`` around ``HoltWinters``, max over channels
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from river import anomaly, preprocessing, stats, time_series, utils
+
+from monitor.adapt import AdaptConfig
+from monitor.checkpoint import Initialization
+from monitor.pipeline import Pipeline, PipelineConfig
+from monitor.readings import Reading
+
+# rows -> (values [T, C], number of leading rows that are warm-up only, not scored)
+ScoreFn = Callable[[np.ndarray, int], np.ndarray]
+
+
+@dataclass
+class Detector:
+    name: str
+    score: ScoreFn
+    family: str = "baseline"
+    notes: str = ""
+    options: dict = field(default_factory=dict)
+
+
+def forewarn_detector(name: str, init: Initialization, warmup: int = 256, adapt_steps: int | None = None,
+                      notes: str = "") -> Detector:
+    def score(values: np.ndarray, _skip: int) -> np.ndarray:
+        adapt = init.adapt if adapt_steps is None else AdaptConfig(**{**init.adapt.to_dict(), "steps": adapt_steps})
+        pipe = Pipeline(init, PipelineConfig(warmup=warmup, adapt=adapt))
+        channels = [f"c{j}" for j in range(values.shape[1])]
+        out = np.zeros(len(values))
+        batch = 2000
+        for start in range(0, len(values), batch):
+            chunk = values[start:start + batch]
+            readings = [Reading("series", float(start + i), {c: v for c, v in zip(channels, row) if math.isfinite(v)})
+                        for i, row in enumerate(chunk.tolist())]
+            for s in pipe.feed([r for r in readings if r.values]).scores:
+                if s.score is not None:
+                    out[int(s.ts)] = s.score
+        return out
+
+    return Detector(name, score, "forewarn", notes)
+
+
+def _zscore(values: np.ndarray, _skip: int, window: int = 100) -> np.ndarray:
+    out = np.zeros(len(values))
+    rolls = [utils.Rolling(stats.Var, window_size=window) for _ in range(values.shape[1])]
+    means = [utils.Rolling(stats.Mean, window_size=window) for _ in range(values.shape[1])]
+    for t, row in enumerate(values.tolist()):
+        worst = 0.0
+        for var, mean, x in zip(rolls, means, row):
+            if t >= 10:  # a spread from fewer values means little
+                std = math.sqrt(max(var.get(), 0.0))
+                if std > 0:
+                    worst = max(worst, abs(x - mean.get()) / std)
+            var.update(x)
+            mean.update(x)
+        out[t] = math.erf(worst / math.sqrt(2))
+    return out
+
+
+def _hst(values: np.ndarray, _skip: int) -> np.ndarray:
+    model = preprocessing.MinMaxScaler() | anomaly.HalfSpaceTrees(n_trees=25, height=10, window_size=250, seed=42)
+    out = np.zeros(len(values))
+    for t, row in enumerate(values.tolist()):
+        x = {j: v for j, v in enumerate(row)}
+        out[t] = model.score_one(x)
+        model.learn_one(x)
+    return out
+
+
+def _pad_holt_winters(values: np.ndarray, _skip: int) -> np.ndarray:
+    models = [anomaly.PredictiveAnomalyDetection(time_series.HoltWinters(alpha=0.3, beta=0.1), horizon=1,
+                                                  n_std=3.0, warmup_period=50) for _ in range(values.shape[1])]
+    out = np.zeros(len(values))
+    for t, row in enumerate(values.tolist()):
+        worst = 0.0
+        for model, y in zip(models, row):
+            if t >= 2:  # Holt-Winters forecasts only after it has seen values
+                worst = max(worst, model.score_one(None, y))
+            model.learn_one(None, y)
+        out[t] = worst
+    return out
+
+
+BASELINES = {
+    "zscore": Detector("zscore", _zscore, notes="rolling z-score, window 100"),
+    "hst": Detector("hst", _hst, notes="River HalfSpaceTrees (25 trees, height 10, window 250) + MinMaxScaler"),
+    "pad-hw": Detector("pad-hw", _pad_holt_winters, notes="River PredictiveAnomalyDetection + HoltWinters(0.3, 0.1)"),
+}

@@ -1,0 +1,196 @@
+"""Replays labelled benchmarks through every detector and scores them the same way.
+
+NAB: every series is a new device; NAB's own scoring (``nab.py``), threshold per
+profile over the corpus.  SMD (or any train/test/test_label layout): every
+held-out machine is a new device, warmed on the tail of its train split, scored
+on its test split (``point_metrics.py``); metrics are averaged over machines.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from monitor.checkpoint import Initialization
+from monitor.datasets import SMD_HELD_OUT
+from monitor.evaluation.detectors import BASELINES, Detector, forewarn_detector
+from monitor.evaluation.nab import PROFILES, CorpusScore, score_corpus
+from monitor.evaluation.point_metrics import DetectionReport, evaluate_scores
+from monitor.readings import parse_timestamp
+
+WARMUP = 256
+
+
+def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detector]:
+    """Detectors by name; Forewarn variants read their initializations from ``init_dir``."""
+    shipped = Initialization.default()
+
+    def artifact(name: str) -> Initialization:
+        if init_dir is None or not (init_dir / f"{name}.pt").exists():
+            raise FileNotFoundError(f"no {name}.pt in {init_dir}: train it with forewarn meta-train (see README)")
+        return Initialization.load(init_dir / f"{name}.pt")
+
+    known: dict[str, Callable[[], Detector]] = {
+        "forewarn": lambda: forewarn_detector("forewarn", shipped, WARMUP,
+                                              notes=f"shipped init ({shipped.info.get('algorithm')}), K={shipped.adapt.steps}"),
+        "forewarn-fomaml": lambda: forewarn_detector("forewarn-fomaml", artifact("fomaml"), WARMUP),
+        "forewarn-reptile": lambda: forewarn_detector("forewarn-reptile", artifact("reptile"), WARMUP),
+        "pooled": lambda: forewarn_detector("pooled", artifact("pooled"), WARMUP, notes="pooled pre-training, same K"),
+        "lstm-scratch": lambda: forewarn_detector("lstm-scratch", Initialization.random(shipped.spec, seed=0,
+                                                  adapt=shipped.adapt), WARMUP, notes="random init, same K and rates"),
+        "meta-no-adapt": lambda: forewarn_detector("meta-no-adapt", shipped, WARMUP, adapt_steps=0, notes="K=0"),
+    }
+    out = []
+    for name in names:
+        if name in BASELINES:
+            out.append(BASELINES[name])
+        elif name in known:
+            out.append(known[name]())
+        else:
+            raise ValueError(f"unknown detector {name!r}; known: {', '.join([*known, *BASELINES])}")
+    return out
+
+
+def nab_corpus(data_dir: Path, windows_file: str = "combined_windows.json", limit: int | None = None):
+    """(name, timestamps, values) for each labelled NAB series, and the windows."""
+    windows_raw = json.loads((data_dir / "nab" / "labels" / windows_file).read_text())
+    names = sorted(windows_raw)[:limit] if limit else sorted(windows_raw)
+    series = []
+    for name in names:
+        rows = np.genfromtxt(data_dir / "nab" / "data" / name, delimiter=",", skip_header=1, dtype=str)
+        ts = np.array([parse_timestamp(t) for t in rows[:, 0]])
+        series.append((name, ts, rows[:, 1].astype(np.float64)))
+    windows = {n: [(parse_timestamp(a), parse_timestamp(b)) for a, b in w] for n, w in windows_raw.items()}
+    return series, windows
+
+
+@dataclass
+class NabRun:
+    scores: dict[str, dict[str, CorpusScore]]              # detector -> profile -> score
+    series: list[tuple[str, np.ndarray, np.ndarray]]        # (name, timestamps, values)
+    windows: dict[str, list[tuple[float, float]]]
+    raw: dict[str, dict[str, np.ndarray]]                   # detector -> series -> per-row score
+
+
+def evaluate_nab(detectors: Sequence[Detector], data_dir: Path, limit: int | None = None,
+                 windows_file: str = "combined_windows.json", progress=None) -> NabRun:
+    series, windows = nab_corpus(data_dir, windows_file, limit)
+    run = NabRun({}, series, windows, {})
+    for det in detectors:
+        results = {}
+        for name, ts, values in series:
+            results[name] = (ts, det.score(values[:, None], 0))
+            if progress:
+                progress(f"{det.name}: {name}")
+        run.scores[det.name] = {p: score_corpus(results, windows, p) for p in PROFILES}
+        run.raw[det.name] = {name: s for name, (_, s) in results.items()}
+    return run
+
+
+@dataclass
+class SmdRun:
+    scores: dict[str, dict[str, float]]                     # detector -> metric -> mean over machines
+    raw: dict[str, dict[str, np.ndarray]]                   # detector -> machine -> per-row score
+    labels: dict[str, np.ndarray]                           # machine -> test labels
+
+
+def evaluate_smd(detectors: Sequence[Detector], data_dir: Path, machines: Sequence[str] = SMD_HELD_OUT,
+                 progress=None) -> SmdRun:
+    data = {}
+    for m in machines:
+        train = np.loadtxt(data_dir / "smd" / "train" / f"machine-{m}.txt.gz", delimiter=",")
+        test = np.loadtxt(data_dir / "smd" / "test" / f"machine-{m}.txt.gz", delimiter=",")
+        labels = np.loadtxt(data_dir / "smd" / "test_label" / f"machine-{m}.txt", dtype=np.int8)
+        data[m] = (np.concatenate([train[-WARMUP:], test]), labels)
+    run = SmdRun({}, {}, {m: labels for m, (_, labels) in data.items()})
+    for det in detectors:
+        reports: list[DetectionReport] = []
+        run.raw[det.name] = {}
+        for m, (values, labels) in data.items():
+            scores = det.score(values, WARMUP)[WARMUP:]
+            run.raw[det.name][m] = scores
+            reports.append(evaluate_scores(scores, labels))
+            if progress:
+                progress(f"{det.name}: machine-{m}")
+        run.scores[det.name] = _mean_report(reports)
+    return run
+
+
+def _mean_report(reports: list[DetectionReport]) -> dict[str, float]:
+    keys = ("pointwise_f1", "event_f1", "pa_f1", "pa_k_auc", "auprc")
+    return {k: float(np.mean([asdict(r)[k] for r in reports])) for k in keys}
+
+
+def markdown_nab(results: dict[str, dict[str, CorpusScore]], detectors: Sequence[Detector]) -> str:
+    """Normalized NAB scores (null detector 0, perfect 100), threshold per profile over the corpus."""
+    lines = ["| detector | standard | reward_low_FP | reward_low_FN | notes |", "|---|---|---|---|---|"]
+    for det in detectors:
+        r = results[det.name]
+        lines.append(f"| {det.name} | " + " | ".join(f"{r[p].normalized:.1f}" for p in PROFILES) + f" | {det.notes} |")
+    return "\n".join(lines)
+
+
+def markdown_smd(results: dict[str, dict[str, float]], detectors: Sequence[Detector]) -> str:
+    lines = ["| detector | point-wise F1 | event-wise F1 | PA%K AUC | PA F1 (inflated) | AUPRC |",
+             "|---|---|---|---|---|---|"]
+    for det in detectors:
+        r = results[det.name]
+        lines.append(f"| {det.name} | {r['pointwise_f1']:.3f} | {r['event_f1']:.3f} | {r['pa_k_auc']:.3f} | "
+                     f"{r['pa_f1']:.3f} | {r['auprc']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, dataset: str, run, detectors: Sequence[Detector], table: str,
+                 adaptation: bool = True) -> list[Path]:
+    """The table (Markdown), the numbers (JSON) and the figures; returns the files written."""
+    import json
+
+    from monitor.evaluation import plots
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{dataset}.md", out / f"{dataset}.json"]
+    written[0].write_text(table + "\n")
+    if dataset == "nab":
+        numbers = {d: {p: {**asdict(s), "normalized": s.normalized} for p, s in r.items()} for d, r in run.scores.items()}
+        name, ts, values = next((s for s in run.series if "machine_temperature" in s[0]), run.series[0])
+        path = out / "nab_series.png"
+        plots.plot_series(path, ts, values, {d: run.raw[d][name] for d in run.raw}, run.windows.get(name, []),
+                          f"NAB {name}: labelled windows shaded")
+        written.append(path)
+    else:
+        numbers = run.scores
+        machine = next(iter(run.labels))
+        from monitor.evaluation.point_metrics import precision_recall_curve
+        curves = {d: precision_recall_curve(run.raw[d][machine], run.labels[machine]) for d in run.raw}
+        path = out / "smd_pr.png"
+        plots.plot_pr_curves(path, curves, f"SMD machine-{machine}: point-wise precision-recall")
+        written.append(path)
+    written[1].write_text(json.dumps(numbers, indent=1, default=str))
+    if adaptation:
+        written.append(adaptation_figure(out / "adaptation.png"))
+    return written
+
+
+ADAPT_KS = (0, 1, 2, 5, 10, 20, 50, 100)
+
+
+def adaptation_figure(path: Path) -> Path:
+    """Query MSE against K on held-out tasks: the shipped meta-initialization against
+    random initialization (its step size picked per K on training-machine tasks)."""
+    from monitor.datasets import held_out_tasks, meta_train_tasks
+    from monitor.evaluation import plots
+    from monitor.meta import adaptation_mse, best_lr
+    meta = Initialization.default()
+    random = Initialization.random(meta.spec, seed=0)
+    support, query = held_out_tasks(48, 48, seed=1)
+    val_support, val_query = meta_train_tasks(32, seed=1)
+    curves = {
+        "meta-init (learned rates)": [adaptation_mse(meta, support, query, k) for k in ADAPT_KS],
+        "random init (lr tuned per K)": [adaptation_mse(random, support, query, k,
+                                                        best_lr(random, val_support, val_query, k) if k else None)
+                                         for k in ADAPT_KS],
+    }
+    plots.plot_adaptation(path, ADAPT_KS, curves, "Forecast error after K steps, 96 held-out tasks")
+    return path
