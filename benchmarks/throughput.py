@@ -58,7 +58,7 @@ def bench_forecaster_and_scoring(pipe: Pipeline, batches: int) -> float:
     for v in values:
         _, residuals = pipe.fleet.observe(rows, v)
         for scorer, r in zip(scorers, residuals.tolist()):
-            scorer.score_learn_one(r)
+            scorer.surprise_learn_one(r)
     return batches * len(rows) / (time.perf_counter() - started)
 
 

@@ -151,9 +151,9 @@ class KafkaSinks:
         for s in scores:
             if not (self.scores_topic or (s.anomaly and self.anomalies_topic)):
                 continue
-            event = json.dumps({"device": s.device, "ts": s.ts, "score": s.score, "anomaly": s.anomaly,
-                                "channel": s.channel, "forecast": s.forecast, "value": s.value,
-                                "source": s.ref}).encode()
+            event = json.dumps({"device": s.device, "ts": s.ts, "score": s.score, "surprise": s.surprise,
+                                "anomaly": s.anomaly, "channel": s.channel, "forecast": s.forecast,
+                                "value": s.value, "source": s.ref}).encode()
             key = s.device.encode()
             if self.scores_topic:
                 self._futures.append(send(self.scores_topic, key=key, value=event))

@@ -161,27 +161,30 @@ class Daemon:
         self.server = HealthServer(cfg.metrics.host, cfg.metrics.port, self.registry, self.healthy, self.ready)
         self.server.start()
         log.info("serving metrics", extra=_fields(port=self.server.port, path="/metrics"))
-        self.source = source = KafkaSource(cfg.kafka, on_revoke=self._on_revoke, on_assign=self._on_assign)
-        sinks = KafkaSinks(cfg.kafka)
-        log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
-                                            bootstrap=cfg.kafka.bootstrap_servers,
-                                            init=self.init.info.get("algorithm", "?")))
-        last_lag = 0.0
+        source = sinks = None
         try:
+            self.source = source = KafkaSource(cfg.kafka, on_revoke=self._on_revoke, on_assign=self._on_assign)
+            sinks = KafkaSinks(cfg.kafka)
+            log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
+                                                bootstrap=cfg.kafka.bootstrap_servers,
+                                                init=self.init.info.get("algorithm", "?")))
+            last_lag = 0.0
             while not self.stopping.is_set():
                 batch = source.poll()
                 self._last_turn = time.monotonic()
                 if batch.records:
                     self._process(batch, source, sinks)
-                if time.monotonic() - last_lag > 5 or not batch.records:
+                if time.monotonic() - last_lag > (5.0 if batch.records else 1.0):
                     self._update_lag(source)
                     last_lag = time.monotonic()
         finally:
             log.info("closing consumer and producer")
             try:
-                source.close()
+                if source is not None:
+                    source.close()
             finally:
-                sinks.close()
+                if sinks is not None:
+                    sinks.close()
                 self.server.stop()
         log.info("stopped", extra=_fields(batches=self.batches, **{k: v for k, v in self.pipeline.counts.items()}))
         return 0

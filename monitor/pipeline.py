@@ -25,7 +25,7 @@ from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
 from monitor.forecaster import FleetForecaster, forecast_sequence
 from monitor.readings import BadReason, BadRecord, Reading, Score
-from monitor.scoring import ResidualScorer, ScoringConfig
+from monitor.scoring import ResidualScorer, ScoringConfig, score_of
 
 
 class Lifecycle(str, Enum):
@@ -148,6 +148,7 @@ class Pipeline:
                 accepted[i] = True
             self._devices.add(device)
 
+        # per reading: channel -> (surprise, forecast, value) of its live channels
         results: list[dict[str, tuple[float, float, float]] | None] = [None] * len(readings)
         pending: list[_Stream] = []
         for observations in rounds:
@@ -186,14 +187,16 @@ class Pipeline:
                 scores.append(Score(reading.device, reading.ts, None, None, ref=reading.ref))
                 continue
             if len(channels) == 1:
-                (channel, (score, forecast, value)), = channels.items()
+                (channel, (surprise, forecast, value)), = channels.items()
             else:
                 channel = max(channels, key=lambda c: channels[c][0])
-                score, forecast, value = channels[channel]
+                surprise, forecast, value = channels[channel]
+            score = score_of(surprise)
             anomaly = score >= threshold
             n_scored += 1
             n_anomalies += anomaly
-            scores.append(Score(reading.device, reading.ts, score, anomaly, channel, forecast, value, reading.ref))
+            scores.append(Score(reading.device, reading.ts, score, anomaly, channel, forecast, value, reading.ref,
+                                surprise))
         self.counts["readings"] += len(scores)
         self.counts["scored"] += n_scored
         self.counts["anomalies"] += n_anomalies
@@ -219,11 +222,11 @@ class Pipeline:
         values = torch.tensor([v for _, _, v in live], dtype=torch.float64)
         forecasts, residuals = self.fleet.observe(rows, values)
         for (i, stream, value), forecast, residual in zip(live, forecasts.tolist(), residuals.tolist()):
-            score = stream.scorer.score_learn_one(residual)
+            surprise = stream.scorer.surprise_learn_one(residual)
             channels = results[i]
             if channels is None:
                 channels = results[i] = {}
-            channels[stream.channel] = (score, forecast, value)
+            channels[stream.channel] = (surprise, forecast, value)
 
     def _go_live(self, streams: list[_Stream], results: list) -> None:
         """Adapt all newly full streams at once, place them in the fleet, score their backlog."""

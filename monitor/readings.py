@@ -66,7 +66,8 @@ class Score:
     """The verdict on one reading. ``score`` is None while the device warms up.
 
     ``channel`` names the channel that drove the score; ``forecast`` and ``value``
-    are that channel's.
+    are that channel's.  ``surprise`` is -log10 of the tail probability behind
+    ``score`` (3 for 0.999): the same order without ties near 1, for ranking.
     """
 
     device: str
@@ -77,6 +78,7 @@ class Score:
     forecast: float | None = None
     value: float | None = None
     ref: str = ""
+    surprise: float | None = None
 
 
 @dataclass(frozen=True)

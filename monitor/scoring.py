@@ -3,7 +3,10 @@
 A residual is standardized by River's exponentially weighted mean and variance
 of the stream's own past residuals, and the two-sided normal tail turns it into
 a score in [0, 1]: 0.999 means a residual as far out as 1 in 1,000 normal
-residuals.  What the statistics learn is winsorized at ``learn_clip`` standard
+residuals.  Beside it goes the *surprise*, -log10 of that tail probability
+(3 for a score of 0.999): the same order, but without the ties a [0, 1] float
+has past |z| ~ 8.3, where every score rounds to 1.0, so the worst anomalies
+can still be ranked.  What the statistics learn is winsorized at ``learn_clip`` standard
 deviations, so one huge anomaly does not widen the band enough to hide the next.
 """
 from __future__ import annotations
@@ -75,7 +78,11 @@ class ResidualScorer:
         self.score_learn_one(residual)
 
     def score_learn_one(self, residual: float) -> float:
-        """``score_one`` then ``learn_one`` in one pass: the per-reading hot path."""
+        """``score_one`` then ``learn_one`` in one pass."""
+        return score_of(self.surprise_learn_one(residual))
+
+    def surprise_learn_one(self, residual: float) -> float:
+        """The surprise of ``residual``, then learn it: the per-reading hot path."""
         mean = self._mean.get()
         std = self._std()
         z = (residual - mean) / std
@@ -84,10 +91,36 @@ class ResidualScorer:
             residual = mean + math.copysign(clip * std, z)
         self._mean.update(residual)
         self._var.update(residual)
-        return math.erf(abs(z) * _INV_SQRT2)
+        return surprise(z)
 
     def is_anomaly(self, score: float) -> bool:
         return score >= self.config.threshold
+
+
+_LN10 = math.log(10.0)
+_LOG10_SQRT_2PI = math.log10(math.sqrt(2 * math.pi))
+
+
+def surprise(z: float) -> float:
+    """-log10 of the two-sided normal tail probability beyond ``|z|``.
+
+    >>> round(surprise(3.2905), 3), round(surprise(10.0), 2), round(surprise(50.0), 1)
+    (3.0, 22.82, 544.7)
+    """
+    a = abs(z)
+    if a < 37.0:
+        return -math.log10(math.erfc(a * _INV_SQRT2))
+    # erfc underflows: its asymptotic form, 2 phi(a) / a, exact to ~1e-3 here
+    return (a * a / 2) / _LN10 + math.log10(a) + _LOG10_SQRT_2PI - math.log10(2.0)
+
+
+def score_of(surprise_value: float) -> float:
+    """The [0, 1] score of a surprise: 1 - 10**-surprise.
+
+    >>> round(score_of(3.0), 6)
+    0.999
+    """
+    return -math.expm1(-surprise_value * _LN10)
 
 
 def device_score(channel_scores: Mapping[str, float]) -> tuple[float, str]:

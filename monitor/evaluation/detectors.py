@@ -47,8 +47,8 @@ def forewarn_detector(name: str, init: Initialization, warmup: int = 256, adapt_
             readings = [Reading("series", float(start + i), {c: v for c, v in zip(channels, row) if math.isfinite(v)})
                         for i, row in enumerate(chunk.tolist())]
             for s in pipe.feed([r for r in readings if r.values]).scores:
-                if s.score is not None:
-                    out[int(s.ts)] = s.score
+                if s.surprise is not None:  # ranks like the score, without ties at 1.0
+                    out[int(s.ts)] = s.surprise
         return out
 
     return Detector(name, score, "forewarn", notes)
