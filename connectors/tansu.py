@@ -12,7 +12,7 @@ import time
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 
 def free_port() -> int:
@@ -50,17 +50,29 @@ class EmbeddedBroker:
         self.stop()
         raise RuntimeError(f"the broker did not listen on {self.bootstrap} within {timeout} s")
 
-    def create_topics(self, topics: dict[str, int]) -> None:
-        """Create topics (name -> partitions); existing ones are left as they are."""
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
-        try:
-            for name, partitions in topics.items():
+    def create_topics(self, topics: dict[str, int], timeout: float = 15.0) -> None:
+        """Create topics (name -> partitions); existing ones are left as they are.
+
+        A broker that just opened its port may not answer the admin API yet, so
+        failures are retried until ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
                 try:
-                    admin.create_topics([NewTopic(name, partitions, 1)])
-                except TopicAlreadyExistsError:
-                    pass
-        finally:
-            admin.close()
+                    for name, partitions in topics.items():
+                        try:
+                            admin.create_topics([NewTopic(name, partitions, 1)])
+                        except TopicAlreadyExistsError:
+                            pass
+                finally:
+                    admin.close()
+                return
+            except KafkaError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
