@@ -119,7 +119,24 @@ class Pipeline:
     # ---- the hot path ---------------------------------------------------
     def feed(self, readings: Sequence[Reading]) -> FeedResult:
         """Score a batch.  A stream seen several times in it advances once per reading, in order."""
-        bad: list[BadRecord] = []
+        result = FeedResult([], [])
+        rounds, accepted = self._route(readings, result.bad)
+        # per reading: channel -> (surprise, forecast, value) of its live channels
+        results: list[dict[str, tuple[float, float, float]] | None] = [None] * len(readings)
+        pending = self._advance(rounds, results)
+        if pending:
+            started = time.perf_counter()
+            self._go_live(pending, results)
+            result.adapted = len(pending)
+            result.adapt_seconds = time.perf_counter() - started
+        for b in result.bad:
+            self.bad_counts[b.reason] += 1
+        self._verdicts(readings, accepted, results, result.scores)
+        return result
+
+    def _route(self, readings: Sequence[Reading], bad: list[BadRecord]
+               ) -> tuple[list[list[tuple[int, _Stream, float]]], list[bool]]:
+        """Each accepted value to its stream, in rounds: round k holds every stream's k-th value."""
         accepted = [False] * len(readings)
         rounds: list[list[tuple[int, _Stream, float]]] = []
         seen_in_batch: dict[int, int] = {}
@@ -147,9 +164,10 @@ class Pipeline:
                 rounds[k].append((i, stream, value))
                 accepted[i] = True
             self._devices.add(device)
+        return rounds, accepted
 
-        # per reading: channel -> (surprise, forecast, value) of its live channels
-        results: list[dict[str, tuple[float, float, float]] | None] = [None] * len(readings)
+    def _advance(self, rounds, results) -> list[_Stream]:
+        """Score live streams round by round; buffer warming ones; returns those whose window filled."""
         pending: list[_Stream] = []
         for observations in rounds:
             live = []
@@ -167,17 +185,11 @@ class Pipeline:
                     stream.backlog.append((i, value))
             if live:
                 self._observe(live, results)
-        result = FeedResult([], bad)
-        if pending:
-            started = time.perf_counter()
-            self._go_live(pending, results)
-            result.adapted = len(pending)
-            result.adapt_seconds = time.perf_counter() - started
+        return pending
 
-        for b in bad:
-            self.bad_counts[b.reason] += 1
+    def _verdicts(self, readings, accepted, results, scores: list[Score]) -> None:
+        """One ``Score`` per accepted reading: its worst live channel, or None while warming."""
         threshold = self.config.scoring.threshold
-        scores = result.scores
         n_anomalies = n_scored = 0
         for i, reading in enumerate(readings):
             if not accepted[i]:
@@ -200,7 +212,6 @@ class Pipeline:
         self.counts["readings"] += len(scores)
         self.counts["scored"] += n_scored
         self.counts["anomalies"] += n_anomalies
-        return result
 
     def _new_stream(self, device: str, channel: str, device_known: bool, reading: Reading,
                     bad: list[BadRecord]) -> _Stream | None:
