@@ -36,8 +36,10 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
     known: dict[str, Callable[[], Detector]] = {
         "forewarn": lambda: forewarn_detector("forewarn", shipped, WARMUP,
                                               notes=f"shipped init ({shipped.info.get('algorithm')}), K={shipped.adapt.steps}"),
-        "forewarn-fomaml": lambda: forewarn_detector("forewarn-fomaml", artifact("fomaml"), WARMUP),
-        "forewarn-reptile": lambda: forewarn_detector("forewarn-reptile", artifact("reptile"), WARMUP),
+        "forewarn-fomaml": lambda: forewarn_detector("forewarn-fomaml", artifact("fomaml"), WARMUP,
+                                                     notes="first-order MAML init, K=10"),
+        "forewarn-reptile": lambda: forewarn_detector("forewarn-reptile", artifact("reptile"), WARMUP,
+                                                      notes="Reptile init, K=10"),
         "pooled": lambda: forewarn_detector("pooled", artifact("pooled"), WARMUP, notes="pooled pre-training, same K"),
         "lstm-scratch": lambda: forewarn_detector("lstm-scratch", Initialization.random(shipped.spec, seed=0,
                                                   adapt=shipped.adapt), WARMUP, notes="random init, same K and rates"),
