@@ -177,9 +177,7 @@ class KafkaSinks:
             return
         self.producer.flush()
         futures, self._futures = self._futures, []
-        for f in futures:
-            if f.failed():
-                raise f.exception
+        _raise_failed(futures)
 
     def close(self) -> None:
         if self.producer is not None:

@@ -5,6 +5,7 @@ import argparse
 import gc
 import sys
 import time
+from dataclasses import replace
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -49,7 +50,7 @@ def _load_init(path: str | None) -> Initialization:
 def _pipeline_config(args: argparse.Namespace, init: Initialization) -> PipelineConfig:
     adapt = init.adapt
     if args.adapt_steps is not None:
-        adapt = AdaptConfig(**{**adapt.to_dict(), "steps": args.adapt_steps})
+        adapt = replace(adapt, steps=args.adapt_steps)
     return PipelineConfig(warmup=args.warmup, adapt=adapt,
                           scoring=ScoringConfig(threshold=args.threshold))
 

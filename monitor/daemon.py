@@ -13,12 +13,12 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from monitor.adapt import AdaptConfig
 from monitor.checkpoint import Initialization
 from monitor.config import Config
 from monitor.metrics import Metrics
@@ -102,7 +102,7 @@ class Daemon:
         self.init = init or (Initialization.load(det.init) if det.init else Initialization.default())
         adapt = self.init.adapt
         if det.adapt_steps >= 0:
-            adapt = AdaptConfig(**{**adapt.to_dict(), "steps": det.adapt_steps})
+            adapt = replace(adapt, steps=det.adapt_steps)
         self.pipeline = Pipeline(self.init, PipelineConfig(
             warmup=det.warmup, adapt=adapt, scoring=ScoringConfig(threshold=det.threshold),
             max_streams=det.max_streams))

@@ -81,10 +81,6 @@ def spec_of(params: Params) -> LSTMSpec:
     return LSTMSpec(hidden=params["head.w"].shape[-1], layers=layers)
 
 
-def is_stacked(params: Params) -> bool:
-    return params["l0.w"].dim() == 3
-
-
 def stack(params: Params, n: int) -> Params:
     """``n`` independent copies of a shared parameter set, one row per stream."""
     return {k: v.unsqueeze(0).expand(n, *v.shape).clone() for k, v in params.items()}
@@ -108,10 +104,12 @@ def _cell(gates: Tensor, c: Tensor) -> State:
 
 
 def _head(params: Params, h_top: Tensor) -> Tensor:
+    """``h_top`` is [B, ..., H]; stacked head weights broadcast over the middle dims."""
     w, b = params["head.w"], params["head.b"]
     if w.dim() == 1:
         return h_top @ w + b
-    return (h_top * w).sum(-1) + b
+    middle = (1,) * (h_top.dim() - 2)
+    return (h_top * w.view(w.shape[0], *middle, -1)).sum(-1) + b.view(-1, *middle)
 
 
 def step(params: Params, x: Tensor, state: State) -> tuple[Tensor, State]:
@@ -146,21 +144,18 @@ def _gates_seq(x_t: Tensor, h: Tensor, w: Tensor) -> Tensor:
     return torch.baddbmm(x_t, h, w)
 
 
-def forecast_sequence(params: Params, x: Tensor, state: State | None = None,
-                      lengths: Tensor | None = None) -> tuple[Tensor, State]:
+def forecast_sequence(params: Params, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
     """Run series through the model; ``out[..., t]`` forecasts ``x[..., t+1]``.
 
     ``x`` is [B, T] (one series per parameter row) or [B, S, T] (S series per
     row, all on that row's weights: each step reads a row's weights once for S
     series, which is what makes adaptation on chunked windows fast).  The state is
-    [L, B, H] or [L, B, S, H] to match.  With ``lengths`` ([B], only for [B, T])
-    a row stops at its own length and its final state is the one after its last
-    real value.
+    [L, B, H] or [L, B, S, H] to match.
     """
     single = x.dim() == 2
     if single:
         x = x.unsqueeze(1)
-    batch, series, steps = x.shape
+    batch, series, _ = x.shape
     spec = spec_of(params)
     if state is None:
         h0 = torch.zeros((spec.layers, batch, series, spec.hidden), dtype=x.dtype)
@@ -174,13 +169,12 @@ def forecast_sequence(params: Params, x: Tensor, state: State | None = None,
               for b in (params[f"l{layer}.b"] for layer in range(layers))]
     hs = list(h_all.unbind(0))
     cs = list(c_all.unbind(0))
-    alive_at = None if lengths is None else (torch.arange(steps) < lengths.unsqueeze(1))
     outs = []
     # unbind once: indexing x[:, :, t] would make autograd allocate a full-size
     # zero gradient for every step.  The input joins h in one GEMM per step;
     # precomputing the input's share for all T at once costs more memory traffic
     # (a [B, S, T, 4H] tensor and its gradient) than it saves.
-    for t, x_t in enumerate(x.unbind(2)):
+    for x_t in x.unbind(2):
         inp = x_t.unsqueeze(-1)
         new_h, new_c = [], []
         for layer in range(layers):
@@ -189,19 +183,9 @@ def forecast_sequence(params: Params, x: Tensor, state: State | None = None,
             new_h.append(h)
             new_c.append(c)
             inp = h
-        if alive_at is not None:
-            alive = alive_at[:, t, None, None]
-            new_h = [torch.where(alive, n, o) for n, o in zip(new_h, hs)]
-            new_c = [torch.where(alive, n, o) for n, o in zip(new_c, cs)]
         hs, cs = new_h, new_c
         outs.append(hs[-1])
-    h_top = torch.stack(outs, dim=2)  # [B, S, T, H]
-    w, b = params["head.w"], params["head.b"]
-    if w.dim() == 1:
-        head = h_top @ w + b
-    else:
-        head = (h_top * w[:, None, None]).sum(-1) + b[:, None, None]
-    out = x + head
+    out = x + _head(params, torch.stack(outs, dim=2))  # h_top [B, S, T, H]
     h_fin, c_fin = torch.stack(hs), torch.stack(cs)
     if single:
         return out.squeeze(1), (h_fin.squeeze(2), c_fin.squeeze(2))

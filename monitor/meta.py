@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -182,10 +182,6 @@ def meta_train(sampler: TaskSampler, cfg: MetaConfig,
                           normalization=cfg.normalization, inner_lr=inner_lr, info=info)
 
 
-def config_dict(cfg: MetaConfig) -> dict:
-    return asdict(cfg)
-
-
 # ---- measuring adaptation ------------------------------------------------------------
 def adaptation_mse(init: Initialization, support: Tensor, query: Tensor, steps: int,
                    lr: float | None = None) -> float:
@@ -193,7 +189,7 @@ def adaptation_mse(init: Initialization, support: Tensor, query: Tensor, steps: 
 
     ``lr`` replaces the initialization's step sizes (learned or not) with one rate.
     """
-    cfg = AdaptConfig(**{**init.adapt.to_dict(), "steps": steps, **({"lr": lr} if lr is not None else {})})
+    cfg = replace(init.adapt, steps=steps, lr=init.adapt.lr if lr is None else lr)
     inner_lr = init.inner_lr if lr is None else None
     with torch.no_grad():
         adapted = adapt(init.params, support, cfg, inner_lr)

@@ -12,7 +12,6 @@ deviations, so one huge anomaly does not widen the band enough to hide the next.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from river import stats
@@ -75,11 +74,7 @@ class ResidualScorer:
         return math.erf(abs(z) * _INV_SQRT2)
 
     def learn_one(self, residual: float) -> None:
-        self.score_learn_one(residual)
-
-    def score_learn_one(self, residual: float) -> float:
-        """``score_one`` then ``learn_one`` in one pass."""
-        return score_of(self.surprise_learn_one(residual))
+        self.surprise_learn_one(residual)
 
     def surprise_learn_one(self, residual: float) -> float:
         """The surprise of ``residual``, then learn it: the per-reading hot path."""
@@ -92,9 +87,6 @@ class ResidualScorer:
         self._mean.update(residual)
         self._var.update(residual)
         return surprise(z)
-
-    def is_anomaly(self, score: float) -> bool:
-        return score >= self.config.threshold
 
 
 _LN10 = math.log(10.0)
@@ -121,13 +113,3 @@ def score_of(surprise_value: float) -> float:
     0.999
     """
     return -math.expm1(-surprise_value * _LN10)
-
-
-def device_score(channel_scores: Mapping[str, float]) -> tuple[float, str]:
-    """A device's score is its worst channel's; returns ``(score, channel)``.
-
-    >>> device_score({"temp": 0.4, "pressure": 0.97})
-    (0.97, 'pressure')
-    """
-    channel = max(channel_scores, key=channel_scores.__getitem__)
-    return channel_scores[channel], channel

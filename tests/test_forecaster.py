@@ -79,16 +79,15 @@ def test_sequence_matches_nn_lstm_with_two_layers():
     assert torch.allclose(h, h_ref, atol=1e-5) and torch.allclose(c, c_ref, atol=1e-5)
 
 
-def test_sequence_equals_repeated_steps_and_respects_lengths():
+def test_sequence_equals_repeated_steps():
     spec = LSTMSpec(hidden=6)
     params = _random_stacked(spec, 4)
     x = torch.randn(4, 12)
-    lengths = torch.tensor([12, 5, 1, 9])
-    _, (h_seq, c_seq) = forecast_sequence(params, x, lengths=lengths)
-    for i, n in enumerate(lengths.tolist()):
+    _, (h_seq, c_seq) = forecast_sequence(params, x)
+    for i in range(4):
         state = zero_state(spec, 1)
         row = {k: v[i:i + 1] for k, v in params.items()}
-        for t in range(n):
+        for t in range(12):
             _, state = step(row, x[i:i + 1, t], state)
         assert torch.allclose(h_seq[:, i], state[0][:, 0], atol=1e-6)
         assert torch.allclose(c_seq[:, i], state[1][:, 0], atol=1e-6)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from river import anomaly, preprocessing, stats, time_series, utils
 
-from monitor.adapt import AdaptConfig
 from monitor.checkpoint import Initialization
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import Reading
@@ -37,7 +36,7 @@ class Detector:
 def forewarn_detector(name: str, init: Initialization, warmup: int = 256, adapt_steps: int | None = None,
                       notes: str = "") -> Detector:
     def score(values: np.ndarray, _skip: int) -> np.ndarray:
-        adapt = init.adapt if adapt_steps is None else AdaptConfig(**{**init.adapt.to_dict(), "steps": adapt_steps})
+        adapt = init.adapt if adapt_steps is None else replace(init.adapt, steps=adapt_steps)
         pipe = Pipeline(init, PipelineConfig(warmup=warmup, adapt=adapt))
         channels = [f"c{j}" for j in range(values.shape[1])]
         out = np.zeros(len(values))
