@@ -30,6 +30,7 @@ class PolledBatch:
     bad: list[BadRecord] = field(default_factory=list)
     arrival: dict[int, float] = field(default_factory=dict)  # id(reading) -> record timestamp (s)
     partition_of: dict[str, int] = field(default_factory=dict)  # device -> partition
+    offset_of: dict[int, int] = field(default_factory=dict)  # id(reading) -> its record's offset
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to commit
     records: int = 0
 
@@ -92,6 +93,7 @@ class KafkaSource:
                     if m.timestamp is not None and m.timestamp >= 0:
                         batch.arrival[id(parsed.reading)] = m.timestamp / 1000.0
                     batch.partition_of[parsed.reading.device] = tp.partition
+                    batch.offset_of[id(parsed.reading)] = m.offset
                 batch.records += 1
             batch.offsets[tp] = messages[-1].offset + 1
         return batch
@@ -103,6 +105,15 @@ class KafkaSource:
         self._delivered.update(offsets)
         self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._delivered.items()})
         self._delivered.clear()
+
+    def pause(self, partitions) -> None:
+        self.consumer.pause(*partitions)
+
+    def resume(self, partitions) -> None:
+        self.consumer.resume(*[tp for tp in partitions if tp in self.consumer.assignment()])
+
+    def partitions_for_topic(self) -> int:
+        return len(self.consumer.partitions_for_topic(self.cfg.topic) or ()) or 1
 
     def lag(self) -> dict[TopicPartition, int]:
         """Records behind the partition end, per assigned partition (from the consumer's own view)."""

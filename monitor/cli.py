@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", default=None,
                    help="folder holding nab/ and smd/ (default: $FOREWARN_DATA or ../shared/data)")
     p.add_argument("--detectors", nargs="+", default=["forewarn", "meta-no-adapt", "lstm-scratch", "zscore", "hst", "pad-hw"],
-                   help="detectors to run (default: %(default)s; also pooled, forewarn-fomaml, forewarn-reptile)")
+                   help="detectors to run (default: %(default)s; also forewarn-calibrated, pooled, forewarn-fomaml, "
+                        "forewarn-reptile)")
     p.add_argument("--init-dir", metavar="DIR", default=None,
                    help="where pooled.pt, fomaml.pt, reptile.pt are (default: benchmarks/artifacts of the checkout)")
     p.add_argument("--limit", type=_positive_int, default=None, help="NAB: only the first N labelled series")

@@ -80,6 +80,8 @@ class DetectorConfig:
     warmup: int = _setting(256, "readings a stream buffers before it is adapted and scored")
     adapt_steps: int = _setting(-1, "inner steps of fast adaptation (-1 = the initialization's)")
     threshold: float = _setting(0.999, "score at or above which a reading is an anomaly")
+    calibration_fading: float = _setting(0.0, "stage-2 score calibration across streams, one alarm per incident "
+                                              "(0 = off; 0.002 was best on NAB, see README)")
     max_streams: int = _setting(1_000_000, "cap on streams held; readings of new streams past it are bad records")
 
     def validate(self) -> None:
@@ -87,6 +89,8 @@ class DetectorConfig:
             raise ConfigError("detector.warmup must be >= 16")
         if not 0 < self.threshold < 1:
             raise ConfigError("detector.threshold must be between 0 and 1")
+        if not 0 <= self.calibration_fading <= 1:
+            raise ConfigError("detector.calibration_fading must be in [0, 1]")
         if self.max_streams < 1 or self.adapt_steps < -1:
             raise ConfigError("detector.max_streams must be >= 1 and detector.adapt_steps >= -1")
 
@@ -106,6 +110,20 @@ class MetricsConfig:
 
 
 @dataclass
+class StateConfig:
+    store: str = _setting("changelog", "where device state is checkpointed: changelog (Kafka), local (file) or none")
+    changelog_topic: str = _setting("", "compacted state topic ('' = <group_id>-state)")
+    local_path: str = _setting("forewarn-state.db", "state file of the local store")
+    checkpoint_interval_s: float = _setting(5.0, "seconds between checkpoints (state written, then offsets committed)")
+
+    def validate(self) -> None:
+        if self.store not in ("changelog", "local", "none"):
+            raise ConfigError(f"state.store must be changelog, local or none, got {self.store!r}")
+        if self.checkpoint_interval_s < 0:
+            raise ConfigError("state.checkpoint_interval_s must be >= 0")
+
+
+@dataclass
 class LogConfig:
     level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     format: str = _setting("json", "json (one object per line) or text")
@@ -122,10 +140,11 @@ class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> "Config":
-        for section in (self.kafka, self.detector, self.metrics, self.log):
+        for section in (self.kafka, self.detector, self.metrics, self.state, self.log):
             section.validate()
         return self
 
@@ -156,7 +175,7 @@ class Config:
                 for key, value in values.items():
                     _assign(section, section_name, key, value, f"{path}: {section_name}.{key}")
         env = os.environ if environ is None else environ
-        for section_name in ("kafka", "detector", "metrics", "log"):
+        for section_name in SECTIONS:
             section = getattr(cfg, section_name)
             for f in fields(section):
                 var = f"FOREWARN_{section_name.upper()}_{f.name.upper()}"
@@ -167,7 +186,7 @@ class Config:
     def describe(self) -> str:
         """Every setting with its current value, as TOML, each with its help as a comment."""
         lines = []
-        for section_name in ("kafka", "detector", "metrics", "log"):
+        for section_name in SECTIONS:
             section = getattr(self, section_name)
             lines.append(f"[{section_name}]")
             for f in fields(section):
@@ -179,6 +198,7 @@ class Config:
         return "\n".join(lines)
 
 
+SECTIONS = ("kafka", "detector", "metrics", "state", "log")
 _TYPES = {"str": str, "int": int, "float": float}
 
 

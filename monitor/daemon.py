@@ -1,9 +1,15 @@
 """``forewarn run``: the detector attached to a Kafka topic, observable over HTTP.
 
 The loop: poll a batch, score it, send anomaly events and dead letters, wait for
-the broker to acknowledge them, then commit the batch's offsets.  A crash
-anywhere in between replays the batch (at-least-once); nothing is committed
-that was not delivered.
+the broker to acknowledge them.  Every ``checkpoint_interval_s`` a checkpoint
+writes the state of every device that changed (each snapshot names the input
+offset it covers), makes it durable, and only then commits the input offsets.
+A crash anywhere replays from the last checkpoint, whose state matches the
+committed offsets (at-least-once); nothing is committed that was not delivered.
+
+On partition assignment those partitions are paused, their devices restored
+from the state store, and resumed; readings a restored state already covers
+(re-delivered after a crash between checkpoint and commit) are skipped.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from monitor.config import Config
 from monitor.metrics import Metrics
 from monitor.pipeline import FeedResult, Pipeline, PipelineConfig
 from monitor.scoring import ScoringConfig
+from monitor.state import StateCodec, StateError
 
 log = logging.getLogger("forewarn.daemon")
 
@@ -38,10 +45,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        return super().format(record) + (f" {extra}" if extra else "")
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("forewarn")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -104,7 +119,8 @@ class Daemon:
         if det.adapt_steps >= 0:
             adapt = replace(adapt, steps=det.adapt_steps)
         self.pipeline = Pipeline(self.init, PipelineConfig(
-            warmup=det.warmup, adapt=adapt, scoring=ScoringConfig(threshold=det.threshold),
+            warmup=det.warmup, adapt=adapt, scoring=ScoringConfig(threshold=det.threshold,
+                                                                  calibration_fading=det.calibration_fading),
             max_streams=det.max_streams))
         self.metrics = Metrics(self.registry, config.metrics.max_devices, det.threshold)
         self.on_result = on_result
@@ -117,13 +133,21 @@ class Daemon:
         self.batches = 0
         self.records = 0          # Kafka records processed and committed
         self.latency_log: list[float] | None = None  # set to a list to keep every latency (benchmarks)
+        self.codec = StateCodec(self.init)
+        self.store = None
+        self._pending: dict = {}                 # TopicPartition -> next offset, processed but not committed
+        self._to_restore: set = set()            # assigned partitions whose devices are not restored yet
+        self._covered: dict[str, int] = {}       # restored device -> input offset its state covers
+        self._last_checkpoint = time.monotonic()
 
     # ---- health --------------------------------------------------------------
     def healthy(self) -> bool:
         return not self.stopping.is_set() and time.monotonic() - self._last_turn < self.config.metrics.healthy_after_s
 
     def ready(self) -> bool:
-        return bool(self._assigned) and self.init is not None and not self.stopping.is_set()
+        ok = bool(self._assigned) and not self._to_restore and self.init is not None and not self.stopping.is_set()
+        self.metrics.ready.set(ok)
+        return ok
 
     def stop(self, *_args) -> None:
         if not self.stopping.is_set():
@@ -132,6 +156,16 @@ class Daemon:
 
     # ---- rebalancing ------------------------------------------------------------
     def _on_revoke(self, partitions) -> None:
+        # Save the revoked devices' progress (no commit: the consumer cannot commit from
+        # inside a rebalance); the next owner restores it and skips what it covers.
+        if self.store is not None:
+            try:
+                self._write_states(self.pipeline.take_changed())
+            except Exception:  # the next owner replays from the last checkpoint instead
+                log.warning("state write on revoke failed", exc_info=True)
+        for tp in partitions:
+            self._pending.pop(tp, None)
+        self._to_restore -= set(partitions)
         gone = set()
         for tp in partitions:
             gone |= self._devices_by_partition.pop(tp.partition, set())
@@ -148,6 +182,9 @@ class Daemon:
 
     def _on_assign(self, partitions) -> None:
         self._assigned = set(partitions)
+        if self.store is not None and partitions:
+            self.source.pause(partitions)  # until their devices are restored, in the loop
+            self._to_restore |= set(partitions)
         log.info("partitions assigned", extra=_fields(partitions=sorted(tp.partition for tp in partitions)))
 
     # ---- the loop -----------------------------------------------------------------
@@ -165,6 +202,7 @@ class Daemon:
         try:
             self.source = source = KafkaSource(cfg.kafka, on_revoke=self._on_revoke, on_assign=self._on_assign)
             sinks = KafkaSinks(cfg.kafka)
+            self.store = self._open_store(source, sinks)
             log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
                                                 bootstrap=cfg.kafka.bootstrap_servers,
                                                 init=self.init.info.get("algorithm", "?")))
@@ -172,14 +210,23 @@ class Daemon:
             while not self.stopping.is_set():
                 batch = source.poll()
                 self._last_turn = time.monotonic()
+                self.ready()  # keeps forewarn_ready current without a /readyz request
                 if batch.records:
                     self._process(batch, source, sinks)
+                if self._to_restore:
+                    self._restore(source)
+                if self._pending and time.monotonic() - self._last_checkpoint >= cfg.state.checkpoint_interval_s:
+                    self._checkpoint(source, sinks)
                 if time.monotonic() - last_lag > (5.0 if batch.records else 1.0):
                     self._update_lag(source)
                     last_lag = time.monotonic()
+            if self._pending:
+                self._checkpoint(source, sinks)
         finally:
             log.info("closing consumer and producer")
             try:
+                if self.store is not None:
+                    self.store.close()
                 if source is not None:
                     source.close()
             finally:
@@ -192,13 +239,16 @@ class Daemon:
     def _process(self, batch, source, sinks) -> None:
         for device, partition in batch.partition_of.items():
             self._devices_by_partition.setdefault(partition, set()).add(device)
-        result = self.pipeline.feed(batch.readings)
+        readings = self._skip_covered(batch) if self._covered else batch.readings
+        result = self.pipeline.feed(readings)
         bad = batch.bad + result.bad
         sent = sinks.send_scores(result.scores)
         sinks.send_dead_letters(bad)
         sinks.flush()  # raises if the broker did not take them: then nothing is committed
         self._observe_latency(batch)
-        source.commit(batch.offsets)
+        self._pending.update(batch.offsets)
+        if self.store is None or self.config.state.checkpoint_interval_s == 0:
+            self._checkpoint(source, sinks)
         self.batches += 1
         self.records += batch.records
         self.metrics.observe_scores(result.scores)
@@ -213,6 +263,88 @@ class Daemon:
         if self.on_result:
             self.on_result(result)
         log.debug("batch", extra=_fields(records=batch.records, anomalies_sent=sent, bad=len(bad)))
+
+    def _skip_covered(self, batch) -> list:
+        """Drop re-delivered readings that a restored state already covers."""
+        kept, skipped = [], 0
+        covered, offset_of = self._covered, batch.offset_of
+        for r in batch.readings:
+            upto = covered.get(r.device)
+            if upto is not None:
+                if offset_of.get(id(r), upto) < upto:
+                    skipped += 1
+                    continue
+                del covered[r.device]
+            kept.append(r)
+        if skipped:
+            self.metrics.redelivered.inc(skipped)
+        return kept
+
+    # ---- state -----------------------------------------------------------------
+    def _open_store(self, source, _sinks):
+        from connectors.state_store import ChangelogStore, LocalStore
+        st = self.config.state
+        if st.store == "none":
+            return None
+        if st.store == "local":
+            log.info("state store: local file", extra=_fields(path=st.local_path))
+            return LocalStore(st.local_path)
+        topic = st.changelog_topic or f"{self.config.kafka.group_id}-state"
+        log.info("state store: changelog", extra=_fields(topic=topic))
+        return ChangelogStore(self.config.kafka, topic, source.partitions_for_topic())
+
+    def _write_states(self, devices) -> int:
+        partition_of = {d: p for p, ds in self._devices_by_partition.items() for d in ds}
+        offsets = {tp.partition: o for tp, o in self._pending.items()}
+        devices = [d for d in devices if d in partition_of]
+        covered = {d: offsets.get(partition_of[d], -1) for d in devices}
+        for state in self.pipeline.export_devices(devices, covered):
+            self.store.put(partition_of[state.device], state.device, self.codec.encode(state))
+        self.store.flush()
+        return len(devices)
+
+    def _checkpoint(self, source, sinks) -> None:
+        """Changed device states, made durable, then the input offsets they cover."""
+        from kafka.errors import CommitFailedError
+        started = time.perf_counter()
+        written = 0
+        if self.store is not None:
+            written = self._write_states(self.pipeline.take_changed())
+        try:
+            source.commit(self._pending)
+        except CommitFailedError as exc:  # kicked out of the group: the next owner replays from the last commit
+            self.metrics.commit_failures.inc()
+            log.warning("offset commit refused; readings will be re-delivered", extra=_fields(error=str(exc)))
+        self._pending = {}
+        self._last_checkpoint = time.monotonic()
+        if self.store is not None:
+            self.metrics.checkpoints.inc()
+            self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+            log.debug("checkpoint", extra=_fields(devices_written=written))
+
+    def _restore(self, source) -> None:
+        partitions = set(self._to_restore)
+        started = time.perf_counter()
+        states, failed = [], 0
+        for partition, device, data in self.store.load(tp.partition for tp in partitions):
+            try:
+                states.append((partition, self.codec.decode(data)))
+            except StateError as exc:
+                failed += 1
+                log.warning("device state not restored; it re-warms", extra=_fields(device=device, reason=str(exc)))
+        by_device = {s.device: s for _, s in states}
+        streams = self.pipeline.import_devices(by_device.values())
+        for partition, s in states:
+            self._devices_by_partition.setdefault(partition, set()).add(s.device)
+            if s.offset >= 0:
+                self._covered[s.device] = s.offset
+        self.metrics.restored.inc(streams)
+        self.metrics.restore_failures.inc(failed)
+        self._to_restore -= partitions
+        source.resume(partitions)
+        log.info("state restored", extra=_fields(partitions=sorted(tp.partition for tp in partitions),
+                                                 devices=len(by_device), streams=streams, failed=failed,
+                                                 seconds=round(time.perf_counter() - started, 3)))
 
     LATENCY_SAMPLES = 256
 

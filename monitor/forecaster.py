@@ -293,6 +293,11 @@ class FleetForecaster:
     def params_of(self, rows: Tensor) -> Params:
         return {k: v[rows].clone() for k, v in self._params.items()}
 
+    def rows_state(self, rows: Tensor) -> tuple[Params, State, Tensor, Tensor, Tensor]:
+        """Everything ``add`` takes, for these rows: (params, (h, c), center, scale, forecast)."""
+        return (self.params_of(rows), (self._h[:, rows].clone(), self._c[:, rows].clone()),
+                self._center[rows].clone(), self._scale[rows].clone(), self._forecast[rows].clone())
+
     @torch.no_grad()
     def observe(self, rows: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """One reading per row (``rows`` distinct); returns (forecast, scaled residual).

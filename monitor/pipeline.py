@@ -26,6 +26,7 @@ from monitor.checkpoint import Initialization
 from monitor.forecaster import FleetForecaster, forecast_sequence
 from monitor.readings import BadReason, BadRecord, Reading, Score
 from monitor.scoring import ResidualScorer, ScoringConfig, score_of
+from monitor.state import DeviceState, StreamState
 
 
 class Lifecycle(str, Enum):
@@ -102,6 +103,7 @@ class Pipeline:
         self._devices: set[str] = set()
         self._state_counts = Counter({s: 0 for s in Lifecycle})
         self.counts: Counter[str] = Counter()           # readings, scored, anomalies, late_channel
+        self._changed: set[str] = set()                  # devices whose state changed since take_changed()
         self.bad_counts: Counter[BadReason] = Counter()
 
     # ---- introspection -------------------------------------------------
@@ -164,6 +166,8 @@ class Pipeline:
                 rounds[k].append((i, stream, value))
                 accepted[i] = True
             self._devices.add(device)
+            if accepted[i]:
+                self._changed.add(device)
         return rounds, accepted
 
     def _advance(self, rounds, results) -> list[_Stream]:
@@ -255,7 +259,7 @@ class Pipeline:
         first = max(self.adapt_config.burn_in, residuals.shape[1] - self.config.seed_residuals)
         for stream, row_residuals in zip(streams, residuals[:, first:].tolist()):
             for r in row_residuals:
-                stream.scorer.learn_one(r)
+                stream.scorer.prime_one(r)
         rows = self.fleet.add(params, center, scale, state, forecast=pred[:, -1])
         for stream, row in zip(streams, rows.tolist()):
             stream.row = row
@@ -269,6 +273,87 @@ class Pipeline:
             backlog = [s for s in backlog if len(s.backlog) > depth]
         for s in streams:
             s.backlog = []
+
+    # ---- state ------------------------------------------------------------
+    def take_changed(self) -> set[str]:
+        """Devices whose state changed since the last call (what a checkpoint must write)."""
+        changed, self._changed = self._changed & self._devices, set()
+        return changed
+
+    def export_devices(self, devices: Iterable[str], offsets: dict[str, int] | None = None) -> list[DeviceState]:
+        """Snapshots of these devices (unknown ones are skipped); ``offsets`` gives
+        the input offset each snapshot covers (-1 if not given).
+
+        >>> from monitor.forecaster import LSTMSpec
+        >>> init = Initialization.random(LSTMSpec(hidden=4))
+        >>> a = Pipeline(init, PipelineConfig(warmup=16))
+        >>> _ = a.feed([Reading("pump", float(t), {"temp": t % 5}) for t in range(20)])
+        >>> b = Pipeline(init, PipelineConfig(warmup=16))
+        >>> b.import_devices(a.export_devices(["pump"]))
+        1
+        >>> nxt = [Reading("pump", 20.0, {"temp": 0.0})]
+        >>> a.feed(nxt).scores[0].surprise == b.feed(nxt).scores[0].surprise
+        True
+        """
+        offsets = offsets or {}
+        by_device: dict[str, list[_Stream]] = {}
+        for d in devices:
+            if d in self._devices:
+                by_device[d] = []
+        for (device, _), stream in self._streams.items():
+            if device in by_device:
+                by_device[device].append(stream)
+        live = [s for streams in by_device.values() for s in streams if s.state is Lifecycle.LIVE]
+        rows = torch.tensor([s.row for s in live], dtype=torch.long)
+        params, (h, c), center, scale, forecast = self.fleet.rows_state(rows)
+        index = {id(s): j for j, s in enumerate(live)}
+        out = []
+        for device, streams in by_device.items():
+            states = []
+            for s in streams:
+                if s.state is Lifecycle.LIVE:
+                    j = index[id(s)]
+                    states.append(StreamState(s.channel, "live", s.last_ts, params={k: v[j] for k, v in params.items()},
+                                              h=h[:, j], c=c[:, j], center=float(center[j]), scale=float(scale[j]),
+                                              forecast=float(forecast[j]), scorer=s.scorer.state()))
+                else:  # between feeds nothing is adapting: the batch that filled a window adapted it
+                    states.append(StreamState(s.channel, "warming", s.last_ts, buffer=list(s.buffer)))
+            out.append(DeviceState(device, offsets.get(device, -1), states))
+        return out
+
+    def import_devices(self, states: Iterable[DeviceState]) -> int:
+        """Take over devices from snapshots (replacing any state held for them); returns streams restored."""
+        states = list(states)
+        self.drop_devices({s.device for s in states})
+        live: list[tuple[_Stream, StreamState]] = []
+        n = 0
+        for ds in states:
+            for ss in ds.streams:
+                if len(self._streams) >= self.config.max_streams:
+                    break
+                stream = _Stream(ds.device, ss.channel, ResidualScorer(self.config.scoring))
+                stream.last_ts = ss.last_ts
+                self._streams[(ds.device, ss.channel)] = stream
+                self._state_counts[Lifecycle.WARMING] += 1
+                if ss.stage == "live":
+                    stream.scorer = ResidualScorer.from_state(ss.scorer, self.config.scoring)
+                    live.append((stream, ss))
+                else:
+                    stream.buffer = list(ss.buffer)
+                n += 1
+            self._devices.add(ds.device)
+        if live:
+            params = {k: torch.stack([ss.params[k] for _, ss in live]) for k in self.init.params}
+            state = (torch.stack([ss.h for _, ss in live], dim=1), torch.stack([ss.c for _, ss in live], dim=1))
+            f64 = dict(dtype=torch.float64)
+            rows = self.fleet.add(params, torch.tensor([ss.center for _, ss in live], **f64),
+                                  torch.tensor([ss.scale for _, ss in live], **f64), state,
+                                  forecast=torch.tensor([ss.forecast for _, ss in live], **f64))
+            for (stream, _), row in zip(live, rows.tolist()):
+                stream.row = row
+                stream.buffer = None
+                self._set_state(stream, Lifecycle.LIVE)
+        return n
 
     # ---- membership ------------------------------------------------------
     def drop_devices(self, devices: Iterable[str]) -> int:

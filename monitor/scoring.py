@@ -1,22 +1,34 @@
 """Anomaly scores from forecast residuals, one small River-style object per stream.
 
-A residual is standardized by River's exponentially weighted mean and variance
-of the stream's own past residuals, and the two-sided normal tail turns it into
-a score in [0, 1]: 0.999 means a residual as far out as 1 in 1,000 normal
-residuals.  Beside it goes the *surprise*, -log10 of that tail probability
-(3 for a score of 0.999): the same order, but without the ties a [0, 1] float
-has past |z| ~ 8.3, where every score rounds to 1.0, so the worst anomalies
-can still be ranked.  What the statistics learn is winsorized at ``learn_clip`` standard
-deviations, so one huge anomaly does not widen the band enough to hide the next.
+Two stages, both exponentially weighted running statistics of the stream's own past:
+
+1. the residual is standardized by the mean and spread of past residuals: ``z``;
+2. ``|z|`` is compared with how large ``|z|`` usually is *for this stream*
+   (a much slower mean and spread of past ``|z|``): ``q``.  The second stage is
+   what makes scores comparable across streams: a forecaster that fits one
+   stream badly gives it large ``|z|`` all the time, which stage 1 alone would
+   flag forever.  Stage 2 is deliberately not winsorized: after a burst of
+   anomalies the stream is less easily surprised for a while, so one incident
+   raises one alarm, not hundreds.  (On NAB: corpus score 0 -> ~38; README.)
+
+``q`` becomes the *surprise*, -log10 of its one-sided normal tail probability
+(3 means 1 in 1,000), and the score in [0, 1] is ``1 - 10**-surprise``.  The
+surprise has no ties where the [0, 1] float rounds to 1.0, so the worst
+anomalies can still be ranked.  What each stage learns is winsorized, so one
+huge anomaly does not widen the band enough to hide the next.
+
+The statistics are kept as plain floats (River's formulas, Finch 2009) rather
+than River's Rust-backed ``EWMean``/``EWVar``, whose state cannot be read back
+out for the per-device snapshots the daemon checkpoints.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
-from river import stats
-
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)   # of |z| for z ~ N(0, 1)
+_HALF_NORMAL_VAR = 1.0 - 2.0 / math.pi
 
 
 @dataclass(frozen=True)
@@ -25,85 +37,167 @@ class ScoringConfig:
 
     >>> ScoringConfig().threshold
     0.999
+
+    Stage 2 (``calibration_fading`` > 0, 0.002 chosen on NAB) makes scores comparable
+    across streams and raises one alarm per incident; it is off by default because a
+    sustained fault then stops scoring high after its onset, which alert rules with
+    ``for:`` and point-wise metrics (SMD) need.  The README has both sets of numbers.
     """
 
-    fading_factor: float = 0.01   # weight of the newest residual (about 1/fading_factor readings of memory)
-    threshold: float = 0.999      # a score at or above it flags an anomaly
-    min_std: float = 0.05         # floor on the residual spread, in scaled units
-    learn_clip: float = 4.0       # residuals are clipped to this many stds before learning
+    fading_factor: float = 0.01         # weight of the newest residual (about 1/fading_factor readings of memory)
+    calibration_fading: float = 0.0     # same for the stage-2 statistics of |z|; 0 = stage 2 off (see below)
+    threshold: float = 0.999            # a score at or above it flags an anomaly
+    min_std: float = 0.05               # floor on the residual spread, in scaled units
+    min_calibration_std: float = 0.25   # floor on the spread of |z|
+    learn_clip: float = 4.0             # what stage 1 learns is clipped to this many spreads
 
     def __post_init__(self) -> None:
-        if not 0 < self.fading_factor <= 1:
-            raise ValueError(f"fading_factor must be in (0, 1], got {self.fading_factor}")
+        if not 0 < self.fading_factor <= 1 or not 0 <= self.calibration_fading <= 1:
+            raise ValueError("fading_factor must be in (0, 1] and calibration_fading in [0, 1]")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        if self.min_std <= 0 or self.learn_clip <= 0:
-            raise ValueError("min_std and learn_clip must be > 0")
+        if self.min_std <= 0 or self.min_calibration_std <= 0 or self.learn_clip <= 0:
+            raise ValueError("min_std, min_calibration_std and learn_clip must be > 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class EWStats:
+    """Exponentially weighted mean and variance, state in plain attributes.
+
+    >>> s = EWStats(0.5)
+    >>> for x in [1, 3, 5]:
+    ...     s.update(x)
+    >>> s.mean, s.var, s.n
+    (3.5, 2.75, 3)
+    """
+
+    __slots__ = ("fading_factor", "mean", "var", "n")
+
+    def __init__(self, fading_factor: float, mean: float = 0.0, var: float = 0.0, n: int = 0) -> None:
+        self.fading_factor = fading_factor
+        self.mean, self.var, self.n = mean, var, n
+
+    def update(self, x: float) -> None:
+        if self.n == 0:
+            self.mean = x
+        else:
+            diff = x - self.mean
+            incr = self.fading_factor * diff
+            self.mean += incr
+            self.var = (1.0 - self.fading_factor) * (self.var + diff * incr)
+        self.n += 1
+
+    def std(self, floor: float) -> float:
+        return math.sqrt(self.var) if self.var > floor * floor else floor
 
 
 class ResidualScorer:
     """Scores one stream's residuals against their own running statistics.
 
     >>> scorer = ResidualScorer()
-    >>> for r in [0.1, -0.2, 0.05, 0.15, -0.1, 0.0] * 20:
+    >>> for r in [0.1, -0.2, 0.05, 0.15, -0.1, 0.0] * 50:
     ...     scorer.learn_one(r)
-    >>> round(scorer.score_one(0.02), 2)
-    0.09
+    >>> scorer.score_one(0.02) < 0.5
+    True
     >>> scorer.score_one(3.0) > ScoringConfig().threshold
     True
     """
 
-    __slots__ = ("config", "_mean", "_var", "_min_var")
+    __slots__ = ("config", "residuals", "magnitudes")
 
     def __init__(self, config: ScoringConfig | None = None) -> None:
         self.config = config or ScoringConfig()
-        self._min_var = self.config.min_std ** 2
-        self._mean = stats.EWMean(self.config.fading_factor)
-        self._var = stats.EWVar(self.config.fading_factor)
+        self.residuals = EWStats(self.config.fading_factor)
+        # Stage 2 starts from what |z| of a well-calibrated stream looks like (half-normal),
+        # so the first live readings are judged sanely while the stream's own |z| take over.
+        self.magnitudes = EWStats(self.config.calibration_fading, _HALF_NORMAL_MEAN, _HALF_NORMAL_VAR, 1)
 
-    def _std(self) -> float:
-        var = self._var.get()
-        return math.sqrt(var) if var > self._min_var else self.config.min_std
+    def state(self) -> list[float]:
+        """The statistics as six floats, for snapshots."""
+        r, m = self.residuals, self.magnitudes
+        return [r.mean, r.var, float(r.n), m.mean, m.var, float(m.n)]
+
+    @classmethod
+    def from_state(cls, state: list[float], config: ScoringConfig | None = None) -> "ResidualScorer":
+        """The scorer ``state()`` was taken from.
+
+        >>> a = ResidualScorer()
+        >>> for r in [0.3, -0.1, 0.2]:
+        ...     a.learn_one(r)
+        >>> b = ResidualScorer.from_state(a.state())
+        >>> b.surprise_learn_one(1.0) == a.surprise_learn_one(1.0)
+        True
+        """
+        scorer = cls(config)
+        r, m = scorer.residuals, scorer.magnitudes
+        r.mean, r.var, r.n, m.mean, m.var, m.n = state[0], state[1], int(state[2]), state[3], state[4], int(state[5])
+        return scorer
+
+    def _z(self, residual: float) -> tuple[float, float]:
+        std = self.residuals.std(self.config.min_std)
+        return (residual - self.residuals.mean) / std, std
+
+    def _surprise(self, z: float) -> float:
+        if self.config.calibration_fading == 0:
+            return two_sided_surprise(z)
+        m = self.magnitudes
+        return surprise((abs(z) - m.mean) / m.std(self.config.min_calibration_std))
 
     def score_one(self, residual: float) -> float:
-        """Score in [0, 1]: the two-sided normal probability mass inside ``|z|``."""
-        z = (residual - self._mean.get()) / self._std()
-        return math.erf(abs(z) * _INV_SQRT2)
+        """Score in [0, 1] of ``residual``, without learning it."""
+        return score_of(self._surprise(self._z(residual)[0]))
 
     def learn_one(self, residual: float) -> None:
         self.surprise_learn_one(residual)
 
     def surprise_learn_one(self, residual: float) -> float:
         """The surprise of ``residual``, then learn it: the per-reading hot path."""
-        mean = self._mean.get()
-        std = self._std()
-        z = (residual - mean) / std
+        cfg = self.config
+        res = self.residuals
+        z, std = self._z(residual)
+        out = self._surprise(z)
+        clip = cfg.learn_clip
+        res.update(res.mean + math.copysign(clip * std, z) if abs(z) > clip else residual)
+        if cfg.calibration_fading:
+            self.magnitudes.update(abs(z))
+        return out
+
+    def prime_one(self, residual: float) -> None:
+        """Learn a residual of the window the model was fitted on: stage 1 only, since
+        in-sample ``|z|`` understate the live ones and would make stage 2 jumpy."""
+        z, std = self._z(residual)
         clip = self.config.learn_clip
-        if abs(z) > clip:
-            residual = mean + math.copysign(clip * std, z)
-        self._mean.update(residual)
-        self._var.update(residual)
-        return surprise(z)
+        self.residuals.update(self.residuals.mean + math.copysign(clip * std, z) if abs(z) > clip else residual)
 
 
 _LN10 = math.log(10.0)
 _LOG10_SQRT_2PI = math.log10(math.sqrt(2 * math.pi))
 
 
-def surprise(z: float) -> float:
+def surprise(q: float) -> float:
+    """-log10 of the one-sided normal tail probability beyond ``q``.
+
+    >>> round(surprise(3.0902), 3), round(surprise(0.0), 3), round(surprise(10.0), 2), round(surprise(50.0), 1)
+    (3.0, 0.301, 23.12, 545.0)
+    """
+    if q < 37.0:
+        return -math.log10(0.5 * math.erfc(q * _INV_SQRT2))
+    # erfc underflows: its asymptotic form, phi(q) / q, exact to ~1e-3 here
+    return (q * q / 2) / _LN10 + math.log10(q) + _LOG10_SQRT_2PI
+
+
+def two_sided_surprise(z: float) -> float:
     """-log10 of the two-sided normal tail probability beyond ``|z|``.
 
-    >>> round(surprise(3.2905), 3), round(surprise(10.0), 2), round(surprise(50.0), 1)
-    (3.0, 22.82, 544.7)
+    >>> round(two_sided_surprise(3.2905), 3), round(two_sided_surprise(-3.2905), 3)
+    (3.0, 3.0)
     """
-    a = abs(z)
-    if a < 37.0:
-        return -math.log10(math.erfc(a * _INV_SQRT2))
-    # erfc underflows: its asymptotic form, 2 phi(a) / a, exact to ~1e-3 here
-    return (a * a / 2) / _LN10 + math.log10(a) + _LOG10_SQRT_2PI - math.log10(2.0)
+    return surprise(abs(z)) - _LOG10_2
+
+
+_LOG10_2 = math.log10(2.0)
 
 
 def score_of(surprise_value: float) -> float:

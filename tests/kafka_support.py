@@ -85,3 +85,18 @@ def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes
         producer.send(topic, key=key, value=value)
     producer.flush()
     producer.close()
+
+
+def assert_warmed_once(scored: list[dict]) -> None:
+    """Each device's unscored (warming) readings come before all its scored ones:
+    a device that re-warmed after a restart or a move would have a second run."""
+    has_score: dict[tuple[str, float], bool] = {}
+    for s in scored:
+        key = (s["device"], s["ts"])
+        has_score[key] = has_score.get(key, False) or s["score"] is not None
+    devices = {d for d, _ in has_score}
+    for device in devices:
+        warming = [t for (d, t), ok in has_score.items() if d == device and not ok]
+        live = [t for (d, t), ok in has_score.items() if d == device and ok]
+        assert live, f"{device} never went live"
+        assert not warming or max(warming) < min(live), f"{device} warmed up again at ts {max(warming)}"

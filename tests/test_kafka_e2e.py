@@ -13,8 +13,8 @@ import pytest
 
 from connectors.tansu import free_port
 from monitor.readings import parse_timestamp
-from tests.kafka_support import (ROOT, committed_offsets, http_get, metric_value, read_topic, start_daemon,
-                                 wait_for)
+from tests.kafka_support import (ROOT, assert_warmed_once, committed_offsets, http_get, metric_value, read_topic,
+                                 start_daemon, wait_for)
 
 BUNDLED = ROOT / "monitor" / "data" / "nab" / "machine_temperature_system_failure.csv"
 # NAB's labelled window around the machine's catastrophic failure
@@ -165,3 +165,5 @@ def test_sigkill_mid_replay_loses_nothing_and_commits_only_processed(broker, tmp
     scored = read_topic(broker.bootstrap, scores_topic)
     keys = {(s["device"], s["ts"]) for s in scored}
     assert keys == {(f"d{d}", float(t)) for t in range(3000) for d in range(4)}, "a reading was never scored"
+    assert_warmed_once(scored)
+    assert "state restored" in (tmp_path / "second.log").read_text()

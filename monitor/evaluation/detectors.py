@@ -19,6 +19,7 @@ from river import anomaly, preprocessing, stats, time_series, utils
 from monitor.checkpoint import Initialization
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import Reading
+from monitor.scoring import ScoringConfig
 
 # rows -> (values [T, C], number of leading rows that are warm-up only, not scored)
 ScoreFn = Callable[[np.ndarray, int], np.ndarray]
@@ -34,10 +35,10 @@ class Detector:
 
 
 def forewarn_detector(name: str, init: Initialization, warmup: int = 256, adapt_steps: int | None = None,
-                      notes: str = "") -> Detector:
+                      notes: str = "", scoring: ScoringConfig | None = None) -> Detector:
     def score(values: np.ndarray, _skip: int) -> np.ndarray:
         adapt = init.adapt if adapt_steps is None else replace(init.adapt, steps=adapt_steps)
-        pipe = Pipeline(init, PipelineConfig(warmup=warmup, adapt=adapt))
+        pipe = Pipeline(init, PipelineConfig(warmup=warmup, adapt=adapt, scoring=scoring or ScoringConfig()))
         channels = [f"c{j}" for j in range(values.shape[1])]
         out = np.zeros(len(values))
         batch = 2000

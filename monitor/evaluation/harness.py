@@ -20,6 +20,7 @@ from monitor.evaluation.detectors import BASELINES, Detector, forewarn_detector
 from monitor.evaluation.nab import PROFILES, CorpusScore, score_corpus
 from monitor.evaluation.point_metrics import DetectionReport, evaluate_scores
 from monitor.readings import parse_timestamp
+from monitor.scoring import ScoringConfig
 
 WARMUP = 256
 
@@ -43,6 +44,9 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         "pooled": lambda: forewarn_detector("pooled", artifact("pooled"), WARMUP, notes="pooled pre-training, same K"),
         "lstm-scratch": lambda: forewarn_detector("lstm-scratch", Initialization.random(shipped.spec, seed=0,
                                                   adapt=shipped.adapt), WARMUP, notes="random init, same K and rates"),
+        "forewarn-calibrated": lambda: forewarn_detector(
+            "forewarn-calibrated", shipped, WARMUP, scoring=ScoringConfig(calibration_fading=0.002),
+            notes="shipped init, stage-2 calibration 0.002 (picked on even-indexed NAB series)"),
         "meta-no-adapt": lambda: forewarn_detector("meta-no-adapt", shipped, WARMUP, adapt_steps=0, notes="K=0"),
     }
     out = []

@@ -1,0 +1,53 @@
+"""Device snapshots: a restored device forecasts and scores like the one it was taken from."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from monitor.checkpoint import Initialization
+from monitor.forecaster import LSTMSpec
+from monitor.pipeline import Pipeline, PipelineConfig
+from monitor.readings import Reading
+from monitor.state import StateCodec, StateError
+
+
+def _readings(t0: int, t1: int, devices=("a", "b")) -> list[Reading]:
+    return [Reading(d, float(t), {"temp": math.sin(t / 5 + i), "load": (t * 7 + i) % 11 / 4.0})
+            for t in range(t0, t1) for i, d in enumerate(devices)]
+
+
+def test_restored_devices_continue_like_the_originals():
+    init = Initialization.default()
+    original = Pipeline(init, PipelineConfig(warmup=64))
+    original.feed(_readings(0, 100))
+    original.feed([Reading("c", 0.0, {"temp": 1.0})])  # one device still warming
+    codec = StateCodec(init)
+    blobs = [codec.encode(s) for s in original.export_devices(["a", "b", "c"], {"a": 7})]
+    assert all(len(b) < 2 * 9_000 for b in blobs)  # two channels, float16 weight deltas
+    restored = Pipeline(init, PipelineConfig(warmup=64))
+    assert restored.import_devices(codec.decode(b) for b in blobs) == 5
+    assert codec.decode(blobs[0]).offset == 7
+    assert restored.streams_by_state() == original.streams_by_state() == {"warming": 1, "adapting": 0, "live": 4}
+    later = _readings(100, 130)
+    for x, y in zip(original.feed(later).scores, restored.feed(later).scores):
+        assert y.forecast == pytest.approx(x.forecast, rel=1e-3, abs=1e-3)
+        assert y.surprise == pytest.approx(x.surprise, rel=0.02, abs=0.02)
+    dup = restored.feed([Reading("a", 129.0, {"temp": 0.0})])  # last_ts came back too
+    assert dup.bad and dup.bad[0].reason.value == "duplicate_timestamp"
+
+
+def test_snapshots_of_another_init_version_or_corrupt_are_refused():
+    init = Initialization.default()
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    pipe.feed(_readings(0, 40, ("a",)))
+    data = StateCodec(init).encode(pipe.export_devices(["a"])[0])
+    other = StateCodec(Initialization.random(LSTMSpec(), seed=3))
+    with pytest.raises(StateError, match="another initialization"):
+        other.decode(data)
+    with pytest.raises(StateError, match="version"):
+        StateCodec(init).decode(data[:4] + bytes([9]) + data[5:])
+    with pytest.raises(StateError, match="checksum"):
+        StateCodec(init).decode(data[:-10] + bytes(10))
+    with pytest.raises(StateError, match="too short"):
+        StateCodec(init).decode(b"FW")

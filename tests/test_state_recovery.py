@@ -1,0 +1,98 @@
+"""Durable device state against the real broker: devices survive restarts, moves and corrupt records."""
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+
+from connectors.tansu import free_port
+from monitor.checkpoint import Initialization
+from monitor.state import StateCodec
+from tests.kafka_support import (assert_warmed_once, committed_offsets, http_get, metric_value, publish, read_topic,
+                                 start_daemon, wait_for)
+
+DEVICES = 8
+WARMUP = "64"
+
+
+def _messages(ts_range) -> list[tuple[bytes, bytes]]:
+    return [(f"d{d}".encode(), json.dumps({"device": f"d{d}", "ts": t, "value": (t * (d + 1)) % 17 / 3.0}).encode())
+            for t in ts_range for d in range(DEVICES)]
+
+
+def _env(broker, topic, group, port, scores_topic, **extra) -> dict[str, str]:
+    return {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": topic,
+            "FOREWARN_KAFKA_GROUP_ID": group, "FOREWARN_METRICS_HOST": "127.0.0.1",
+            "FOREWARN_METRICS_PORT": str(port), "FOREWARN_KAFKA_SCORES_TOPIC": scores_topic,
+            "FOREWARN_DETECTOR_WARMUP": WARMUP, "FOREWARN_STATE_CHECKPOINT_INTERVAL_S": "1", **extra}
+
+
+def _all_committed(broker, group, topic, n):
+    return lambda: sum(committed_offsets(broker.bootstrap, group, topic).values()) == n
+
+
+def test_two_instances_stop_one_its_devices_continue_live_on_the_other(broker, tmp_path):
+    topic, scores, group = "pair-sensors", "pair-scores", "pair"
+    broker.create_topics({topic: 2, scores: 1})
+    ports = free_port(), free_port()
+    a = start_daemon(_env(broker, topic, group, ports[0], scores), tmp_path / "a.log")
+    b = start_daemon(_env(broker, topic, group, ports[1], scores), tmp_path / "b.log")
+    try:
+        publish(broker.bootstrap, topic, _messages(range(300)))
+        wait_for(_all_committed(broker, group, topic, 300 * DEVICES), 180, what="both instances to process")
+        a_log = (tmp_path / "a.log").read_text()
+        assert "partitions assigned" in a_log and "partitions assigned" in (tmp_path / "b.log").read_text()
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(60) == 0
+        publish(broker.bootstrap, topic, _messages(range(300, 600)))
+        wait_for(_all_committed(broker, group, topic, 600 * DEVICES), 180, what="the survivor to take over")
+        _, text = http_get(f"http://127.0.0.1:{ports[1]}/metrics")
+        restored = metric_value(text, "forewarn_restored_streams_total")
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(60)
+    scored = read_topic(broker.bootstrap, scores)
+    assert {(s["device"], s["ts"]) for s in scored} == {(f"d{d}", float(t)) for t in range(600) for d in range(DEVICES)}
+    assert_warmed_once(scored)  # the moved devices continued live, no second warm-up
+    assert restored and restored > 0
+
+
+def test_corrupt_state_record_rewarms_that_device_alone(broker, tmp_path):
+    topic, scores, group = "corrupt-sensors", "corrupt-scores", "corrupt"
+    broker.create_topics({topic: 1, scores: 1})
+    port = free_port()
+    store = tmp_path / "state.db"
+    env = _env(broker, topic, group, port, scores, FOREWARN_STATE_STORE="local", FOREWARN_STATE_LOCAL_PATH=str(store))
+    first = start_daemon(env, tmp_path / "first.log")
+    try:
+        publish(broker.bootstrap, topic, _messages(range(200)))
+        wait_for(_all_committed(broker, group, topic, 200 * DEVICES), 180, what="the first run")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+    db = sqlite3.connect(store)
+    assert db.execute("SELECT count(*) FROM state").fetchone()[0] == DEVICES
+    good = db.execute("SELECT data FROM state WHERE device = 'd1'").fetchone()[0]
+    assert StateCodec(Initialization.default()).decode(bytes(good)).device == "d1"
+    db.execute("UPDATE state SET data = ? WHERE device = 'd0'", (good[:40] + b"garbage" + good[47:],))
+    db.commit()
+    db.close()
+    second = start_daemon(env, tmp_path / "second.log")
+    try:
+        publish(broker.bootstrap, topic, _messages(range(200, 400)))
+        wait_for(_all_committed(broker, group, topic, 400 * DEVICES), 180, what="the second run")
+        _, text = http_get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+    assert metric_value(text, "forewarn_state_restore_failures_total") == 1.0
+    assert metric_value(text, "forewarn_restored_streams_total") >= DEVICES - 1  # a rebalance restores again
+    log = (tmp_path / "second.log").read_text()
+    assert "device state not restored" in log and "checksum mismatch" in log
+    scored = read_topic(broker.bootstrap, scores)
+    assert_warmed_once([s for s in scored if s["device"] != "d0"])
+    d0_after = [s for s in scored if s["device"] == "d0" and s["ts"] >= 200]
+    assert any(s["score"] is None for s in d0_after), "d0 should have re-warmed"
+    assert all(s["score"] is not None for s in d0_after if s["ts"] >= 200 + int(WARMUP))
