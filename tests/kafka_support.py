@@ -100,3 +100,31 @@ def assert_warmed_once(scored: list[dict]) -> None:
         live = [t for (d, t), ok in has_score.items() if d == device and ok]
         assert live, f"{device} never went live"
         assert not warming or max(warming) < min(live), f"{device} warmed up again at ts {max(warming)}"
+
+
+def start_prometheus(binary: str, tmp_path: Path, target_port: int,
+                     rule_files: str | None = None) -> tuple[subprocess.Popen, int]:
+    """A real Prometheus on loopback scraping ``target_port`` every second as job ``forewarn``
+    (the job the shipped rules expect), evaluating ``rule_files`` if given."""
+    port = _free_port()
+    rules = f"  evaluation_interval: 1s\nrule_files: [{rule_files}]\n" if rule_files else ""
+    config = tmp_path / "prometheus.yml"
+    config.write_text(f"""
+global:
+  scrape_interval: 1s
+{rules}scrape_configs:
+  - job_name: forewarn
+    static_configs:
+      - targets: ["127.0.0.1:{target_port}"]
+""")
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115  (the server's stderr, closed with it)
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200, 60, what="prometheus ready")
+    return proc, port
+
+
+def _free_port() -> int:
+    from connectors.tansu import free_port
+    return free_port()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import urllib.parse
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import yaml
 
 from connectors.tansu import free_port
 from monitor.readings import parse_timestamp
-from tests.kafka_support import ROOT, http_get, metric_value, start_daemon, wait_for
+from tests.kafka_support import ROOT, http_get, metric_value, start_daemon, start_prometheus, wait_for
 from tests.test_kafka_e2e import (  # noqa: F401  (prometheus_bin is a fixture)
     BUNDLED,
     FAILURE_WINDOW,
@@ -59,27 +58,6 @@ def _test_rules(path: Path) -> list[str]:
     return [r.get("alert") or r["record"] for g in shipped["groups"] for r in g["rules"]]
 
 
-def _start_prometheus(binary: str, tmp_path: Path, target_port: int) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(f"""
-global:
-  scrape_interval: 1s
-  evaluation_interval: 1s
-rule_files: [rules.yml]
-scrape_configs:
-  - job_name: forewarn        # the job the rules expect
-    static_configs:
-      - targets: ["127.0.0.1:{target_port}"]
-""")
-    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115  (the server's stderr, closed with it)
-    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=log)
-    log.close()
-    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200, 60, what="prometheus ready")
-    return proc, port
-
-
 def _api(port: int, path: str, **params) -> dict:
     status, body = http_get(f"http://127.0.0.1:{port}/api/v1/{path}?" + urllib.parse.urlencode(params))
     assert status == 200, body
@@ -99,7 +77,7 @@ def test_shipped_rules_fire_the_device_alert_on_a_labelled_anomaly(broker, tmp_p
     rule_names = _test_rules(tmp_path / "rules.yml")
     metrics_port = free_port()
     daemon = start_daemon(_daemon_env(broker, topic, "alerts", metrics_port), tmp_path / "daemon.log")
-    prometheus, prom_port = _start_prometheus(prometheus_bin, tmp_path, metrics_port)
+    prometheus, prom_port = start_prometheus(prometheus_bin, tmp_path, metrics_port, "rules.yml")
     try:
         wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200, 60, what="daemon ready")
         publisher = _replay_to_kafka(recording, broker, topic)

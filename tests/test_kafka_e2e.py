@@ -14,7 +14,7 @@ import pytest
 from connectors.tansu import free_port
 from monitor.readings import parse_timestamp
 from tests.kafka_support import (ROOT, assert_warmed_once, committed_offsets, http_get, metric_value, read_topic,
-                                 start_daemon, wait_for)
+                                 start_daemon, start_prometheus, wait_for)
 
 BUNDLED = ROOT / "monitor" / "data" / "nab" / "machine_temperature_system_failure.csv"
 # NAB's labelled window around the machine's catastrophic failure
@@ -61,24 +61,6 @@ def prometheus_bin():
     return path
 
 
-def _start_prometheus(prometheus_bin: str, tmp_path: Path, target_port: int) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(f"""
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: forewarn
-    static_configs:
-      - targets: ["127.0.0.1:{target_port}"]
-""")
-    proc = subprocess.Popen([prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
-    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200, 60, what="prometheus ready")
-    return proc, port
-
-
 def _query(port: int, promql: str) -> list[dict]:
     status, body = http_get(f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
     assert status == 200, body
@@ -93,7 +75,7 @@ def test_end_to_end_kafka_daemon_prometheus(broker, data_dir, tmp_path, promethe
     metrics_port = free_port()
     daemon = start_daemon(_daemon_env(broker, topic, "e2e", metrics_port, FOREWARN_KAFKA_ANOMALIES_TOPIC=anomalies,
                                       FOREWARN_KAFKA_DEAD_LETTER_TOPIC="e2e-dead"), tmp_path / "daemon.log")
-    prometheus, prom_port = _start_prometheus(prometheus_bin, tmp_path, metrics_port)
+    prometheus, prom_port = start_prometheus(prometheus_bin, tmp_path, metrics_port)
     try:
         wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200, 60, what="daemon ready")
         assert http_get(f"http://127.0.0.1:{metrics_port}/healthz")[0] == 200
