@@ -16,12 +16,18 @@ from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
 from monitor.config import KafkaConfig
 from monitor.readings import BadRecord, MessageFormat, Reading, Score, parse_message
 
 log = logging.getLogger("forewarn.kafka")
+
+# Closing never waits longer for an unreachable broker: what it has not acknowledged
+# was not committed either, so it is processed again after a restart.
+CLOSE_TIMEOUT_S = 5.0
+LAG_TIMEOUT_MS = 2000  # lag is information: never hold the loop for it
 
 
 @dataclass
@@ -50,8 +56,7 @@ class KafkaSource:
     """A consumer-group member that hands out batches of readings.
 
     ``on_revoke(partitions)`` and ``on_assign(partitions)`` are called from inside
-    ``poll`` when the group rebalances; offsets of batches already handed out
-    but not committed are committed first if their outputs were delivered.
+    ``poll`` when the group rebalances.
     """
 
     def __init__(self, cfg: KafkaConfig, message_format: MessageFormat = MessageFormat(),
@@ -112,6 +117,20 @@ class KafkaSource:
     def resume(self, partitions) -> None:
         self.consumer.resume(*[tp for tp in partitions if tp in self.consumer.assignment()])
 
+    def connected(self) -> bool:
+        """Whether the group coordinator is known and its connection is up.
+
+        kafka-python has no public call for this: this is its coordinator's own test,
+        read without its side effect (marking the coordinator dead is the IO thread's
+        business); a kafka-python without these attributes counts as connected.
+        """
+        try:
+            node = self.consumer._coordinator.coordinator_id
+            client = self.consumer._client
+            return node is not None and not (client.is_disconnected(node) and client.connection_delay(node) > 0)
+        except AttributeError:
+            return True
+
     def partitions_for_topic(self) -> int:
         return len(self.consumer.partitions_for_topic(self.cfg.topic) or ()) or 1
 
@@ -120,16 +139,16 @@ class KafkaSource:
         parts = self.assignment()
         if not parts:
             return {}
-        ends = self.consumer.end_offsets(list(parts))
+        ends = self.consumer.end_offsets(list(parts), timeout_ms=LAG_TIMEOUT_MS)
         return {tp: max(0, ends[tp] - self.consumer.position(tp)) for tp in parts}
 
     def _revoked(self, partitions: set[TopicPartition]) -> None:
-        if self._delivered:
-            try:
-                self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._delivered.items()})
-                self._delivered.clear()
-            except Exception:  # the group moved on; the next owner replays (at-least-once)
-                log.warning("commit on revoke failed", exc_info=True)
+        # kafka-python 3 calls a synchronous listener on its IO thread, where a commit cannot
+        # block; delivered but uncommitted offsets of these partitions are dropped instead.
+        # The next owner re-reads from the last commit and skips what the states saved on
+        # revoke already cover.
+        for tp in partitions:
+            self._delivered.pop(tp, None)
         if self.on_revoke:
             self.on_revoke(partitions)
 
@@ -153,7 +172,8 @@ class KafkaSinks:
         if self.anomalies_topic or self.dead_letter_topic or self.scores_topic:
             self.producer = KafkaProducer(bootstrap_servers=cfg.bootstrap_servers.split(","),
                                           client_id=f"{cfg.client_id}-sink", acks="all", linger_ms=5,
-                                          retries=2**31 - 1, **cfg.security())
+                                          retries=2**31 - 1, delivery_timeout_ms=cfg.delivery_timeout_ms,
+                                          **cfg.security())
 
     def send_scores(self, scores: list[Score]) -> int:
         """Anomaly events to the anomalies topic and, if configured, every score to the scores topic."""
@@ -182,17 +202,19 @@ class KafkaSinks:
             self._futures.append(self.producer.send(self.dead_letter_topic, value=json.dumps(letter).encode()))
         return len(bad)
 
-    def flush(self) -> None:
-        """Block until everything sent is acknowledged; raises if any of it was not."""
+    def flush(self, on_wait: Callable[[float], None] | None = None) -> None:
+        """Block until everything sent is acknowledged; raises if any of it was not.
+
+        ``on_wait(seconds)`` is called about every second while the broker has not answered.
+        """
         if self.producer is None:
             return
-        self.producer.flush()
         futures, self._futures = self._futures, []
-        _raise_failed(futures)
+        flush_acknowledged(self.producer, futures, on_wait)
 
     def close(self) -> None:
         if self.producer is not None:
-            self.producer.close()
+            close_producer(self.producer)
 
 
 def reading_message(reading: Reading) -> bytes:
@@ -224,12 +246,49 @@ def publish_recording(batches, producer: KafkaProducer, topic: str, speed: float
         if on_progress:
             on_progress(len(batch.readings))
         if len(futures) > 10_000:
-            producer.flush()
-            _raise_failed(futures)
+            flush_acknowledged(producer, futures)
             futures = []
-    producer.flush()
-    _raise_failed(futures)
+    flush_acknowledged(producer, futures)
     return sent, bad
+
+
+def close_producer(producer: KafkaProducer) -> None:
+    """Close, waiting at most ``CLOSE_TIMEOUT_S`` for acknowledgements.
+
+    kafka-python's ``close(timeout)`` raises instead of giving up when records are still
+    unacknowledged; those were never committed, so they are dropped here (through the
+    sender's own force-close) and processed again after a restart.
+    """
+    try:
+        producer.close(timeout=CLOSE_TIMEOUT_S)
+        return
+    except KafkaTimeoutError:
+        log.warning("closing a producer with unacknowledged records: they were not committed and are "
+                    "processed again after a restart")
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()  # aborts the pending batches, so close no longer waits on them
+        sender.join(CLOSE_TIMEOUT_S)
+    producer.close(timeout=0)
+
+
+def flush_acknowledged(producer: KafkaProducer, futures: list,
+                       on_wait: Callable[[float], None] | None = None) -> None:
+    """Wait until every future is acknowledged, raising the first send error.
+
+    The wait is cut into one-second steps so that a broker outage is visible
+    (``on_wait`` sees the seconds waited so far) rather than a silent hang; the
+    producer keeps retrying until its ``delivery_timeout_ms`` runs out.
+    """
+    started = time.monotonic()
+    while True:
+        try:
+            producer.flush(timeout=1.0)
+            break
+        except KafkaTimeoutError:
+            if on_wait is not None:
+                on_wait(time.monotonic() - started)
+    _raise_failed(futures)
 
 
 def _raise_failed(futures) -> None:

@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from connectors.kafka import _raise_failed
+from connectors.kafka import close_producer, flush_acknowledged
 from monitor.config import KafkaConfig
 
 log = logging.getLogger("forewarn.state")
@@ -48,7 +48,7 @@ class LocalStore:
     def put(self, partition: int, device: str, data: bytes) -> None:
         self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (partition, device, data))
 
-    def flush(self) -> None:
+    def flush(self, on_wait=None) -> None:
         self.db.commit()
 
     def load(self, partitions: Iterable[int]) -> list[tuple[int, str, bytes]]:
@@ -73,7 +73,8 @@ class ChangelogStore:
         self._ensure_topic(input_partitions)
         self.producer = KafkaProducer(bootstrap_servers=cfg.bootstrap_servers.split(","),
                                       client_id=f"{cfg.client_id}-state", acks="all", linger_ms=5,
-                                      compression_type=None, retries=2**31 - 1, **cfg.security())
+                                      compression_type=None, retries=2**31 - 1,
+                                      delivery_timeout_ms=cfg.delivery_timeout_ms, **cfg.security())
         self._futures: list = []
 
     def _ensure_topic(self, partitions: int) -> None:
@@ -91,11 +92,10 @@ class ChangelogStore:
     def put(self, partition: int, device: str, data: bytes) -> None:
         self._futures.append(self.producer.send(self.topic, key=device.encode(), value=data, partition=partition))
 
-    def flush(self) -> None:
+    def flush(self, on_wait: Callable[[float], None] | None = None) -> None:
         """Block until every snapshot is acknowledged; raises if one was not."""
-        self.producer.flush()
         futures, self._futures = self._futures, []
-        _raise_failed(futures)
+        flush_acknowledged(self.producer, futures, on_wait)
 
     def load(self, partitions: Iterable[int]) -> list[tuple[int, str, bytes]]:
         """The newest snapshot of every device on these partitions, read up to the current end."""
@@ -127,4 +127,4 @@ class ChangelogStore:
             consumer.close()
 
     def close(self) -> None:
-        self.producer.close()
+        close_producer(self.producer)

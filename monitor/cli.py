@@ -51,8 +51,8 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
     adapt = init.adapt
     if args.adapt_steps is not None:
         adapt = replace(adapt, steps=args.adapt_steps)
-    return PipelineConfig(warmup=args.warmup, adapt=adapt,
-                          scoring=ScoringConfig(threshold=args.threshold))
+    return PipelineConfig(warmup=args.warmup, adapt=adapt, drift_threshold=args.drift_threshold,
+                          scoring=ScoringConfig(threshold=args.threshold, calibration_fading=args.calibration_fading))
 
 
 class _BadRecordLog:
@@ -181,7 +181,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000", "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000",
                "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500", "FOREWARN_METRICS_HOST": "127.0.0.1",
                "FOREWARN_METRICS_PORT": str(args.metrics_port), "FOREWARN_LOG_LEVEL": "WARNING",
-               "FOREWARN_DETECTOR_WARMUP": str(args.warmup), "FOREWARN_DETECTOR_THRESHOLD": str(args.threshold)}
+               "FOREWARN_DETECTOR_WARMUP": str(args.warmup), "FOREWARN_DETECTOR_THRESHOLD": str(args.threshold),
+               "FOREWARN_DETECTOR_CALIBRATION_FADING": str(args.calibration_fading),
+               "FOREWARN_DETECTOR_DRIFT_THRESHOLD": str(args.drift_threshold)}
         if args.adapt_steps is not None:
             env["FOREWARN_DETECTOR_ADAPT_STEPS"] = str(args.adapt_steps)
         cfg = Config.load(environ=env)
@@ -372,6 +374,10 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
                    help="inner gradient steps of fast adaptation (default: the initialization's, 10 for the shipped one)")
     p.add_argument("--threshold", type=_probability, default=ScoringConfig().threshold,
                    help="score at or above which a reading is an anomaly (default: %(default)s)")
+    p.add_argument("--calibration-fading", type=float, default=0.0, metavar="F",
+                   help="stage-2 score calibration, as detector.calibration_fading (default: 0 = off)")
+    p.add_argument("--drift-threshold", type=float, default=0.0, metavar="L",
+                   help="re-adapt a stream whose residuals drift up, as detector.drift_threshold (default: 0 = off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

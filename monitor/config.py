@@ -42,6 +42,8 @@ class KafkaConfig:
     max_poll_interval_ms: int = _setting(300000, "rebalance timeout; a group join waits this long (keep small in tests)")
     session_timeout_ms: int = _setting(10000, "consumer session timeout")
     heartbeat_interval_ms: int = _setting(3000, "consumer heartbeat interval")
+    delivery_timeout_ms: int = _setting(120000, "how long outputs and state may wait for an unreachable broker; "
+                                                "past it the daemon exits uncommitted and a restart replays")
     security_protocol: str = _setting("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
     sasl_mechanism: str = _setting("", "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 ('' = none)")
     sasl_plain_username: str = _setting("", "SASL user name")
@@ -60,7 +62,7 @@ class KafkaConfig:
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             raise ConfigError(f"kafka.security_protocol: unknown {self.security_protocol!r}")
         for name in ("max_poll_records", "poll_timeout_ms", "fetch_max_wait_ms", "max_poll_interval_ms", "session_timeout_ms",
-                     "heartbeat_interval_ms"):
+                     "heartbeat_interval_ms", "delivery_timeout_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"kafka.{name} must be >= 1")
 
@@ -83,6 +85,10 @@ class DetectorConfig:
     calibration_fading: float = _setting(0.0, "stage-2 score calibration across streams, one alarm per incident "
                                               "(0 = off; 0.002 was best on NAB, see README)")
     max_streams: int = _setting(1_000_000, "cap on streams held; readings of new streams past it are bad records")
+    adapt_batch: int = _setting(512, "streams adapted in one batched call (~1.3 MB each while adapting)")
+    drift_threshold: float = _setting(0.0, "Page-Hinkley threshold on a live stream's |residual| that re-adapts it "
+                                           "on its next drift_window readings (0 = off)")
+    drift_window: int = _setting(256, "readings a drifted stream is re-adapted on")
 
     def validate(self) -> None:
         if self.warmup < 16:
@@ -91,8 +97,11 @@ class DetectorConfig:
             raise ConfigError("detector.threshold must be between 0 and 1")
         if not 0 <= self.calibration_fading <= 1:
             raise ConfigError("detector.calibration_fading must be in [0, 1]")
-        if self.max_streams < 1 or self.adapt_steps < -1:
-            raise ConfigError("detector.max_streams must be >= 1 and detector.adapt_steps >= -1")
+        if self.drift_threshold < 0 or self.drift_window < 16:
+            raise ConfigError("detector.drift_threshold must be >= 0 and detector.drift_window >= 16")
+        if self.max_streams < 1 or self.adapt_batch < 1 or self.adapt_steps < -1:
+            raise ConfigError("detector.max_streams and detector.adapt_batch must be >= 1, "
+                              "detector.adapt_steps >= -1")
 
 
 @dataclass

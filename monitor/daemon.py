@@ -23,6 +23,7 @@ from dataclasses import replace
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from kafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from monitor.checkpoint import Initialization
@@ -33,6 +34,10 @@ from monitor.scoring import ScoringConfig
 from monitor.state import StateCodec, StateError
 
 log = logging.getLogger("forewarn.daemon")
+
+
+class StoppedWhileWaiting(Exception):
+    """Stop requested while the broker was not acknowledging: exit without committing."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -121,7 +126,8 @@ class Daemon:
         self.pipeline = Pipeline(self.init, PipelineConfig(
             warmup=det.warmup, adapt=adapt, scoring=ScoringConfig(threshold=det.threshold,
                                                                   calibration_fading=det.calibration_fading),
-            max_streams=det.max_streams))
+            max_streams=det.max_streams, adapt_batch=det.adapt_batch, drift_threshold=det.drift_threshold,
+            drift_window=det.drift_window))
         self.metrics = Metrics(self.registry, config.metrics.max_devices, det.threshold)
         self.on_result = on_result
         self.stopping = threading.Event()
@@ -139,15 +145,38 @@ class Daemon:
         self._to_restore: set = set()            # assigned partitions whose devices are not restored yet
         self._covered: dict[str, int] = {}       # restored device -> input offset its state covers
         self._last_checkpoint = time.monotonic()
+        self._broker_reachable = True
+        self._waiting_on_broker = False          # outputs or state sent, not acknowledged for over a second
+        self._abandoned = False                  # a batch was given up undelivered: no more state writes
 
     # ---- health --------------------------------------------------------------
     def healthy(self) -> bool:
         return not self.stopping.is_set() and time.monotonic() - self._last_turn < self.config.metrics.healthy_after_s
 
     def ready(self) -> bool:
-        ok = bool(self._assigned) and not self._to_restore and self.init is not None and not self.stopping.is_set()
+        ok = (bool(self._assigned) and not self._to_restore and self._broker_reachable
+              and not self._waiting_on_broker and not self.stopping.is_set())
         self.metrics.ready.set(ok)
         return ok
+
+    def _broker_state(self, reachable: bool) -> None:
+        if reachable != self._broker_reachable:
+            if reachable:
+                log.info("broker reachable again")
+            else:
+                log.warning("broker unreachable: not ready; processing resumes when it is back")
+        self._broker_reachable = reachable
+
+    def _on_broker_wait(self, seconds: float) -> None:
+        """Called while a flush waits for the broker: the loop is alive, but not ready."""
+        if self.stopping.is_set():
+            raise StoppedWhileWaiting
+        if not self._waiting_on_broker:
+            log.warning("waiting for the broker to acknowledge outputs; nothing is committed meanwhile",
+                        extra=_fields(delivery_timeout_ms=self.config.kafka.delivery_timeout_ms))
+        self._waiting_on_broker = True
+        self._last_turn = time.monotonic()
+        self.ready()
 
     def stop(self, *_args) -> None:
         if not self.stopping.is_set():
@@ -157,8 +186,10 @@ class Daemon:
     # ---- rebalancing ------------------------------------------------------------
     def _on_revoke(self, partitions) -> None:
         # Save the revoked devices' progress (no commit: the consumer cannot commit from
-        # inside a rebalance); the next owner restores it and skips what it covers.
-        if self.store is not None:
+        # inside a rebalance); the next owner restores it and skips what it covers.  Not
+        # after a batch was abandoned mid-way: the devices have learned readings whose
+        # outputs were not delivered, and the last checkpoint is the consistent state.
+        if self.store is not None and not self._abandoned:
             try:
                 self._write_states(self.pipeline.take_changed())
             except Exception:  # the next owner replays from the last checkpoint instead
@@ -206,35 +237,51 @@ class Daemon:
             log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
                                                 bootstrap=cfg.kafka.bootstrap_servers,
                                                 init=self.init.info.get("algorithm", "?")))
-            last_lag = 0.0
-            while not self.stopping.is_set():
-                batch = source.poll()
-                self._last_turn = time.monotonic()
-                self.ready()  # keeps forewarn_ready current without a /readyz request
-                if batch.records:
-                    self._process(batch, source, sinks)
-                if self._to_restore:
-                    self._restore(source)
-                if self._pending and time.monotonic() - self._last_checkpoint >= cfg.state.checkpoint_interval_s:
-                    self._checkpoint(source, sinks)
-                if time.monotonic() - last_lag > (5.0 if batch.records else 1.0):
-                    self._update_lag(source)
-                    last_lag = time.monotonic()
-            if self._pending:
+            self._loop(source, sinks)
+            if self._pending and self._broker_reachable:
                 self._checkpoint(source, sinks)
+        except StoppedWhileWaiting:
+            self._abandoned = True
+            log.warning("stopped while the broker was unreachable: the readings since the last checkpoint "
+                        "are not committed and will be processed again")
+        except KafkaError:
+            self._abandoned = True
+            raise
         finally:
             log.info("closing consumer and producer")
             try:
-                if self.store is not None:
-                    self.store.close()
                 if source is not None:
-                    source.close()
+                    source.close()  # first: leaving the group revokes, which writes states to the store
             finally:
-                if sinks is not None:
-                    sinks.close()
-                self.server.stop()
+                try:
+                    if self.store is not None:
+                        self.store.close()
+                finally:
+                    if sinks is not None:
+                        sinks.close()
+                    self.server.stop()
         log.info("stopped", extra=_fields(batches=self.batches, **{k: v for k, v in self.pipeline.counts.items()}))
         return 0
+
+    def _loop(self, source, sinks) -> None:
+        interval = self.config.state.checkpoint_interval_s
+        last_lag = 0.0
+        while not self.stopping.is_set():
+            batch = source.poll()
+            self._last_turn = time.monotonic()
+            self._broker_state(source.connected())
+            self.ready()  # keeps forewarn_ready current without a /readyz request
+            if batch.records:
+                self._process(batch, source, sinks)
+            if not self._broker_reachable:
+                continue  # restores, commits and lag queries would only block until it is back
+            if self._to_restore:
+                self._restore(source)
+            if self._pending and time.monotonic() - self._last_checkpoint >= interval:
+                self._checkpoint(source, sinks)
+            if time.monotonic() - last_lag > (5.0 if batch.records else 1.0):
+                self._update_lag(source)
+                last_lag = time.monotonic()
 
     def _process(self, batch, source, sinks) -> None:
         for device, partition in batch.partition_of.items():
@@ -244,7 +291,7 @@ class Daemon:
         bad = batch.bad + result.bad
         sent = sinks.send_scores(result.scores)
         sinks.send_dead_letters(bad)
-        sinks.flush()  # raises if the broker did not take them: then nothing is committed
+        self._flushed(sinks)  # raises if the broker did not take them: then nothing is committed
         self._observe_latency(batch)
         self._pending.update(batch.offsets)
         if self.store is None or self.config.state.checkpoint_interval_s == 0:
@@ -258,6 +305,9 @@ class Daemon:
             self.metrics.adaptation.observe(result.adapt_seconds)
             self.metrics.adapted.inc(result.adapted)
             log.info("streams adapted", extra=_fields(streams=result.adapted, seconds=round(result.adapt_seconds, 3)))
+        if result.readapted:
+            self.metrics.readapted.inc(result.readapted)
+            log.info("drifted streams re-adapted", extra=_fields(streams=result.readapted))
         for b in bad[:5]:
             log.warning("bad record", extra=_fields(reason=b.reason.value, detail=b.detail, source=b.ref))
         if self.on_result:
@@ -300,12 +350,22 @@ class Daemon:
         covered = {d: offsets.get(partition_of[d], -1) for d in devices}
         for state in self.pipeline.export_devices(devices, covered):
             self.store.put(partition_of[state.device], state.device, self.codec.encode(state))
-        self.store.flush()
+        self._flushed(self.store)
         return len(devices)
+
+    def _flushed(self, sink) -> None:
+        try:
+            sink.flush(on_wait=self._on_broker_wait)
+        except KafkaError:
+            log.error("the broker did not take outputs or state within kafka.delivery_timeout_ms; exiting "
+                      "without committing them (a restart replays from the last checkpoint)")
+            raise
+        if self._waiting_on_broker:
+            log.info("broker acknowledged the outputs it was holding")
+            self._waiting_on_broker = False
 
     def _checkpoint(self, source, sinks) -> None:
         """Changed device states, made durable, then the input offsets they cover."""
-        from kafka.errors import CommitFailedError
         started = time.perf_counter()
         written = 0
         if self.store is not None:
@@ -315,6 +375,13 @@ class Daemon:
         except CommitFailedError as exc:  # kicked out of the group: the next owner replays from the last commit
             self.metrics.commit_failures.inc()
             log.warning("offset commit refused; readings will be re-delivered", extra=_fields(error=str(exc)))
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            self.metrics.commit_failures.inc()  # the broker went away mid-commit: the next checkpoint retries
+            log.warning("offset commit failed; retried at the next checkpoint", extra=_fields(error=str(exc)))
+            self._last_checkpoint = time.monotonic()
+            return
         self._pending = {}
         self._last_checkpoint = time.monotonic()
         if self.store is not None:

@@ -50,6 +50,8 @@ class Metrics:
         self.adaptation = Histogram("forewarn_adaptation_duration_seconds",
                                     "Wall time of one batched fast adaptation", buckets=ADAPT_BUCKETS, registry=r)
         self.adapted = Counter("forewarn_adapted_streams_total", "Streams adapted and gone live", registry=r)
+        self.readapted = Counter("forewarn_readapted_streams_total",
+                                 "Live streams adapted afresh after their residuals drifted up", registry=r)
         self.latency = Histogram("forewarn_processing_latency_seconds",
                                  "From the reading's arrival in Kafka (record timestamp) to its score being sent; "
                                  "up to 256 evenly spaced readings per batch are observed",

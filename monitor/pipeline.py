@@ -25,7 +25,7 @@ from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
 from monitor.forecaster import FleetForecaster, forecast_sequence
 from monitor.readings import BadReason, BadRecord, Reading, Score
-from monitor.scoring import ResidualScorer, ScoringConfig, score_of
+from monitor.scoring import PageHinkley, ResidualScorer, ScoringConfig, score_of
 from monitor.state import DeviceState, StreamState
 
 
@@ -48,18 +48,28 @@ class PipelineConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     max_streams: int = 1_000_000
     seed_residuals: int = 128   # warm-up residuals that prime each stream's score statistics
+    adapt_batch: int = 512      # streams adapted in one batched call: bounds the memory of a burst
+    # Drift: a Page-Hinkley test on each live stream's |scaled residual| (capped at
+    # drift_cap, so one spike cannot trip it); when the residuals have risen for good,
+    # the stream collects drift_window more readings (still scored by its current
+    # model) and is adapted afresh from the initialization on them.  0 = off.
+    drift_threshold: float = 0.0
+    drift_window: int = 256
+    drift_cap: float = 4.0
 
     def __post_init__(self) -> None:
         if self.warmup < 16:
             raise ValueError(f"warmup must be >= 16 readings, got {self.warmup}")
-        if self.max_streams < 1 or self.seed_residuals < 0:
-            raise ValueError("max_streams must be >= 1 and seed_residuals >= 0")
+        if self.max_streams < 1 or self.seed_residuals < 0 or self.adapt_batch < 1:
+            raise ValueError("max_streams and adapt_batch must be >= 1 and seed_residuals >= 0")
+        if self.drift_threshold < 0 or self.drift_window < 16 or self.drift_cap <= 0:
+            raise ValueError("drift_threshold must be >= 0, drift_window >= 16 and drift_cap > 0")
 
 
 class _Stream:
-    __slots__ = ("device", "channel", "state", "buffer", "row", "scorer", "last_ts", "backlog")
+    __slots__ = ("device", "channel", "state", "buffer", "row", "scorer", "last_ts", "backlog", "drift", "rebuffer")
 
-    def __init__(self, device: str, channel: str, scorer: ResidualScorer) -> None:
+    def __init__(self, device: str, channel: str, scorer: ResidualScorer, drift: PageHinkley | None = None) -> None:
         self.device = device
         self.channel = channel
         self.state = Lifecycle.WARMING
@@ -68,6 +78,8 @@ class _Stream:
         self.scorer = scorer
         self.last_ts: float | None = None
         self.backlog: list[tuple[int, float]] = []  # readings that arrived while adapting
+        self.drift = drift
+        self.rebuffer: list[float] | None = None     # live, drifted: the window for its re-adaptation
 
 
 @dataclass
@@ -78,6 +90,7 @@ class FeedResult:
     bad: list[BadRecord]
     adapted: int = 0           # streams that went live in this batch
     adapt_seconds: float = 0.0
+    readapted: int = 0         # live streams adapted afresh after a drift
 
 
 class Pipeline:
@@ -100,11 +113,12 @@ class Pipeline:
         self.adapt_config = self.config.adapt or init.adapt
         self.fleet = FleetForecaster(init.spec, clip=init.normalization.clip)
         self._streams: dict[tuple[str, str], _Stream] = {}
-        self._devices: set[str] = set()
+        self._devices: dict[str, list[_Stream]] = {}    # device -> its streams
         self._state_counts = Counter({s: 0 for s in Lifecycle})
         self.counts: Counter[str] = Counter()           # readings, scored, anomalies, late_channel
         self._changed: set[str] = set()                  # devices whose state changed since take_changed()
         self.bad_counts: Counter[BadReason] = Counter()
+        self._drifted: list[_Stream] = []                # live streams whose drift window filled
 
     # ---- introspection -------------------------------------------------
     def streams_by_state(self) -> dict[str, int]:
@@ -125,12 +139,14 @@ class Pipeline:
         rounds, accepted = self._route(readings, result.bad)
         # per reading: channel -> (surprise, forecast, value) of its live channels
         results: list[dict[str, tuple[float, float, float]] | None] = [None] * len(readings)
+        readapted_before = self.counts["readapted"]
         pending = self._advance(rounds, results)
         if pending:
             started = time.perf_counter()
             self._go_live(pending, results)
             result.adapted = len(pending)
             result.adapt_seconds = time.perf_counter() - started
+        result.readapted = self.counts["readapted"] - readapted_before
         for b in result.bad:
             self.bad_counts[b.reason] += 1
         self._verdicts(readings, accepted, results, result.scores)
@@ -165,7 +181,8 @@ class Pipeline:
                     rounds.append([])
                 rounds[k].append((i, stream, value))
                 accepted[i] = True
-            self._devices.add(device)
+            if not known:
+                self._devices.setdefault(device, [])
             if accepted[i]:
                 self._changed.add(device)
         return rounds, accepted
@@ -188,8 +205,15 @@ class Pipeline:
                 else:
                     stream.backlog.append((i, value))
             if live:
-                self._observe(live, results)
+                self._observe_round(live, results)
         return pending
+
+    def _observe_round(self, live, results) -> None:
+        """Score one reading of each of these streams, then re-adapt the ones whose drift
+        window just filled, so that their next readings meet the new model."""
+        self._observe(live, results)
+        if self._drifted:
+            self._readapt()
 
     def _verdicts(self, readings, accepted, results, scores: list[Score]) -> None:
         """One ``Score`` per accepted reading: its worst live channel, or None while warming."""
@@ -226,27 +250,74 @@ class Pipeline:
             return None
         if device_known:
             self.counts["late_channel"] += 1
-        stream = _Stream(device, channel, ResidualScorer(self.config.scoring))
+        stream = _Stream(device, channel, ResidualScorer(self.config.scoring), self._drift_test())
         self._streams[(device, channel)] = stream
+        self._devices.setdefault(device, []).append(stream)
         self._state_counts[Lifecycle.WARMING] += 1
         return stream
+
+    def _drift_test(self) -> PageHinkley | None:
+        return PageHinkley(self.config.drift_threshold) if self.config.drift_threshold else None
 
     def _observe(self, live: list[tuple[int, _Stream, float]],
                  results: list[dict[str, tuple[float, float, float]] | None]) -> None:
         rows = torch.tensor([s.row for _, s, _ in live], dtype=torch.long)
         values = torch.tensor([v for _, _, v in live], dtype=torch.float64)
         forecasts, residuals = self.fleet.observe(rows, values)
+        cap, window = self.config.drift_cap, self.config.drift_window
         for (i, stream, value), forecast, residual in zip(live, forecasts.tolist(), residuals.tolist()):
             surprise = stream.scorer.surprise_learn_one(residual)
+            if stream.drift is not None:
+                if stream.rebuffer is not None:
+                    stream.rebuffer.append(value)
+                    if len(stream.rebuffer) == window:
+                        self._drifted.append(stream)
+                elif stream.drift.update(min(abs(residual), cap)):
+                    stream.rebuffer = []
             channels = results[i]
             if channels is None:
                 channels = results[i] = {}
             channels[stream.channel] = (surprise, forecast, value)
 
     def _go_live(self, streams: list[_Stream], results: list) -> None:
-        """Adapt all newly full streams at once, place them in the fleet, score their backlog."""
+        """Adapt all newly full streams, ``adapt_batch`` at a time, place them in the fleet,
+        score their backlog."""
+        step = self.config.adapt_batch
+        for start in range(0, len(streams), step):
+            chunk = streams[start:start + step]
+            self._adapt(chunk, [s.buffer for s in chunk])
+        backlog = [s for s in streams if s.backlog]
+        depth = 0
+        while backlog:
+            self._observe_round([(s.backlog[depth][0], s, s.backlog[depth][1]) for s in backlog], results)
+            depth += 1
+            backlog = [s for s in backlog if len(s.backlog) > depth]
+        for s in streams:
+            s.backlog = []
+
+    def _readapt(self) -> int:
+        """Adapt drifted streams afresh on their newest ``drift_window`` readings."""
+        drifted, self._drifted = self._drifted, []  # filled and emptied within one feed
+        window, step = self.config.drift_window, self.config.adapt_batch
+        for start in range(0, len(drifted), step):
+            chunk = drifted[start:start + step]
+            self.fleet.remove(torch.tensor([s.row for s in chunk], dtype=torch.long))
+            windows = []
+            for s in chunk:
+                windows.append(s.rebuffer[-window:])
+                s.rebuffer = None
+                s.drift.reset()
+            # The scorer is kept (its stage-2 calibration above all) and primed with the new
+            # model's window residuals like a new stream's; a fresh scorer judged too strictly
+            # at first (more false alarms on NAB: README "Drift").
+            self._adapt(chunk, windows)
+        self.counts["readapted"] += len(drifted)
+        return len(drifted)
+
+    def _adapt(self, streams: list[_Stream], windows: list[list[float]]) -> None:
+        """Fit scaling and weights to each stream's window and place it in the fleet, live."""
         norm = self.init.normalization
-        windows = torch.tensor([s.buffer for s in streams], dtype=torch.float64)
+        windows = torch.tensor(windows, dtype=torch.float64)
         center, scale = norm.fit(windows)
         scaled = norm.apply(windows, center, scale)
         clipped = scaled.clamp(-norm.clip, norm.clip).to(self.fleet.dtype)
@@ -265,19 +336,11 @@ class Pipeline:
             stream.row = row
             stream.buffer = None
             self._set_state(stream, Lifecycle.LIVE)
-        backlog = [s for s in streams if s.backlog]
-        depth = 0
-        while backlog:
-            self._observe([(s.backlog[depth][0], s, s.backlog[depth][1]) for s in backlog], results)
-            depth += 1
-            backlog = [s for s in backlog if len(s.backlog) > depth]
-        for s in streams:
-            s.backlog = []
 
     # ---- state ------------------------------------------------------------
     def take_changed(self) -> set[str]:
         """Devices whose state changed since the last call (what a checkpoint must write)."""
-        changed, self._changed = self._changed & self._devices, set()
+        changed, self._changed = self._changed & self._devices.keys(), set()
         return changed
 
     def export_devices(self, devices: Iterable[str], offsets: dict[str, int] | None = None) -> list[DeviceState]:
@@ -296,13 +359,7 @@ class Pipeline:
         True
         """
         offsets = offsets or {}
-        by_device: dict[str, list[_Stream]] = {}
-        for d in devices:
-            if d in self._devices:
-                by_device[d] = []
-        for (device, _), stream in self._streams.items():
-            if device in by_device:
-                by_device[device].append(stream)
+        by_device = {d: self._devices[d] for d in devices if d in self._devices}
         live = [s for streams in by_device.values() for s in streams if s.state is Lifecycle.LIVE]
         rows = torch.tensor([s.row for s in live], dtype=torch.long)
         params, (h, c), center, scale, forecast = self.fleet.rows_state(rows)
@@ -315,7 +372,9 @@ class Pipeline:
                     j = index[id(s)]
                     states.append(StreamState(s.channel, "live", s.last_ts, params={k: v[j] for k, v in params.items()},
                                               h=h[:, j], c=c[:, j], center=float(center[j]), scale=float(scale[j]),
-                                              forecast=float(forecast[j]), scorer=s.scorer.state()))
+                                              forecast=float(forecast[j]), scorer=s.scorer.state(),
+                                              drift=s.drift.state() if s.drift else None,
+                                              rebuffer=list(s.rebuffer) if s.rebuffer is not None else None))
                 else:  # between feeds nothing is adapting: the batch that filled a window adapted it
                     states.append(StreamState(s.channel, "warming", s.last_ts, buffer=list(s.buffer)))
             out.append(DeviceState(device, offsets.get(device, -1), states))
@@ -331,17 +390,21 @@ class Pipeline:
             for ss in ds.streams:
                 if len(self._streams) >= self.config.max_streams:
                     break
-                stream = _Stream(ds.device, ss.channel, ResidualScorer(self.config.scoring))
+                stream = _Stream(ds.device, ss.channel, ResidualScorer(self.config.scoring), self._drift_test())
                 stream.last_ts = ss.last_ts
                 self._streams[(ds.device, ss.channel)] = stream
+                self._devices.setdefault(ds.device, []).append(stream)
                 self._state_counts[Lifecycle.WARMING] += 1
                 if ss.stage == "live":
                     stream.scorer = ResidualScorer.from_state(ss.scorer, self.config.scoring)
+                    if stream.drift is not None and ss.drift is not None:  # else: the test starts afresh
+                        stream.drift.restore(ss.drift)
+                        stream.rebuffer = None if ss.rebuffer is None else list(ss.rebuffer)
                     live.append((stream, ss))
                 else:
                     stream.buffer = list(ss.buffer)
                 n += 1
-            self._devices.add(ds.device)
+            self._devices.setdefault(ds.device, [])
         if live:
             params = {k: torch.stack([ss.params[k] for _, ss in live]) for k in self.init.params}
             state = (torch.stack([ss.h for _, ss in live], dim=1), torch.stack([ss.c for _, ss in live], dim=1))
@@ -358,15 +421,14 @@ class Pipeline:
     # ---- membership ------------------------------------------------------
     def drop_devices(self, devices: Iterable[str]) -> int:
         """Forget devices (for instance when their partition moves away); returns streams dropped."""
-        devices = set(devices)
-        gone = [key for key in self._streams if key[0] in devices]
-        rows = []
-        for key in gone:
-            stream = self._streams.pop(key)
-            self._state_counts[stream.state] -= 1
-            if stream.state is Lifecycle.LIVE:
-                rows.append(stream.row)
+        rows, dropped = [], 0
+        for device in set(devices):
+            for stream in self._devices.pop(device, ()):
+                del self._streams[(device, stream.channel)]
+                self._state_counts[stream.state] -= 1
+                if stream.state is Lifecycle.LIVE:
+                    rows.append(stream.row)
+                dropped += 1
         if rows:
             self.fleet.remove(torch.tensor(rows, dtype=torch.long))
-        self._devices -= devices
-        return len(gone)
+        return dropped

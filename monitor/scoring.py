@@ -93,6 +93,50 @@ class EWStats:
         return math.sqrt(self.var) if self.var > floor * floor else floor
 
 
+class PageHinkley:
+    """River's ``drift.PageHinkley`` test for an increase in the mean (``mode="up"``),
+    state in four plain floats so it can be snapshotted; the same formulas.
+
+    >>> from river import drift
+    >>> ours, rivers = PageHinkley(threshold=5.0), drift.PageHinkley(threshold=5.0, mode="up")
+    >>> data = [0.2, 0.4, 0.3] * 20 + [1.5] * 10
+    >>> [i for i, x in enumerate(data) if ours.update(x)] == [i for i, x in enumerate(data)
+    ...                                                       if rivers.update(x) or rivers.drift_detected]
+    True
+    """
+
+    __slots__ = ("threshold", "delta", "alpha", "min_instances", "n", "mean", "sum", "min")
+
+    def __init__(self, threshold: float = 50.0, delta: float = 0.005, alpha: float = 1 - 0.0001,
+                 min_instances: int = 30) -> None:
+        self.threshold, self.delta, self.alpha, self.min_instances = threshold, delta, alpha, min_instances
+        self.reset()
+
+    def reset(self) -> None:
+        self.n, self.mean, self.sum, self.min = 0, 0.0, 0.0, math.inf
+
+    def update(self, x: float) -> bool:
+        """Learn ``x``; True when the mean has risen (then the test starts afresh)."""
+        self.n += 1
+        self.mean += (x - self.mean) / self.n
+        self.sum = self.alpha * self.sum + (x - self.mean) - self.delta
+        if self.sum < self.min:
+            self.min = self.sum
+        if self.n >= self.min_instances and self.sum - self.min > self.threshold:
+            self.reset()
+            return True
+        return False
+
+    def state(self) -> list[float]:
+        """Four finite floats, for snapshots (the minimum of an empty test is stored as 0)."""
+        return [float(self.n), self.mean, self.sum, self.min if self.n else 0.0]
+
+    def restore(self, state: list[float]) -> None:
+        self.n, self.mean, self.sum, self.min = int(state[0]), state[1], state[2], state[3]
+        if self.n == 0:
+            self.min = math.inf
+
+
 class ResidualScorer:
     """Scores one stream's residuals against their own running statistics.
 

@@ -52,6 +52,8 @@ class StreamState:
     scale: float = 1.0
     forecast: float = 0.0                        # scaled forecast of the next reading
     scorer: list[float] = field(default_factory=list)  # ResidualScorer.state()
+    drift: list[float] | None = None             # PageHinkley.state(), when drift re-adaptation is on
+    rebuffer: list[float] | None = None          # drifted: the readings collected for its re-adaptation
 
 
 @dataclass
@@ -98,6 +100,8 @@ class StateCodec:
             entry = {"channel": s.channel, "stage": s.stage, "last_ts": s.last_ts}
             if s.stage == "live":
                 entry.update(center=s.center, scale=s.scale, forecast=s.forecast, scorer=s.scorer)
+                if s.drift is not None:  # optional keys: records without them decode as before
+                    entry.update(drift=s.drift, rebuffer=s.rebuffer)
                 delta = np.concatenate([(s.params[k].to(torch.float32) - self._base[k]).reshape(-1).numpy()
                                         for k in self._names])
                 blobs.append(delta.astype(np.float16).tobytes())
@@ -154,7 +158,8 @@ class StateCodec:
                 s.h, s.c = torch.from_numpy(hc[0].copy()), torch.from_numpy(hc[1].copy())
                 s.center, s.scale, s.forecast = e["center"], e["scale"], e["forecast"]
                 s.scorer = list(e["scorer"])
-                if not all(math.isfinite(v) for v in (s.center, s.scale, s.forecast, *s.scorer)):
+                s.drift, s.rebuffer = e.get("drift"), e.get("rebuffer")
+                if not all(math.isfinite(v) for v in (s.center, s.scale, s.forecast, *s.scorer, *(s.drift or ()))):
                     raise StateError("state record: non-finite statistics")
             elif s.stage == "warming":
                 s.buffer = list(e["buffer"])

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -128,3 +130,78 @@ global:
 def _free_port() -> int:
     from connectors.tansu import free_port
     return free_port()
+
+
+class BrokerLink:
+    """A TCP forwarder in front of the broker, to take the broker away and bring it back.
+
+    The broker advertises the link's port, so every client connection runs through it.
+    ``cut()`` closes the listening port and resets every open connection, which is what
+    clients see when a broker process stops; ``restore()`` listens on the same port again
+    in front of the same broker log, which is what they see when it starts again with its
+    storage intact.  (The embedded Tansu keeps its log in memory, so stopping the process
+    itself would also lose the topics.)
+    """
+
+    def __init__(self, port: int, target_port: int) -> None:
+        self.port, self.target_port = port, target_port
+        self._lock = threading.Lock()
+        self._sockets: set = set()
+        self._listener = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        listener.close()
+        with self._lock:
+            open_sockets, self._sockets = self._sockets, set()
+        for s in open_sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut while connecting
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self.cut()

@@ -36,6 +36,15 @@ def test_lifecycle_warming_then_live_and_scores_in_input_order(init):
     assert pipe.streams_by_state() == {"warming": 0, "adapting": 0, "live": 1}
 
 
+def test_adapting_a_burst_in_small_batches_scores_like_one_batch(init):
+    fleet = [r for i in range(5) for r in _wave(f"d{i}", 50, noise_seed=i, period=3.0 + i)]
+    fleet.sort(key=lambda r: r.ts)
+    whole = Pipeline(init, PipelineConfig(warmup=32)).feed(fleet)
+    in_twos = Pipeline(init, PipelineConfig(warmup=32, adapt_batch=2)).feed(fleet)
+    assert whole.adapted == in_twos.adapted == 5
+    assert [s.score for s in in_twos.scores] == pytest.approx([s.score for s in whole.scores], abs=1e-6)
+
+
 def test_one_big_batch_scores_exactly_like_one_reading_at_a_time(init):
     devices = [_wave(f"d{i}", 60, noise_seed=i, period=4.0 + i) for i in range(3)]
     interleaved = [r for group in zip(*devices) for r in group]
@@ -102,3 +111,24 @@ def test_dropped_devices_free_their_rows_and_start_over(init):
     assert len(pipe.fleet) == 1 and pipe.devices() == {"b"}
     again = pipe.feed(_wave("a", 1, start=100))
     assert again.scores[0].score is None
+
+
+def test_a_lasting_level_shift_readapts_the_stream_so_it_forecasts_and_detects_again(init):
+    """A shift far outside the warm-up range leaves the old model forecasting from clipped
+    inputs: large errors for good, and the scorer's spread grows to match, so later spikes
+    go unseen.  Re-adapted on the new level, the stream forecasts it again, its spread
+    shrinks back as it forgets the shift, and a later spike is caught."""
+    def run(drift_threshold: float) -> tuple[Pipeline, list]:
+        pipe = Pipeline(init, PipelineConfig(warmup=64, drift_threshold=drift_threshold, drift_window=48))
+        level = [r.values["v"] + (30.0 if r.ts >= 300 else 0.0) + (2.0 if r.ts == 900 else 0.0)
+                 for r in _wave("a", 1000)]
+        return pipe, pipe.feed([Reading("a", float(t), {"v": v}) for t, v in enumerate(level)]).scores
+    with_drift, scores = run(20.0)
+    without, scores_without = run(0.0)
+    assert with_drift.counts["readapted"] == 1 and without.counts["readapted"] == 0
+    assert scores[300].anomaly and scores_without[300].anomaly  # the shift itself is flagged either way
+
+    def mean_error(scores) -> float:
+        return sum(abs(s.forecast - s.value) for s in scores[450:850]) / 400
+    assert mean_error(scores) < 1.0 < 10.0 < mean_error(scores_without)
+    assert scores[900].anomaly and not scores_without[900].anomaly

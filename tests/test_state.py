@@ -51,3 +51,19 @@ def test_snapshots_of_another_init_version_or_corrupt_are_refused():
         StateCodec(init).decode(data[:-10] + bytes(10))
     with pytest.raises(StateError, match="too short"):
         StateCodec(init).decode(b"FW")
+
+
+def test_a_stream_snapshotted_while_collecting_its_drift_window_readapts_after_restore():
+    init = Initialization.default()
+    config = PipelineConfig(warmup=64, drift_threshold=5.0, drift_window=32)
+    shifted = [Reading("a", float(t), {"v": math.sin(t / 5) + (40.0 if t >= 120 else 0.0)}) for t in range(200)]
+    original = Pipeline(init, config)
+    original.feed(shifted[:130])  # the shift at 120 has tripped the test; its window is filling
+    state = original.export_devices(["a"])[0]
+    assert state.streams[0].rebuffer, "snapshot taken mid-window"
+    codec = StateCodec(init)
+    restored = Pipeline(init, config)
+    restored.import_devices([codec.decode(codec.encode(state))])
+    for pipe in (original, restored):
+        pipe.feed(shifted[130:])
+    assert original.counts["readapted"] == restored.counts["readapted"] == 1

@@ -35,10 +35,12 @@ class Detector:
 
 
 def forewarn_detector(name: str, init: Initialization, warmup: int = 256, adapt_steps: int | None = None,
-                      notes: str = "", scoring: ScoringConfig | None = None) -> Detector:
+                      notes: str = "", scoring: ScoringConfig | None = None, **pipeline_options) -> Detector:
+    """Forewarn's ``Pipeline`` as a detector; ``pipeline_options`` are further ``PipelineConfig`` fields."""
     def score(values: np.ndarray, _skip: int) -> np.ndarray:
         adapt = init.adapt if adapt_steps is None else replace(init.adapt, steps=adapt_steps)
-        pipe = Pipeline(init, PipelineConfig(warmup=warmup, adapt=adapt, scoring=scoring or ScoringConfig()))
+        pipe = Pipeline(init, PipelineConfig(warmup=warmup, adapt=adapt, scoring=scoring or ScoringConfig(),
+                                             **pipeline_options))
         channels = [f"c{j}" for j in range(values.shape[1])]
         out = np.zeros(len(values))
         batch = 2000

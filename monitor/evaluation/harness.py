@@ -47,6 +47,12 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         "forewarn-calibrated": lambda: forewarn_detector(
             "forewarn-calibrated", shipped, WARMUP, scoring=ScoringConfig(calibration_fading=0.002),
             notes="shipped init, stage-2 calibration 0.002 (picked on even-indexed NAB series)"),
+        "forewarn-drift": lambda: forewarn_detector(
+            "forewarn-drift", shipped, WARMUP, drift_threshold=200.0,
+            notes="shipped init, drift re-adaptation (Page-Hinkley threshold 200, window 256)"),
+        "forewarn-calibrated-drift": lambda: forewarn_detector(
+            "forewarn-calibrated-drift", shipped, WARMUP, scoring=ScoringConfig(calibration_fading=0.002),
+            drift_threshold=200.0, notes="stage-2 calibration 0.002 and drift re-adaptation 200 (picked on even NAB)"),
         "meta-no-adapt": lambda: forewarn_detector("meta-no-adapt", shipped, WARMUP, adapt_steps=0, notes="K=0"),
     }
     out = []
