@@ -1,6 +1,6 @@
 """Kafka throughput and latency, all against one embedded broker in one run.
 
-    python benchmarks/kafka_throughput.py [--devices 10000] [--live-readings 20]
+    python benchmarks/kafka_throughput.py [--devices 10000] [--live-readings 20] [--state none|changelog]
 
 1. raw: kafka-python polls the whole topic and discards it (the ceiling);
 2. Forewarn: the daemon (one instance) consumes the same records, parses,
@@ -11,6 +11,9 @@
 
 Every device is live after a 16-reading warm-up adapted with K=0 (the scoring
 path's speed does not depend on K; adaptation is measured in throughput.py).
+``--state changelog`` adds the daemon's default state checkpoints (every
+device's snapshot to a changelog topic every ``--checkpoint-interval`` seconds);
+``none`` measures the scoring path alone.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from connectors.tansu import EmbeddedBroker  # noqa: E402
 from monitor.cli import tune_runtime  # noqa: E402
-from monitor.config import Config  # noqa: E402
+from monitor.config import Config, StateConfig  # noqa: E402
 from monitor.daemon import Daemon  # noqa: E402
 
 WARMUP = 16
@@ -75,6 +78,9 @@ def main() -> None:
     parser.add_argument("--live-readings", type=int, default=20, help="readings per device after the warm-up")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--state", choices=("none", "changelog"), default="none")
+    parser.add_argument("--checkpoint-interval", type=float, default=StateConfig().checkpoint_interval_s,
+                        help="seconds (default: the daemon's)")
     args = parser.parse_args()
     tune_runtime(threads=2)
     with EmbeddedBroker() as broker:
@@ -87,11 +93,14 @@ def main() -> None:
         raw = max(raw_rate(broker.bootstrap, topic, total, group) for group in ("raw-1", "raw-2"))
 
         env = {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": topic,
-               "FOREWARN_KAFKA_GROUP_ID": "forewarn", "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000",
+               # the poll interval allows a checkpoint of every device between two polls
+               "FOREWARN_KAFKA_GROUP_ID": "forewarn", "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "30000",
                "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000", "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
                "FOREWARN_KAFKA_MAX_POLL_RECORDS": "10000", "FOREWARN_METRICS_HOST": "127.0.0.1",
                "FOREWARN_METRICS_PORT": "0", "FOREWARN_DETECTOR_WARMUP": str(WARMUP),
-               "FOREWARN_DETECTOR_ADAPT_STEPS": "0", "FOREWARN_LOG_LEVEL": "WARNING"}
+               "FOREWARN_DETECTOR_ADAPT_STEPS": "0", "FOREWARN_LOG_LEVEL": "WARNING",
+               "FOREWARN_STATE_STORE": args.state,
+               "FOREWARN_STATE_CHECKPOINT_INTERVAL_S": str(args.checkpoint_interval)}
         daemon = Daemon(Config.load(environ=env), registry=CollectorRegistry())
         thread = threading.Thread(target=daemon.run, daemon=True)
         thread.start()
@@ -115,7 +124,9 @@ def main() -> None:
         p50 = statistics.median(lat) * 1000
         p99 = lat[int(0.99 * (len(lat) - 1))] * 1000
 
-    print(f"{args.devices:,} devices, {total:,} records ({args.partitions} partitions), one instance, 2 threads")
+    state = "no state store" if args.state == "none" else f"state checkpoints every {args.checkpoint_interval:g} s"
+    print(f"{args.devices:,} devices, {total:,} records ({args.partitions} partitions), one instance, 2 threads, "
+          f"{state}")
     print("| measurement | value |")
     print("|---|---|")
     print(f"| raw kafka-python consume (poll and discard) | {raw:,.0f} records/s |")

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -38,6 +38,18 @@ log = logging.getLogger("forewarn.daemon")
 
 class StoppedWhileWaiting(Exception):
     """Stop requested while the broker was not acknowledging: exit without committing."""
+
+
+@dataclass
+class _CheckpointRound:
+    """A checkpoint spread over loop turns: the devices changed before it began are
+    written ``state.checkpoint_batch`` per turn; once all are durable, the offsets
+    processed before it began are committed."""
+
+    offsets: dict                    # TopicPartition -> next offset, to commit at the end
+    todo: list[str]                  # devices still to write
+    started: float = field(default_factory=time.perf_counter)
+    written: int = 0
 
 
 class JsonFormatter(logging.Formatter):
@@ -142,6 +154,9 @@ class Daemon:
         self.codec = StateCodec(self.init)
         self.store = None
         self._pending: dict = {}                 # TopicPartition -> next offset, processed but not committed
+        self._processed: dict[int, int] = {}     # partition -> next offset, processed and delivered
+        self._partition_of: dict[str, int] = {}  # device -> the partition it arrives on
+        self._round: _CheckpointRound | None = None
         self._to_restore: set = set()            # assigned partitions whose devices are not restored yet
         self._covered: dict[str, int] = {}       # restored device -> input offset its state covers
         self._last_checkpoint = time.monotonic()
@@ -190,16 +205,25 @@ class Daemon:
         # after a batch was abandoned mid-way: the devices have learned readings whose
         # outputs were not delivered, and the last checkpoint is the consistent state.
         if self.store is not None and not self._abandoned:
+            unwritten = set(self._round.todo) if self._round else set()
             try:
-                self._write_states(self.pipeline.take_changed())
+                self._write_states(unwritten | self.pipeline.take_changed())
+                self._flushed(self.store)
             except Exception:  # the next owner replays from the last checkpoint instead
                 log.warning("state write on revoke failed", exc_info=True)
+        if self._round is not None:  # its offsets are committed later, for the partitions still held
+            self._round.todo = []
+            for tp in partitions:
+                self._round.offsets.pop(tp, None)
         for tp in partitions:
             self._pending.pop(tp, None)
+            self._processed.pop(tp.partition, None)
         self._to_restore -= set(partitions)
         gone = set()
         for tp in partitions:
             gone |= self._devices_by_partition.pop(tp.partition, set())
+        for device in gone:
+            self._partition_of.pop(device, None)
         dropped = self.pipeline.drop_devices(gone)
         self.metrics.forget_devices(gone)
         for tp in partitions:
@@ -238,8 +262,8 @@ class Daemon:
                                                 bootstrap=cfg.kafka.bootstrap_servers,
                                                 init=self.init.info.get("algorithm", "?")))
             self._loop(source, sinks)
-            if self._pending and self._broker_reachable:
-                self._checkpoint(source, sinks)
+            if (self._pending or self._round) and self._broker_reachable:
+                self._checkpoint_now(source)
         except StoppedWhileWaiting:
             self._abandoned = True
             log.warning("stopped while the broker was unreachable: the readings since the last checkpoint "
@@ -277,15 +301,20 @@ class Daemon:
                 continue  # restores, commits and lag queries would only block until it is back
             if self._to_restore:
                 self._restore(source)
-            if self._pending and time.monotonic() - self._last_checkpoint >= interval:
-                self._checkpoint(source, sinks)
+            if self._round is None and self._pending and time.monotonic() - self._last_checkpoint >= interval:
+                self._round = self._begin_round()
+            if self._round is not None:
+                self._advance_round(source, self.config.state.checkpoint_batch)
             if time.monotonic() - last_lag > (5.0 if batch.records else 1.0):
                 self._update_lag(source)
                 last_lag = time.monotonic()
 
     def _process(self, batch, source, sinks) -> None:
+        known = self._partition_of
         for device, partition in batch.partition_of.items():
-            self._devices_by_partition.setdefault(partition, set()).add(device)
+            if known.get(device) != partition:
+                known[device] = partition
+                self._devices_by_partition.setdefault(partition, set()).add(device)
         readings = self._skip_covered(batch) if self._covered else batch.readings
         result = self.pipeline.feed(readings)
         bad = batch.bad + result.bad
@@ -294,8 +323,10 @@ class Daemon:
         self._flushed(sinks)  # raises if the broker did not take them: then nothing is committed
         self._observe_latency(batch)
         self._pending.update(batch.offsets)
+        for tp, offset in batch.offsets.items():
+            self._processed[tp.partition] = offset
         if self.store is None or self.config.state.checkpoint_interval_s == 0:
-            self._checkpoint(source, sinks)
+            self._checkpoint_now(source)
         self.batches += 1
         self.records += batch.records
         self.metrics.observe_scores(result.scores)
@@ -344,13 +375,14 @@ class Daemon:
         return ChangelogStore(self.config.kafka, topic, source.partitions_for_topic())
 
     def _write_states(self, devices) -> int:
-        partition_of = {d: p for p, ds in self._devices_by_partition.items() for d in ds}
-        offsets = {tp.partition: o for tp, o in self._pending.items()}
+        """Snapshots of these devices to the store (not yet flushed), each naming the
+        input offset it covers: everything processed on its partition so far."""
+        partition_of, processed, restored = self._partition_of, self._processed, self._covered
         devices = [d for d in devices if d in partition_of]
-        covered = {d: offsets.get(partition_of[d], -1) for d in devices}
+        # a restored device nothing new has reached yet still covers what its snapshot did
+        covered = {d: max(processed.get(partition_of[d], -1), restored.get(d, -1)) for d in devices}
         for state in self.pipeline.export_devices(devices, covered):
             self.store.put(partition_of[state.device], state.device, self.codec.encode(state))
-        self._flushed(self.store)
         return len(devices)
 
     def _flushed(self, sink) -> None:
@@ -364,14 +396,27 @@ class Daemon:
             log.info("broker acknowledged the outputs it was holding")
             self._waiting_on_broker = False
 
-    def _checkpoint(self, source, sinks) -> None:
-        """Changed device states, made durable, then the input offsets they cover."""
-        started = time.perf_counter()
-        written = 0
+    def _begin_round(self) -> _CheckpointRound:
+        offsets, self._pending = self._pending, {}
+        todo = list(self.pipeline.take_changed()) if self.store is not None else []
+        return _CheckpointRound(offsets, todo)
+
+    def _advance_round(self, source, limit: int | None) -> None:
+        """Write the next ``limit`` devices of the round (all if None); when none are
+        left, make them durable and commit the round's offsets."""
+        round_ = self._round
+        if round_.todo:
+            chunk = round_.todo if limit is None else round_.todo[:limit]
+            del round_.todo[:len(chunk)]
+            round_.written += self._write_states(chunk)
+            if round_.todo:
+                return
         if self.store is not None:
-            written = self._write_states(self.pipeline.take_changed())
+            self._flushed(self.store)
+        self._round = None
+        self._last_checkpoint = time.monotonic()
         try:
-            source.commit(self._pending)
+            source.commit(round_.offsets)
         except CommitFailedError as exc:  # kicked out of the group: the next owner replays from the last commit
             self.metrics.commit_failures.inc()
             log.warning("offset commit refused; readings will be re-delivered", extra=_fields(error=str(exc)))
@@ -380,14 +425,20 @@ class Daemon:
                 raise
             self.metrics.commit_failures.inc()  # the broker went away mid-commit: the next checkpoint retries
             log.warning("offset commit failed; retried at the next checkpoint", extra=_fields(error=str(exc)))
-            self._last_checkpoint = time.monotonic()
+            self._pending = {**round_.offsets, **self._pending}
             return
-        self._pending = {}
-        self._last_checkpoint = time.monotonic()
         if self.store is not None:
             self.metrics.checkpoints.inc()
-            self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
-            log.debug("checkpoint", extra=_fields(devices_written=written))
+            self.metrics.checkpoint_duration.observe(time.perf_counter() - round_.started)
+            log.debug("checkpoint", extra=_fields(devices_written=round_.written))
+
+    def _checkpoint_now(self, source) -> None:
+        """Finish any round in progress, then checkpoint everything processed since."""
+        if self._round is not None:
+            self._advance_round(source, None)
+        if self._pending:
+            self._round = self._begin_round()
+            self._advance_round(source, None)
 
     def _restore(self, source) -> None:
         partitions = set(self._to_restore)
@@ -403,6 +454,7 @@ class Daemon:
         streams = self.pipeline.import_devices(by_device.values())
         for partition, s in states:
             self._devices_by_partition.setdefault(partition, set()).add(s.device)
+            self._partition_of[s.device] = partition
             if s.offset >= 0:
                 self._covered[s.device] = s.offset
         self.metrics.restored.inc(streams)

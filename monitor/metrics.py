@@ -69,7 +69,8 @@ class Metrics:
         self.checkpoints = Counter("forewarn_state_checkpoints_total",
                                    "Checkpoints: changed device states written, then input offsets committed", registry=r)
         self.checkpoint_duration = Histogram("forewarn_state_checkpoint_duration_seconds",
-                                             "Wall time of one checkpoint", buckets=ADAPT_BUCKETS, registry=r)
+                                             "Wall time of one checkpoint, from its start to the offset commit "
+                                             "(its writes are spread over loop turns)", buckets=ADAPT_BUCKETS, registry=r)
         self.restored = Counter("forewarn_restored_streams_total", "Streams restored from saved state", registry=r)
         self.restore_failures = Counter("forewarn_state_restore_failures_total",
                                         "Device states that could not be restored (corrupt, other version or "

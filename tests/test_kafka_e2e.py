@@ -116,7 +116,8 @@ def test_sigkill_mid_replay_loses_nothing_and_commits_only_processed(broker, tmp
             for d in range(4):
                 f.write(json.dumps({"device": f"d{d}", "ts": t, "value": (t * (d + 1)) % 17 / 3.0}) + "\n")
     env = _daemon_env(broker, topic, group, free_port(), FOREWARN_KAFKA_SCORES_TOPIC=scores_topic,
-                      FOREWARN_KAFKA_MAX_POLL_RECORDS="200", FOREWARN_DETECTOR_WARMUP="64")
+                      FOREWARN_KAFKA_MAX_POLL_RECORDS="200", FOREWARN_DETECTOR_WARMUP="64",
+                      FOREWARN_STATE_CHECKPOINT_INTERVAL_S="0.5", FOREWARN_STATE_CHECKPOINT_BATCH="1")
     first = start_daemon(env, tmp_path / "first.log")
     publisher = _replay_to_kafka(recording, broker, topic, "--speed", "150")  # 3,000 s of readings in ~20 s
     try:

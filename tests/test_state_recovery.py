@@ -24,7 +24,9 @@ def _env(broker, topic, group, port, scores_topic, **extra) -> dict[str, str]:
     return {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": topic,
             "FOREWARN_KAFKA_GROUP_ID": group, "FOREWARN_METRICS_HOST": "127.0.0.1",
             "FOREWARN_METRICS_PORT": str(port), "FOREWARN_KAFKA_SCORES_TOPIC": scores_topic,
-            "FOREWARN_DETECTOR_WARMUP": WARMUP, "FOREWARN_STATE_CHECKPOINT_INTERVAL_S": "1", **extra}
+            "FOREWARN_DETECTOR_WARMUP": WARMUP, "FOREWARN_STATE_CHECKPOINT_INTERVAL_S": "1",
+            # checkpoints spread over several loop turns, so rebalances and kills land mid-way
+            "FOREWARN_STATE_CHECKPOINT_BATCH": "3", **extra}
 
 
 def _all_committed(broker, group, topic, n):
