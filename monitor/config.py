@@ -124,9 +124,9 @@ class StateConfig:
     changelog_topic: str = _setting("", "compacted state topic ('' = <group_id>-state)")
     local_path: str = _setting("forewarn-state.db", "state file of the local store")
     checkpoint_interval_s: float = _setting(30.0, "seconds between checkpoints (state written, then offsets "
-                                                  "committed); ~0.25 ms per changed device each time")
+                                                  "committed); ~0.15 ms per changed device each time")
     checkpoint_batch: int = _setting(1000, "device snapshots written per loop turn while a checkpoint is under way "
-                                           "(~0.2 ms each; bounds the pause a checkpoint adds to scoring)")
+                                           "(~0.15 ms each; bounds the pause a checkpoint adds to scoring)")
 
     def validate(self) -> None:
         if self.store not in ("changelog", "local", "none"):

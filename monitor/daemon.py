@@ -182,15 +182,25 @@ class Daemon:
                 log.warning("broker unreachable: not ready; processing resumes when it is back")
         self._broker_reachable = reachable
 
+    # A large checkpoint takes seconds to be acknowledged by a healthy broker: only a
+    # wait this long, or a lost connection, counts as the broker being away.
+    SLOW_ACK_S = 5.0
+    # A stop waits this long for a reachable broker to acknowledge before giving up.
+    STOP_GRACE_S = 30.0
+
     def _on_broker_wait(self, seconds: float) -> None:
-        """Called while a flush waits for the broker: the loop is alive, but not ready."""
-        if self.stopping.is_set():
-            raise StoppedWhileWaiting
-        if not self._waiting_on_broker:
-            log.warning("waiting for the broker to acknowledge outputs; nothing is committed meanwhile",
-                        extra=_fields(delivery_timeout_ms=self.config.kafka.delivery_timeout_ms))
-        self._waiting_on_broker = True
+        """Called about every second while a flush waits for the broker: the loop is alive."""
         self._last_turn = time.monotonic()
+        unreachable = self.source is not None and not self.source.connected()
+        if self.stopping.is_set() and (unreachable or seconds >= self.STOP_GRACE_S):
+            raise StoppedWhileWaiting
+        if not (unreachable or seconds >= self.SLOW_ACK_S):
+            return
+        if not self._waiting_on_broker:
+            log.warning("waiting for the broker to acknowledge outputs; not ready, nothing is committed meanwhile",
+                        extra=_fields(seconds=round(seconds, 1), broker_connected=not unreachable,
+                                      delivery_timeout_ms=self.config.kafka.delivery_timeout_ms))
+        self._waiting_on_broker = True
         self.ready()
 
     def stop(self, *_args) -> None:
@@ -381,8 +391,9 @@ class Daemon:
         devices = [d for d in devices if d in partition_of]
         # a restored device nothing new has reached yet still covers what its snapshot did
         covered = {d: max(processed.get(partition_of[d], -1), restored.get(d, -1)) for d in devices}
-        for state in self.pipeline.export_devices(devices, covered):
-            self.store.put(partition_of[state.device], state.device, self.codec.encode(state))
+        states = self.pipeline.export_devices(devices, covered)
+        for state, data in zip(states, self.codec.encode_many(states)):
+            self.store.put(partition_of[state.device], state.device, data)
         return len(devices)
 
     def _flushed(self, sink) -> None:

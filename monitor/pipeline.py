@@ -363,6 +363,10 @@ class Pipeline:
         live = [s for streams in by_device.values() for s in streams if s.state is Lifecycle.LIVE]
         rows = torch.tensor([s.row for s in live], dtype=torch.long)
         params, (h, c), center, scale, forecast = self.fleet.rows_state(rows)
+        # one view per row, taken in bulk: indexing tensors row by row costs more than the rest
+        params = {k: v.unbind(0) for k, v in params.items()}
+        h, c = h.unbind(1), c.unbind(1)
+        center, scale, forecast = center.tolist(), scale.tolist(), forecast.tolist()
         index = {id(s): j for j, s in enumerate(live)}
         out = []
         for device, streams in by_device.items():
@@ -371,8 +375,8 @@ class Pipeline:
                 if s.state is Lifecycle.LIVE:
                     j = index[id(s)]
                     states.append(StreamState(s.channel, "live", s.last_ts, params={k: v[j] for k, v in params.items()},
-                                              h=h[:, j], c=c[:, j], center=float(center[j]), scale=float(scale[j]),
-                                              forecast=float(forecast[j]), scorer=s.scorer.state(),
+                                              h=h[j], c=c[j], center=center[j], scale=scale[j],
+                                              forecast=forecast[j], scorer=s.scorer.state(),
                                               drift=s.drift.state() if s.drift else None,
                                               rebuffer=list(s.rebuffer) if s.rebuffer is not None else None))
                 else:  # between feeds nothing is adapting: the batch that filled a window adapted it

@@ -97,24 +97,38 @@ class StateCodec:
         self._layers, self._hidden = init.spec.layers, init.spec.hidden
 
     def encode(self, state: DeviceState) -> bytes:
-        header = {"device": state.device, "offset": state.offset, "streams": []}
-        blobs = []
-        for s in state.streams:
-            entry = {"channel": s.channel, "stage": s.stage, "last_ts": s.last_ts}
-            if s.stage == "live":
-                entry.update(center=s.center, scale=s.scale, forecast=s.forecast, scorer=s.scorer)
-                if s.drift is not None:  # optional keys: records without them decode as before
-                    entry.update(drift=s.drift, rebuffer=s.rebuffer)
-                delta = np.concatenate([(s.params[k].to(torch.float32) - self._base[k]).reshape(-1).numpy()
-                                        for k in self._names])
-                blobs.append(delta.astype(np.float16).tobytes())
-                blobs.append(torch.stack([s.h, s.c]).to(torch.float32).numpy().tobytes())
-            else:
-                entry["buffer"] = s.buffer
-            header["streams"].append(entry)
-        head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-        body = zlib.compress(struct.pack("<I", len(head)) + head + b"".join(blobs), 0)
-        return _PREFIX.pack(MAGIC, VERSION, self.fingerprint, zlib.crc32(body)) + body
+        return self.encode_many([state])[0]
+
+    def encode_many(self, states: list[DeviceState]) -> list[bytes]:
+        """``encode`` for many devices, with the weight deltas of all their live
+        streams computed in one tensor operation per weight."""
+        live = [s for state in states for s in state.streams if s.stage == "live"]
+        weights = iter(())
+        if live:
+            n = len(live)
+            delta = torch.cat([(torch.stack([s.params[k] for s in live]).to(torch.float32) - self._base[k]).reshape(n, -1)
+                               for k in self._names], dim=1).to(torch.float16).numpy()
+            hc = torch.stack([torch.stack([s.h, s.c]) for s in live]).to(torch.float32).numpy()
+            weights = iter(zip(delta, hc))
+        out = []
+        for state in states:
+            header = {"device": state.device, "offset": state.offset, "streams": []}
+            blobs = []
+            for s in state.streams:
+                entry = {"channel": s.channel, "stage": s.stage, "last_ts": s.last_ts}
+                if s.stage == "live":
+                    entry.update(center=s.center, scale=s.scale, forecast=s.forecast, scorer=s.scorer)
+                    if s.drift is not None:  # optional keys: records without them decode as before
+                        entry.update(drift=s.drift, rebuffer=s.rebuffer)
+                    row_delta, row_hc = next(weights)
+                    blobs += (row_delta.tobytes(), row_hc.tobytes())
+                else:
+                    entry["buffer"] = s.buffer
+                header["streams"].append(entry)
+            head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+            body = zlib.compress(struct.pack("<I", len(head)) + head + b"".join(blobs), 0)
+            out.append(_PREFIX.pack(MAGIC, VERSION, self.fingerprint, zlib.crc32(body)) + body)
+        return out
 
     def decode(self, data: bytes) -> DeviceState:
         if len(data) < _PREFIX.size:

@@ -88,12 +88,15 @@ def test_stop_while_waiting_for_the_broker_gives_up_the_wait_uncommitted():
 
     class UnacknowledgedSink:  # a producer whose broker does not answer
         def flush(self, on_wait):
-            on_wait(1.0)
+            on_wait(1.0)  # a slow acknowledgement is not yet an outage
+            ready_while_waiting.append(daemon.ready())
+            on_wait(daemon.SLOW_ACK_S)
             ready_while_waiting.append(daemon.ready())
             daemon.stop()  # SIGTERM arrives during the wait
-            on_wait(2.0)
+            on_wait(daemon.SLOW_ACK_S + 1)  # a reachable broker gets its grace period
+            on_wait(daemon.STOP_GRACE_S)
 
     assert daemon.ready()
     with pytest.raises(StoppedWhileWaiting):
         daemon._flushed(UnacknowledgedSink())
-    assert ready_while_waiting == [False]
+    assert ready_while_waiting == [True, False]
