@@ -2,9 +2,10 @@
 
 ``KafkaSource`` polls a batch, turns each record into a ``Reading`` or a
 ``BadRecord``, and remembers the next offset of every partition it returned;
-``commit`` then commits exactly those offsets.  The daemon calls ``commit`` only
-after every reading of the batch was scored and its outputs were flushed, so a
-crash at any point replays from the last batch whose results were delivered.
+``commit`` then commits the offsets it is given.  The daemon commits only
+offsets whose readings were scored, whose outputs were acknowledged and whose
+device states are durable (its checkpoints), so a crash at any point replays
+from a state that matches the committed offsets.
 """
 from __future__ import annotations
 
@@ -51,12 +52,18 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned):
         self.source._assigned(set(assigned))
 
+    def on_partitions_lost(self, lost):
+        # evicted: another member may already own these partitions and have moved their
+        # state on, so nothing of them may be written from here
+        self.source._revoked(set(lost), lost=True)
+
 
 class KafkaSource:
     """A consumer-group member that hands out batches of readings.
 
-    ``on_revoke(partitions)`` and ``on_assign(partitions)`` are called from inside
-    ``poll`` when the group rebalances.
+    ``on_revoke(partitions, lost)`` and ``on_assign(partitions)`` are called from
+    inside ``poll`` when the group rebalances (``lost``: the member was evicted and
+    the partitions may already belong to another).
     """
 
     def __init__(self, cfg: KafkaConfig, message_format: MessageFormat = MessageFormat(),
@@ -142,7 +149,7 @@ class KafkaSource:
         ends = self.consumer.end_offsets(list(parts), timeout_ms=LAG_TIMEOUT_MS)
         return {tp: max(0, ends[tp] - self.consumer.position(tp)) for tp in parts}
 
-    def _revoked(self, partitions: set[TopicPartition]) -> None:
+    def _revoked(self, partitions: set[TopicPartition], lost: bool = False) -> None:
         # kafka-python 3 calls a synchronous listener on its IO thread, where a commit cannot
         # block; delivered but uncommitted offsets of these partitions are dropped instead.
         # The next owner re-reads from the last commit and skips what the states saved on
@@ -150,7 +157,7 @@ class KafkaSource:
         for tp in partitions:
             self._delivered.pop(tp, None)
         if self.on_revoke:
-            self.on_revoke(partitions)
+            self.on_revoke(partitions, lost)
 
     def _assigned(self, partitions: set[TopicPartition]) -> None:
         if self.on_assign:
@@ -269,7 +276,10 @@ def close_producer(producer: KafkaProducer) -> None:
     if sender is not None:
         sender.force_close()  # aborts the pending batches, so close no longer waits on them
         sender.join(CLOSE_TIMEOUT_S)
-    producer.close(timeout=0)
+    try:
+        producer.close(timeout=0)
+    except KafkaTimeoutError:  # the sender did not stop: the process is exiting anyway
+        log.warning("producer did not close cleanly")
 
 
 def flush_acknowledged(producer: KafkaProducer, futures: list,

@@ -26,6 +26,9 @@ def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+MIN_DELIVERY_TIMEOUT_MS = 30_005  # kafka-python's request_timeout_ms (30 s) + our linger_ms (5)
+
+
 @dataclass
 class KafkaConfig:
     bootstrap_servers: str = _setting("localhost:9092", "comma-separated host:port list")
@@ -62,9 +65,12 @@ class KafkaConfig:
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             raise ConfigError(f"kafka.security_protocol: unknown {self.security_protocol!r}")
         for name in ("max_poll_records", "poll_timeout_ms", "fetch_max_wait_ms", "max_poll_interval_ms", "session_timeout_ms",
-                     "heartbeat_interval_ms", "delivery_timeout_ms"):
+                     "heartbeat_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"kafka.{name} must be >= 1")
+        if self.delivery_timeout_ms < MIN_DELIVERY_TIMEOUT_MS:  # kafka-python refuses less
+            raise ConfigError(f"kafka.delivery_timeout_ms must be >= {MIN_DELIVERY_TIMEOUT_MS} "
+                              "(the producers' request timeout plus linger)")
 
     def security(self) -> dict[str, Any]:
         """The security settings kafka-python takes, passed through as given."""

@@ -209,31 +209,24 @@ class Daemon:
         self.stopping.set()
 
     # ---- rebalancing ------------------------------------------------------------
-    def _on_revoke(self, partitions) -> None:
-        # Save the revoked devices' progress (no commit: the consumer cannot commit from
-        # inside a rebalance); the next owner restores it and skips what it covers.  Not
-        # after a batch was abandoned mid-way: the devices have learned readings whose
-        # outputs were not delivered, and the last checkpoint is the consistent state.
-        if self.store is not None and not self._abandoned:
-            unwritten = set(self._round.todo) if self._round else set()
-            try:
-                self._write_states(unwritten | self.pipeline.take_changed())
-                self._flushed(self.store)
-            except Exception:  # the next owner replays from the last checkpoint instead
-                log.warning("state write on revoke failed", exc_info=True)
+    def _on_revoke(self, partitions, lost: bool = False) -> None:
+        partitions = set(partitions)
+        gone = set()
+        for tp in partitions:
+            gone |= self._devices_by_partition.pop(tp.partition, set())
+        if self.store is not None and not lost and not self._abandoned:
+            self._save_on_revoke(gone)
         if self._round is not None:  # its offsets are committed later, for the partitions still held
-            self._round.todo = []
+            self._round.todo = [d for d in self._round.todo if d not in gone]
             for tp in partitions:
                 self._round.offsets.pop(tp, None)
         for tp in partitions:
             self._pending.pop(tp, None)
             self._processed.pop(tp.partition, None)
-        self._to_restore -= set(partitions)
-        gone = set()
-        for tp in partitions:
-            gone |= self._devices_by_partition.pop(tp.partition, set())
+        self._to_restore -= partitions
         for device in gone:
             self._partition_of.pop(device, None)
+            self._covered.pop(device, None)
         dropped = self.pipeline.drop_devices(gone)
         self.metrics.forget_devices(gone)
         for tp in partitions:
@@ -241,9 +234,35 @@ class Daemon:
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
             except KeyError:  # never exported
                 pass
-        self._assigned -= set(partitions)
-        log.info("partitions revoked", extra=_fields(partitions=sorted(tp.partition for tp in partitions),
-                                                     devices_dropped=len(gone), streams_dropped=dropped))
+        self._assigned -= partitions
+        log.info("partitions lost" if lost else "partitions revoked",
+                 extra=_fields(partitions=sorted(tp.partition for tp in partitions),
+                               devices_dropped=len(gone), streams_dropped=dropped))
+
+    def _save_on_revoke(self, devices: set[str]) -> None:
+        """Write the latest state of the departing devices, so their next owner continues
+        where they stand (no commit is possible inside a rebalance; the next owner skips
+        what the states cover).  This runs on the consumer's IO thread, heartbeats
+        waiting, so it stops after half the session timeout: a device not written
+        restores from its last checkpoint and replays from the committed offset.  Not
+        after a batch was given up mid-way: its devices have learned readings whose
+        outputs were not delivered, and the last checkpoint is the consistent state."""
+        unwritten = set(self._round.todo) & devices if self._round else set()
+        todo = list(unwritten | self.pipeline.take_changed(devices))
+        deadline = time.monotonic() + self.config.kafka.session_timeout_ms / 2000
+        step = self.config.state.checkpoint_batch
+        written = 0
+        try:
+            while todo and time.monotonic() < deadline:
+                chunk, todo = todo[:step], todo[step:]
+                written += self._write_states(chunk)
+            self._flushed(self.store)
+        except Exception:  # the next owner replays from the last checkpoint instead
+            log.warning("state write on revoke failed", exc_info=True)
+            return
+        if todo:
+            log.warning("state write on revoke cut short; the rest restore from their last checkpoint",
+                        extra=_fields(written=written, not_written=len(todo)))
 
     def _on_assign(self, partitions) -> None:
         self._assigned = set(partitions)
@@ -278,8 +297,11 @@ class Daemon:
             self._abandoned = True
             log.warning("stopped while the broker was unreachable: the readings since the last checkpoint "
                         "are not committed and will be processed again")
-        except KafkaError:
+        except BaseException as exc:  # whatever it was, the batch in hand is given up undelivered
             self._abandoned = True
+            log.error("exiting on an error: the batch in hand is not committed and its devices' state is not "
+                      "saved, so a restart replays it from the last checkpoint",
+                      extra=_fields(error=f"{type(exc).__name__}: {exc}"))
             raise
         finally:
             log.info("closing consumer and producer")
@@ -399,9 +421,8 @@ class Daemon:
     def _flushed(self, sink) -> None:
         try:
             sink.flush(on_wait=self._on_broker_wait)
-        except KafkaError:
-            log.error("the broker did not take outputs or state within kafka.delivery_timeout_ms; exiting "
-                      "without committing them (a restart replays from the last checkpoint)")
+        except Exception:
+            self._waiting_on_broker = False  # what follows is an exit or a caught failure, not a wait
             raise
         if self._waiting_on_broker:
             log.info("broker acknowledged the outputs it was holding")

@@ -65,7 +65,7 @@ class Metrics:
         if threshold is not None:
             self.threshold.set(threshold)
         self.ready = Gauge("forewarn_ready", "1 when partitions are assigned, their state restored and the "
-                           "initialization loaded (what /readyz answers), else 0", registry=r)
+                           "broker reachable and acknowledging (what /readyz answers), else 0", registry=r)
         self.checkpoints = Counter("forewarn_state_checkpoints_total",
                                    "Checkpoints: changed device states written, then input offsets committed", registry=r)
         self.checkpoint_duration = Histogram("forewarn_state_checkpoint_duration_seconds",

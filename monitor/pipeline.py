@@ -270,7 +270,7 @@ class Pipeline:
             if stream.drift is not None:
                 if stream.rebuffer is not None:
                     stream.rebuffer.append(value)
-                    if len(stream.rebuffer) == window:
+                    if len(stream.rebuffer) >= window:  # >=: a snapshot may come from a longer window
                         self._drifted.append(stream)
                 elif stream.drift.update(min(abs(residual), cap)):
                     stream.rebuffer = []
@@ -338,9 +338,14 @@ class Pipeline:
             self._set_state(stream, Lifecycle.LIVE)
 
     # ---- state ------------------------------------------------------------
-    def take_changed(self) -> set[str]:
-        """Devices whose state changed since the last call (what a checkpoint must write)."""
-        changed, self._changed = self._changed & self._devices.keys(), set()
+    def take_changed(self, among: set[str] | None = None) -> set[str]:
+        """Devices whose state changed since they were last taken (what a checkpoint must
+        write), all of them or those ``among`` the given ones."""
+        if among is None:
+            changed, self._changed = self._changed & self._devices.keys(), set()
+        else:
+            changed = self._changed & among & self._devices.keys()
+            self._changed -= among
         return changed
 
     def export_devices(self, devices: Iterable[str], offsets: dict[str, int] | None = None) -> list[DeviceState]:
@@ -428,7 +433,7 @@ class Pipeline:
         rows, dropped = [], 0
         for device in set(devices):
             for stream in self._devices.pop(device, ()):
-                del self._streams[(device, stream.channel)]
+                self._streams.pop((device, stream.channel), None)
                 self._state_counts[stream.state] -= 1
                 if stream.state is Lifecycle.LIVE:
                     rows.append(stream.row)

@@ -132,3 +132,19 @@ def test_a_lasting_level_shift_readapts_the_stream_so_it_forecasts_and_detects_a
         return sum(abs(s.forecast - s.value) for s in scores[450:850]) / 400
     assert mean_error(scores) < 1.0 < 10.0 < mean_error(scores_without)
     assert scores[900].anomaly and not scores_without[900].anomaly
+
+
+def test_drift_readaptation_does_not_depend_on_batch_boundaries(init):
+    config = PipelineConfig(warmup=64, drift_threshold=20.0, drift_window=48)
+    readings = [Reading("a", float(t), {"v": math.sin(t / 6.0) + (30.0 if t >= 200 else 0.0)
+                                        + (-25.0 if t >= 400 else 0.0)}) for t in range(600)]
+
+    def surprises(batch: int) -> tuple[list, int]:
+        pipe = Pipeline(init, config)
+        out = [s.surprise for start in range(0, len(readings), batch)
+               for s in pipe.feed(readings[start:start + batch]).scores]
+        return out, pipe.counts["readapted"]
+    whole, readapted = surprises(len(readings))
+    assert readapted == 2
+    for batch in (1, 37):
+        assert surprises(batch) == (pytest.approx(whole, abs=1e-9), readapted)

@@ -98,3 +98,60 @@ def test_corrupt_state_record_rewarms_that_device_alone(broker, tmp_path):
     d0_after = [s for s in scored if s["device"] == "d0" and s["ts"] >= 200]
     assert any(s["score"] is None for s in d0_after), "d0 should have re-warmed"
     assert all(s["score"] is not None for s in d0_after if s["ts"] >= 200 + int(WARMUP))
+
+
+def test_a_batch_that_fails_mid_way_is_replayed_whole_after_restart(broker, tmp_path):
+    """An unexpected error inside a batch ends the daemon; the devices' in-memory state
+    has already seen part of that batch, so it must not be saved on the way out, or the
+    replayed readings would be refused as out-of-order timestamps instead of scored."""
+    import threading
+
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+    from tests.kafka_support import FAST_GROUP
+
+    topic, scores, group = "fail-sensors", "fail-scores", "fail"
+    broker.create_topics({topic: 1, scores: 1})
+    env = {**FAST_GROUP, **_env(broker, topic, group, 0, scores, FOREWARN_STATE_STORE="local",
+                                FOREWARN_STATE_LOCAL_PATH=str(tmp_path / "state.db"),
+                                FOREWARN_KAFKA_MAX_POLL_RECORDS="100")}
+
+    def run_daemon(daemon: Daemon) -> list:
+        errors = []
+
+        def target():
+            try:
+                daemon.run()
+            except Exception as exc:  # noqa: BLE001  (what the daemon died of, checked below)
+                errors.append(exc)
+        thread = threading.Thread(target=target)
+        thread.start()
+        return [thread, errors]
+
+    publish(broker.bootstrap, topic, _messages(range(200)))
+    first = Daemon(Config.load(environ=env))
+    observe, calls = first.pipeline.fleet.observe, []
+
+    def failing_observe(rows, values):  # a live batch fails part-way through its rounds
+        calls.append(1)
+        if len(calls) == 40:
+            raise RuntimeError("simulated failure inside a batch")
+        return observe(rows, values)
+    first.pipeline.fleet.observe = failing_observe
+    thread, errors = run_daemon(first)
+    thread.join(120)
+    first.stop()
+    assert errors and "simulated failure" in str(errors[0])
+    assert 0 < sum(committed_offsets(broker.bootstrap, group, topic).values()) < 200 * DEVICES
+
+    second = Daemon(Config.load(environ=env))
+    thread, errors = run_daemon(second)
+    try:
+        wait_for(_all_committed(broker, group, topic, 200 * DEVICES), 180, what="the restarted daemon")
+    finally:
+        second.stop()
+        thread.join(60)
+    assert not errors
+    scored = read_topic(broker.bootstrap, scores)
+    assert {(s["device"], s["ts"]) for s in scored} == {(f"d{d}", float(t)) for t in range(200) for d in range(DEVICES)}
+    assert not second.pipeline.bad_counts, "re-delivered readings were refused"
