@@ -149,7 +149,7 @@ class Daemon:
         self.server: HealthServer | None = None
         self.source = None
         self.batches = 0
-        self.records = 0          # Kafka records processed and committed
+        self.records = 0          # Kafka records processed, their outputs acknowledged
         self.latency_log: list[float] | None = None  # set to a list to keep every latency (benchmarks)
         self.codec = StateCodec(self.init)
         self.store = None
@@ -161,7 +161,7 @@ class Daemon:
         self._covered: dict[str, int] = {}       # restored device -> input offset its state covers
         self._last_checkpoint = time.monotonic()
         self._broker_reachable = True
-        self._waiting_on_broker = False          # outputs or state sent, not acknowledged for over a second
+        self._waiting_on_broker = False          # outputs or state unacknowledged: connection lost or slow
         self._abandoned = False                  # a batch was given up undelivered: no more state writes
 
     # ---- health --------------------------------------------------------------
@@ -257,6 +257,9 @@ class Daemon:
                 chunk, todo = todo[:step], todo[step:]
                 written += self._write_states(chunk)
             self._flushed(self.store)
+        except StoppedWhileWaiting:
+            log.warning("state write on revoke given up: stopping while the broker is away")
+            return
         except Exception:  # the next owner replays from the last checkpoint instead
             log.warning("state write on revoke failed", exc_info=True)
             return
@@ -295,7 +298,7 @@ class Daemon:
                 self._checkpoint_now(source)
         except StoppedWhileWaiting:
             self._abandoned = True
-            log.warning("stopped while the broker was unreachable: the readings since the last checkpoint "
+            log.warning("stopped while waiting for the broker: the readings since the last checkpoint "
                         "are not committed and will be processed again")
         except BaseException as exc:  # whatever it was, the batch in hand is given up undelivered
             self._abandoned = True
