@@ -145,7 +145,6 @@ class Daemon:
         self.stopping = threading.Event()
         self._last_turn = time.monotonic()
         self._assigned: set = set()
-        self._devices_by_partition: dict[int, set[str]] = {}
         self.server: HealthServer | None = None
         self.source = None
         self.batches = 0
@@ -211,9 +210,8 @@ class Daemon:
     # ---- rebalancing ------------------------------------------------------------
     def _on_revoke(self, partitions, lost: bool = False) -> None:
         partitions = set(partitions)
-        gone = set()
-        for tp in partitions:
-            gone |= self._devices_by_partition.pop(tp.partition, set())
+        leaving = {tp.partition for tp in partitions}
+        gone = {d for d, p in self._partition_of.items() if p in leaving}
         if self.store is not None and not lost and not self._abandoned:
             self._save_on_revoke(gone)
         if self._round is not None:  # its offsets are committed later, for the partitions still held
@@ -345,11 +343,7 @@ class Daemon:
                 last_lag = time.monotonic()
 
     def _process(self, batch, source, sinks) -> None:
-        known = self._partition_of
-        for device, partition in batch.partition_of.items():
-            if known.get(device) != partition:
-                known[device] = partition
-                self._devices_by_partition.setdefault(partition, set()).add(device)
+        self._partition_of.update(batch.partition_of)
         readings = self._skip_covered(batch) if self._covered else batch.readings
         result = self.pipeline.feed(readings)
         bad = batch.bad + result.bad
@@ -488,7 +482,6 @@ class Daemon:
         by_device = {s.device: s for _, s in states}
         streams = self.pipeline.import_devices(by_device.values())
         for partition, s in states:
-            self._devices_by_partition.setdefault(partition, set()).add(s.device)
             self._partition_of[s.device] = partition
             if s.offset >= 0:
                 self._covered[s.device] = s.offset

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -125,6 +126,16 @@ global:
     log.close()
     wait_for(lambda: http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200, 60, what="prometheus ready")
     return proc, port
+
+
+def stop_daemon_and_prometheus(daemon: subprocess.Popen, prometheus: subprocess.Popen) -> int:
+    """SIGTERM the daemon and wait for it, stop Prometheus; the daemon's exit code."""
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        return daemon.wait(30)
+    finally:
+        prometheus.terminate()
+        prometheus.wait(10)
 
 
 def _free_port() -> int:

@@ -10,7 +10,6 @@ only, and every shipped rule must evaluate without error against the daemon's re
 from __future__ import annotations
 
 import json
-import signal
 import urllib.parse
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import yaml
 
 from connectors.tansu import free_port
 from monitor.readings import parse_timestamp
-from tests.kafka_support import ROOT, http_get, metric_value, start_daemon, start_prometheus, wait_for
+from tests.kafka_support import (ROOT, http_get, metric_value, start_daemon, start_prometheus, stop_daemon_and_prometheus,
+                                 wait_for)
 from tests.test_kafka_e2e import (  # noqa: F401  (prometheus_bin is a fixture)
     BUNDLED,
     FAILURE_WINDOW,
@@ -113,8 +113,5 @@ def test_shipped_rules_fire_the_device_alert_on_a_labelled_anomaly(broker, tmp_p
         over = _api(prom_port, "query", query="device:forewarn_anomaly_score:over_threshold")["result"]
         assert [s["metric"]["device"] for s in over] == ["machine-temp"]
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(30)
-        prometheus.terminate()
-        prometheus.wait(10)
+        code = stop_daemon_and_prometheus(daemon, prometheus)
     assert code == 0, (tmp_path / "daemon.log").read_text()[-3000:]

@@ -14,7 +14,7 @@ import pytest
 from connectors.tansu import free_port
 from monitor.readings import parse_timestamp
 from tests.kafka_support import (ROOT, assert_warmed_once, committed_offsets, http_get, metric_value, read_topic,
-                                 start_daemon, start_prometheus, wait_for)
+                                 start_daemon, start_prometheus, stop_daemon_and_prometheus, wait_for)
 
 BUNDLED = ROOT / "monitor" / "data" / "nab" / "machine_temperature_system_failure.csv"
 # NAB's labelled window around the machine's catastrophic failure
@@ -99,10 +99,7 @@ def test_end_to_end_kafka_daemon_prometheus(broker, data_dir, tmp_path, promethe
         assert in_window and all(e["score"] >= 0.999 and e["channel"] == "value" for e in in_window)
         assert {"forecast", "value", "ts", "score"} <= set(in_window[0])
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(30)
-        prometheus.terminate()
-        prometheus.wait(10)
+        code = stop_daemon_and_prometheus(daemon, prometheus)
     assert code == 0, (tmp_path / "daemon.log").read_text()[-3000:]
     assert "stopped" in (tmp_path / "daemon.log").read_text()
 
