@@ -295,7 +295,7 @@ class Pipeline:
         for s in streams:
             s.backlog = []
 
-    def _readapt(self) -> int:
+    def _readapt(self) -> None:
         """Adapt drifted streams afresh on their newest ``drift_window`` readings."""
         drifted, self._drifted = self._drifted, []  # filled and emptied within one feed
         window, step = self.config.drift_window, self.config.adapt_batch
@@ -312,7 +312,6 @@ class Pipeline:
             # at first (more false alarms on NAB: README "Drift").
             self._adapt(chunk, windows)
         self.counts["readapted"] += len(drifted)
-        return len(drifted)
 
     def _adapt(self, streams: list[_Stream], windows: list[list[float]]) -> None:
         """Fit scaling and weights to each stream's window and place it in the fleet, live."""
