@@ -294,6 +294,37 @@ def test_dockerfile():
     assert "COPY monitor/data/nab /app/monitor/data/nab" in text and "WORKDIR /app" in text
 
 
+def test_the_image_build_installs_every_module_and_the_shipped_data(tmp_path):
+    """What the Dockerfile's build stage does, minus Docker: copy what it copies, build the
+    wheel ``pip install /src`` builds, and import every module from the installed files alone."""
+    build = re.search(r"^FROM .* AS build$(.*?)^FROM ", (DEPLOY / "Dockerfile").read_text(), re.M | re.S).group(1)
+    src = tmp_path / "src"
+    src.mkdir()
+    for line in re.findall(r"^COPY (.+) /src/\S*$", build, re.M):
+        for name in line.split():
+            copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+            copy(ROOT / name, src / name)
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)], check=True)
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), *map(str, wheels.glob("*.whl"))], check=True)
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                     for top in ("monitor", "connectors") for p in (ROOT / top).rglob("*.py"))
+    check = ("import importlib, pathlib, sys\n"
+             "from monitor.checkpoint import Initialization\n"
+             "Initialization.default()\n"
+             "for name in sys.argv[1:]:\n"
+             "    module = importlib.import_module(name)\n"
+             "    assert pathlib.Path(module.__file__).is_relative_to(pathlib.Path.cwd()), module.__file__\n")
+    # run from the install directory with the repository off the path: only installed files count
+    result = subprocess.run([sys.executable, "-c", check, *modules], cwd=site, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (site / "monitor" / "data" / "nab" / "machine_temperature_system_failure.csv").exists()
+    entry_points = next(site.glob("forewarn-*.dist-info")) / "entry_points.txt"
+    assert "forewarn = monitor.cli:main" in entry_points.read_text()
+
+
 # ---- Kubernetes -------------------------------------------------------------------------------------
 def test_kubernetes_manifests_parse():
     files = sorted(K8S.glob("*.yaml"))
