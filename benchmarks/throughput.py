@@ -27,9 +27,9 @@ from monitor.pipeline import Pipeline, PipelineConfig  # noqa: E402
 from monitor.readings import Reading  # noqa: E402
 
 
-def live_pipeline(init: Initialization, n: int, warmup: int) -> tuple[Pipeline, list[str]]:
+def live_pipeline(init: Initialization, n: int, warmup: int, **options) -> tuple[Pipeline, list[str]]:
     """A pipeline whose ``n`` streams are all live (adapted with K=0: speed does not depend on K)."""
-    pipe = Pipeline(init, PipelineConfig(warmup=warmup, adapt=AdaptConfig(steps=0)))
+    pipe = Pipeline(init, PipelineConfig(warmup=warmup, adapt=AdaptConfig(steps=0), **options))
     devices = [f"dev-{i}" for i in range(n)]
     g = torch.Generator().manual_seed(0)
     for t in range(warmup):
@@ -76,6 +76,18 @@ def bench_naive(n: int, hidden: int, batches: int) -> float:
     return batches * n / (time.perf_counter() - started)
 
 
+def bench_online_update(init: Initialization, n: int, batches: int) -> float:
+    """Seconds per stream of one online update (one step on its newest 256 readings): the same
+    fleet fed the same batches with an update after every reading, and without."""
+    plain, devices = live_pipeline(init, n, warmup=32)
+    updating, _ = live_pipeline(init, n, warmup=32, online_every=1, online_window=256)
+    per_reading = 1 / bench_feed(plain, devices, batches, t0=1000)
+    assert updating.counts["updated"] == 0
+    per_update = 1 / bench_feed(updating, devices, batches, t0=1000)
+    assert updating.counts["updated"] == n * batches
+    return per_update - per_reading
+
+
 def bench_cold_start(init: Initialization, n: int, warmup: int) -> float:
     pipe = Pipeline(init, PipelineConfig(warmup=warmup))
     devices = [f"new-{i}" for i in range(n)]
@@ -98,6 +110,8 @@ def main() -> None:
     parser.add_argument("--naive-streams", type=int, default=2_000,
                         help="streams in the naive loop (its rate does not depend on the count)")
     parser.add_argument("--cold-start", type=int, default=1_000)
+    parser.add_argument("--online-streams", type=int, default=2_000,
+                        help="streams for the online-update cost (per-stream cost, about 1 ms each)")
     args = parser.parse_args()
     tune_runtime(threads=2)
     init = Initialization.default()
@@ -108,6 +122,7 @@ def main() -> None:
     naive_rate = bench_naive(args.naive_streams, init.spec.hidden, batches=3)
     cold = bench_cold_start(init, args.cold_start, warmup=256)
     state = pipe.fleet.state_bytes_per_stream()
+    update = bench_online_update(init, args.online_streams, batches=2)
 
     print(f"torch threads: {torch.get_num_threads()}, LSTM hidden {init.spec.hidden} x {init.spec.layers} layer(s)")
     print("| measurement | value |")
@@ -118,6 +133,10 @@ def main() -> None:
     print(f"| Pipeline.feed / naive | {feed_rate / naive_rate:.1f}x |")
     print(f"| cold start: adapt {args.cold_start:,} new streams (W=256, K={init.adapt.steps}) | {cold:.2f} s |")
     print(f"| model state per live stream | {state:,} bytes |")
+    print(f"| online update, per stream (1 step on 256 readings, {args.online_streams:,} at once) | {update * 1e3:.2f} ms |")
+    for every in (64, 256):
+        print(f"| Pipeline.feed with online updates every {every} readings (derived) | "
+              f"{1 / (1 / feed_rate + update / every):,.0f} readings/s |")
 
 
 if __name__ == "__main__":

@@ -74,12 +74,21 @@ def chunk_windows(series: Tensor, chunks: int, burn_in: int) -> Tensor:
     return series[:, start:].unfold(1, piece + burn_in, piece)
 
 
-def sequence_loss(params: Params, series: Tensor, cfg: AdaptConfig) -> Tensor:
-    """Per-row one-step-ahead loss ([B]) of ``params`` on scaled, clipped ``series`` ([B, T])."""
+def sequence_loss(params: Params, series: Tensor, cfg: AdaptConfig, mask: Tensor | None = None) -> Tensor:
+    """Per-row one-step-ahead loss ([B]) of ``params`` on scaled, clipped ``series`` ([B, T]).
+
+    ``mask`` ([B, T], bool) leaves out the forecasts *of* the values where it is
+    False (they are still read as inputs): a row with nothing left has loss 0.
+    """
     windows = chunk_windows(series, cfg.chunks, cfg.burn_in)
     pred, _ = forecast_sequence(params, windows[..., :-1])
     skip = min(cfg.burn_in, windows.shape[-1] - 2)
-    return pointwise_loss(pred[..., skip:], windows[..., 1 + skip:], cfg).mean(dim=(1, 2))
+    loss = pointwise_loss(pred[..., skip:], windows[..., 1 + skip:], cfg)
+    if mask is None:
+        return loss.mean(dim=(1, 2))
+    # pieces overlap by burn_in, which each piece skips: every target is counted once
+    weight = chunk_windows(mask.to(loss.dtype), cfg.chunks, cfg.burn_in)[..., 1 + skip:]
+    return (loss * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2)).clamp(min=1.0)
 
 
 def _expand(params: Params, batch: int) -> Params:
@@ -87,13 +96,16 @@ def _expand(params: Params, batch: int) -> Params:
 
 
 def adapt(init: Params, support: Tensor, cfg: AdaptConfig, inner_lr: Params | None = None,
-          create_graph: bool = False) -> Params:
-    """Adapt ``init`` (shared) to each row of ``support`` ([B, W], scaled and clipped).
+          create_graph: bool = False, mask: Tensor | None = None) -> Params:
+    """Adapt ``init`` to each row of ``support`` ([B, W], scaled and clipped).
 
+    ``init`` is shared (every row starts from it) or already stacked with B rows
+    (each row continues from its own weights: the online updates of live streams).
     Returns stacked parameters, one row per series.  ``inner_lr`` holds learned
-    per-parameter step sizes (Meta-SGD, same shapes as ``init``); without it every
-    parameter moves at ``cfg.lr``.  With ``create_graph=False`` the inner gradients
-    are constants to any outer graph: plain adaptation, or first-order MAML.
+    per-parameter step sizes (Meta-SGD, same shapes as a shared ``init``); without
+    it every parameter moves at ``cfg.lr``.  With ``create_graph=False`` the inner
+    gradients are constants to any outer graph: plain adaptation, or first-order
+    MAML.  ``mask`` leaves values out of the loss as in ``sequence_loss``.
 
     >>> from monitor.forecaster import LSTMSpec, init_params
     >>> init = init_params(LSTMSpec(hidden=4), torch.Generator().manual_seed(0))
@@ -106,11 +118,11 @@ def adapt(init: Params, support: Tensor, cfg: AdaptConfig, inner_lr: Params | No
     True
     """
     batch = support.shape[0]
-    params = _expand(init, batch)
+    params = init if init["head.b"].dim() == 1 else _expand(init, batch)  # head.b: [] shared, [B] stacked
     if cfg.steps == 0:
         return {k: v.clone() for k, v in params.items()}
     anchor = params
-    loss_grad = torch.func.grad(lambda p: sequence_loss(p, support, cfg).sum())
+    loss_grad = torch.func.grad(lambda p: sequence_loss(p, support, cfg, mask).sum())
     for _ in range(cfg.steps):
         grads = loss_grad(params)
         if not create_graph:

@@ -52,6 +52,7 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
     if args.adapt_steps is not None:
         adapt = replace(adapt, steps=args.adapt_steps)
     return PipelineConfig(warmup=args.warmup, adapt=adapt, drift_threshold=args.drift_threshold,
+                          online_every=args.online_every,
                           scoring=ScoringConfig(threshold=args.threshold, calibration_fading=args.calibration_fading))
 
 
@@ -183,7 +184,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                "FOREWARN_METRICS_PORT": str(args.metrics_port), "FOREWARN_LOG_LEVEL": "WARNING",
                "FOREWARN_DETECTOR_WARMUP": str(args.warmup), "FOREWARN_DETECTOR_THRESHOLD": str(args.threshold),
                "FOREWARN_DETECTOR_CALIBRATION_FADING": str(args.calibration_fading),
-               "FOREWARN_DETECTOR_DRIFT_THRESHOLD": str(args.drift_threshold)}
+               "FOREWARN_DETECTOR_DRIFT_THRESHOLD": str(args.drift_threshold),
+               "FOREWARN_DETECTOR_ONLINE_EVERY": str(args.online_every)}
         if args.adapt_steps is not None:
             env["FOREWARN_DETECTOR_ADAPT_STEPS"] = str(args.adapt_steps)
         cfg = Config.load(environ=env)
@@ -359,6 +361,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -378,6 +387,9 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
                    help="stage-2 score calibration, as detector.calibration_fading (default: 0 = off)")
     p.add_argument("--drift-threshold", type=float, default=0.0, metavar="L",
                    help="re-adapt a stream whose residuals drift up, as detector.drift_threshold (default: 0 = off)")
+    p.add_argument("--online-every", type=_non_negative_int, default=0, metavar="N",
+                   help="online weight update of each live stream every N readings, leaving out the ones it "
+                        "flagged, as detector.online_every (default: 0 = off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

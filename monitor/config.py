@@ -95,6 +95,11 @@ class DetectorConfig:
     drift_threshold: float = _setting(0.0, "Page-Hinkley threshold on a live stream's |residual| that re-adapts it "
                                            "on its next drift_window readings (0 = off)")
     drift_window: int = _setting(256, "readings a drifted stream is re-adapted on")
+    online_every: int = _setting(0, "readings between a live stream's online weight updates, which leave out "
+                                    "readings it flagged (0 = off)")
+    online_window: int = _setting(256, "newest readings an online update learns from (5 bytes each per stream)")
+    online_steps: int = _setting(1, "gradient steps of one online update")
+    online_lr_scale: float = _setting(0.5, "online step size, as a multiple of the adaptation's")
 
     def validate(self) -> None:
         if self.warmup < 16:
@@ -105,6 +110,9 @@ class DetectorConfig:
             raise ConfigError("detector.calibration_fading must be in [0, 1]")
         if self.drift_threshold < 0 or self.drift_window < 16:
             raise ConfigError("detector.drift_threshold must be >= 0 and detector.drift_window >= 16")
+        if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:
+            raise ConfigError("detector.online_every must be >= 0, detector.online_window >= 16, "
+                              "detector.online_steps >= 1 and detector.online_lr_scale > 0")
         if self.max_streams < 1 or self.adapt_batch < 1 or self.adapt_steps < -1:
             raise ConfigError("detector.max_streams and detector.adapt_batch must be >= 1, "
                               "detector.adapt_steps >= -1")

@@ -139,7 +139,8 @@ class Daemon:
             warmup=det.warmup, adapt=adapt, scoring=ScoringConfig(threshold=det.threshold,
                                                                   calibration_fading=det.calibration_fading),
             max_streams=det.max_streams, adapt_batch=det.adapt_batch, drift_threshold=det.drift_threshold,
-            drift_window=det.drift_window))
+            drift_window=det.drift_window, online_every=det.online_every, online_window=det.online_window,
+            online_steps=det.online_steps, online_lr_scale=det.online_lr_scale))
         self.metrics = Metrics(self.registry, config.metrics.max_devices, det.threshold)
         self.on_result = on_result
         self.stopping = threading.Event()
@@ -368,6 +369,8 @@ class Daemon:
         if result.readapted:
             self.metrics.readapted.inc(result.readapted)
             log.info("drifted streams re-adapted", extra=_fields(streams=result.readapted))
+        if result.updated:
+            self.metrics.updated.inc(result.updated)
         for b in bad[:5]:
             log.warning("bad record", extra=_fields(reason=b.reason.value, detail=b.detail, source=b.ref))
         if self.on_result:

@@ -216,16 +216,24 @@ class FleetForecaster:
     FULL_STEP_SHARE = 0.25
 
     def __init__(self, spec: LSTMSpec, dtype: torch.dtype = torch.float32, clip: float = 10.0,
-                 capacity: int = 64) -> None:
+                 capacity: int = 64, history: int = 0) -> None:
         self.spec = spec
         self.dtype = dtype
         self.clip = clip
+        self.history = history
         self._params = {k: torch.zeros((capacity, *s), dtype=dtype) for k, s in spec.shapes().items()}
         self._h = torch.zeros((spec.layers, capacity, spec.hidden), dtype=dtype)
         self._c = torch.zeros_like(self._h)
         self._center = torch.zeros(capacity, dtype=torch.float64)
         self._scale = torch.ones(capacity, dtype=torch.float64)
         self._forecast = torch.zeros(capacity, dtype=dtype)  # scaled forecast of the next reading
+        # With history > 0, each row also keeps its last `history` scaled inputs in a ring
+        # (position = _seen % history), whether each may be learned from, and how many
+        # readings it has observed since its weights last changed: what online updates need.
+        self._recent = torch.zeros((capacity, history), dtype=dtype)
+        self._learnable = torch.zeros((capacity, history), dtype=torch.bool)
+        self._seen = torch.zeros(capacity, dtype=torch.long)
+        self._since_update = torch.zeros(capacity, dtype=torch.long)
         self._used = 0
         self._free: list[int] = []
 
@@ -241,6 +249,7 @@ class FleetForecaster:
         per_row = sum(t[0].numel() * t.element_size() for t in self._params.values())
         per_row += 2 * self.spec.layers * self.spec.hidden * self._h.element_size()
         per_row += self._center.element_size() + self._scale.element_size()
+        per_row += self.history * (self._recent.element_size() + 1) + 2 * self._seen.element_size()
         return per_row + self._forecast.element_size()
 
     def _grow(self, needed: int) -> None:
@@ -258,13 +267,18 @@ class FleetForecaster:
         self._h, self._c = grown(self._h, 1), grown(self._c, 1)
         self._center, self._scale = grown(self._center), grown(self._scale, fill=1.0)
         self._forecast = grown(self._forecast)
+        self._recent, self._learnable = grown(self._recent), grown(self._learnable)
+        self._seen, self._since_update = grown(self._seen), grown(self._since_update)
 
     def add(self, params: Params, center: Tensor, scale: Tensor, state: State | None = None,
-            forecast: Tensor | None = None) -> Tensor:
+            forecast: Tensor | None = None, recent: Tensor | None = None, learnable: Tensor | None = None,
+            since_update: Tensor | None = None) -> Tensor:
         """Place streams (stacked ``params`` rows) in the fleet; returns their row indices.
 
         ``state`` and ``forecast`` (scaled) continue a stream that already ran, such
         as one just adapted on its warm-up window; fresh streams start at zero.
+        ``recent`` ([n, T], scaled, oldest first) seeds the history of each row, with
+        ``learnable`` (default: all) and the ``since_update`` count (default 0).
         """
         n = center.shape[0]
         reuse = [self._free.pop() for _ in range(min(n, len(self._free)))]
@@ -284,7 +298,55 @@ class FleetForecaster:
             self._center[rows] = center.to(torch.float64)
             self._scale[rows] = scale.to(torch.float64)
             self._forecast[rows] = 0 if forecast is None else forecast.to(self.dtype)
+            if self.history:
+                self._seed_history(rows, recent, learnable, since_update)
         return rows
+
+    def _seed_history(self, rows: Tensor, recent: Tensor | None, learnable: Tensor | None,
+                      since_update: Tensor | None) -> None:
+        """Lay out each row's ring oldest-first: the newest ``history`` of ``recent``,
+        right-aligned, with any slots before them empty (never learned from)."""
+        n, size = rows.numel(), self.history
+        ring = torch.zeros((n, size), dtype=self.dtype)
+        ok = torch.zeros((n, size), dtype=torch.bool)
+        if recent is not None and recent.shape[1]:
+            take = min(size, recent.shape[1])
+            ring[:, size - take:] = recent[:, -take:].clamp(-self.clip, self.clip).to(self.dtype)
+            ok[:, size - take:] = True if learnable is None else learnable[:, -take:]
+        self._recent[rows], self._learnable[rows] = ring, ok
+        self._seen[rows] = size  # next write goes to slot 0, the oldest
+        self._since_update[rows] = 0 if since_update is None else since_update
+
+    def add_history(self, row: int, recent: Tensor, learnable: Tensor, since_update: int) -> None:
+        """Give a row placed by ``add`` the history it had before (from a snapshot)."""
+        self._seed_history(torch.tensor([row]), recent.unsqueeze(0), learnable.unsqueeze(0),
+                           torch.tensor([since_update]))
+
+    def history_of(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(scaled inputs, learnable, readings since the last weight change) of these
+        rows, oldest first: ``[n, history]``, ``[n, history]``, ``[n]``."""
+        order = (self._seen[rows].unsqueeze(1) + torch.arange(self.history)) % self.history
+        return (self._recent[rows].gather(1, order), self._learnable[rows].gather(1, order),
+                self._since_update[rows].clone())
+
+    def unlearnable_last(self, rows: Tensor) -> None:
+        """Leave each row's newest reading out of its future updates (it was anomalous)."""
+        if self.history:
+            self._learnable[rows, (self._seen[rows] - 1) % self.history] = False
+
+    def due(self, rows: Tensor, every: int) -> Tensor:
+        """Which of ``rows`` (a bool mask over them) have observed ``every`` readings
+        since their weights last changed."""
+        return self._since_update[rows] >= every
+
+    def update(self, rows: Tensor, params: Params) -> None:
+        """New weights for live rows (an online update).  Their (h, c) state and pending
+        forecast are kept: one small step changes them little, and recomputing the
+        state over the history would double the update's cost."""
+        with torch.no_grad():
+            for k, v in params.items():
+                self._params[k][rows] = v.to(self.dtype)
+            self._since_update[rows] = 0
 
     def remove(self, rows: Tensor) -> None:
         """Free rows for reuse by later streams."""
@@ -324,4 +386,10 @@ class FleetForecaster:
         self._h[:, rows] = h
         self._c[:, rows] = c
         self._forecast[rows] = nxt.clamp(-self.clip, self.clip)
+        if self.history:
+            slot = self._seen[rows] % self.history
+            self._recent[rows, slot] = x
+            self._learnable[rows, slot] = True
+            self._seen[rows] += 1
+            self._since_update[rows] += 1
         return forecast, residual

@@ -52,6 +52,8 @@ class Metrics:
         self.adapted = Counter("forewarn_adapted_streams_total", "Streams adapted and gone live", registry=r)
         self.readapted = Counter("forewarn_readapted_streams_total",
                                  "Live streams adapted afresh after their residuals drifted up", registry=r)
+        self.updated = Counter("forewarn_online_updates_total",
+                               "Online weight updates of live streams (one per stream updated)", registry=r)
         self.latency = Histogram("forewarn_processing_latency_seconds",
                                  "From the reading's arrival in Kafka (record timestamp) to its score being sent; "
                                  "up to 256 evenly spaced readings per batch are observed",

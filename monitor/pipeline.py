@@ -13,10 +13,11 @@ scores go: both call ``Pipeline.feed``.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
@@ -56,6 +57,14 @@ class PipelineConfig:
     drift_threshold: float = 0.0
     drift_window: int = 256
     drift_cap: float = 4.0
+    # Online updates: every online_every readings a live stream takes online_steps
+    # gradient steps (at online_lr_scale times its adaptation rates) on its newest
+    # online_window readings, leaving out of the loss the readings it flagged as
+    # anomalous, so that it follows slow change without learning its incidents.  0 = off.
+    online_every: int = 0
+    online_window: int = 256
+    online_steps: int = 1
+    online_lr_scale: float = 0.5
 
     def __post_init__(self) -> None:
         if self.warmup < 16:
@@ -64,6 +73,9 @@ class PipelineConfig:
             raise ValueError("max_streams and adapt_batch must be >= 1 and seed_residuals >= 0")
         if self.drift_threshold < 0 or self.drift_window < 16 or self.drift_cap <= 0:
             raise ValueError("drift_threshold must be >= 0, drift_window >= 16 and drift_cap > 0")
+        if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:
+            raise ValueError("online_every must be >= 0, online_window >= 16, online_steps >= 1 "
+                             "and online_lr_scale > 0")
 
 
 class _Stream:
@@ -91,6 +103,7 @@ class FeedResult:
     adapted: int = 0           # streams that went live in this batch
     adapt_seconds: float = 0.0
     readapted: int = 0         # live streams adapted afresh after a drift
+    updated: int = 0           # online updates of live streams
 
 
 class Pipeline:
@@ -111,7 +124,15 @@ class Pipeline:
         self.init = init
         self.config = config or PipelineConfig()
         self.adapt_config = self.config.adapt or init.adapt
-        self.fleet = FleetForecaster(init.spec, clip=init.normalization.clip)
+        online = self.config.online_every
+        self.fleet = FleetForecaster(init.spec, clip=init.normalization.clip,
+                                     history=self.config.online_window if online else 0)
+        scale = self.config.online_lr_scale
+        self._online_config = replace(self.adapt_config, steps=self.config.online_steps,
+                                      lr=self.adapt_config.lr * scale)
+        self._online_lr = None if init.inner_lr is None else {k: v * scale for k, v in init.inner_lr.items()}
+        # a reading at least this surprising is an anomaly: online updates do not learn it
+        self._alarm_surprise = -math.log10(1.0 - self.config.scoring.threshold)
         self._streams: dict[tuple[str, str], _Stream] = {}
         self._devices: dict[str, list[_Stream]] = {}    # device -> its streams
         self._state_counts = Counter({s: 0 for s in Lifecycle})
@@ -119,6 +140,7 @@ class Pipeline:
         self._changed: set[str] = set()                  # devices whose state changed since take_changed()
         self.bad_counts: Counter[BadReason] = Counter()
         self._drifted: list[_Stream] = []                # live streams whose drift window filled
+        self._due: list[_Stream] = []                    # live streams due an online update
 
     # ---- introspection -------------------------------------------------
     def streams_by_state(self) -> dict[str, int]:
@@ -139,7 +161,7 @@ class Pipeline:
         rounds, accepted = self._route(readings, result.bad)
         # per reading: channel -> (surprise, forecast, value) of its live channels
         results: list[dict[str, tuple[float, float, float]] | None] = [None] * len(readings)
-        readapted_before = self.counts["readapted"]
+        readapted_before, updated_before = self.counts["readapted"], self.counts["updated"]
         pending = self._advance(rounds, results)
         if pending:
             started = time.perf_counter()
@@ -147,6 +169,7 @@ class Pipeline:
             result.adapted = len(pending)
             result.adapt_seconds = time.perf_counter() - started
         result.readapted = self.counts["readapted"] - readapted_before
+        result.updated = self.counts["updated"] - updated_before
         for b in result.bad:
             self.bad_counts[b.reason] += 1
         self._verdicts(readings, accepted, results, result.scores)
@@ -210,10 +233,13 @@ class Pipeline:
 
     def _observe_round(self, live, results) -> None:
         """Score one reading of each of these streams, then re-adapt the ones whose drift
-        window just filled, so that their next readings meet the new model."""
+        window just filled and update the ones due an online update, so that their next
+        readings meet the new model (whatever the batch boundaries)."""
         self._observe(live, results)
         if self._drifted:
             self._readapt()
+        if self._due:
+            self._update_online()
 
     def _verdicts(self, readings, accepted, results, scores: list[Score]) -> None:
         """One ``Score`` per accepted reading: its worst live channel, or None while warming."""
@@ -265,8 +291,11 @@ class Pipeline:
         values = torch.tensor([v for _, _, v in live], dtype=torch.float64)
         forecasts, residuals = self.fleet.observe(rows, values)
         cap, window = self.config.drift_cap, self.config.drift_window
+        online, alarm, flagged = self.config.online_every, self._alarm_surprise, []
         for (i, stream, value), forecast, residual in zip(live, forecasts.tolist(), residuals.tolist()):
             surprise = stream.scorer.surprise_learn_one(residual)
+            if online and surprise >= alarm:
+                flagged.append(stream.row)
             if stream.drift is not None:
                 if stream.rebuffer is not None:
                     stream.rebuffer.append(value)
@@ -278,6 +307,11 @@ class Pipeline:
             if channels is None:
                 channels = results[i] = {}
             channels[stream.channel] = (surprise, forecast, value)
+        if online:
+            if flagged:
+                self.fleet.unlearnable_last(torch.tensor(flagged, dtype=torch.long))
+            due = self.fleet.due(rows, online).nonzero().flatten().tolist()
+            self._due.extend(live[j][1] for j in due)
 
     def _go_live(self, streams: list[_Stream], results: list) -> None:
         """Adapt all newly full streams, ``adapt_batch`` at a time, place them in the fleet,
@@ -313,6 +347,22 @@ class Pipeline:
             self._adapt(chunk, windows)
         self.counts["readapted"] += len(drifted)
 
+    def _update_online(self) -> None:
+        """One online update of each due stream: ``online_steps`` steps on its newest
+        ``online_window`` readings, the anomalous ones left out of the loss."""
+        due, self._due = self._due, []
+        step, fleet = self.config.adapt_batch, self.fleet
+        for start in range(0, len(due), step):
+            rows = torch.tensor([s.row for s in due[start:start + step]], dtype=torch.long)
+            rows = rows[fleet.due(rows, self.config.online_every)]  # re-adapted meanwhile: fresh already
+            if not rows.numel():
+                continue
+            recent, learnable, _ = fleet.history_of(rows)
+            with torch.no_grad():
+                params = adapt(fleet.params_of(rows), recent, self._online_config, self._online_lr, mask=learnable)
+            fleet.update(rows, params)
+            self.counts["updated"] += rows.numel()
+
     def _adapt(self, streams: list[_Stream], windows: list[list[float]]) -> None:
         """Fit scaling and weights to each stream's window and place it in the fleet, live."""
         norm = self.init.normalization
@@ -330,7 +380,7 @@ class Pipeline:
         for stream, row_residuals in zip(streams, residuals[:, first:].tolist()):
             for r in row_residuals:
                 stream.scorer.prime_one(r)
-        rows = self.fleet.add(params, center, scale, state, forecast=pred[:, -1])
+        rows = self.fleet.add(params, center, scale, state, forecast=pred[:, -1], recent=clipped)
         for stream, row in zip(streams, rows.tolist()):
             stream.row = row
             stream.buffer = None
@@ -371,6 +421,10 @@ class Pipeline:
         params = {k: v.unbind(0) for k, v in params.items()}
         h, c = h.unbind(1), c.unbind(1)
         center, scale, forecast = center.tolist(), scale.tolist(), forecast.tolist()
+        recent = learnable = since = None
+        if self.fleet.history:
+            recent, learnable, since = self.fleet.history_of(rows)
+            recent, learnable, since = recent.unbind(0), learnable.unbind(0), since.tolist()
         index = {id(s): j for j, s in enumerate(live)}
         out = []
         for device, streams in by_device.items():
@@ -382,7 +436,10 @@ class Pipeline:
                                               h=h[j], c=c[j], center=center[j], scale=scale[j],
                                               forecast=forecast[j], scorer=s.scorer.state(),
                                               drift=s.drift.state() if s.drift else None,
-                                              rebuffer=list(s.rebuffer) if s.rebuffer is not None else None))
+                                              rebuffer=list(s.rebuffer) if s.rebuffer is not None else None,
+                                              recent=recent[j] if recent else None,
+                                              learnable=learnable[j] if recent else None,
+                                              since_update=since[j] if recent else 0))
                 else:  # between feeds nothing is adapting: the batch that filled a window adapted it
                     states.append(StreamState(s.channel, "warming", s.last_ts, buffer=list(s.buffer)))
             out.append(DeviceState(device, offsets.get(device, -1), states))
@@ -420,10 +477,12 @@ class Pipeline:
             rows = self.fleet.add(params, torch.tensor([ss.center for _, ss in live], **f64),
                                   torch.tensor([ss.scale for _, ss in live], **f64), state,
                                   forecast=torch.tensor([ss.forecast for _, ss in live], **f64))
-            for (stream, _), row in zip(live, rows.tolist()):
+            for (stream, ss), row in zip(live, rows.tolist()):
                 stream.row = row
                 stream.buffer = None
                 self._set_state(stream, Lifecycle.LIVE)
+                if self.fleet.history and ss.recent is not None:  # else its history starts empty
+                    self.fleet.add_history(row, ss.recent, ss.learnable, ss.since_update)
         return n
 
     # ---- membership ------------------------------------------------------

@@ -11,7 +11,9 @@ Encoding (version 1)::
     b"FWST" | u8 version | u32 init fingerprint | u32 crc32 of body | body = zlib(
         u32 header length | JSON header | float16 weight deltas and float32 states )
 
-Weights are stored as float16 *differences from the initialization* (fast
+With online updates on, a live stream also carries its newest inputs (float32)
+and which of them may be learned from (one bit each).  Weights are stored as
+float16 *differences from the initialization* (fast
 adaptation moves them little, so the rounding error is ~1e-4 of the change) and
 the fingerprint ties a snapshot to the initialization it was adapted from: a
 snapshot of another initialization, version or a corrupt one raises
@@ -57,6 +59,9 @@ class StreamState:
     scorer: list[float] = field(default_factory=list)  # ResidualScorer.state()
     drift: list[float] | None = None             # PageHinkley.state(), when drift re-adaptation is on
     rebuffer: list[float] | None = None          # drifted: the readings collected for its re-adaptation
+    recent: torch.Tensor | None = None           # online updates on: newest scaled inputs, oldest first
+    learnable: torch.Tensor | None = None        # bool, like recent: False where a reading was anomalous
+    since_update: int = 0                        # readings since its weights last changed
 
 
 @dataclass
@@ -122,6 +127,10 @@ class StateCodec:
                         entry.update(drift=s.drift, rebuffer=s.rebuffer)
                     row_delta, row_hc = next(weights)
                     blobs += (row_delta.tobytes(), row_hc.tobytes())
+                    if s.recent is not None:
+                        entry["online"] = [len(s.recent), s.since_update]
+                        blobs += (s.recent.to(torch.float32).numpy().tobytes(),
+                                  np.packbits(s.learnable.numpy()).tobytes())
                 else:
                     entry["buffer"] = s.buffer
                 header["streams"].append(entry)
@@ -176,6 +185,16 @@ class StateCodec:
                 s.center, s.scale, s.forecast = e["center"], e["scale"], e["forecast"]
                 s.scorer = list(e["scorer"])
                 s.drift, s.rebuffer = e.get("drift"), e.get("rebuffer")
+                if "online" in e:
+                    size, s.since_update = int(e["online"][0]), int(e["online"][1])
+                    n_bits = (size + 7) // 8
+                    recent = np.frombuffer(blob[pos:pos + 4 * size], dtype=np.float32)
+                    bits = np.frombuffer(blob[pos + 4 * size:pos + 4 * size + n_bits], dtype=np.uint8)
+                    pos += 4 * size + n_bits
+                    if len(recent) != size or len(bits) != n_bits or not np.isfinite(recent).all():
+                        raise StateError("state record: truncated or non-finite history")
+                    s.recent = torch.from_numpy(recent.copy())
+                    s.learnable = torch.from_numpy(np.unpackbits(bits)[:size].astype(bool))
                 if not all(math.isfinite(v) for v in (s.center, s.scale, s.forecast, *s.scorer, *(s.drift or ()))):
                     raise StateError("state record: non-finite statistics")
             elif s.stage == "warming":

@@ -29,6 +29,23 @@ def test_batched_adaptation_equals_adapting_each_stream_alone():
             assert torch.allclose(together[k][i], alone[k][0], atol=1e-5), k
 
 
+def test_masked_values_do_not_steer_adaptation_and_stacked_weights_continue():
+    init = init_params(LSTMSpec(hidden=8), torch.Generator().manual_seed(0))
+    support = _series(2, 64)
+    spiked = support.clone()
+    spiked[:, -1] = 9.0  # the newest value is only ever a target, never an input
+    mask = torch.ones_like(support, dtype=torch.bool)
+    mask[:, -1] = False
+    cfg = AdaptConfig(steps=2, lr=0.05, chunks=2)
+    clean = adapt(init, support, cfg, mask=mask)
+    assert all(torch.equal(clean[k], adapt(init, spiked, cfg, mask=mask)[k]) for k in init)
+    assert not torch.equal(adapt(init, spiked, cfg)["head.w"], clean["head.w"])
+    # stacked rows carry on from their own weights: two steps are one step, twice
+    one = adapt(init, support, AdaptConfig(steps=1, lr=0.05, chunks=2))
+    twice = adapt(one, support, AdaptConfig(steps=1, lr=0.05, chunks=2))
+    assert all(torch.allclose(twice[k], adapt(init, support, cfg)[k], atol=1e-6) for k in init)
+
+
 def test_adaptation_lowers_the_warmup_loss_and_prox_holds_it_back():
     init = init_params(LSTMSpec(hidden=8), torch.Generator().manual_seed(0))
     support = _series(4, 128)

@@ -148,3 +148,49 @@ def test_drift_readaptation_does_not_depend_on_batch_boundaries(init):
     assert readapted == 2
     for batch in (1, 37):
         assert surprises(batch) == (pytest.approx(whole, abs=1e-9), readapted)
+
+
+def _changing_wave(n: int, spike_at: int | None = None) -> list[Reading]:
+    """A wave whose period stretches slowly: what a model fitted once falls behind on."""
+    return [Reading("a", float(t), {"v": math.sin(t / (4.0 + t / 150)) + (6.0 if t == spike_at else 0.0)})
+            for t in range(n)]
+
+
+def test_online_updates_follow_a_stream_that_changes_after_its_warmup():
+    init = Initialization.default()
+    readings = [Reading("a", float(t), {"v": math.sin(t / 8) if t < 400 else math.sin(t / 2)}) for t in range(1500)]
+
+    def late_error(online_every: int) -> tuple[float, int]:
+        pipe = Pipeline(init, PipelineConfig(warmup=64, online_every=online_every, online_window=64, online_steps=4))
+        scores = pipe.feed(readings).scores
+        return sum(abs(s.forecast - s.value) for s in scores[1000:]) / 500, pipe.counts["updated"]
+    frozen, none = late_error(0)
+    following, updates = late_error(32)
+    assert none == 0 and updates == (1500 - 64) // 32
+    assert following < 0.8 * frozen
+
+
+def test_online_updates_leave_out_the_readings_flagged_anomalous(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=64, online_every=1000, online_window=96))
+    scores = pipe.feed(_changing_wave(140, spike_at=120)).scores
+    flagged = {int(s.ts) for s in scores if s.anomaly}
+    assert 120 in flagged and len(flagged) <= 3  # the spike, and the forecasts made from it
+    recent, learnable, since = pipe.fleet.history_of(torch.tensor([pipe._streams[("a", "v")].row]))
+    assert since.item() == 140 - 64
+    # the ring holds t = 44..139, oldest first (warm-up readings included): only the flagged are left out
+    assert learnable[0].tolist() == [t not in flagged for t in range(44, 140)]
+
+
+def test_online_updates_do_not_depend_on_batch_boundaries(init):
+    config = PipelineConfig(warmup=64, online_every=16, online_window=48)
+    readings = _changing_wave(400, spike_at=300)
+
+    def surprises(batch: int) -> tuple[list, int]:
+        pipe = Pipeline(init, config)
+        out = [s.surprise for start in range(0, len(readings), batch)
+               for s in pipe.feed(readings[start:start + batch]).scores]
+        return out, pipe.counts["updated"]
+    whole, updated = surprises(len(readings))
+    assert updated == (400 - 64) // 16
+    for batch in (1, 37):
+        assert surprises(batch) == (pytest.approx(whole, abs=1e-9), updated)

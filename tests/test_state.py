@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from monitor.checkpoint import Initialization
 from monitor.forecaster import LSTMSpec
@@ -68,3 +69,31 @@ def test_a_stream_snapshotted_while_collecting_its_drift_window_readapts_after_r
     for pipe in (original, restored):
         pipe.feed(shifted[130:])
     assert original.counts["readapted"] == restored.counts["readapted"] == 1
+
+
+def test_a_stream_with_online_updates_continues_them_after_restore():
+    init = Initialization.default()
+    config = PipelineConfig(warmup=64, online_every=20, online_window=48)
+    wave = [Reading("a", float(t), {"v": math.sin(t / (4 + t / 100)) + (5.0 if t == 110 else 0.0)})
+            for t in range(220)]
+    original = Pipeline(init, config)
+    original.feed(wave[:115])  # mid-way between updates, the spike at 110 in the history
+    state = original.export_devices(["a"])[0].streams[0]
+    assert state.since_update == 115 - 64 - 40 and not state.learnable[-5]
+    codec = StateCodec(init)
+    restored = Pipeline(init, config)
+    restored.import_devices([codec.decode(codec.encode(original.export_devices(["a"])[0]))])
+    back = restored.export_devices(["a"])[0].streams[0]
+    assert torch.equal(back.learnable, state.learnable) and torch.equal(back.recent, state.recent)
+    assert back.since_update == state.since_update
+    after = [pipe.feed(wave[115:]).scores for pipe in (original, restored)]
+    assert original.counts["updated"] == 2 + 5 and restored.counts["updated"] == 5
+    for x, y in zip(*after):
+        assert y.surprise == pytest.approx(x.surprise, rel=0.02, abs=0.02)
+    # a snapshot taken with online updates off restores with an empty history, updates on
+    device = original.export_devices(["a"])[0]
+    device.streams[0].recent = device.streams[0].learnable = None
+    plain = Pipeline(init, config)
+    plain.import_devices([codec.decode(codec.encode(device))])
+    recent, learnable, since = plain.fleet.history_of(torch.tensor([plain._streams[("a", "v")].row]))
+    assert not learnable.any() and since.item() == 0

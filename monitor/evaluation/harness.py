@@ -53,6 +53,12 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         "forewarn-calibrated-drift": lambda: forewarn_detector(
             "forewarn-calibrated-drift", shipped, WARMUP, scoring=ScoringConfig(calibration_fading=0.002),
             drift_threshold=200.0, notes="stage-2 calibration 0.002 and drift re-adaptation 200 (picked on even NAB)"),
+        "forewarn-online": lambda: forewarn_detector(
+            "forewarn-online", shipped, WARMUP, online_every=64,
+            notes="shipped init, online updates every 64 readings (1 step on the newest 256, flagged ones left out)"),
+        "forewarn-calibrated-online": lambda: forewarn_detector(
+            "forewarn-calibrated-online", shipped, WARMUP, scoring=ScoringConfig(calibration_fading=0.002),
+            online_every=64, notes="stage-2 calibration 0.002 and online updates every 64 readings"),
         "meta-no-adapt": lambda: forewarn_detector("meta-no-adapt", shipped, WARMUP, adapt_steps=0, notes="K=0"),
     }
     out = []
