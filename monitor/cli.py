@@ -53,7 +53,8 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
         adapt = replace(adapt, steps=args.adapt_steps)
     return PipelineConfig(warmup=args.warmup, adapt=adapt, drift_threshold=args.drift_threshold,
                           online_every=args.online_every,
-                          scoring=ScoringConfig(threshold=args.threshold, calibration_fading=args.calibration_fading))
+                          scoring=ScoringConfig(threshold=args.threshold, calibration_fading=args.calibration_fading,
+                                                novelty_unit=args.novelty_unit, novelty_window=args.novelty_window))
 
 
 class _BadRecordLog:
@@ -185,7 +186,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                "FOREWARN_DETECTOR_WARMUP": str(args.warmup), "FOREWARN_DETECTOR_THRESHOLD": str(args.threshold),
                "FOREWARN_DETECTOR_CALIBRATION_FADING": str(args.calibration_fading),
                "FOREWARN_DETECTOR_DRIFT_THRESHOLD": str(args.drift_threshold),
-               "FOREWARN_DETECTOR_ONLINE_EVERY": str(args.online_every)}
+               "FOREWARN_DETECTOR_ONLINE_EVERY": str(args.online_every),
+               "FOREWARN_DETECTOR_NOVELTY_UNIT": str(args.novelty_unit),
+               "FOREWARN_DETECTOR_NOVELTY_WINDOW": str(args.novelty_window)}
         if args.adapt_steps is not None:
             env["FOREWARN_DETECTOR_ADAPT_STEPS"] = str(args.adapt_steps)
         cfg = Config.load(environ=env)
@@ -387,6 +390,11 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
                    help="stage-2 score calibration, as detector.calibration_fading (default: 0 = off)")
     p.add_argument("--drift-threshold", type=float, default=0.0, metavar="L",
                    help="re-adapt a stream whose residuals drift up, as detector.drift_threshold (default: 0 = off)")
+    p.add_argument("--novelty-unit", type=float, default=0.0, metavar="U",
+                   help="range novelty: a value beyond the range of the stream's recent values by this share "
+                        "of it scores surprise 1, as detector.novelty_unit (default: 0 = off)")
+    p.add_argument("--novelty-window", type=_non_negative_int, default=0, metavar="N",
+                   help="values the range novelty looks back on, as detector.novelty_window (default: 0 = all)")
     p.add_argument("--online-every", type=_non_negative_int, default=0, metavar="N",
                    help="online weight update of each live stream every N readings, leaving out the ones it "
                         "flagged, as detector.online_every (default: 0 = off)")

@@ -26,7 +26,7 @@ from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
 from monitor.forecaster import FleetForecaster, forecast_sequence
 from monitor.readings import BadReason, BadRecord, Reading, Score
-from monitor.scoring import PageHinkley, ResidualScorer, ScoringConfig, score_of
+from monitor.scoring import PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig, score_of
 from monitor.state import DeviceState, StreamState
 
 
@@ -79,9 +79,11 @@ class PipelineConfig:
 
 
 class _Stream:
-    __slots__ = ("device", "channel", "state", "buffer", "row", "scorer", "last_ts", "backlog", "drift", "rebuffer")
+    __slots__ = ("device", "channel", "state", "buffer", "row", "scorer", "last_ts", "backlog", "drift", "rebuffer",
+                 "novelty")
 
-    def __init__(self, device: str, channel: str, scorer: ResidualScorer, drift: PageHinkley | None = None) -> None:
+    def __init__(self, device: str, channel: str, scorer: ResidualScorer, drift: PageHinkley | None = None,
+                 novelty: RangeNovelty | None = None) -> None:
         self.device = device
         self.channel = channel
         self.state = Lifecycle.WARMING
@@ -92,6 +94,7 @@ class _Stream:
         self.backlog: list[tuple[int, float]] = []  # readings that arrived while adapting
         self.drift = drift
         self.rebuffer: list[float] | None = None     # live, drifted: the window for its re-adaptation
+        self.novelty = novelty
 
 
 @dataclass
@@ -276,7 +279,7 @@ class Pipeline:
             return None
         if device_known:
             self.counts["late_channel"] += 1
-        stream = _Stream(device, channel, ResidualScorer(self.config.scoring), self._drift_test())
+        stream = _Stream(device, channel, ResidualScorer(self.config.scoring), self._drift_test(), self._novelty())
         self._streams[(device, channel)] = stream
         self._devices.setdefault(device, []).append(stream)
         self._state_counts[Lifecycle.WARMING] += 1
@@ -285,6 +288,10 @@ class Pipeline:
     def _drift_test(self) -> PageHinkley | None:
         return PageHinkley(self.config.drift_threshold) if self.config.drift_threshold else None
 
+    def _novelty(self) -> RangeNovelty | None:
+        scoring = self.config.scoring
+        return RangeNovelty(scoring.novelty_unit, scoring.novelty_window) if scoring.novelty_unit else None
+
     def _observe(self, live: list[tuple[int, _Stream, float]],
                  results: list[dict[str, tuple[float, float, float]] | None]) -> None:
         rows = torch.tensor([s.row for _, s, _ in live], dtype=torch.long)
@@ -292,8 +299,11 @@ class Pipeline:
         forecasts, residuals = self.fleet.observe(rows, values)
         cap, window = self.config.drift_cap, self.config.drift_window
         online, alarm, flagged = self.config.online_every, self._alarm_surprise, []
+        novelty = self.config.scoring.novelty_unit
         for (i, stream, value), forecast, residual in zip(live, forecasts.tolist(), residuals.tolist()):
             surprise = stream.scorer.surprise_learn_one(residual)
+            if novelty:
+                surprise = max(surprise, stream.novelty.surprise_learn_one(value))
             if online and surprise >= alarm:
                 flagged.append(stream.row)
             if stream.drift is not None:
@@ -377,9 +387,12 @@ class Pipeline:
         # (past the cold-state burn-in), so the first live readings are judged fairly.
         residuals = scaled[:, 1:] - pred[:, :-1].to(torch.float64)
         first = max(self.adapt_config.burn_in, residuals.shape[1] - self.config.seed_residuals)
-        for stream, row_residuals in zip(streams, residuals[:, first:].tolist()):
+        lows, highs = windows.min(dim=1).values.tolist(), windows.max(dim=1).values.tolist()
+        for stream, row_residuals, low, high in zip(streams, residuals[:, first:].tolist(), lows, highs):
             for r in row_residuals:
                 stream.scorer.prime_one(r)
+            if stream.novelty is not None:
+                stream.novelty.learn_range(low, high)
         rows = self.fleet.add(params, center, scale, state, forecast=pred[:, -1], recent=clipped)
         for stream, row in zip(streams, rows.tolist()):
             stream.row = row
@@ -439,7 +452,8 @@ class Pipeline:
                                               rebuffer=list(s.rebuffer) if s.rebuffer is not None else None,
                                               recent=recent[j] if recent else None,
                                               learnable=learnable[j] if recent else None,
-                                              since_update=since[j] if recent else 0))
+                                              since_update=since[j] if recent else 0,
+                                              novelty=s.novelty.state() if s.novelty else None))
                 else:  # between feeds nothing is adapting: the batch that filled a window adapted it
                     states.append(StreamState(s.channel, "warming", s.last_ts, buffer=list(s.buffer)))
             out.append(DeviceState(device, offsets.get(device, -1), states))
@@ -455,7 +469,8 @@ class Pipeline:
             for ss in ds.streams:
                 if len(self._streams) >= self.config.max_streams:
                     break
-                stream = _Stream(ds.device, ss.channel, ResidualScorer(self.config.scoring), self._drift_test())
+                stream = _Stream(ds.device, ss.channel, ResidualScorer(self.config.scoring), self._drift_test(),
+                                 self._novelty())
                 stream.last_ts = ss.last_ts
                 self._streams[(ds.device, ss.channel)] = stream
                 self._devices.setdefault(ds.device, []).append(stream)
@@ -465,6 +480,8 @@ class Pipeline:
                     if stream.drift is not None and ss.drift is not None:  # else: the test starts afresh
                         stream.drift.restore(ss.drift)
                         stream.rebuffer = None if ss.rebuffer is None else list(ss.rebuffer)
+                    if stream.novelty is not None and ss.novelty is not None:  # else its range starts afresh
+                        stream.novelty.restore(ss.novelty)
                     live.append((stream, ss))
                 else:
                     stream.buffer = list(ss.buffer)

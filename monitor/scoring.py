@@ -50,6 +50,11 @@ class ScoringConfig:
     min_std: float = 0.05               # floor on the residual spread, in scaled units
     min_calibration_std: float = 0.25   # floor on the spread of |z|
     learn_clip: float = 4.0             # what stage 1 learns is clipped to this many spreads
+    # Range novelty (0 = off): a value beyond the range of the stream's last novelty_window
+    # values (0: all of them), by a share e of that range, has surprise e / novelty_unit, and
+    # the reading's surprise is the larger of this and the forecast's (RangeNovelty).
+    novelty_unit: float = 0.0
+    novelty_window: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.fading_factor <= 1 or not 0 <= self.calibration_fading <= 1:
@@ -58,6 +63,9 @@ class ScoringConfig:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.min_std <= 0 or self.min_calibration_std <= 0 or self.learn_clip <= 0:
             raise ValueError("min_std, min_calibration_std and learn_clip must be > 0")
+        if self.novelty_unit < 0 or self.novelty_window < 0:
+            raise ValueError(f"novelty_unit and novelty_window must be >= 0, got {self.novelty_unit}, "
+                             f"{self.novelty_window}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,6 +222,92 @@ class ResidualScorer:
         z, std = self._z(residual)
         clip = self.config.learn_clip
         self.residuals.update(self.residuals.mean + math.copysign(clip * std, z) if abs(z) > clip else residual)
+
+
+class RangeNovelty:
+    """How far each value lies beyond the range of the stream's recent values, as a surprise.
+
+    A value beyond that range by a share ``e`` of it has surprise ``e / unit``; within it, 0.
+    The range is that of the last ``window`` values (0: every value so far), kept as the
+    extremes of ``BLOCKS`` blocks of ``window / BLOCKS`` values, so a few floats per stream.
+    New extremes are most of what NAB labels; a forecaster that follows a slow climb does
+    not flag them (README "Evaluation").
+
+    >>> novelty = RangeNovelty(unit=0.01)
+    >>> novelty.learn_range(0.0, 10.0)   # a warm-up window's extremes
+    >>> [novelty.surprise_learn_one(v) for v in (5.0, 10.5, 10.5, -1.05)]
+    [0.0, 5.0, 0.0, 10.0]
+    >>> recent = RangeNovelty(unit=0.01, window=32)   # blocks of 2 values
+    >>> recent.learn_range(0.0, 10.0)
+    >>> [recent.surprise_learn_one(4.0 + t % 2) for t in range(34)][-1]   # the 10 has left the window
+    0.0
+    >>> again = RangeNovelty(unit=0.01, window=32)
+    >>> again.restore(recent.state())
+    >>> again.state() == recent.state()
+    True
+    >>> recent.surprise_learn_one(6.0)   # beyond [4, 5] by its width
+    100.0
+    """
+
+    BLOCKS = 16
+    __slots__ = ("unit", "block", "highs", "lows", "past_high", "past_low", "high", "low", "count")
+
+    def __init__(self, unit: float, window: int = 0) -> None:
+        self.unit = unit
+        self.block = max(1, window // self.BLOCKS) if window else 0  # 0: one block, never closed
+        self.highs: list[float] = []   # extremes of the last closed blocks
+        self.lows: list[float] = []
+        self.past_high, self.past_low = -math.inf, math.inf
+        self.high, self.low, self.count = -math.inf, math.inf, 0  # the block being filled
+
+    def surprise_learn_one(self, value: float) -> float:
+        """The surprise of ``value`` against the range so far, then take it into the range."""
+        high = self.high if self.high > self.past_high else self.past_high
+        low = self.low if self.low < self.past_low else self.past_low
+        span = high - low
+        out = 0.0
+        if 0 < span < math.inf:
+            if value > high:
+                out = (value - high) / span / self.unit
+            elif value < low:
+                out = (low - value) / span / self.unit
+        if value > self.high:
+            self.high = value
+        if value < self.low:
+            self.low = value
+        self.count += 1
+        if self.block and self.count >= self.block:
+            self._close_block()
+        return out
+
+    def learn_range(self, low: float, high: float) -> None:
+        """Take in a window's extremes (a warm-up window) as one block of its own."""
+        self.high, self.low = max(self.high, high), min(self.low, low)
+        if self.block:
+            self._close_block()
+
+    def _close_block(self) -> None:
+        self.highs.append(self.high)
+        self.lows.append(self.low)
+        if len(self.highs) > self.BLOCKS:
+            del self.highs[0], self.lows[0]
+        self.past_high, self.past_low = max(self.highs), min(self.lows)
+        self.high, self.low, self.count = -math.inf, math.inf, 0
+
+    def state(self) -> list[float]:
+        """Finite floats, for snapshots: the open block (count, whether it holds a value,
+        high, low), then the closed blocks' highs and lows."""
+        if self.high == -math.inf:
+            return [float(self.count), 0.0, 0.0, 0.0, *self.highs, *self.lows]
+        return [float(self.count), 1.0, self.high, self.low, *self.highs, *self.lows]
+
+    def restore(self, state: list[float]) -> None:
+        count, filled, high, low, rest = int(state[0]), state[1], state[2], state[3], state[4:]
+        self.high, self.low, self.count = (high, low, count) if filled else (-math.inf, math.inf, count)
+        half = len(rest) // 2
+        self.highs, self.lows = list(rest[:half][-self.BLOCKS:]), list(rest[half:][-self.BLOCKS:])
+        if self.highs:
+            self.past_high, self.past_low = max(self.highs), min(self.lows)
 
 
 _LN10 = math.log(10.0)

@@ -62,6 +62,7 @@ class StreamState:
     recent: torch.Tensor | None = None           # online updates on: newest scaled inputs, oldest first
     learnable: torch.Tensor | None = None        # bool, like recent: False where a reading was anomalous
     since_update: int = 0                        # readings since its weights last changed
+    novelty: list[float] | None = None           # RangeNovelty.state(), when range novelty is on
 
 
 @dataclass
@@ -125,6 +126,8 @@ class StateCodec:
                     entry.update(center=s.center, scale=s.scale, forecast=s.forecast, scorer=s.scorer)
                     if s.drift is not None:  # optional keys: records without them decode as before
                         entry.update(drift=s.drift, rebuffer=s.rebuffer)
+                    if s.novelty is not None:
+                        entry["novelty"] = s.novelty
                     row_delta, row_hc = next(weights)
                     blobs += (row_delta.tobytes(), row_hc.tobytes())
                     if s.recent is not None:
@@ -184,7 +187,7 @@ class StateCodec:
                 s.h, s.c = torch.from_numpy(hc[0].copy()), torch.from_numpy(hc[1].copy())
                 s.center, s.scale, s.forecast = e["center"], e["scale"], e["forecast"]
                 s.scorer = list(e["scorer"])
-                s.drift, s.rebuffer = e.get("drift"), e.get("rebuffer")
+                s.drift, s.rebuffer, s.novelty = e.get("drift"), e.get("rebuffer"), e.get("novelty")
                 if "online" in e:
                     size, s.since_update = int(e["online"][0]), int(e["online"][1])
                     n_bits = (size + 7) // 8
@@ -195,7 +198,8 @@ class StateCodec:
                         raise StateError("state record: truncated or non-finite history")
                     s.recent = torch.from_numpy(recent.copy())
                     s.learnable = torch.from_numpy(np.unpackbits(bits)[:size].astype(bool))
-                if not all(math.isfinite(v) for v in (s.center, s.scale, s.forecast, *s.scorer, *(s.drift or ()))):
+                if not all(math.isfinite(v) for v in (s.center, s.scale, s.forecast, *s.scorer, *(s.drift or ()),
+                                                          *(s.novelty or ()))):
                     raise StateError("state record: non-finite statistics")
             elif s.stage == "warming":
                 s.buffer = list(e["buffer"])

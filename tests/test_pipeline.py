@@ -8,6 +8,7 @@ from monitor.checkpoint import Initialization
 from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import BadReason, Reading
+from monitor.scoring import ScoringConfig
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +195,20 @@ def test_online_updates_do_not_depend_on_batch_boundaries(init):
     assert updated == (400 - 64) // 16
     for batch in (1, 37):
         assert surprises(batch) == (pytest.approx(whole, abs=1e-9), updated)
+
+
+def test_range_novelty_flags_new_extremes_that_the_forecaster_follows():
+    """A slow climb out of the warm-up's range: each step is well forecast, so the residuals
+    never alarm; range novelty flags the readings that pass the highest value seen."""
+    init = Initialization.default()
+    readings = [Reading("a", float(t), {"v": math.sin(t / 6) + (0.01 * (t - 400) if t >= 400 else 0.0)})
+                for t in range(700)]
+
+    def flagged(novelty_unit: float) -> list[int]:
+        pipe = Pipeline(init, PipelineConfig(warmup=64, scoring=ScoringConfig(novelty_unit=novelty_unit)))
+        return [int(s.ts) for s in pipe.feed(readings).scores if s.anomaly]
+    assert flagged(0.0) == []
+    with_novelty = flagged(0.01)
+    assert with_novelty and min(with_novelty) > 400
+    peaks = [t for t in range(1, 699) if readings[t].values["v"] > max(r.values["v"] for r in readings[:t])]
+    assert set(with_novelty) <= set(peaks)

@@ -10,6 +10,7 @@ from monitor.checkpoint import Initialization
 from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import Reading
+from monitor.scoring import ScoringConfig
 from monitor.state import StateCodec, StateError
 
 
@@ -37,6 +38,22 @@ def test_restored_devices_continue_like_the_originals():
         assert y.surprise == pytest.approx(x.surprise, rel=0.02, abs=0.02)
     dup = restored.feed([Reading("a", 129.0, {"temp": 0.0})])  # last_ts came back too
     assert dup.bad and dup.bad[0].reason.value == "duplicate_timestamp"
+
+
+def test_a_restored_stream_keeps_the_range_its_novelty_is_judged_against():
+    init = Initialization.default()
+    config = PipelineConfig(warmup=64, scoring=ScoringConfig(novelty_unit=0.01))
+    original = Pipeline(init, config)
+    original.feed([Reading("a", float(t), {"v": math.sin(t / 5) * (3.0 if t >= 80 else 1.0)}) for t in range(100)])
+    codec = StateCodec(init)
+    restored = Pipeline(init, config)
+    restored.import_devices([codec.decode(codec.encode(s)) for s in original.export_devices(["a"])])
+    # 3.1 is a new extreme only against the live range (up to ~3), not the warm-up's ([-1, 1])
+    nxt = [Reading("a", 100.0, {"v": 3.1})]
+    a, b = original.feed(nxt).scores[0], restored.feed(nxt).scores[0]
+    assert b.surprise == pytest.approx(a.surprise, rel=1e-6)
+    ranges = [p._streams[("a", "v")].novelty.state() for p in (original, restored)]
+    assert ranges[0] == ranges[1] and ranges[0][2:4] == [3.1, pytest.approx(-3.0, abs=0.05)]
 
 
 def test_snapshots_of_another_init_version_or_corrupt_are_refused():

@@ -6,6 +6,8 @@ baselines are what people would otherwise pick, run on the same rows:
 * ``zscore``        rolling z-score of each channel (River ``Rolling(Var)``), max over channels
 * ``hst``           River ``HalfSpaceTrees`` behind a ``MinMaxScaler``, all channels as features
 * ``pad-hw``        River ``PredictiveAnomalyDetection`` around ``HoltWinters``, max over channels
+* ``novelty``       how far a value lies beyond the range of its channel's last 4,000 values, as a
+                    share of it, max over channels: a detector of new extremes, nothing else
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ from river import anomaly, preprocessing, stats, time_series, utils
 from monitor.checkpoint import Initialization
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import Reading
-from monitor.scoring import ScoringConfig
+from monitor.scoring import RangeNovelty, ScoringConfig
+
+NOVELTY_WINDOW = 4000  # readings; picked with the unit below on the even-indexed NAB series
+NOVELTY_UNIT = 1 / 30_000
 
 # rows -> (values [T, C], number of leading rows that are warm-up only, not scored)
 ScoreFn = Callable[[np.ndarray, int], np.ndarray]
@@ -97,8 +102,19 @@ def _pad_holt_winters(values: np.ndarray, _skip: int) -> np.ndarray:
     return out
 
 
+def _novelty(values: np.ndarray, _skip: int, window: int = NOVELTY_WINDOW) -> np.ndarray:
+    """Forewarn's own range-novelty term alone (``monitor.scoring.RangeNovelty``), max over channels."""
+    out = np.zeros(len(values))
+    trackers = [RangeNovelty(unit=1.0, window=window) for _ in range(values.shape[1])]
+    for t, row in enumerate(values.tolist()):
+        out[t] = max((n.surprise_learn_one(x) for n, x in zip(trackers, row) if math.isfinite(x)), default=0.0)
+    return out
+
+
 BASELINES = {
     "zscore": Detector("zscore", _zscore, notes="rolling z-score, window 100"),
     "hst": Detector("hst", _hst, notes="River HalfSpaceTrees (25 trees, height 10, window 250) + MinMaxScaler"),
     "pad-hw": Detector("pad-hw", _pad_holt_winters, notes="River PredictiveAnomalyDetection + HoltWinters(0.3, 0.1)"),
+    "novelty": Detector("novelty", _novelty, notes=f"range novelty alone: extension beyond the range of the last "
+                                                   f"{NOVELTY_WINDOW} values, as a share of it"),
 }

@@ -16,7 +16,13 @@ import numpy as np
 
 from monitor.checkpoint import Initialization
 from monitor.datasets import SMD_HELD_OUT
-from monitor.evaluation.detectors import BASELINES, Detector, forewarn_detector
+from monitor.evaluation.detectors import (
+    BASELINES,
+    NOVELTY_UNIT,
+    NOVELTY_WINDOW,
+    Detector,
+    forewarn_detector,
+)
 from monitor.evaluation.nab import PROFILES, CorpusScore, score_corpus
 from monitor.evaluation.point_metrics import DetectionReport, evaluate_scores
 from monitor.readings import parse_timestamp
@@ -59,6 +65,15 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         "forewarn-calibrated-online": lambda: forewarn_detector(
             "forewarn-calibrated-online", shipped, WARMUP, scoring=ScoringConfig(calibration_fading=0.002),
             online_every=64, notes="stage-2 calibration 0.002 and online updates every 64 readings"),
+        "forewarn-novelty": lambda: forewarn_detector(
+            "forewarn-novelty", shipped, WARMUP, scoring=ScoringConfig(novelty_unit=NOVELTY_UNIT,
+                                                                       novelty_window=NOVELTY_WINDOW),
+            notes=f"shipped init, range novelty (unit 1/30,000, window {NOVELTY_WINDOW:,})"),
+        "forewarn-calibrated-novelty": lambda: forewarn_detector(
+            "forewarn-calibrated-novelty", shipped, WARMUP,
+            scoring=ScoringConfig(calibration_fading=0.002, novelty_unit=NOVELTY_UNIT, novelty_window=NOVELTY_WINDOW),
+            notes=f"stage-2 calibration 0.002 and range novelty (unit 1/30,000, window {NOVELTY_WINDOW:,}; "
+                  "picked on even NAB)"),
         "meta-no-adapt": lambda: forewarn_detector("meta-no-adapt", shipped, WARMUP, adapt_steps=0, notes="K=0"),
     }
     out = []
