@@ -86,7 +86,8 @@ def sequence_loss(params: Params, series: Tensor, cfg: AdaptConfig, mask: Tensor
     loss = pointwise_loss(pred[..., skip:], windows[..., 1 + skip:], cfg)
     if mask is None:
         return loss.mean(dim=(1, 2))
-    # pieces overlap by burn_in, which each piece skips: every target is counted once
+    # the mask is cut into the same overlapping pieces, so each weight meets its own target
+    # (as without a mask, the first target after each piece boundary falls in no piece's loss)
     weight = chunk_windows(mask.to(loss.dtype), cfg.chunks, cfg.burn_in)[..., 1 + skip:]
     return (loss * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2)).clamp(min=1.0)
 

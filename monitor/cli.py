@@ -394,7 +394,8 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
                    help="range novelty: a value beyond the range of the stream's recent values by this share "
                         "of it scores surprise 1, as detector.novelty_unit (default: 0 = off)")
     p.add_argument("--novelty-window", type=_non_negative_int, default=0, metavar="N",
-                   help="values the range novelty looks back on, as detector.novelty_window (default: 0 = all)")
+                   help="values the range novelty looks back on (16 blocks of N/16), as detector.novelty_window "
+                        "(default: 0 = all)")
     p.add_argument("--online-every", type=_non_negative_int, default=0, metavar="N",
                    help="online weight update of each live stream every N readings, leaving out the ones it "
                         "flagged, as detector.online_every (default: 0 = off)")

@@ -6,6 +6,7 @@ are errors at start, naming the key.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -92,7 +93,8 @@ class DetectorConfig:
                                               "(0 = off; 0.002 was best on NAB, see README)")
     novelty_unit: float = _setting(0.0, "range novelty: a value beyond the range of the stream's last novelty_window "
                                         "values by this share of it scores surprise 1 (0 = off; see README)")
-    novelty_window: int = _setting(0, "values whose range novelty is judged against (0 = all so far)")
+    novelty_window: int = _setting(0, "values whose range novelty is judged against, in 16 blocks "
+                                      "(0 = all so far, else >= 16)")
     max_streams: int = _setting(1_000_000, "cap on streams held; readings of new streams past it are bad records")
     adapt_batch: int = _setting(512, "streams adapted in one batched call (~1.3 MB each while adapting)")
     drift_threshold: float = _setting(0.0, "Page-Hinkley threshold on a live stream's |residual| that re-adapts it "
@@ -111,8 +113,9 @@ class DetectorConfig:
             raise ConfigError("detector.threshold must be between 0 and 1")
         if not 0 <= self.calibration_fading <= 1:
             raise ConfigError("detector.calibration_fading must be in [0, 1]")
-        if self.novelty_unit < 0 or self.novelty_window < 0:
-            raise ConfigError("detector.novelty_unit and detector.novelty_window must be >= 0")
+        if not (math.isfinite(self.novelty_unit) and self.novelty_unit >= 0) or \
+                not (self.novelty_window == 0 or self.novelty_window >= 16):
+            raise ConfigError("detector.novelty_unit must be >= 0 and detector.novelty_window 0 or >= 16")
         if self.drift_threshold < 0 or self.drift_window < 16:
             raise ConfigError("detector.drift_threshold must be >= 0 and detector.drift_window >= 16")
         if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:

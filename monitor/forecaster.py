@@ -305,7 +305,8 @@ class FleetForecaster:
     def _seed_history(self, rows: Tensor, recent: Tensor | None, learnable: Tensor | None,
                       since_update: Tensor | None) -> None:
         """Lay out each row's ring oldest-first: the newest ``history`` of ``recent``,
-        right-aligned, with any slots before them empty (never learned from)."""
+        right-aligned, with any slots before them empty (never learned from, though an
+        update still reads their zeros as inputs until the ring has filled)."""
         n, size = rows.numel(), self.history
         ring = torch.zeros((n, size), dtype=self.dtype)
         ok = torch.zeros((n, size), dtype=torch.bool)

@@ -393,6 +393,8 @@ class Pipeline:
                 stream.scorer.prime_one(r)
             if stream.novelty is not None:
                 stream.novelty.learn_range(low, high)
+        # the window seeds the online-update history as all learnable, flagged readings of a
+        # drift window included: the re-adaptation has just fitted all of them anyway
         rows = self.fleet.add(params, center, scale, state, forecast=pred[:, -1], recent=clipped)
         for stream, row in zip(streams, rows.tolist()):
             stream.row = row

@@ -63,9 +63,10 @@ class ScoringConfig:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.min_std <= 0 or self.min_calibration_std <= 0 or self.learn_clip <= 0:
             raise ValueError("min_std, min_calibration_std and learn_clip must be > 0")
-        if self.novelty_unit < 0 or self.novelty_window < 0:
-            raise ValueError(f"novelty_unit and novelty_window must be >= 0, got {self.novelty_unit}, "
-                             f"{self.novelty_window}")
+        if not (math.isfinite(self.novelty_unit) and self.novelty_unit >= 0) or \
+                not (self.novelty_window == 0 or self.novelty_window >= RangeNovelty.BLOCKS):
+            raise ValueError(f"novelty_unit must be >= 0 and novelty_window 0 or >= {RangeNovelty.BLOCKS}, "
+                             f"got {self.novelty_unit} and {self.novelty_window}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,7 +230,10 @@ class RangeNovelty:
 
     A value beyond that range by a share ``e`` of it has surprise ``e / unit``; within it, 0.
     The range is that of the last ``window`` values (0: every value so far), kept as the
-    extremes of ``BLOCKS`` blocks of ``window / BLOCKS`` values, so a few floats per stream.
+    extremes of ``BLOCKS`` blocks of ``window // BLOCKS`` values, so a few floats per stream
+    (the block being filled adds up to one block more).  No value is novel until the range
+    holds a window (``learn_range``) or ``MIN_VALUES`` values: a range of the first few
+    values of a stream restored without one would make every next value look novel.
     New extremes are most of what NAB labels; a forecaster that follows a slow climb does
     not flag them (README "Evaluation").
 
@@ -250,7 +254,8 @@ class RangeNovelty:
     """
 
     BLOCKS = 16
-    __slots__ = ("unit", "block", "highs", "lows", "past_high", "past_low", "high", "low", "count")
+    MIN_VALUES = 64
+    __slots__ = ("unit", "block", "highs", "lows", "past_high", "past_low", "high", "low", "count", "ready")
 
     def __init__(self, unit: float, window: int = 0) -> None:
         self.unit = unit
@@ -259,6 +264,7 @@ class RangeNovelty:
         self.lows: list[float] = []
         self.past_high, self.past_low = -math.inf, math.inf
         self.high, self.low, self.count = -math.inf, math.inf, 0  # the block being filled
+        self.ready = False
 
     def surprise_learn_one(self, value: float) -> float:
         """The surprise of ``value`` against the range so far, then take it into the range."""
@@ -266,7 +272,7 @@ class RangeNovelty:
         low = self.low if self.low < self.past_low else self.past_low
         span = high - low
         out = 0.0
-        if 0 < span < math.inf:
+        if self.ready and 0 < span < math.inf:
             if value > high:
                 out = (value - high) / span / self.unit
             elif value < low:
@@ -276,6 +282,8 @@ class RangeNovelty:
         if value < self.low:
             self.low = value
         self.count += 1
+        if not self.ready:
+            self.ready = self.count >= self.MIN_VALUES
         if self.block and self.count >= self.block:
             self._close_block()
         return out
@@ -283,6 +291,7 @@ class RangeNovelty:
     def learn_range(self, low: float, high: float) -> None:
         """Take in a window's extremes (a warm-up window) as one block of its own."""
         self.high, self.low = max(self.high, high), min(self.low, low)
+        self.ready = True
         if self.block:
             self._close_block()
 
@@ -295,14 +304,16 @@ class RangeNovelty:
         self.high, self.low, self.count = -math.inf, math.inf, 0
 
     def state(self) -> list[float]:
-        """Finite floats, for snapshots: the open block (count, whether it holds a value,
-        high, low), then the closed blocks' highs and lows."""
+        """Finite floats, for snapshots: whether it is ready, the open block (count, whether
+        it holds a value, high, low), then the closed blocks' highs and lows."""
+        ready = 1.0 if self.ready else 0.0
         if self.high == -math.inf:
-            return [float(self.count), 0.0, 0.0, 0.0, *self.highs, *self.lows]
-        return [float(self.count), 1.0, self.high, self.low, *self.highs, *self.lows]
+            return [ready, float(self.count), 0.0, 0.0, 0.0, *self.highs, *self.lows]
+        return [ready, float(self.count), 1.0, self.high, self.low, *self.highs, *self.lows]
 
     def restore(self, state: list[float]) -> None:
-        count, filled, high, low, rest = int(state[0]), state[1], state[2], state[3], state[4:]
+        ready, count, filled, high, low, rest = state[0], int(state[1]), state[2], state[3], state[4], state[5:]
+        self.ready = bool(ready)
         self.high, self.low, self.count = (high, low, count) if filled else (-math.inf, math.inf, count)
         half = len(rest) // 2
         self.highs, self.lows = list(rest[:half][-self.BLOCKS:]), list(rest[half:][-self.BLOCKS:])

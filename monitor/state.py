@@ -194,7 +194,8 @@ class StateCodec:
                     recent = np.frombuffer(blob[pos:pos + 4 * size], dtype=np.float32)
                     bits = np.frombuffer(blob[pos + 4 * size:pos + 4 * size + n_bits], dtype=np.uint8)
                     pos += 4 * size + n_bits
-                    if len(recent) != size or len(bits) != n_bits or not np.isfinite(recent).all():
+                    if len(recent) != size or len(bits) != n_bits or not np.isfinite(recent).all() \
+                            or s.since_update < 0:
                         raise StateError("state record: truncated or non-finite history")
                     s.recent = torch.from_numpy(recent.copy())
                     s.learnable = torch.from_numpy(np.unpackbits(bits)[:size].astype(bool))

@@ -53,7 +53,20 @@ def test_a_restored_stream_keeps_the_range_its_novelty_is_judged_against():
     a, b = original.feed(nxt).scores[0], restored.feed(nxt).scores[0]
     assert b.surprise == pytest.approx(a.surprise, rel=1e-6)
     ranges = [p._streams[("a", "v")].novelty.state() for p in (original, restored)]
-    assert ranges[0] == ranges[1] and ranges[0][2:4] == [3.1, pytest.approx(-3.0, abs=0.05)]
+    assert ranges[0] == ranges[1] and ranges[0][3:5] == [3.1, pytest.approx(-3.0, abs=0.05)]
+
+
+def test_a_stream_restored_without_a_range_builds_one_before_judging_novelty():
+    """A snapshot from before range novelty was turned on has no range: judged against its
+    first few values, every later value would look like a new extreme."""
+    init = Initialization.default()
+    wave = [Reading("a", float(t), {"v": math.sin(t / 5)}) for t in range(600)]
+    plain = Pipeline(init, PipelineConfig(warmup=64))
+    plain.feed(wave[:300])
+    codec = StateCodec(init)
+    restored = Pipeline(init, PipelineConfig(warmup=64, scoring=ScoringConfig(novelty_unit=0.01)))
+    restored.import_devices([codec.decode(codec.encode(s)) for s in plain.export_devices(["a"])])
+    assert [s.ts for s in restored.feed(wave[300:]).scores if s.anomaly] == []
 
 
 def test_snapshots_of_another_init_version_or_corrupt_are_refused():
