@@ -29,6 +29,7 @@ from monitor.readings import parse_timestamp
 from monitor.scoring import ScoringConfig
 
 WARMUP = 256
+NAB_CALIBRATION = 0.002  # stage-2 fading, picked on the even-indexed NAB series
 
 
 def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detector]:
@@ -40,6 +41,14 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
             raise FileNotFoundError(f"no {name}.pt in {init_dir}: train it with forewarn meta-train (see README)")
         return Initialization.load(init_dir / f"{name}.pt")
 
+    def shipped_variant(name: str, notes: str, calibrated: bool = False, novelty: bool = False,
+                        **pipeline_options) -> Callable[[], Detector]:
+        """The shipped initialization with the scoring options picked on NAB, and others."""
+        scoring = ScoringConfig(calibration_fading=NAB_CALIBRATION if calibrated else 0.0,
+                                novelty_unit=NOVELTY_UNIT if novelty else 0.0,
+                                novelty_window=NOVELTY_WINDOW if novelty else 0)
+        return lambda: forewarn_detector(name, shipped, WARMUP, notes=notes, scoring=scoring, **pipeline_options)
+
     known: dict[str, Callable[[], Detector]] = {
         "forewarn": lambda: forewarn_detector("forewarn", shipped, WARMUP,
                                               notes=f"shipped init ({shipped.info.get('algorithm')}), K={shipped.adapt.steps}"),
@@ -50,30 +59,28 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         "pooled": lambda: forewarn_detector("pooled", artifact("pooled"), WARMUP, notes="pooled pre-training, same K"),
         "lstm-scratch": lambda: forewarn_detector("lstm-scratch", Initialization.random(shipped.spec, seed=0,
                                                   adapt=shipped.adapt), WARMUP, notes="random init, same K and rates"),
-        "forewarn-calibrated": lambda: forewarn_detector(
-            "forewarn-calibrated", shipped, WARMUP, scoring=ScoringConfig(calibration_fading=0.002),
-            notes="shipped init, stage-2 calibration 0.002 (picked on even-indexed NAB series)"),
-        "forewarn-drift": lambda: forewarn_detector(
-            "forewarn-drift", shipped, WARMUP, drift_threshold=200.0,
-            notes="shipped init, drift re-adaptation (Page-Hinkley threshold 200, window 256)"),
-        "forewarn-calibrated-drift": lambda: forewarn_detector(
-            "forewarn-calibrated-drift", shipped, WARMUP, scoring=ScoringConfig(calibration_fading=0.002),
-            drift_threshold=200.0, notes="stage-2 calibration 0.002 and drift re-adaptation 200 (picked on even NAB)"),
-        "forewarn-online": lambda: forewarn_detector(
-            "forewarn-online", shipped, WARMUP, online_every=64,
-            notes="shipped init, online updates every 64 readings (1 step on the newest 256, flagged ones left out)"),
-        "forewarn-calibrated-online": lambda: forewarn_detector(
-            "forewarn-calibrated-online", shipped, WARMUP, scoring=ScoringConfig(calibration_fading=0.002),
-            online_every=64, notes="stage-2 calibration 0.002 and online updates every 64 readings"),
-        "forewarn-novelty": lambda: forewarn_detector(
-            "forewarn-novelty", shipped, WARMUP, scoring=ScoringConfig(novelty_unit=NOVELTY_UNIT,
-                                                                       novelty_window=NOVELTY_WINDOW),
-            notes=f"shipped init, range novelty (unit 1/30,000, window {NOVELTY_WINDOW:,})"),
-        "forewarn-calibrated-novelty": lambda: forewarn_detector(
-            "forewarn-calibrated-novelty", shipped, WARMUP,
-            scoring=ScoringConfig(calibration_fading=0.002, novelty_unit=NOVELTY_UNIT, novelty_window=NOVELTY_WINDOW),
-            notes=f"stage-2 calibration 0.002 and range novelty (unit 1/30,000, window {NOVELTY_WINDOW:,}; "
-                  "picked on even NAB)"),
+        "forewarn-calibrated": shipped_variant(
+            "forewarn-calibrated", "shipped init, stage-2 calibration 0.002 (picked on even-indexed NAB series)",
+            calibrated=True),
+        "forewarn-drift": shipped_variant(
+            "forewarn-drift", "shipped init, drift re-adaptation (Page-Hinkley threshold 200, window 256)",
+            drift_threshold=200.0),
+        "forewarn-calibrated-drift": shipped_variant(
+            "forewarn-calibrated-drift", "stage-2 calibration 0.002 and drift re-adaptation 200 (picked on even NAB)",
+            calibrated=True, drift_threshold=200.0),
+        "forewarn-online": shipped_variant(
+            "forewarn-online",
+            "shipped init, online updates every 64 readings (1 step on the newest 256, flagged ones left out)",
+            online_every=64),
+        "forewarn-calibrated-online": shipped_variant(
+            "forewarn-calibrated-online", "stage-2 calibration 0.002 and online updates every 64 readings",
+            calibrated=True, online_every=64),
+        "forewarn-novelty": shipped_variant(
+            "forewarn-novelty", f"shipped init, range novelty (unit 1/30,000, window {NOVELTY_WINDOW:,})",
+            novelty=True),
+        "forewarn-calibrated-novelty": shipped_variant(
+            "forewarn-calibrated-novelty", f"stage-2 calibration 0.002 and range novelty (unit 1/30,000, window "
+                                           f"{NOVELTY_WINDOW:,}; picked on even NAB)", calibrated=True, novelty=True),
         "meta-no-adapt": lambda: forewarn_detector("meta-no-adapt", shipped, WARMUP, adapt_steps=0, notes="K=0"),
     }
     out = []
