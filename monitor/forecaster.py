@@ -318,11 +318,6 @@ class FleetForecaster:
         self._seen[rows] = size  # next write goes to slot 0, the oldest
         self._since_update[rows] = 0 if since_update is None else since_update
 
-    def add_history(self, row: int, recent: Tensor, learnable: Tensor, since_update: int) -> None:
-        """Give a row placed by ``add`` the history it had before (from a snapshot)."""
-        self._seed_history(torch.tensor([row]), recent.unsqueeze(0), learnable.unsqueeze(0),
-                           torch.tensor([since_update]))
-
     def history_of(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(scaled inputs, learnable, readings since the last weight change) of these
         rows, oldest first: ``[n, history]``, ``[n, history]``, ``[n]``."""

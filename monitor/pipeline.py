@@ -495,14 +495,29 @@ class Pipeline:
             f64 = dict(dtype=torch.float64)
             rows = self.fleet.add(params, torch.tensor([ss.center for _, ss in live], **f64),
                                   torch.tensor([ss.scale for _, ss in live], **f64), state,
-                                  forecast=torch.tensor([ss.forecast for _, ss in live], **f64))
-            for (stream, ss), row in zip(live, rows.tolist()):
+                                  forecast=torch.tensor([ss.forecast for _, ss in live], **f64),
+                                  **self._histories([ss for _, ss in live]))
+            for (stream, _), row in zip(live, rows.tolist()):
                 stream.row = row
                 stream.buffer = None
                 self._set_state(stream, Lifecycle.LIVE)
-                if self.fleet.history and ss.recent is not None:  # else its history starts empty
-                    self.fleet.add_history(row, ss.recent, ss.learnable, ss.since_update)
         return n
+
+    def _histories(self, states: list[StreamState]) -> dict[str, torch.Tensor]:
+        """The online-update histories of snapshots as ``FleetForecaster.add`` takes them:
+        each right-aligned in one row, what it lacks (all of it without one) unlearnable."""
+        size = self.fleet.history
+        if not size:
+            return {}
+        recent = torch.zeros((len(states), size), dtype=self.fleet.dtype)
+        learnable = torch.zeros((len(states), size), dtype=torch.bool)
+        for i, ss in enumerate(states):
+            if ss.recent is not None and len(ss.recent):
+                take = min(size, len(ss.recent))
+                recent[i, size - take:] = ss.recent[-take:]
+                learnable[i, size - take:] = ss.learnable[-take:]
+        since = torch.tensor([ss.since_update if ss.recent is not None else 0 for ss in states], dtype=torch.long)
+        return dict(recent=recent, learnable=learnable, since_update=since)
 
     # ---- membership ------------------------------------------------------
     def drop_devices(self, devices: Iterable[str]) -> int:
