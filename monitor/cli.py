@@ -268,7 +268,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
             bar.update(1)
             if p.iteration % 10 == 0:
                 bar.set_postfix(query_loss=f"{p.query_loss:.4f}")
-        init = meta_train(sampler, cfg, on_progress)
+        init = meta_train(sampler, cfg, on_progress, Initialization.load(args.start_from) if args.start_from else None)
     init.info["data"] = [Path(p).name for p in _expand_paths(args.data)]
     init.save(args.out)
     print(f"wrote {args.out}: {init.info['algorithm']}, query loss {init.info['final_query_loss']:.4f}, "
@@ -511,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=_positive_int, default=32, help="LSTM hidden units (default: %(default)s)")
     p.add_argument("--layers", type=_positive_int, default=1, help="LSTM layers (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--start-from", metavar="FILE", default=None,
+                   help="start from this checkpoint's weights, e.g. a pooled pre-trained one (default: random)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_meta_train)
     return parser

@@ -131,10 +131,18 @@ class Progress:
 
 
 def meta_train(sampler: TaskSampler, cfg: MetaConfig,
-               on_progress: Callable[[Progress], None] | None = None) -> Initialization:
-    """Learn an initialization on ``sampler``'s tasks with ``cfg.algorithm``."""
+               on_progress: Callable[[Progress], None] | None = None,
+               start: Initialization | None = None) -> Initialization:
+    """Learn an initialization on ``sampler``'s tasks with ``cfg.algorithm``.
+
+    ``start``: begin from these weights (a pooled pre-trained model, say) instead of
+    random ones; the step sizes start from ``cfg.inner.lr`` either way.
+    """
     torch.manual_seed(cfg.seed)
-    params = {k: v.requires_grad_() for k, v in init_params(cfg.spec, torch.Generator().manual_seed(cfg.seed)).items()}
+    if start is not None and start.spec != cfg.spec:
+        raise ValueError(f"the starting checkpoint is an LSTM {start.spec}, not the {cfg.spec} asked for")
+    first = start.params if start is not None else init_params(cfg.spec, torch.Generator().manual_seed(cfg.seed))
+    params = {k: v.detach().clone().requires_grad_() for k, v in first.items()}
     learn_lr = cfg.learn_inner_lr and cfg.algorithm in ("fomaml", "maml")
     log_lr = {k: torch.full_like(v, math.log(cfg.inner.lr), requires_grad=True) for k, v in params.items()} \
         if learn_lr else None
@@ -172,6 +180,7 @@ def meta_train(sampler: TaskSampler, cfg: MetaConfig,
         "query": cfg.query,
         "meta_lr": cfg.meta_lr,
         "seed": cfg.seed,
+        "started_from": start.info.get("algorithm", "checkpoint") if start is not None else "random",
         "series": len(sampler.series),
         "final_query_loss": running,
         "seconds": round(time.perf_counter() - started, 1),

@@ -109,6 +109,24 @@ def test_every_algorithm_trains_and_round_trips_through_a_checkpoint(tmp_path, a
     assert all(torch.equal(loaded.params[k], init.params[k]) for k in init.params)
 
 
+def test_meta_training_can_start_from_a_pretrained_checkpoint():
+    rng = np.random.default_rng(1)
+    corpus = [np.sin(np.arange(300) / (4 + i)) + 0.05 * rng.standard_normal(300) for i in range(4)]
+    spec = LSTMSpec(hidden=4)
+    cfg = MetaConfig(algorithm="maml", iterations=1, tasks_per_batch=2, support=64, query=16,
+                     inner=AdaptConfig(steps=1, lr=0.05, chunks=2), spec=spec, meta_lr=1e-6)
+    sampler = TaskSampler(corpus, cfg.support, cfg.query, Normalization(), seed=0)
+    pooled = Initialization(spec, Initialization.random(spec, seed=7).params, info={"algorithm": "pooled"})
+    before = {k: v.clone() for k, v in pooled.params.items()}
+    init = meta_train(sampler, cfg, start=pooled)
+    # one tiny outer step away from the starting weights, not from a fresh random draw
+    assert all(torch.allclose(init.params[k], before[k], atol=1e-4) for k in before)
+    assert not torch.equal(init.params["l0.w"], Initialization.random(spec, seed=0).params["l0.w"])
+    assert all(torch.equal(pooled.params[k], before[k]) for k in before)  # the start is not trained in place
+    assert init.info["started_from"] == "pooled" and init.inner_lr is not None
+    with pytest.raises(ValueError, match="LSTM"):
+        meta_train(sampler, cfg, start=Initialization.random(LSTMSpec(hidden=8)))
+
 def test_loading_refuses_files_that_are_not_initializations(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
