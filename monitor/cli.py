@@ -339,7 +339,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(table)
     if args.report:
         written = harness.write_report(Path(args.report), args.dataset, run, detectors, table,
-                                       adaptation=not args.no_adaptation_plot)
+                                       adaptation=not args.no_adaptation_plot, init_dir=init_dir)
         print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
 
@@ -476,10 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", default=None,
                    help="folder holding nab/ and smd/ (default: $FOREWARN_DATA or ../shared/data)")
     p.add_argument("--detectors", nargs="+", default=["forewarn", "meta-no-adapt", "lstm-scratch", "zscore", "hst", "pad-hw"],
-                   help="detectors to run (default: %(default)s; also forewarn-calibrated, pooled, forewarn-fomaml, "
-                        "forewarn-reptile)")
+                   help="detectors to run (default: %(default)s; also pooled, novelty, forewarn-fomaml, "
+                        "forewarn-reptile, forewarn-maml-pooled and the forewarn-* option variants, such as "
+                        "forewarn-calibrated-novelty; an unknown name lists them all)")
     p.add_argument("--init-dir", metavar="DIR", default=None,
-                   help="where pooled.pt, fomaml.pt, reptile.pt are (default: benchmarks/artifacts of the checkout)")
+                   help="where pooled.pt, fomaml.pt, reptile.pt, maml-pooled.pt are "
+                        "(default: benchmarks/artifacts of the checkout)")
     p.add_argument("--limit", type=_positive_int, default=None, help="NAB: only the first N labelled series")
     p.add_argument("--windows", default="combined_windows.json", help="NAB label file (default: %(default)s)")
     p.add_argument("--machines", nargs="+", default=None, help="SMD machines (default: the held-out 2-4 2-5 2-7 2-8)")
