@@ -257,6 +257,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         support=args.warmup, query=args.query, meta_lr=args.meta_lr,
         inner=AdaptConfig(steps=args.inner_steps, lr=args.inner_lr, prox=args.prox, loss=args.loss),
         learn_inner_lr=not args.fixed_inner_lr, spec=LSTMSpec(args.hidden, args.layers), seed=args.seed)
+    start = Initialization.load(args.start_from) if args.start_from else None  # fail before reading the corpus
     series = []
     for path in _expand_paths(args.data):
         series.extend(read_series(path, args.format).values())
@@ -268,7 +269,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
             bar.update(1)
             if p.iteration % 10 == 0:
                 bar.set_postfix(query_loss=f"{p.query_loss:.4f}")
-        init = meta_train(sampler, cfg, on_progress, Initialization.load(args.start_from) if args.start_from else None)
+        init = meta_train(sampler, cfg, on_progress, start)
     init.info["data"] = [Path(p).name for p in _expand_paths(args.data)]
     init.save(args.out)
     print(f"wrote {args.out}: {init.info['algorithm']}, query loss {init.info['final_query_loss']:.4f}, "
