@@ -54,7 +54,8 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
     return PipelineConfig(warmup=args.warmup, adapt=adapt, drift_threshold=args.drift_threshold,
                           online_every=args.online_every,
                           scoring=ScoringConfig(threshold=args.threshold, calibration_fading=args.calibration_fading,
-                                                novelty_unit=args.novelty_unit, novelty_window=args.novelty_window))
+                                                novelty_unit=args.novelty_unit, novelty_window=args.novelty_window,
+                                                smoothing_span=args.smoothing_span))
 
 
 class _BadRecordLog:
@@ -188,7 +189,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                "FOREWARN_DETECTOR_DRIFT_THRESHOLD": str(args.drift_threshold),
                "FOREWARN_DETECTOR_ONLINE_EVERY": str(args.online_every),
                "FOREWARN_DETECTOR_NOVELTY_UNIT": str(args.novelty_unit),
-               "FOREWARN_DETECTOR_NOVELTY_WINDOW": str(args.novelty_window)}
+               "FOREWARN_DETECTOR_NOVELTY_WINDOW": str(args.novelty_window),
+               "FOREWARN_DETECTOR_SMOOTHING_SPAN": str(args.smoothing_span)}
         if args.adapt_steps is not None:
             env["FOREWARN_DETECTOR_ADAPT_STEPS"] = str(args.adapt_steps)
         cfg = Config.load(environ=env)
@@ -397,6 +399,9 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--novelty-window", type=_non_negative_int, default=0, metavar="N",
                    help="values the range novelty looks back on (16 blocks of N/16), as detector.novelty_window "
                         "(default: 0 = all)")
+    p.add_argument("--smoothing-span", type=_non_negative_int, default=0, metavar="N",
+                   help="average the forecast's surprise over about N readings, exponentially weighted, as "
+                        "detector.smoothing_span (default: 0 = off)")
     p.add_argument("--online-every", type=_non_negative_int, default=0, metavar="N",
                    help="online weight update of each live stream every N readings, leaving out the ones it "
                         "flagged, as detector.online_every (default: 0 = off)")

@@ -95,6 +95,8 @@ class DetectorConfig:
                                         "values by this share of it scores surprise 1 (0 = off; see README)")
     novelty_window: int = _setting(0, "values whose range novelty is judged against, in 16 blocks "
                                       "(0 = all so far, else >= 16)")
+    smoothing_span: int = _setting(0, "the forecast's surprise averaged over about this many readings, "
+                                      "exponentially weighted (0 = off; 9 was best on SMD, see README)")
     max_streams: int = _setting(1_000_000, "cap on streams held; readings of new streams past it are bad records")
     adapt_batch: int = _setting(512, "streams adapted in one batched call (~1.3 MB each while adapting)")
     drift_threshold: float = _setting(0.0, "Page-Hinkley threshold on a live stream's |residual| that re-adapts it "
@@ -116,6 +118,8 @@ class DetectorConfig:
         if not (math.isfinite(self.novelty_unit) and self.novelty_unit >= 0) or \
                 not (self.novelty_window == 0 or self.novelty_window >= 16):
             raise ConfigError("detector.novelty_unit must be >= 0 and detector.novelty_window 0 or >= 16")
+        if self.smoothing_span < 0:
+            raise ConfigError("detector.smoothing_span must be >= 0")
         if self.drift_threshold < 0 or self.drift_window < 16:
             raise ConfigError("detector.drift_threshold must be >= 0 and detector.drift_window >= 16")
         if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:

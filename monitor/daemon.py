@@ -139,7 +139,8 @@ class Daemon:
             warmup=det.warmup, adapt=adapt, scoring=ScoringConfig(threshold=det.threshold,
                                                                   calibration_fading=det.calibration_fading,
                                                                   novelty_unit=det.novelty_unit,
-                                                                  novelty_window=det.novelty_window),
+                                                                  novelty_window=det.novelty_window,
+                                                                  smoothing_span=det.smoothing_span),
             max_streams=det.max_streams, adapt_batch=det.adapt_batch, drift_threshold=det.drift_threshold,
             drift_window=det.drift_window, online_every=det.online_every, online_window=det.online_window,
             online_steps=det.online_steps, online_lr_scale=det.online_lr_scale))

@@ -55,6 +55,10 @@ class ScoringConfig:
     # the reading's surprise is the larger of this and the forecast's (RangeNovelty).
     novelty_unit: float = 0.0
     novelty_window: int = 0
+    # Smoothing (0 = off): the forecast's surprise as an exponentially weighted mean over
+    # about smoothing_span readings (weight 2 / (span + 1) on the newest), as Telemanom
+    # smooths its errors: a sustained rise counts for more than a lone spike.
+    smoothing_span: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.fading_factor <= 1 or not 0 <= self.calibration_fading <= 1:
@@ -67,6 +71,8 @@ class ScoringConfig:
                 not (self.novelty_window == 0 or self.novelty_window >= RangeNovelty.BLOCKS):
             raise ValueError(f"novelty_unit must be >= 0 and novelty_window 0 or >= {RangeNovelty.BLOCKS}, "
                              f"got {self.novelty_unit} and {self.novelty_window}")
+        if self.smoothing_span < 0:
+            raise ValueError(f"smoothing_span must be >= 0, got {self.smoothing_span}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,9 +162,22 @@ class ResidualScorer:
     True
     >>> scorer.score_one(3.0) > ScoringConfig().threshold
     True
+
+    With ``smoothing_span=9`` a lone spike counts for about a fifth (2 / (9 + 1)) of
+    its surprise, and a sustained rise builds up:
+
+    >>> plain, smooth = ResidualScorer(), ResidualScorer(ScoringConfig(smoothing_span=9))
+    >>> for r in [0.1, -0.2, 0.05, 0.15, -0.1, 0.0] * 50:
+    ...     plain.learn_one(r)
+    ...     smooth.learn_one(r)
+    >>> spike = smooth.surprise_learn_one(3.0)
+    >>> round(spike / plain.surprise_learn_one(3.0), 1)
+    0.2
+    >>> smooth.surprise_learn_one(3.0) > spike   # the fault goes on: the surprise builds up
+    True
     """
 
-    __slots__ = ("config", "residuals", "magnitudes")
+    __slots__ = ("config", "residuals", "magnitudes", "smoothed", "_weight")
 
     def __init__(self, config: ScoringConfig | None = None) -> None:
         self.config = config or ScoringConfig()
@@ -166,11 +185,14 @@ class ResidualScorer:
         # Stage 2 starts from what |z| of a well-calibrated stream looks like (half-normal),
         # so the first live readings are judged sanely while the stream's own |z| take over.
         self.magnitudes = EWStats(self.config.calibration_fading, _HALF_NORMAL_MEAN, _HALF_NORMAL_VAR, 1)
+        span = self.config.smoothing_span
+        self._weight = 2.0 / (span + 1) if span > 1 else 0.0  # 0: no smoothing
+        self.smoothed = 0.0
 
     def state(self) -> list[float]:
-        """The statistics as six floats, for snapshots."""
+        """The statistics and the smoothed surprise as seven floats, for snapshots."""
         r, m = self.residuals, self.magnitudes
-        return [r.mean, r.var, float(r.n), m.mean, m.var, float(m.n)]
+        return [r.mean, r.var, float(r.n), m.mean, m.var, float(m.n), self.smoothed]
 
     @classmethod
     def from_state(cls, state: list[float], config: ScoringConfig | None = None) -> "ResidualScorer":
@@ -186,6 +208,7 @@ class ResidualScorer:
         scorer = cls(config)
         r, m = scorer.residuals, scorer.magnitudes
         r.mean, r.var, r.n, m.mean, m.var, m.n = state[0], state[1], int(state[2]), state[3], state[4], int(state[5])
+        scorer.smoothed = state[6] if len(state) > 6 else 0.0  # snapshots before smoothing have six
         return scorer
 
     def _z(self, residual: float) -> tuple[float, float]:
@@ -215,6 +238,9 @@ class ResidualScorer:
         res.update(res.mean + math.copysign(clip * std, z) if abs(z) > clip else residual)
         if cfg.calibration_fading:
             self.magnitudes.update(abs(z))
+        if self._weight:
+            self.smoothed += self._weight * (out - self.smoothed)
+            return self.smoothed
         return out
 
     def prime_one(self, residual: float) -> None:

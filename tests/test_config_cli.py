@@ -18,6 +18,7 @@ def test_toml_then_environment(tmp_path):
     ("[kafka]\nauto_offset_reset = 'middle'\n", "auto_offset_reset must be earliest or latest"),
     ("[detector]\nthreshold = 2\n", "detector.threshold must be between 0 and 1"),
     ("[detector]\nonline_every = -1\n", "detector.online_every must be >= 0"),
+    ("[detector]\nsmoothing_span = -1\n", "detector.smoothing_span must be >= 0"),
     ("[nope]\na = 1\n", "unknown section [nope]"),
     ("[kafka\n", "not valid TOML"),
 ])

@@ -56,6 +56,26 @@ def test_a_restored_stream_keeps_the_range_its_novelty_is_judged_against():
     assert ranges[0] == ranges[1] and ranges[0][3:5] == [3.1, pytest.approx(-3.0, abs=0.05)]
 
 
+def test_a_restored_stream_carries_its_smoothed_surprise_and_older_snapshots_start_it_at_zero():
+    init = Initialization.default()
+    config = PipelineConfig(warmup=64, scoring=ScoringConfig(smoothing_span=9))
+    original = Pipeline(init, config)
+    original.feed([Reading("a", float(t), {"v": math.sin(t / 5) + (4.0 if t >= 97 else 0.0)}) for t in range(100)])
+    smoothed = original._streams[("a", "v")].scorer.smoothed
+    assert smoothed > 1.0  # the fault of the last three readings is building up
+    codec = StateCodec(init)
+    restored = Pipeline(init, config)
+    restored.import_devices([codec.decode(codec.encode(s)) for s in original.export_devices(["a"])])
+    assert restored._streams[("a", "v")].scorer.smoothed == pytest.approx(smoothed, rel=1e-9)
+    nxt = [Reading("a", 100.0, {"v": 4.5})]
+    assert restored.feed(nxt).scores[0].surprise == pytest.approx(original.feed(nxt).scores[0].surprise, rel=0.02)
+    older = original.export_devices(["a"])
+    older[0].streams[0].scorer = older[0].streams[0].scorer[:6]  # as written before smoothing existed
+    again = Pipeline(init, config)
+    again.import_devices([codec.decode(codec.encode(s)) for s in older])
+    assert again._streams[("a", "v")].scorer.smoothed == 0.0
+
+
 def test_a_stream_restored_without_a_range_builds_one_before_judging_novelty():
     """A snapshot from before range novelty was turned on has no range: judged against its
     first few values, every later value would look like a new extreme."""
