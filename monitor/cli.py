@@ -259,7 +259,9 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         support=args.warmup, query=args.query, meta_lr=args.meta_lr,
         inner=AdaptConfig(steps=args.inner_steps, lr=args.inner_lr, prox=args.prox, loss=args.loss),
         learn_inner_lr=not args.fixed_inner_lr, spec=LSTMSpec(args.hidden, args.layers), seed=args.seed)
-    start = Initialization.load(args.start_from) if args.start_from else None  # fail before reading the corpus
+    start = Initialization.load(args.start_from) if args.start_from else None
+    if start is not None and start.spec != cfg.spec:  # said before the corpus is read
+        raise ValueError(f"--start-from {args.start_from} is an LSTM {start.spec}, not the {cfg.spec} asked for")
     series = []
     for path in _expand_paths(args.data):
         series.extend(read_series(path, args.format).values())

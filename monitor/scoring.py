@@ -57,7 +57,8 @@ class ScoringConfig:
     novelty_window: int = 0
     # Smoothing (0 = off): the forecast's surprise as an exponentially weighted mean over
     # about smoothing_span readings (weight 2 / (span + 1) on the newest), as Telemanom
-    # smooths its errors: a sustained rise counts for more than a lone spike.
+    # smooths its errors: a sustained rise counts for more than a lone spike.  Everything
+    # downstream sees the smoothed surprise, online updates' choice of flagged readings too.
     smoothing_span: int = 0
 
     def __post_init__(self) -> None:
@@ -208,7 +209,8 @@ class ResidualScorer:
         scorer = cls(config)
         r, m = scorer.residuals, scorer.magnitudes
         r.mean, r.var, r.n, m.mean, m.var, m.n = state[0], state[1], int(state[2]), state[3], state[4], int(state[5])
-        scorer.smoothed = state[6] if len(state) > 6 else 0.0  # snapshots before smoothing have six
+        # snapshots from before smoothing have six floats; with smoothing off a stale value is not kept
+        scorer.smoothed = state[6] if len(state) > 6 and scorer._weight else 0.0
         return scorer
 
     def _z(self, residual: float) -> tuple[float, float]:

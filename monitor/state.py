@@ -187,6 +187,8 @@ class StateCodec:
                 s.h, s.c = torch.from_numpy(hc[0].copy()), torch.from_numpy(hc[1].copy())
                 s.center, s.scale, s.forecast = e["center"], e["scale"], e["forecast"]
                 s.scorer = list(e["scorer"])
+                if len(s.scorer) not in (6, 7):  # seven since smoothing; six before
+                    raise StateError(f"state record: {len(s.scorer)} scorer statistics, not 6 or 7")
                 s.drift, s.rebuffer, s.novelty = e.get("drift"), e.get("rebuffer"), e.get("novelty")
                 if "online" in e:
                     size, s.since_update = int(e["online"][0]), int(e["online"][1])

@@ -127,6 +127,7 @@ def test_meta_training_can_start_from_a_pretrained_checkpoint():
     with pytest.raises(ValueError, match="LSTM"):
         meta_train(sampler, cfg, start=Initialization.random(LSTMSpec(hidden=8)))
 
+
 def test_loading_refuses_files_that_are_not_initializations(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -47,3 +47,27 @@ def test_config_print_and_run_help_show_every_setting(capsys, monkeypatch):
         for name in vars(getattr(Config(), section)):
             assert f"{name} = " in printed and f"{name} = " in help_text
     assert "secret" not in printed and 'sasl_plain_password = "***"' in printed
+
+
+def test_detector_options_reach_the_pipeline_from_the_environment_and_the_replay_flags():
+    from prometheus_client import CollectorRegistry
+
+    from monitor.checkpoint import Initialization
+    from monitor.cli import _pipeline_config, build_parser
+    from monitor.daemon import Daemon
+    daemon = Daemon(Config.load(environ={"FOREWARN_DETECTOR_SMOOTHING_SPAN": "9",
+                                         "FOREWARN_DETECTOR_NOVELTY_UNIT": "0.003"}), registry=CollectorRegistry())
+    assert (daemon.pipeline.config.scoring.smoothing_span, daemon.pipeline.config.scoring.novelty_unit) == (9, 0.003)
+    args = build_parser().parse_args(["replay", "in.csv", "--smoothing-span", "9", "--calibration-fading", "0.002"])
+    scoring = _pipeline_config(args, Initialization.default()).scoring
+    assert (scoring.smoothing_span, scoring.calibration_fading) == (9, 0.002)
+
+
+def test_meta_train_refuses_a_starting_checkpoint_of_another_size_before_reading_data(tmp_path, capsys):
+    from monitor.checkpoint import Initialization
+    from monitor.forecaster import LSTMSpec
+    Initialization.random(LSTMSpec(hidden=8)).save(tmp_path / "small.pt")
+    code = main(["meta-train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out.pt"),
+                 "--start-from", str(tmp_path / "small.pt"), "--quiet"])
+    assert code == 2 and "is an LSTM" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()

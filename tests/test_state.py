@@ -103,6 +103,10 @@ def test_snapshots_of_another_init_version_or_corrupt_are_refused():
         StateCodec(init).decode(data[:-10] + bytes(10))
     with pytest.raises(StateError, match="too short"):
         StateCodec(init).decode(b"FW")
+    short = pipe.export_devices(["a"])[0]
+    short.streams[0].scorer = short.streams[0].scorer[:5]
+    with pytest.raises(StateError, match="5 scorer statistics"):
+        StateCodec(init).decode(StateCodec(init).encode(short))
 
 
 def test_a_stream_snapshotted_while_collecting_its_drift_window_readapts_after_restore():

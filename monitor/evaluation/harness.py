@@ -60,7 +60,7 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
                                                       notes="Reptile init, K=10"),
         "forewarn-maml-pooled": lambda: forewarn_detector("forewarn-maml-pooled", artifact("maml-pooled"), WARMUP,
                                                           notes="MAML started from the pooled model, K=10"),
-        "pooled": lambda: forewarn_detector("pooled", artifact("pooled"), WARMUP, notes="pooled pre-training, same K"),
+        "pooled": lambda: forewarn_detector("pooled", artifact("pooled"), WARMUP, notes="pooled pre-training (6,000 iterations), same K"),
         "lstm-scratch": lambda: forewarn_detector("lstm-scratch", Initialization.random(shipped.spec, seed=0,
                                                   adapt=shipped.adapt), WARMUP, notes="random init, same K and rates"),
         "forewarn-calibrated": shipped_variant(
