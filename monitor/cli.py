@@ -17,6 +17,7 @@ from connectors.files import (FORMATS, DeadLetterWriter, FileFormatError, FileSo
                               read_series)
 from monitor.adapt import AdaptConfig
 from monitor.checkpoint import CheckpointError, Initialization
+from monitor.config import DetectorConfig
 from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import BadRecord, Score
@@ -51,11 +52,10 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
     adapt = init.adapt
     if args.adapt_steps is not None:
         adapt = replace(adapt, steps=args.adapt_steps)
-    return PipelineConfig(warmup=args.warmup, adapt=adapt, drift_threshold=args.drift_threshold,
-                          online_every=args.online_every,
-                          scoring=ScoringConfig(threshold=args.threshold, calibration_fading=args.calibration_fading,
-                                                novelty_unit=args.novelty_unit, novelty_window=args.novelty_window,
-                                                smoothing_span=args.smoothing_span))
+    return DetectorConfig(warmup=args.warmup, threshold=args.threshold, calibration_fading=args.calibration_fading,
+                          novelty_unit=args.novelty_unit, novelty_window=args.novelty_window,
+                          smoothing_span=args.smoothing_span, drift_threshold=args.drift_threshold,
+                          online_every=args.online_every).pipeline_config(adapt)
 
 
 class _BadRecordLog:

@@ -108,6 +108,21 @@ class DetectorConfig:
     online_steps: int = _setting(1, "gradient steps of one online update")
     online_lr_scale: float = _setting(0.5, "online step size, as a multiple of the adaptation's")
 
+    def pipeline_config(self, adapt):
+        """The ``PipelineConfig`` these settings describe, with ``adapt`` (an ``AdaptConfig``,
+        ``adapt_steps`` already applied) for fast adaptation: the one place that maps
+        detector settings onto the pipeline, for the daemon and ``replay`` alike."""
+        from monitor.pipeline import PipelineConfig  # here: reading a configuration needs no torch
+        from monitor.scoring import ScoringConfig
+        return PipelineConfig(
+            warmup=self.warmup, adapt=adapt,
+            scoring=ScoringConfig(threshold=self.threshold, calibration_fading=self.calibration_fading,
+                                  novelty_unit=self.novelty_unit, novelty_window=self.novelty_window,
+                                  smoothing_span=self.smoothing_span),
+            max_streams=self.max_streams, adapt_batch=self.adapt_batch, drift_threshold=self.drift_threshold,
+            drift_window=self.drift_window, online_every=self.online_every, online_window=self.online_window,
+            online_steps=self.online_steps, online_lr_scale=self.online_lr_scale)
+
     def validate(self) -> None:
         if self.warmup < 16:
             raise ConfigError("detector.warmup must be >= 16")

@@ -29,8 +29,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from monitor.checkpoint import Initialization
 from monitor.config import Config
 from monitor.metrics import Metrics
-from monitor.pipeline import FeedResult, Pipeline, PipelineConfig
-from monitor.scoring import ScoringConfig
+from monitor.pipeline import FeedResult, Pipeline
 from monitor.state import StateCodec, StateError
 
 log = logging.getLogger("forewarn.daemon")
@@ -135,15 +134,7 @@ class Daemon:
         adapt = self.init.adapt
         if det.adapt_steps >= 0:
             adapt = replace(adapt, steps=det.adapt_steps)
-        self.pipeline = Pipeline(self.init, PipelineConfig(
-            warmup=det.warmup, adapt=adapt, scoring=ScoringConfig(threshold=det.threshold,
-                                                                  calibration_fading=det.calibration_fading,
-                                                                  novelty_unit=det.novelty_unit,
-                                                                  novelty_window=det.novelty_window,
-                                                                  smoothing_span=det.smoothing_span),
-            max_streams=det.max_streams, adapt_batch=det.adapt_batch, drift_threshold=det.drift_threshold,
-            drift_window=det.drift_window, online_every=det.online_every, online_window=det.online_window,
-            online_steps=det.online_steps, online_lr_scale=det.online_lr_scale))
+        self.pipeline = Pipeline(self.init, det.pipeline_config(adapt))
         self.metrics = Metrics(self.registry, config.metrics.max_devices, det.threshold)
         self.on_result = on_result
         self.stopping = threading.Event()
