@@ -65,7 +65,8 @@ def main() -> None:
     with EmbeddedBroker() as broker:
         cfg = KafkaConfig(bootstrap_servers=broker.bootstrap)
         broker.create_topics({"bench-state": args.partitions})
-        store = ChangelogStore(cfg, "bench-state", args.partitions)
+        store = ChangelogStore(cfg, "bench-state")
+        store.ensure_partitions(args.partitions)
         total_bytes = 0
         for i, state in enumerate(pipe.export_devices(devices)):
             data = codec.encode(state)

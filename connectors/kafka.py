@@ -147,7 +147,8 @@ class KafkaSource:
         if not parts:
             return {}
         ends = self.consumer.end_offsets(list(parts), timeout_ms=LAG_TIMEOUT_MS)
-        return {tp: max(0, ends[tp] - self.consumer.position(tp)) for tp in parts}
+        positions = {tp: self.consumer.position(tp, timeout_ms=LAG_TIMEOUT_MS) for tp in parts}
+        return {tp: max(0, ends[tp] - pos) for tp, pos in positions.items() if pos is not None}
 
     def _revoked(self, partitions: set[TopicPartition], lost: bool = False) -> None:
         # kafka-python 3 calls a synchronous listener on its IO thread, where a commit cannot

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from connectors.kafka import close_producer, flush_acknowledged
@@ -28,11 +28,16 @@ from monitor.config import KafkaConfig
 log = logging.getLogger("forewarn.state")
 
 
+class StoreError(ValueError):
+    """The state store cannot be used as configured; the message says what to do."""
+
+
 class LocalStore:
     """Snapshots in one SQLite file; ``flush`` commits the transaction.
 
     >>> store = LocalStore(":memory:")
     >>> store.put(0, "pump-7", b"state")
+    True
     >>> store.flush()
     >>> store.load([0]), store.load([1])
     ([(0, 'pump-7', b'state')], [])
@@ -45,13 +50,18 @@ class LocalStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS state (partition INTEGER, device TEXT PRIMARY KEY, data BLOB)")
 
-    def put(self, partition: int, device: str, data: bytes) -> None:
+    def ensure_partitions(self, needed: int) -> None:
+        """Any number of partitions fits one table."""
+
+    def put(self, partition: int, device: str, data: bytes) -> bool:
         self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (partition, device, data))
+        return True
 
     def flush(self, on_wait=None) -> None:
         self.db.commit()
 
-    def load(self, partitions: Iterable[int]) -> list[tuple[int, str, bytes]]:
+    def load(self, partitions: Iterable[int], on_progress: Callable[[], None] | None = None
+             ) -> list[tuple[int, str, bytes]]:
         parts = sorted(set(partitions))
         if not parts:
             return []
@@ -67,61 +77,101 @@ class LocalStore:
 class ChangelogStore:
     """Snapshots on a compacted Kafka topic, partition for partition with the input topic."""
 
-    def __init__(self, cfg: KafkaConfig, topic: str, input_partitions: int) -> None:
+    def __init__(self, cfg: KafkaConfig, topic: str, replication: int = -1,
+                 max_snapshot_bytes: int = 32 * 2**20) -> None:
         self.cfg = cfg
         self.topic = topic
-        self._ensure_topic(input_partitions)
+        self.replication = replication
+        self.max_snapshot_bytes = max_snapshot_bytes
+        self._partitions = 0  # the changelog's partitions, once known to be enough
         self.producer = KafkaProducer(bootstrap_servers=cfg.bootstrap_servers.split(","),
                                       client_id=f"{cfg.client_id}-state", acks="all", linger_ms=5,
                                       compression_type=None, retries=2**31 - 1,
+                                      max_request_size=max_snapshot_bytes + 4096,  # record overhead
                                       delivery_timeout_ms=cfg.delivery_timeout_ms, **cfg.security())
         self._futures: list = []
 
-    def _ensure_topic(self, partitions: int) -> None:
+    def ensure_partitions(self, needed: int) -> None:
+        """Make sure the changelog has at least ``needed`` partitions (the input topic's):
+        create it, or grow it, or refuse with what to do.  Snapshots of input partition p
+        go to changelog partition p, so fewer would fail every write and restore."""
+        if needed <= self._partitions:
+            return
         admin = KafkaAdminClient(bootstrap_servers=self.cfg.bootstrap_servers.split(","),
                                  client_id=f"{self.cfg.client_id}-admin", **self.cfg.security())
         try:
-            admin.create_topics([NewTopic(self.topic, partitions, 1,
-                                          topic_configs={"cleanup.policy": "compact"})])
-            log.info("created changelog topic", extra={"fields": {"topic": self.topic, "partitions": partitions}})
-        except TopicAlreadyExistsError:
-            pass
+            try:
+                # the broker's limit would refuse a device of many channels (~9 KB each) otherwise
+                admin.create_topics([NewTopic(self.topic, needed, self.replication, topic_configs={
+                    "cleanup.policy": "compact", "max.message.bytes": str(self.max_snapshot_bytes + 4096)})])
+                log.info("created changelog topic", extra={"fields": {"topic": self.topic, "partitions": needed}})
+                self._partitions = needed
+                return
+            except TopicAlreadyExistsError:
+                pass
+            have = len(admin.describe_topics([self.topic])[0]["partitions"])
+            if have < needed:
+                try:
+                    admin.create_partitions({self.topic: NewPartitions(needed)})
+                except Exception as exc:
+                    raise StoreError(
+                        f"changelog topic {self.topic!r} has {have} partition(s) but the input topic has {needed}, "
+                        f"and growing it failed ({type(exc).__name__}): add partitions to it (kafka-topics.sh "
+                        f"--alter --partitions {needed}), or delete it and let every device re-warm") from None
+                log.info("grew changelog topic", extra={"fields": {"topic": self.topic, "partitions": needed}})
+                have = needed
+            self._partitions = have
         finally:
             admin.close()
 
-    def put(self, partition: int, device: str, data: bytes) -> None:
-        self._futures.append(self.producer.send(self.topic, key=device.encode(), value=data, partition=partition))
+    def put(self, partition: int, device: str, data: bytes) -> bool:
+        """Queue a snapshot; False if it is larger than ``max_snapshot_bytes``: then a
+        tombstone goes instead, so that no older snapshot of the device is restored."""
+        fits = len(data) <= self.max_snapshot_bytes
+        self._futures.append(self.producer.send(self.topic, key=device.encode(), value=data if fits else None,
+                                                partition=partition))
+        return fits
 
     def flush(self, on_wait: Callable[[float], None] | None = None) -> None:
         """Block until every snapshot is acknowledged; raises if one was not."""
         futures, self._futures = self._futures, []
         flush_acknowledged(self.producer, futures, on_wait)
 
-    def load(self, partitions: Iterable[int]) -> list[tuple[int, str, bytes]]:
-        """The newest snapshot of every device on these partitions, read up to the current end."""
+    def load(self, partitions: Iterable[int], on_progress: Callable[[], None] | None = None
+             ) -> list[tuple[int, str, bytes]]:
+        """The newest snapshot of every device on these partitions, read up to the current end.
+
+        ``on_progress()`` is called after every fetch (the daemon's liveness); the read gives
+        up only when it has not moved for ``delivery_timeout_ms``, however long it takes.
+        """
         tps = [TopicPartition(self.topic, p) for p in sorted(set(partitions))]
         if not tps:
             return []
         consumer = KafkaConsumer(bootstrap_servers=self.cfg.bootstrap_servers.split(","), group_id=None,
                                  enable_auto_commit=False, client_id=f"{self.cfg.client_id}-restore",
-                                 max_poll_records=5000, **self.cfg.security())
+                                 max_poll_records=5000, max_partition_fetch_bytes=self.max_snapshot_bytes + 4096,
+                                 **self.cfg.security())
+        stall_s = self.cfg.delivery_timeout_ms / 1000
         try:
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
             ends = consumer.end_offsets(tps)
             latest: dict[str, tuple[int, bytes | None]] = {}
             remaining = {tp for tp in tps if ends[tp] > consumer.position(tp)}
-            deadline = time.monotonic() + 300
+            moved = time.monotonic()
             while remaining:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"changelog {self.topic}: restore did not reach the end in 300 s")
+                if time.monotonic() - moved > stall_s:
+                    raise TimeoutError(f"changelog {self.topic}: restore made no progress for {stall_s:g} s")
                 for tp, records in consumer.poll(timeout_ms=500).items():
+                    moved = time.monotonic()
                     for r in records:
                         if r.key is not None:
                             latest[r.key.decode()] = (tp.partition, r.value)
                 for tp in list(remaining):
                     if consumer.position(tp) >= ends[tp]:
                         remaining.discard(tp)
+                if on_progress is not None:
+                    on_progress()
             return [(p, d, v) for d, (p, v) in latest.items() if v is not None]
         finally:
             consumer.close()

@@ -69,6 +69,9 @@ class KafkaConfig:
                      "heartbeat_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"kafka.{name} must be >= 1")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:  # kafka-python refuses it later, less clearly
+            raise ConfigError(f"kafka.heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
+                              f"kafka.session_timeout_ms ({self.session_timeout_ms}); a third of it is usual")
         if self.delivery_timeout_ms < MIN_DELIVERY_TIMEOUT_MS:  # kafka-python refuses less
             raise ConfigError(f"kafka.delivery_timeout_ms must be >= {MIN_DELIVERY_TIMEOUT_MS} "
                               "(the producers' request timeout plus linger)")
@@ -163,6 +166,11 @@ class MetricsConfig:
 class StateConfig:
     store: str = _setting("changelog", "where device state is checkpointed: changelog (Kafka), local (file) or none")
     changelog_topic: str = _setting("", "compacted state topic ('' = <group_id>-state)")
+    changelog_replication: int = _setting(-1, "replication factor the changelog topic is created with "
+                                              "(-1 = the broker's default.replication.factor)")
+    max_snapshot_bytes: int = _setting(32 * 2**20, "largest device snapshot written (~9 KB per channel); the "
+                                                   "changelog is created to take it, and a larger one is "
+                                                   "dropped (that device re-warms after a restart)")
     local_path: str = _setting("forewarn-state.db", "state file of the local store")
     checkpoint_interval_s: float = _setting(30.0, "seconds between checkpoints (state written, then offsets "
                                                   "committed); ~0.15 ms per changed device each time")
@@ -174,6 +182,10 @@ class StateConfig:
             raise ConfigError(f"state.store must be changelog, local or none, got {self.store!r}")
         if self.checkpoint_interval_s < 0 or self.checkpoint_batch < 1:
             raise ConfigError("state.checkpoint_interval_s must be >= 0 and state.checkpoint_batch >= 1")
+        if self.changelog_replication == 0 or self.changelog_replication < -1:
+            raise ConfigError("state.changelog_replication must be -1 (the broker's default) or >= 1")
+        if self.max_snapshot_bytes < 2**16:
+            raise ConfigError("state.max_snapshot_bytes must be >= 65536")
 
 
 @dataclass
@@ -228,12 +240,20 @@ class Config:
                 for key, value in values.items():
                     _assign(section, section_name, key, value, f"{path}: {section_name}.{key}")
         env = os.environ if environ is None else environ
+        known = set()
         for section_name in SECTIONS:
             section = getattr(cfg, section_name)
             for f in fields(section):
                 var = f"FOREWARN_{section_name.upper()}_{f.name.upper()}"
+                known.add(var)
                 if var in env:
                     _assign(section, section_name, f.name, _from_text(env[var], f.type, var), var)
+        # a misspelt override would otherwise be ignored in silence, like an unknown key in the file
+        prefixes = tuple(f"FOREWARN_{name.upper()}_" for name in SECTIONS)
+        unknown = sorted(v for v in env if v.startswith(prefixes) and v not in known)
+        if unknown:
+            raise ConfigError(f"unknown setting in the environment: {', '.join(unknown)} "
+                              "(`forewarn config --print` lists every setting and its variable)")
         return cfg.validate()
 
     def describe(self) -> str:
@@ -264,6 +284,8 @@ def _assign(section: Any, section_name: str, key: str, value: Any, where: str) -
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ConfigError(f"{where}: expected {_NAMES[kind]}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # nan passes every range check below it
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     setattr(section, key, value)
 
 

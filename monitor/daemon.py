@@ -35,6 +35,14 @@ from monitor.state import StateCodec, StateError
 log = logging.getLogger("forewarn.daemon")
 
 
+def _offset_on(covered: tuple[int, int] | None, partition: int | None) -> int:
+    """The input offset a restored state covers on this partition (-1: none).  Offsets of
+    another partition say nothing: a device moves when the input topic gains partitions."""
+    if covered is None or covered[0] != partition:
+        return -1
+    return covered[1]
+
+
 class StoppedWhileWaiting(Exception):
     """Stop requested while the broker was not acknowledging: exit without committing."""
 
@@ -152,7 +160,9 @@ class Daemon:
         self._partition_of: dict[str, int] = {}  # device -> the partition it arrives on
         self._round: _CheckpointRound | None = None
         self._to_restore: set = set()            # assigned partitions whose devices are not restored yet
-        self._covered: dict[str, int] = {}       # restored device -> input offset its state covers
+        # restored device -> (input partition, offset) its state covers: offsets of one partition only
+        self._covered: dict[str, tuple[int, int]] = {}
+        self._too_large: set[str] = set()         # devices whose snapshot was too large, already logged
         self._last_checkpoint = time.monotonic()
         self._broker_reachable = True
         self._waiting_on_broker = False          # outputs or state unacknowledged: connection lost or slow
@@ -181,6 +191,10 @@ class Daemon:
     SLOW_ACK_S = 5.0
     # A stop waits this long for a reachable broker to acknowledge before giving up.
     STOP_GRACE_S = 30.0
+
+    def _still_alive(self) -> None:
+        """Called while a long restore makes progress: the loop is alive, not stuck."""
+        self._last_turn = time.monotonic()
 
     def _on_broker_wait(self, seconds: float) -> None:
         """Called about every second while a flush waits for the broker: the loop is alive."""
@@ -374,14 +388,13 @@ class Daemon:
     def _skip_covered(self, batch) -> list:
         """Drop re-delivered readings that a restored state already covers."""
         kept, skipped = [], 0
-        covered, offset_of = self._covered, batch.offset_of
+        covered, offset_of, partition_of = self._covered, batch.offset_of, batch.partition_of
         for r in batch.readings:
-            upto = covered.get(r.device)
-            if upto is not None:
-                if offset_of.get(id(r), upto) < upto:
-                    skipped += 1
-                    continue
-                del covered[r.device]
+            upto = _offset_on(covered.get(r.device), partition_of.get(r.device))
+            if upto >= 0 and offset_of.get(id(r), upto) < upto:
+                skipped += 1
+                continue
+            covered.pop(r.device, None)  # past what its state covers, or moved to another partition
             kept.append(r)
         if skipped:
             self.metrics.redelivered.inc(skipped)
@@ -398,7 +411,7 @@ class Daemon:
             return LocalStore(st.local_path)
         topic = st.changelog_topic or f"{self.config.kafka.group_id}-state"
         log.info("state store: changelog", extra=_fields(topic=topic))
-        return ChangelogStore(self.config.kafka, topic, source.partitions_for_topic())
+        return ChangelogStore(self.config.kafka, topic, st.changelog_replication, st.max_snapshot_bytes)
 
     def _write_states(self, devices) -> int:
         """Snapshots of these devices to the store (not yet flushed), each naming the
@@ -406,10 +419,17 @@ class Daemon:
         partition_of, processed, restored = self._partition_of, self._processed, self._covered
         devices = [d for d in devices if d in partition_of]
         # a restored device nothing new has reached yet still covers what its snapshot did
-        covered = {d: max(processed.get(partition_of[d], -1), restored.get(d, -1)) for d in devices}
+        covered = {d: max(processed.get(partition_of[d], -1), _offset_on(restored.get(d), partition_of[d]))
+                   for d in devices}
         states = self.pipeline.export_devices(devices, covered)
         for state, data in zip(states, self.codec.encode_many(states)):
-            self.store.put(partition_of[state.device], state.device, data)
+            if not self.store.put(partition_of[state.device], state.device, data):
+                self.metrics.snapshots_dropped.inc()
+                if state.device not in self._too_large:
+                    self._too_large.add(state.device)
+                    log.error("device snapshot larger than state.max_snapshot_bytes: not saved, the device "
+                              "re-warms after a restart", extra=_fields(device=state.device, bytes=len(data),
+                                                                        channels=len(state.streams)))
         return len(devices)
 
     def _flushed(self, sink) -> None:
@@ -470,7 +490,9 @@ class Daemon:
         partitions = set(self._to_restore)
         started = time.perf_counter()
         states, failed = [], 0
-        for partition, device, data in self.store.load(tp.partition for tp in partitions):
+        # the input topic may have grown since the changelog was made; its partitions must follow
+        self.store.ensure_partitions(max([source.partitions_for_topic()] + [tp.partition + 1 for tp in partitions]))
+        for partition, device, data in self.store.load((tp.partition for tp in partitions), self._still_alive):
             try:
                 states.append((partition, self.codec.decode(data)))
             except StateError as exc:
@@ -481,7 +503,7 @@ class Daemon:
         for partition, s in states:
             self._partition_of[s.device] = partition
             if s.offset >= 0:
-                self._covered[s.device] = s.offset
+                self._covered[s.device] = (partition, s.offset)
         self.metrics.restored.inc(streams)
         self.metrics.restore_failures.inc(failed)
         self._to_restore -= partitions

@@ -486,7 +486,9 @@ class Pipeline:
                         stream.novelty.restore(ss.novelty)
                     live.append((stream, ss))
                 else:
-                    stream.buffer = list(ss.buffer)
+                    # a snapshot taken under a longer warm-up keeps its newest values, one short of
+                    # full: windows adapted together must have one length, and the next reading fills it
+                    stream.buffer = list(ss.buffer)[-(self.config.warmup - 1):]
                 n += 1
             self._devices.setdefault(ds.device, [])
         if live:

@@ -19,7 +19,8 @@ class BadReason(str, Enum):
     MALFORMED = "malformed"                  # not parseable at all (bad JSON, bad CSV row)
     NOT_AN_OBJECT = "not_an_object"
     MISSING_DEVICE = "missing_device"
-    BAD_DEVICE = "bad_device"
+    BAD_DEVICE = "bad_device"                # not a non-empty string or integer, or too long
+    BAD_CHANNEL = "bad_channel"              # a channel name that is empty or too long
     MISSING_TIMESTAMP = "missing_timestamp"
     BAD_TIMESTAMP = "bad_timestamp"
     MISSING_VALUE = "missing_value"
@@ -90,6 +91,14 @@ class MessageFormat:
     values: str = "values"
     value: str = "value"
     max_abs_value: float = 1e15
+    # Names travel into every score, event, dead letter, snapshot and metric label: an
+    # unbounded one could make an output record larger than the broker takes.
+    max_name_length: int = 256
+
+
+# |ts| beyond this (year 5138) is refused: most often epoch milliseconds sent as seconds,
+# which would otherwise put every later, correct reading of the stream "out of order".
+MAX_TIMESTAMP = 1e11
 
 
 def parse_timestamp(raw: object) -> float:
@@ -99,11 +108,19 @@ def parse_timestamp(raw: object) -> float:
     1405398900.0
     >>> parse_timestamp(1700000000)
     1700000000.0
+    >>> parse_timestamp(1700000000000)
+    Traceback (most recent call last):
+    ...
+    ValueError: 1700000000000 is past year 5000: epoch milliseconds? ts is in seconds
     """
     if isinstance(raw, bool):
         raise ValueError("a boolean is not a timestamp")
     if isinstance(raw, (int, float)):
-        ts = float(raw)
+        try:
+            ts = float(raw)
+        except OverflowError:  # an integer beyond float range: judged as the range check below
+            ts = math.inf if raw > 0 else -math.inf
+            raw = f"{str(raw)[:40]}..."
     elif isinstance(raw, str):
         try:
             parsed = datetime.fromisoformat(raw.strip())
@@ -114,8 +131,11 @@ def parse_timestamp(raw: object) -> float:
         ts = parsed.timestamp()
     else:
         raise ValueError(f"a {type(raw).__name__} is not a timestamp")
-    if not math.isfinite(ts):
+    if math.isnan(ts) or (math.isinf(ts) and isinstance(raw, float)):
         raise ValueError(f"non-finite timestamp {raw!r}")
+    if not -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:
+        raise ValueError(f"{str(raw)[:40]} is {'past year 5000' if ts > 0 else 'before year -1200'}: "
+                         "epoch milliseconds? ts is in seconds")
     return ts
 
 
@@ -167,14 +187,20 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     if type(msg) is not dict:
         return rejected(BadReason.NOT_AN_OBJECT, f"a JSON {type(msg).__name__}, not an object")
     device = msg.get(fmt.device)
-    if type(device) is not str or not device:
+    max_name = fmt.max_name_length
+    if type(device) is not str or not device or len(device) > max_name:
         if fmt.device not in msg:
             return rejected(BadReason.MISSING_DEVICE, f"no {fmt.device!r} field")
+        if type(device) is str and len(device) > max_name:
+            return rejected(BadReason.BAD_DEVICE, f"device name of {len(device)} characters, "
+                                                  f"more than {max_name}: {device[:40]!r}...")
         if type(device) is not int:
             return rejected(BadReason.BAD_DEVICE, f"device must be a non-empty string, got {str(device)[:40]!r}")
         device = str(device)
+        if len(device) > max_name:
+            return rejected(BadReason.BAD_DEVICE, f"device id of {len(device)} digits, more than {max_name}")
     ts = msg.get(fmt.ts)
-    if type(ts) is not float or not math.isfinite(ts):  # the common case costs one check
+    if type(ts) is not float or not -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:  # the common case: one check
         if fmt.ts not in msg:
             return rejected(BadReason.MISSING_TIMESTAMP, f"no {fmt.ts!r} field")
         try:
@@ -193,8 +219,12 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     bad: list[BadRecord] = []
     max_abs = fmt.max_abs_value
     for channel, raw_value in raw_values.items():
-        if type(raw_value) is float and -max_abs <= raw_value <= max_abs:  # finite and in range
-            values[channel] = raw_value
+        if type(raw_value) is float and -max_abs <= raw_value <= max_abs and 0 < len(channel) <= max_name:
+            values[channel] = raw_value  # the common case: finite, in range, a sane name
+            continue
+        if not 0 < len(channel) <= max_name:
+            bad.append(BadRecord(BadReason.BAD_CHANNEL, f"device {device!r}: channel name of {len(channel)} "
+                                 f"characters, expected 1 to {max_name}: {channel[:40]!r}", ref, _excerpt(raw)))
             continue
         value, reason, detail = check_value(raw_value, max_abs)
         if reason is None:

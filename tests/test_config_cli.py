@@ -20,6 +20,10 @@ def test_toml_then_environment(tmp_path):
     ("[detector]\nonline_every = -1\n", "detector.online_every must be >= 0"),
     ("[detector]\nsmoothing_span = -1\n", "detector.smoothing_span must be >= 0"),
     ("[nope]\na = 1\n", "unknown section [nope]"),
+    ("[state]\ncheckpoint_interval_s = nan\n", "state.checkpoint_interval_s: expected a finite number"),
+    ("[metrics]\nhealthy_after_s = inf\n", "metrics.healthy_after_s: expected a finite number"),
+    ("[kafka]\nsession_timeout_ms = 3000\nheartbeat_interval_ms = 3000\n",
+     "heartbeat_interval_ms \\(3000\\) must be below kafka.session_timeout_ms"),
     ("[kafka\n", "not valid TOML"),
 ])
 def test_invalid_configuration_is_rejected_with_the_key(tmp_path, toml, message):
@@ -27,6 +31,16 @@ def test_invalid_configuration_is_rejected_with_the_key(tmp_path, toml, message)
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         Config.load(path, environ={})
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"FOREWARN_KAFKA_TOPICS": "plant"}, "unknown setting in the environment: FOREWARN_KAFKA_TOPICS"),
+    ({"FOREWARN_DETECTOR_ONLINE_LR_SCALE": "nan"}, "FOREWARN_DETECTOR_ONLINE_LR_SCALE: expected a finite number"),
+])
+def test_invalid_environment_is_rejected_with_the_variable(environ, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.load(environ=environ)
+    Config.load(environ={"FOREWARN_HOME": "/srv"})  # not a setting's prefix: none of ours
 
 
 def test_run_with_a_bad_configuration_exits_with_a_clear_error(tmp_path, capsys):

@@ -36,6 +36,12 @@ BAD_LINES = {
     "non_finite_value": '{"device": "p1", "ts": 1, "values": {"temp": NaN}}',
     "value_out_of_range": '{"device": "p1", "ts": 1, "values": {"temp": 1e300}}',
 }
+# refused for their size, so that no output record grows past what a broker takes
+HUGE_LINES = {
+    "bad_device": json.dumps({"device": "é" * 10_000, "ts": 1, "value": 1.0}),
+    "bad_channel": json.dumps({"device": "p1", "ts": 1061, "values": {"x" * 300: 1.0}}),
+    "bad_timestamp": '{"device": "p1", "ts": 1' + "0" * 400 + ', "value": 1.0}',
+}
 
 
 def test_replay_of_every_kind_of_bad_record(tmp_path, capsys):
@@ -48,6 +54,9 @@ def test_replay_of_every_kind_of_bad_record(tmp_path, capsys):
             lines.append('{"device": "p1", "ts": 1059, "values": {"temp": 1.0}}')   # out of order
             lines.append('{"device": "p1", "ts": 1060, "values": {"temp": 1.0}}')   # duplicate
             lines.append('{"device": "p1", "ts": 1060.5, "values": {"temp": true, "rpm": 1500}}')  # half bad
+            lines.extend(HUGE_LINES.values())
+            # epoch milliseconds: refused, and the device's next reading (in seconds) is still in order
+            lines.append('{"device": "p1", "ts": 1060700000000, "values": {"temp": 1.0}}')
         if t == 80:
             lines.append(_good("p1", 1080.5, temp=21.0, rpm=1500.0, vibration=0.2))  # late channel
     path = tmp_path / "fleet.jsonl"
@@ -58,12 +67,15 @@ def test_replay_of_every_kind_of_bad_record(tmp_path, capsys):
     assert code == 0
     dead = [json.loads(line) for line in dlq.read_text().splitlines()]
     reasons = sorted(d["reason"] for d in dead)
-    expected = sorted(list(BAD_LINES) + ["out_of_order_timestamp", "duplicate_timestamp", "non_numeric_value"])
+    expected = sorted(list(BAD_LINES) + list(HUGE_LINES) + ["out_of_order_timestamp", "duplicate_timestamp",
+                                                             "non_numeric_value", "bad_timestamp"])
     assert reasons == expected
+    assert all(len(json.dumps(d)) < 4_000 for d in dead)  # a 10,000-character name is not repeated
+    assert sum("epoch milliseconds?" in d["detail"] for d in dead) == 2
     # every bad record names its line, and the summary counts them by reason
     malformed_line = lines.index(BAD_LINES["malformed"]) + 1
     assert f"line {malformed_line}: malformed: invalid JSON" in err
-    assert "bad records: 13" in err and "'non_numeric_value': 2" in err
+    assert "bad records: 17" in err and "'non_numeric_value': 2" in err
     assert "late channels: 1" in err
     rows = _rows(out)
     assert list(rows[0]) == ["ts", "device", "score", "anomaly", "channel"]

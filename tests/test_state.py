@@ -151,3 +151,19 @@ def test_a_stream_with_online_updates_continues_them_after_restore():
     plain.import_devices([codec.decode(codec.encode(device))])
     recent, learnable, since = plain.fleet.history_of(torch.tensor([plain._streams[("a", "v")].row]))
     assert not learnable.any() and since.item() == 0
+
+
+def test_warming_streams_restored_under_a_shorter_warmup_go_live_together_with_fresh_ones():
+    """Snapshots from a deployment with a longer warm-up: their buffers are longer than the
+    new window, and adapting them in one call with fresh windows must not fail."""
+    init = Initialization.default()
+    before = Pipeline(init, PipelineConfig(warmup=128))
+    before.feed(_readings(0, 100, devices=("a",)))  # 100 values buffered, still warming
+    states = before.export_devices(["a"])
+    after = Pipeline(init, PipelineConfig(warmup=32))
+    after.import_devices(states)
+    after.feed(_readings(0, 31, devices=("b",)))      # b one short of its window
+    result = after.feed(_readings(100, 101, devices=("a",)) + [Reading("b", 31.0, {"temp": 0.0, "load": 0.0})])
+    assert result.adapted == 4                        # a's two channels and b's, in one batch
+    assert after.streams_by_state() == {"warming": 0, "adapting": 0, "live": 4}
+    assert all(s.score is not None for s in after.feed(_readings(101, 102, devices=("a", "b"))).scores)

@@ -155,3 +155,79 @@ def test_a_batch_that_fails_mid_way_is_replayed_whole_after_restart(broker, tmp_
     scored = read_topic(broker.bootstrap, scores)
     assert {(s["device"], s["ts"]) for s in scored} == {(f"d{d}", float(t)) for t in range(200) for d in range(DEVICES)}
     assert not second.pipeline.bad_counts, "re-delivered readings were refused"
+
+
+def test_the_changelog_follows_the_input_partitions_or_says_what_to_do(broker):
+    """Snapshots of input partition p go to changelog partition p: a changelog made for
+    fewer partitions (an input topic that grew, or did not exist yet) must be grown or
+    refused with a reason, not fail every checkpoint and restore with a KeyError."""
+    import pytest
+
+    from connectors.state_store import ChangelogStore, StoreError
+    from monitor.config import KafkaConfig
+    cfg = KafkaConfig(bootstrap_servers=broker.bootstrap)
+    fresh = ChangelogStore(cfg, "three-state")
+    fresh.ensure_partitions(3)
+    fresh.put(2, "d2", b"state of d2")
+    fresh.flush()
+    assert fresh.load([2]) == [(2, "d2", b"state of d2")]
+    broker.create_topics({"one-state": 1})
+    small = ChangelogStore(cfg, "one-state")
+    small.ensure_partitions(1)
+    with pytest.raises(StoreError, match=r"has 1 partition\(s\) but the input topic has 2.*--partitions 2"):
+        small.ensure_partitions(2)  # Tansu cannot add partitions, so this one is refused
+    for store in (fresh, small):
+        store.close()
+
+
+def test_a_snapshot_too_large_for_the_changelog_replaces_the_older_one_with_a_tombstone(broker):
+    from connectors.state_store import ChangelogStore
+    from monitor.config import KafkaConfig
+    store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "big-state", max_snapshot_bytes=2**16)
+    store.ensure_partitions(1)
+    assert store.put(0, "many-channels", b"x" * 1000) and store.put(0, "other", b"y")
+    store.flush()
+    assert not store.put(0, "many-channels", b"x" * (2**16 + 1))  # refused before the broker sees it
+    store.flush()
+    assert store.load([0]) == [(0, "other", b"y")]  # the stale snapshot is not restored either
+    store.close()
+
+
+def test_a_device_too_large_to_checkpoint_does_not_stop_the_checkpoints_of_the_others(broker, tmp_path):
+    from connectors.state_store import ChangelogStore
+    from monitor.config import KafkaConfig
+    topic, scores, group = "wide-sensors", "wide-scores", "wide"
+    broker.create_topics({topic: 1, scores: 1})
+    port = free_port()
+    wide = [(b"wide", json.dumps({"device": "wide", "ts": t, "values": {f"c{c}": (t * c) % 7 / 2.0
+                                                                          for c in range(12)}}).encode())
+            for t in range(100)]
+    env = _env(broker, topic, group, port, scores, FOREWARN_STATE_MAX_SNAPSHOT_BYTES="65536")
+    daemon = start_daemon(env, tmp_path / "wide.log")
+    try:
+        publish(broker.bootstrap, topic, _messages(range(100)) + wide)
+        wait_for(_all_committed(broker, group, topic, 100 * DEVICES + 100), 180, what="offsets to be committed")
+        _, text = http_get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    assert metric_value(text, "forewarn_state_snapshots_dropped_total") >= 1
+    assert "larger than state.max_snapshot_bytes" in (tmp_path / "wide.log").read_text()
+    store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), f"{group}-state")
+    saved = {device for _, device, _ in store.load([0])}
+    store.close()
+    assert saved == {f"d{d}" for d in range(DEVICES)}  # 12 live channels (~110 KB) would not fit
+
+
+def test_a_daemon_whose_changelog_has_too_few_partitions_exits_saying_what_to_do(broker, tmp_path):
+    topic, group = "grown-sensors", "grown"
+    broker.create_topics({topic: 2, f"{group}-state": 1})  # as if the input topic had grown since
+    daemon = start_daemon(_env(broker, topic, group, free_port(), ""), tmp_path / "grown.log")
+    try:
+        assert daemon.wait(120) == 2
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    log = (tmp_path / "grown.log").read_text()
+    assert "changelog topic 'grown-state' has 1 partition(s) but the input topic has 2" in log
+    assert "Traceback" not in log
