@@ -27,6 +27,11 @@ bad_messages = st.one_of(
     st.builds(lambda d: json.dumps({"device": d, "value": 1.0}).encode(), st.just("x")),          # no ts
     st.builds(lambda s: json.dumps({"device": "x", "ts": "not-a-time " + s, "value": 1}).encode(), text),
     st.builds(lambda s: json.dumps({"device": "x", "ts": 1, "value": "n" + s}).encode(), text),   # a string value
+    # sizes no output record, snapshot or label may inherit; epoch milliseconds; integers past float range
+    st.builds(lambda n: json.dumps({"device": "é" * n, "ts": 1, "value": 1}).encode(), st.integers(257, 50_000)),
+    st.builds(lambda n: json.dumps({"device": "x", "ts": 1, "values": {"c" * n: 1.0}}).encode(),
+              st.integers(257, 5_000)),
+    st.builds(lambda n: json.dumps({"device": "x", "ts": 10 ** n, "value": 1}).encode(), st.integers(12, 400)),
     st.sampled_from([b'{"device": "x", "ts": 1, "value": NaN}', b'{"device": "x", "ts": 1, "value": Infinity}',
                      b'{"device": "x", "ts": 1, "value": 1e400}', b'{"device": "x", "ts": 1, "value": true}',
                      b'{"device": "x", "ts": 1, "value": null}', b'{"device": "x", "ts": 1, "value": 1e20}',
