@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaTimeoutError
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 from kafka.structs import OffsetAndMetadata
 
 from monitor.config import KafkaConfig
@@ -168,10 +169,15 @@ class KafkaSource:
         self.consumer.close(autocommit=False)
 
 
+class OutputTopicError(ValueError):
+    """A configured output topic does not exist and cannot be created."""
+
+
 class KafkaSinks:
     """Anomaly events and dead letters, each optional, through one producer."""
 
     def __init__(self, cfg: KafkaConfig) -> None:
+        self.cfg = cfg
         self.anomalies_topic = cfg.anomalies_topic
         self.dead_letter_topic = cfg.dead_letter_topic
         self.scores_topic = cfg.scores_topic
@@ -182,6 +188,32 @@ class KafkaSinks:
                                           client_id=f"{cfg.client_id}-sink", acks="all", linger_ms=5,
                                           retries=2**31 - 1, delivery_timeout_ms=cfg.delivery_timeout_ms,
                                           **cfg.security())
+
+    def ensure_topics(self) -> list[str]:
+        """Create the configured output topics that do not exist yet (the broker's default
+        partitions and replication); returns those created.  Otherwise, on a broker that
+        does not create topics, a missing one would show only at the first output, as a
+        metadata timeout, and again after every restart."""
+        topics = sorted({t for t in (self.anomalies_topic, self.dead_letter_topic, self.scores_topic) if t})
+        if not topics:
+            return []
+        admin = KafkaAdminClient(bootstrap_servers=self.cfg.bootstrap_servers.split(","),
+                                 client_id=f"{self.cfg.client_id}-admin", **self.cfg.security())
+        try:
+            missing = sorted(t["name"] for t in admin.describe_topics(topics)
+                             if t["error_code"] == UnknownTopicOrPartitionError.errno)
+            if missing:
+                try:
+                    admin.create_topics([NewTopic(t, -1, -1) for t in missing])
+                except TopicAlreadyExistsError:  # another instance was quicker
+                    pass
+                except KafkaError as exc:
+                    raise OutputTopicError(f"output topic(s) {', '.join(missing)} do not exist and could not be "
+                                           f"created ({type(exc).__name__}): create them, or leave "
+                                           "kafka.anomalies_topic / dead_letter_topic / scores_topic empty") from None
+            return missing
+        finally:
+            admin.close()
 
     def send_scores(self, scores: list[Score]) -> int:
         """Anomaly events to the anomalies topic and, if configured, every score to the scores topic."""

@@ -306,6 +306,9 @@ class Daemon:
         try:
             self.source = source = KafkaSource(cfg.kafka, on_revoke=self._on_revoke, on_assign=self._on_assign)
             sinks = KafkaSinks(cfg.kafka)
+            created = sinks.ensure_topics()
+            if created:
+                log.info("created output topics", extra=_fields(topics=created))
             self.store = self._open_store(source, sinks)
             log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
                                                 bootstrap=cfg.kafka.bootstrap_servers,

@@ -147,3 +147,23 @@ def test_sigkill_mid_replay_loses_nothing_and_commits_only_processed(broker, tmp
     assert keys == {(f"d{d}", float(t)) for t in range(3000) for d in range(4)}, "a reading was never scored"
     assert_warmed_once(scored)
     assert "state restored" in (tmp_path / "second.log").read_text()
+
+
+def test_missing_output_topics_are_created_at_start_not_found_missing_at_the_first_anomaly(broker):
+    from kafka.admin import KafkaAdminClient
+
+    from connectors.kafka import KafkaSinks
+    from monitor.config import KafkaConfig
+    broker.create_topics({"out-scores": 1})
+    cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, anomalies_topic="out-anomalies",
+                      dead_letter_topic="out-dead", scores_topic="out-scores")
+    sinks = KafkaSinks(cfg)
+    try:
+        assert sinks.ensure_topics() == ["out-anomalies", "out-dead"]
+        assert sinks.ensure_topics() == []  # a restart finds them
+    finally:
+        sinks.close()
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    described = admin.describe_topics(["out-anomalies", "out-dead"])
+    admin.close()
+    assert all(t["error_code"] == 0 and t["partitions"] for t in described)
