@@ -57,6 +57,9 @@ class LocalStore:
         self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (partition, device, data))
         return True
 
+    def delete(self, partition: int, device: str) -> None:
+        self.db.execute("DELETE FROM state WHERE device = ?", (device,))
+
     def flush(self, on_wait=None) -> None:
         self.db.commit()
 
@@ -131,6 +134,10 @@ class ChangelogStore:
         self._futures.append(self.producer.send(self.topic, key=device.encode(), value=data if fits else None,
                                                 partition=partition))
         return fits
+
+    def delete(self, partition: int, device: str) -> None:
+        """Queue a tombstone: compaction drops the device's snapshots, and a restore skips it."""
+        self._futures.append(self.producer.send(self.topic, key=device.encode(), value=None, partition=partition))
 
     def flush(self, on_wait: Callable[[float], None] | None = None) -> None:
         """Block until every snapshot is acknowledged; raises if one was not."""

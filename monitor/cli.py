@@ -448,8 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Consume readings from Kafka, score them, send anomaly events and dead letters, "
                                    "and commit offsets only after that (at-least-once). Settings come from the TOML "
-                                   "file, then FOREWARN_<SECTION>_<KEY> environment variables. SIGTERM or SIGINT "
-                                   "finish the current batch, commit and stop.",
+                                   "file, then FOREWARN_<SECTION>_<KEY> environment variables (an unknown key "
+                                   "or variable is an error). SIGTERM or SIGINT finish the current batch, "
+                                   "checkpoint (device state, then offsets) and stop; with the broker "
+                                   "unreachable they stop at once, uncommitted, and a restart replays.",
                        epilog="settings and their defaults:\n\n" + settings)
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     p.set_defaults(func=cmd_run)

@@ -110,6 +110,10 @@ class DetectorConfig:
     online_window: int = _setting(256, "newest readings an online update learns from (5 bytes each per stream)")
     online_steps: int = _setting(1, "gradient steps of one online update")
     online_lr_scale: float = _setting(0.5, "online step size, as a multiple of the adaptation's")
+    idle_timeout_s: float = _setting(7 * 86400.0, "a device without a record for this long while others on "
+                                                  "the instance kept arriving is forgotten: streams, score "
+                                                  "series, saved state; it warms afresh if it returns "
+                                                  "(0 = never; the daemon only)")
 
     def pipeline_config(self, adapt):
         """The ``PipelineConfig`` these settings describe, with ``adapt`` (an ``AdaptConfig``,
@@ -143,6 +147,8 @@ class DetectorConfig:
         if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:
             raise ConfigError("detector.online_every must be >= 0, detector.online_window >= 16, "
                               "detector.online_steps >= 1 and detector.online_lr_scale > 0")
+        if self.idle_timeout_s < 0:
+            raise ConfigError("detector.idle_timeout_s must be >= 0")
         if self.max_streams < 1 or self.adapt_batch < 1 or self.adapt_steps < -1:
             raise ConfigError("detector.max_streams and detector.adapt_batch must be >= 1, "
                               "detector.adapt_steps >= -1")

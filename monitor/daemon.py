@@ -167,6 +167,8 @@ class Daemon:
         # restored device -> (input partition, offset) its state covers: offsets of one partition only
         self._covered: dict[str, tuple[int, int]] = {}
         self._too_large: set[str] = set()         # devices whose snapshot was too large, already logged
+        self._last_seen: dict[str, float] = {}    # device -> monotonic time of its newest record here
+        self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
         self._last_checkpoint = time.monotonic()
         self._broker_reachable = True
         self._waiting_on_broker = False          # outputs or state unacknowledged: connection lost or slow
@@ -228,18 +230,13 @@ class Daemon:
         if self.store is not None and not lost and not self._abandoned:
             self._save_on_revoke(gone)
         if self._round is not None:  # its offsets are committed later, for the partitions still held
-            self._round.todo = [d for d in self._round.todo if d not in gone]
             for tp in partitions:
                 self._round.offsets.pop(tp, None)
         for tp in partitions:
             self._pending.pop(tp, None)
             self._processed.pop(tp.partition, None)
         self._to_restore -= partitions
-        for device in gone:
-            self._partition_of.pop(device, None)
-            self._covered.pop(device, None)
-        dropped = self.pipeline.drop_devices(gone)
-        self.metrics.forget_devices(gone)
+        dropped = self._drop_devices(gone)
         for tp in partitions:
             try:
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
@@ -249,6 +246,36 @@ class Daemon:
         log.info("partitions lost" if lost else "partitions revoked",
                  extra=_fields(partitions=sorted(tp.partition for tp in partitions),
                                devices_dropped=len(gone), streams_dropped=dropped))
+
+    def _drop_devices(self, devices: set[str]) -> int:
+        """Forget these devices here (pipeline, score series, bookkeeping); returns streams dropped."""
+        if self._round is not None:
+            self._round.todo = [d for d in self._round.todo if d not in devices]
+        for device in devices:
+            self._partition_of.pop(device, None)
+            self._covered.pop(device, None)
+            self._last_seen.pop(device, None)
+        self.metrics.forget_devices(devices)
+        return self.pipeline.drop_devices(devices)
+
+    def _forget_idle(self, idle_timeout_s: float) -> None:
+        """Devices without a record for ``idle_timeout_s`` are forgotten, their saved state
+        deleted: a fleet that replaces devices would otherwise grow without bound, towards
+        ``detector.max_streams``.  One that returns warms afresh.  Idle is measured against
+        the newest record of any device, so that while nothing arrives at all (the broker or
+        the producers away, or the partitions paused) nothing is forgotten."""
+        self._last_idle_check = time.monotonic()
+        idle = {d for d, seen in self._last_seen.items() if self._newest_seen - seen >= idle_timeout_s}
+        if not idle:
+            return
+        if self.store is not None and not self._abandoned:
+            for device in idle:
+                if device in self._partition_of:
+                    self.store.delete(self._partition_of[device], device)
+        streams = self._drop_devices(idle)
+        self.metrics.forgotten.inc(len(idle))
+        log.info("idle devices forgotten", extra=_fields(devices=len(idle), streams=streams,
+                                                        examples=sorted(idle)[:5], idle_timeout_s=idle_timeout_s))
 
     def _save_on_revoke(self, devices: set[str]) -> None:
         """Write the latest state of the departing devices, so their next owner continues
@@ -363,9 +390,14 @@ class Daemon:
             if time.monotonic() - last_lag > (5.0 if batch.records else 1.0):
                 self._update_lag(source)
                 last_lag = time.monotonic()
+            idle = self.config.detector.idle_timeout_s
+            if idle and time.monotonic() - self._last_idle_check >= min(60.0, idle / 4):
+                self._forget_idle(idle)
 
     def _process(self, batch, source, sinks) -> None:
         self._partition_of.update(batch.partition_of)
+        self._newest_seen = time.monotonic()
+        self._last_seen.update(dict.fromkeys(batch.partition_of, self._newest_seen))
         readings = self._skip_covered(batch) if self._covered else batch.readings
         result = self.pipeline.feed(readings)
         bad = batch.bad + result.bad
@@ -520,8 +552,10 @@ class Daemon:
                 log.warning("device state not restored; it re-warms", extra=_fields(device=device, reason=str(exc)))
         by_device = {s.device: s for _, s in states}
         streams = self.pipeline.import_devices(by_device.values())
+        now = time.monotonic()
         for partition, s in states:
             self._partition_of[s.device] = partition
+            self._last_seen[s.device] = now  # the idle clock starts at the restore
             if s.offset >= 0:
                 self._covered[s.device] = (partition, s.offset)
         self.metrics.restored.inc(streams)

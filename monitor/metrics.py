@@ -77,6 +77,9 @@ class Metrics:
         self.restore_failures = Counter("forewarn_state_restore_failures_total",
                                         "Device states that could not be restored (corrupt, other version or "
                                         "initialization); those devices re-warm", registry=r)
+        self.forgotten = Counter("forewarn_devices_forgotten_total",
+                                 "Devices forgotten after detector.idle_timeout_s without a reading (streams, "
+                                 "score series and saved state dropped)", registry=r)
         self.snapshots_dropped = Counter("forewarn_state_snapshots_dropped_total",
                                          "Device snapshots larger than state.max_snapshot_bytes, not saved "
                                          "(those devices re-warm after a restart)", registry=r)

@@ -231,3 +231,57 @@ def test_a_daemon_whose_changelog_has_too_few_partitions_exits_saying_what_to_do
     log = (tmp_path / "grown.log").read_text()
     assert "changelog topic 'grown-state' has 1 partition(s) but the input topic has 2" in log
     assert "Traceback" not in log
+
+
+def test_devices_silent_for_the_idle_timeout_are_forgotten_with_their_state_and_rewarm_on_return(broker, tmp_path):
+    import threading
+
+    from kafka import KafkaProducer
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+    from tests.kafka_support import FAST_GROUP
+
+    topic, scores, group = "idle-sensors", "idle-scores", "idle"
+    broker.create_topics({topic: 1, scores: 1})
+    store = tmp_path / "state.db"
+    env = {**FAST_GROUP, **_env(broker, topic, group, 0, scores, FOREWARN_STATE_STORE="local",
+                                FOREWARN_STATE_LOCAL_PATH=str(store), FOREWARN_DETECTOR_IDLE_TIMEOUT_S="2")}
+    registry = CollectorRegistry()
+    daemon = Daemon(Config.load(environ=env), registry=registry)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    publish(broker.bootstrap, topic, _messages(range(100)))  # every device live (warm-up 64)
+    wait_for(_all_committed(broker, group, topic, 100 * DEVICES), 180, what="the warm-up to be processed")
+    stop = threading.Event()
+
+    def d0_keeps_reporting():  # the instance keeps receiving: silence is d1..d7's alone
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        t = 100
+        while not stop.is_set():
+            producer.send(topic, key=b"d0", value=json.dumps({"device": "d0", "ts": t, "value": t % 5}).encode())
+            producer.flush()
+            t += 1
+            stop.wait(0.2)
+        producer.close()
+    reporter = threading.Thread(target=d0_keeps_reporting)
+    reporter.start()
+    try:
+        wait_for(lambda: daemon.pipeline.devices() == {"d0"}, 120, what="the silent devices to be forgotten")
+        wait_for(lambda: {d for (d,) in sqlite3.connect(store).execute("SELECT device FROM state")} <= {"d0"},
+                 120, what="their saved state to be deleted")
+        stop.set()
+        reporter.join(30)
+        exported = generate_latest(registry).decode()
+        assert 'device="d1"' not in exported and 'device="d0"' in exported
+        assert metric_value(exported, "forewarn_devices_forgotten_total") == DEVICES - 1
+        publish(broker.bootstrap, topic, [(b"d1", json.dumps({"device": "d1", "ts": 500 + t, "value": t % 3})
+                                           .encode()) for t in range(3)])
+        wait_for(lambda: "d1" in daemon.pipeline.devices(), 120, what="d1 to return")
+    finally:
+        stop.set()
+        daemon.stop()
+        thread.join(60)
+    returned = [s for s in read_topic(broker.bootstrap, scores) if s["device"] == "d1" and s["ts"] >= 500]
+    assert returned and all(s["score"] is None for s in returned)  # warming afresh, not the old model
