@@ -18,6 +18,8 @@ import gzip
 import io
 import json
 import math
+import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,9 @@ from monitor.readings import (BadReason, BadRecord, MessageFormat, Reading, Scor
                               parse_message, parse_timestamp)
 
 FORMATS = ("nab", "wide", "jsonl")
-_TIMESTAMP_COLUMNS = ("timestamp", "ts", "time")
+_TIMESTAMP_COLUMNS = ("timestamp", "ts", "time", "datetime", "date")
+# what a directory given as data holds that is a recording (NAB's label .json files are not)
+DATA_SUFFIXES = (".csv", ".txt", ".jsonl", ".ndjson")
 
 
 class FileFormatError(ValueError):
@@ -63,9 +67,10 @@ def open_text(path: str | Path) -> IO[str]:
         raise FileFormatError(f"{path}: no such file")
     if path.is_dir():
         raise FileFormatError(f"{path}: is a directory, not a recording")
+    # utf-8-sig: a byte-order mark would otherwise become part of the first column's name
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
-    return open(path, encoding="utf-8", errors="replace", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="")
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
 def detect_format(path: str | Path) -> str:
@@ -111,13 +116,19 @@ class FileSource:
     def batches(self) -> Iterator[Batch]:
         records = {"nab": self._csv_records, "wide": self._csv_records, "jsonl": self._jsonl_records}[self.format]
         batch = Batch()
-        for reading, bad in records():
-            if reading is not None:
-                batch.readings.append(reading)
-            batch.bad.extend(bad)
-            if len(batch.readings) + len(batch.bad) >= self.batch_size:
-                yield batch
-                batch = Batch()
+        n = 0
+        try:
+            for reading, bad in records():
+                n += 1
+                if reading is not None:
+                    batch.readings.append(reading)
+                batch.bad.extend(bad)
+                if len(batch.readings) + len(batch.bad) >= self.batch_size:
+                    yield batch
+                    batch = Batch()
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a cut or damaged .gz
+            raise FileFormatError(f"{self.path}: truncated or corrupt compressed data after {n:,} records "
+                                  f"({exc})") from None
         if batch.readings or batch.bad:
             yield batch
 
@@ -196,8 +207,14 @@ class FileSource:
             if [c.lower() for c in cells] != ["timestamp", "value"]:
                 raise FileFormatError(f"{self.path}: line 1: a nab file starts with 'timestamp,value', got {','.join(cells)[:80]!r}")
             return ["value"], 0, None
-        if all(isinstance(_number_or_text(c), float) for c in cells):
+        numeric = [isinstance(_number_or_text(c), float) for c in cells]
+        if all(numeric):
             return [f"c{i}" for i in range(len(cells))], None, first
+        if any(numeric):  # a data row with a bad cell, or a header with numbers: either way, a guess
+            raise FileFormatError(
+                f"{self.path}: line 1: neither a header (it holds numbers: "
+                f"{[c for c, x in zip(cells, numeric) if x][:3]}) nor a data row (it holds "
+                f"{[c for c, x in zip(cells, numeric) if not x][:3]}); a headerless file starts with numbers only")
         lowered = [c.lower() for c in cells]
         ts_col = next((lowered.index(n) for n in _TIMESTAMP_COLUMNS if n in lowered), None)
         channels = [c for i, c in enumerate(cells) if i != ts_col]
@@ -216,18 +233,24 @@ def _number_or_text(text: str) -> float | str:
     text = text.strip()
     if not text:
         return None  # type: ignore[return-value]  # an empty cell is a missing value
+    if not text.isascii() or "_" in text:  # float() also reads "1_000" and other scripts' digits
+        return text
     try:
         return float(text)
     except ValueError:
         return text
 
 
-def read_series(path: str | Path, fmt: str | None = None) -> dict[str, np.ndarray]:
-    """Every stream of a recording as an array of its accepted values, keyed ``device/channel``."""
+def read_series(path: str | Path, fmt: str | None = None, bad: Counter | None = None) -> dict[str, np.ndarray]:
+    """Every stream of a recording as an array of its accepted values, keyed ``device/channel``;
+    the rejected records are counted by reason in ``bad``."""
     series: dict[str, list[float]] = {}
-    for reading in FileSource(path, fmt, batch_size=10_000).readings():
-        for channel, value in reading.values.items():
-            series.setdefault(f"{reading.device}/{channel}", []).append(value)
+    for batch in FileSource(path, fmt, batch_size=10_000).batches():
+        if bad is not None:
+            bad.update(b.reason.value for b in batch.bad)
+        for reading in batch.readings:
+            for channel, value in reading.values.items():
+                series.setdefault(f"{reading.device}/{channel}", []).append(value)
     return {k: np.asarray(v, dtype=np.float64) for k, v in series.items()}
 
 

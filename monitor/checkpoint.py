@@ -6,6 +6,7 @@ unpickles arbitrary objects.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -57,8 +58,20 @@ class Initialization:
             "normalization": self.normalization.to_dict(),
             "info": self.info,
         }
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, path)
+        path = Path(path)
+        if path.is_dir():
+            raise CheckpointError(f"{path}: is a directory; give a file name for the initialization")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # next to the target, then renamed over it: a crash mid-write leaves the old file whole
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Initialization":
@@ -67,7 +80,10 @@ class Initialization:
         except FileNotFoundError:
             raise CheckpointError(f"{path}: no such initialization file") from None
         except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
-            raise CheckpointError(f"{path}: not a Forewarn initialization ({exc})") from None
+            size = Path(path).stat().st_size if Path(path).is_file() else None
+            what = "an empty file" if size == 0 else f"truncated, corrupt or another kind of file: " \
+                f"{type(exc).__name__}{': ' + str(exc)[:120] if str(exc) else ''}"
+            raise CheckpointError(f"{path}: not a Forewarn initialization ({what})") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise CheckpointError(f"{path}: not a Forewarn initialization (format tag missing)")
         if payload.get("version") != VERSION:
@@ -86,8 +102,12 @@ class Initialization:
             for key, shape in spec.shapes().items():
                 if name == "inner_lr" and not group:
                     break
-                if key not in group or tuple(group[key].shape) != shape:
-                    raise CheckpointError(f"{path}: {name}[{key!r}] missing or not of shape {shape}")
+                tensor = group.get(key)
+                if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+                    raise CheckpointError(f"{path}: {name}[{key!r}] missing or not a tensor of shape {shape}")
+                if tensor.dtype != torch.float32 or not torch.isfinite(tensor).all():
+                    raise CheckpointError(f"{path}: {name}[{key!r}] must be finite float32, got "
+                                          f"{tensor.dtype}{'' if torch.isfinite(tensor).all() else ' with NaN or inf'}")
         return init
 
     @classmethod

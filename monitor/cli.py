@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -13,8 +15,8 @@ from pathlib import Path
 import torch
 from kafka.errors import KafkaError
 
-from connectors.files import (FORMATS, DeadLetterWriter, FileFormatError, FileSource, ScoreCsvWriter,
-                              read_series)
+from connectors.files import (DATA_SUFFIXES, FORMATS, DeadLetterWriter, FileFormatError, FileSource,
+                              ScoreCsvWriter, read_series)
 from monitor.adapt import AdaptConfig
 from monitor.checkpoint import CheckpointError, Initialization
 from monitor.config import DetectorConfig
@@ -127,16 +129,41 @@ def cmd_replay(args: argparse.Namespace) -> int:
     init = _load_init(args.init)
     pipeline = Pipeline(init, _pipeline_config(args, init))
     source = FileSource(args.input, args.format, batch_size=args.batch_size)
-    out = open(args.out, "w", newline="") if args.out else None
-    dlq = open(args.dead_letter, "w") if args.dead_letter else None
+    # each output is written beside its name and renamed when complete: a file under the
+    # name given is always whole, and a stopped run says where its part went
+    targets = {p: _partial_path(p) for p in (args.out, args.dead_letter) if p}
+    out = open(targets[args.out], "w", newline="") if args.out else None
+    dlq = open(targets[args.dead_letter], "w") if args.dead_letter else None
+    complete = False
     try:
         summary = replay(source, pipeline, out, dlq, progress=not args.quiet)
+        complete = True
     finally:
         for f in (out, dlq):
             if f:
                 f.close()
+        for final, partial in targets.items():
+            if partial == final:
+                continue
+            if complete:
+                os.replace(partial, final)
+            else:
+                print(f"forewarn: the output written before the stop is in {partial}", file=sys.stderr)
     print_summary(summary)
+    if not summary["readings"]:
+        print(f"forewarn: error: {args.input}: no reading was accepted "
+              f"({sum(summary['bad_records'].values())} bad records)", file=sys.stderr)
+        return 2
     return 0
+
+
+def _partial_path(path: str) -> str:
+    """Where an output is written until it is complete: ``NAME.partial`` beside it (the name
+    itself for what is not a regular file, such as /dev/stdout)."""
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        return path
+    return str(target.with_name(target.name + ".partial"))
 
 
 def _bundled(name: str):
@@ -262,19 +289,22 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     start = Initialization.load(args.start_from) if args.start_from else None
     if start is not None and start.spec != cfg.spec:  # said before the corpus is read
         raise ValueError(f"--start-from {args.start_from} is an LSTM {start.spec}, not the {cfg.spec} asked for")
-    series = []
-    for path in _expand_paths(args.data):
-        series.extend(read_series(path, args.format).values())
+    _check_writable(Path(args.out))  # before the training, not after it
+    series, bad = [], Counter()
+    paths = _expand_paths(args.data)
+    for path in paths:
+        series.extend(read_series(path, args.format, bad).values())
     sampler = TaskSampler(series, cfg.support, cfg.query, cfg.normalization, cfg.seed)
-    print(f"meta-train {cfg.algorithm}: {len(sampler.series)} series ({sampler.skipped} too short or constant)",
-          file=sys.stderr)
+    print(f"meta-train {cfg.algorithm}: {len(sampler.series)} series from {len(paths)} files "
+          f"({sampler.skipped} too short or constant; {sum(bad.values())} bad records left out"
+          f"{': ' + str(dict(bad)) if bad else ''})", file=sys.stderr)
     with _progress(not args.quiet, total=cfg.iterations, unit=" it", desc=cfg.algorithm) as bar:
         def on_progress(p: Progress) -> None:
             bar.update(1)
             if p.iteration % 10 == 0:
                 bar.set_postfix(query_loss=f"{p.query_loss:.4f}")
         init = meta_train(sampler, cfg, on_progress, start)
-    init.info["data"] = [Path(p).name for p in _expand_paths(args.data)]
+    init.info["data"] = [p.name for p in paths]
     init.save(args.out)
     print(f"wrote {args.out}: {init.info['algorithm']}, query loss {init.info['final_query_loss']:.4f}, "
           f"{init.info['seconds']} s", file=sys.stderr)
@@ -350,15 +380,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _expand_paths(paths: list[str]) -> list[Path]:
+    """Files as given; from a directory, the recordings in it (``DATA_SUFFIXES``, optionally
+    .gz), so that READMEs and label files beside them are not read as data."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                              and f.name.removesuffix(".gz").endswith(DATA_SUFFIXES)))
         else:
             out.append(p)
     if not out:
-        raise FileFormatError("no data files given")
+        raise FileFormatError(f"no data files in {' '.join(paths)} (recordings end in "
+                              f"{', '.join(DATA_SUFFIXES)}, optionally .gz)")
     return out
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"--out {path}: is a directory; give a file name for the initialization")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {path}: cannot write in {parent}")
 
 
 # ---- argument parsing --------------------------------------------------------------------
@@ -373,6 +415,20 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
     return value
 
 
@@ -391,11 +447,11 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
                    help="inner gradient steps of fast adaptation (default: the initialization's, 10 for the shipped one)")
     p.add_argument("--threshold", type=_probability, default=ScoringConfig().threshold,
                    help="score at or above which a reading is an anomaly (default: %(default)s)")
-    p.add_argument("--calibration-fading", type=float, default=0.0, metavar="F",
+    p.add_argument("--calibration-fading", type=_non_negative_float, default=0.0, metavar="F",
                    help="stage-2 score calibration, as detector.calibration_fading (default: 0 = off)")
-    p.add_argument("--drift-threshold", type=float, default=0.0, metavar="L",
+    p.add_argument("--drift-threshold", type=_non_negative_float, default=0.0, metavar="L",
                    help="re-adapt a stream whose residuals drift up, as detector.drift_threshold (default: 0 = off)")
-    p.add_argument("--novelty-unit", type=float, default=0.0, metavar="U",
+    p.add_argument("--novelty-unit", type=_non_negative_float, default=0.0, metavar="U",
                    help="range novelty: a value beyond the range of the stream's recent values by this share "
                         "of it scores surprise 1, as detector.novelty_unit (default: 0 = off)")
     p.add_argument("--novelty-window", type=_non_negative_int, default=0, metavar="N",
@@ -515,10 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_positive_int, default=256, metavar="W", help="support length (default: %(default)s)")
     p.add_argument("--query", type=_positive_int, default=128, help="query length (default: %(default)s)")
     p.add_argument("--inner-steps", type=int, default=5, metavar="K", help="inner steps (default: %(default)s)")
-    p.add_argument("--inner-lr", type=float, default=0.01, help="inner learning rate, or its start when learned (default: %(default)s)")
+    p.add_argument("--inner-lr", type=_positive_float, default=0.01, help="inner learning rate, or its start when learned (default: %(default)s)")
     p.add_argument("--fixed-inner-lr", action="store_true", help="do not learn per-parameter inner rates (Meta-SGD)")
-    p.add_argument("--meta-lr", type=float, default=1e-3, help="outer Adam learning rate (default: %(default)s)")
-    p.add_argument("--prox", type=float, default=0.0, help="L2 pull toward the initialization while adapting (default: %(default)s)")
+    p.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="outer Adam learning rate (default: %(default)s)")
+    p.add_argument("--prox", type=_non_negative_float, default=0.0, help="L2 pull toward the initialization while adapting (default: %(default)s)")
     p.add_argument("--loss", choices=("huber", "mse"), default="huber", help="loss (default: %(default)s)")
     p.add_argument("--hidden", type=_positive_int, default=32, help="LSTM hidden units (default: %(default)s)")
     p.add_argument("--layers", type=_positive_int, default=1, help="LSTM layers (default: %(default)s)")

@@ -141,6 +141,29 @@ def test_loading_refuses_files_that_are_not_initializations(tmp_path):
         Initialization.load(tmp_path / "missing.pt")
 
 
+def test_checkpoints_are_written_whole_and_checked_for_usable_weights(tmp_path):
+    init = Initialization.random(LSTMSpec(hidden=4), seed=0)
+    path = tmp_path / "init.pt"
+    init.save(path)
+    assert Initialization.load(path).params["l0.w"].equal(init.params["l0.w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["init.pt"]  # the partial file was renamed over it
+    with pytest.raises(CheckpointError, match="is a directory"):
+        init.save(tmp_path)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated, corrupt"):
+        Initialization.load(cut)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="an empty file"):
+        Initialization.load(tmp_path / "empty.pt")
+    for broken, message in ((float("nan"), "with NaN or inf"), (None, "must be finite float32, got torch.float64")):
+        params = dict(init.params)
+        params["l0.w"] = params["l0.w"].double() if broken is None else params["l0.w"].clone().fill_(broken)
+        Initialization(init.spec, params).save(tmp_path / "broken.pt")
+        with pytest.raises(CheckpointError, match=message):
+            Initialization.load(tmp_path / "broken.pt")
+
+
 def test_checkpoints_are_loaded_without_unpickling_objects(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -85,3 +85,26 @@ def test_meta_train_refuses_a_starting_checkpoint_of_another_size_before_reading
                  "--start-from", str(tmp_path / "small.pt"), "--quiet"])
     assert code == 2 and "is an LSTM" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_meta_train_refuses_an_output_it_cannot_write_before_reading_data(tmp_path, capsys):
+    assert main(["meta-train", "--data", str(tmp_path / "nowhere.csv"), "--out", str(tmp_path), "--quiet"]) == 2
+    assert "--out" in (err := capsys.readouterr().err) and "is a directory" in err
+
+
+def test_meta_train_on_a_directory_reads_its_recordings_only_and_counts_what_it_left_out(tmp_path, capsys):
+    import math
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = [f"{1700000000 + 60 * t},{math.sin(t / 5) + (t % 7) / 10:.4f}" for t in range(120)]
+    rows[50] = rows[50].split(",")[0] + ",n/a"
+    (corpus / "pump.csv").write_text("timestamp,value\n" + "\n".join(rows) + "\n")
+    (corpus / "README.md").write_text("# not data\n")
+    (corpus / "labels.json").write_text('{"pump.csv": []}')
+    out = tmp_path / "init.pt"
+    assert main(["meta-train", "--data", str(corpus), "--out", str(out), "--iterations", "2", "--tasks-per-batch",
+                 "2", "--warmup", "32", "--query", "16", "--inner-steps", "1", "--hidden", "4", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "from 1 files" in err and "1 bad records left out: {'non_numeric_value': 1}" in err
+    from monitor.checkpoint import Initialization
+    assert Initialization.load(out).info["data"] == ["pump.csv"]

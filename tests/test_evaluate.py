@@ -29,3 +29,29 @@ def test_evaluate_smd_on_one_held_out_machine(data_dir, capsys):
 def test_unknown_detector_is_a_clear_error(capsys):
     assert main(["evaluate", "--dataset", "nab", "--detectors", "magic", "--quiet"]) == 2
     assert "unknown detector 'magic'" in capsys.readouterr().err
+
+
+def test_damaged_or_mismatched_benchmark_files_are_clear_errors(tmp_path, capsys):
+    import gzip
+
+    import numpy as np
+    import pytest
+
+    from connectors.files import FileFormatError
+    from monitor.evaluation.harness import evaluate_smd
+    smd = tmp_path / "smd"
+    for split in ("train", "test", "test_label"):
+        (smd / split).mkdir(parents=True)
+    rows = "\n".join(",".join(f"{(t * c) % 7 / 7:.3f}" for c in range(3)) for t in range(400)) + "\n"
+    for split in ("train", "test"):
+        with gzip.open(smd / split / "machine-9-9.txt.gz", "wt") as f:
+            f.write(rows)
+    np.savetxt(smd / "test_label" / "machine-9-9.txt", np.zeros(399, dtype=int), fmt="%d")  # one short
+    with pytest.raises(FileFormatError, match="a label per test row"):
+        evaluate_smd([], tmp_path, ["9-9"])
+    train = smd / "train" / "machine-9-9.txt.gz"
+    train.write_bytes(train.read_bytes()[:len(train.read_bytes()) // 2])
+    code = main(["evaluate", "--dataset", "smd", "--data", str(tmp_path), "--machines", "9-9",
+                 "--detectors", "zscore", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "machine-9-9.txt.gz: unreadable" in err and "Traceback" not in err

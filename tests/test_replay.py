@@ -163,3 +163,66 @@ def test_offline_demo_replays_the_bundled_recording_against_its_labels(capsys):
     assert "Labelled anomaly windows caught:" in out and "of 4" in out
     assert "readings: 22683" in err  # 22,695 rows, 12 of them out of order or duplicate in NAB's own file
     assert "'out_of_order_timestamp': 11" in err
+
+
+def _nab_rows(n, start=0):
+    return [f"2024-01-01 {t // 60:02d}:{t % 60:02d}:00,{10 + math.sin(t / 3):.4f}" for t in range(start, start + n)]
+
+
+def test_a_truncated_gzip_is_a_clear_error_and_the_partial_output_is_named_as_such(tmp_path, capsys):
+    full = tmp_path / "full.csv.gz"
+    with gzip.open(full, "wt") as f:
+        f.write("timestamp,value\n" + "\n".join(_nab_rows(600)) + "\n")
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(full.read_bytes()[:len(full.read_bytes()) // 2])
+    out = tmp_path / "scores.csv"
+    code, _, err = _run(["replay", str(cut), "--warmup", "20", "--batch-size", "50", "--out", str(out),
+                         "--quiet"], capsys)
+    assert code == 2 and "truncated or corrupt compressed data" in err and "Traceback" not in err
+    assert not out.exists()  # nothing under the name asked for looks complete
+    assert f"written before the stop is in {out}.partial" in err and len(_rows(f"{out}.partial")) > 0
+    code, _, err = _run(["replay", str(full), "--warmup", "20", "--out", str(out), "--quiet"], capsys)
+    assert code == 0 and len(_rows(out)) == 600 and not (tmp_path / "scores.csv.partial").exists()
+
+
+@pytest.mark.parametrize("content, check", [
+    # a byte-order mark: still NAB's layout, real timestamps rather than row numbers
+    ("\ufefftimestamp,value\n" + "\n".join(_nab_rows(40)), lambda r: r[0].ts == 1704067200.0),
+    ("datetime,temp\n" + "\n".join(_nab_rows(40)), lambda r: r[1].ts - r[0].ts == 60 and "temp" in r[0].values),
+])
+def test_timestamp_columns_are_found_behind_a_bom_and_under_common_names(tmp_path, content, check):
+    path = tmp_path / "sensor.csv"
+    path.write_text(content + "\n", encoding="utf-8")
+    readings = list(FileSource(path).readings())
+    assert len(readings) == 40 and check(readings)
+
+
+def test_only_ascii_numbers_are_numbers_and_a_mixed_first_row_is_not_guessed(tmp_path, capsys):
+    path = tmp_path / "odd.csv"
+    path.write_text("a,b,c\n1_000,１２,١٢\n1.5,2.5,3.5\n")
+    batches = list(FileSource(path).batches())
+    assert sorted(b.reason.value for batch in batches for b in batch.bad) == ["non_numeric_value"] * 3
+    smd = tmp_path / "machine.txt"
+    smd.write_text("0.1,oops,0.3\n0.2,0.5,0.6\n")
+    code, _, err = _run(["replay", str(smd), "--quiet"], capsys)
+    assert code == 2 and "neither a header" in err and "'oops'" in err
+
+
+def test_a_replay_that_accepts_nothing_fails(tmp_path, capsys):
+    path = tmp_path / "sensor.csv"
+    path.write_text("timestamp,value\n" + "\n".join(f"{r.split(',')[0]},n/a" for r in _nab_rows(5)) + "\n")
+    code, _, err = _run(["replay", str(path), "--quiet"], capsys)
+    assert code == 2 and "no reading was accepted (5 bad records)" in err
+
+
+def test_bad_detector_flags_and_windows_files_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", "x.csv", "--drift-threshold", "nan"])
+    assert exc.value.code == 2 and "must be a finite number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["meta-train", "--data", "x.csv", "--out", "y.pt", "--inner-lr", "0"])
+    from monitor.evaluation.windows import load_windows
+    labels = tmp_path / "labels.json"
+    labels.write_text('[["2014-01-01", "2014-01-02"]]')
+    with pytest.raises(ValueError, match="expected an object of series names"):
+        load_windows(labels)

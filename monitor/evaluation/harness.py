@@ -8,12 +8,14 @@ on its test split (``point_metrics.py``); metrics are averaged over machines.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from connectors.files import FileFormatError
 from monitor.checkpoint import Initialization
 from monitor.datasets import SMD_HELD_OUT
 from monitor.evaluation.detectors import (
@@ -25,6 +27,7 @@ from monitor.evaluation.detectors import (
 )
 from monitor.evaluation.nab import PROFILES, CorpusScore, score_corpus
 from monitor.evaluation.point_metrics import DetectionReport, evaluate_scores
+from monitor.evaluation.windows import parse_windows
 from monitor.readings import parse_timestamp
 from monitor.scoring import ScoringConfig
 
@@ -103,14 +106,17 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
 
 def nab_corpus(data_dir: Path, windows_file: str = "combined_windows.json", limit: int | None = None):
     """(name, timestamps, values) for each labelled NAB series, and the windows."""
-    windows_raw = json.loads((data_dir / "nab" / "labels" / windows_file).read_text())
-    names = sorted(windows_raw)[:limit] if limit else sorted(windows_raw)
+    labels = data_dir / "nab" / "labels" / windows_file
+    try:
+        windows = parse_windows(json.loads(labels.read_text()), str(labels))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{labels}: not JSON ({exc})") from None
+    names = sorted(windows)[:limit] if limit else sorted(windows)
     series = []
     for name in names:
         rows = np.genfromtxt(data_dir / "nab" / "data" / name, delimiter=",", skip_header=1, dtype=str)
         ts = np.array([parse_timestamp(t) for t in rows[:, 0]])
         series.append((name, ts, rows[:, 1].astype(np.float64)))
-    windows = {n: [(parse_timestamp(a), parse_timestamp(b)) for a, b in w] for n, w in windows_raw.items()}
     return series, windows
 
 
@@ -148,9 +154,12 @@ def evaluate_smd(detectors: Sequence[Detector], data_dir: Path, machines: Sequen
                  progress=None) -> SmdRun:
     data = {}
     for m in machines:
-        train = np.loadtxt(data_dir / "smd" / "train" / f"machine-{m}.txt.gz", delimiter=",")
-        test = np.loadtxt(data_dir / "smd" / "test" / f"machine-{m}.txt.gz", delimiter=",")
-        labels = np.loadtxt(data_dir / "smd" / "test_label" / f"machine-{m}.txt", dtype=np.int8)
+        train = _table(data_dir / "smd" / "train" / f"machine-{m}.txt.gz", delimiter=",", ndmin=2)
+        test = _table(data_dir / "smd" / "test" / f"machine-{m}.txt.gz", delimiter=",", ndmin=2)
+        labels = _table(data_dir / "smd" / "test_label" / f"machine-{m}.txt", dtype=np.int8, ndmin=1)
+        if train.shape[1] != test.shape[1] or len(labels) != len(test) or len(train) < WARMUP:
+            raise FileFormatError(f"machine-{m}: train {train.shape}, test {test.shape} and {len(labels)} labels "
+                                  f"do not fit together (same columns, a label per test row, >= {WARMUP} train rows)")
         data[m] = (np.concatenate([train[-WARMUP:], test]), labels)
     run = SmdRun({}, {}, {m: labels for m, (_, labels) in data.items()})
     for det in detectors:
@@ -164,6 +173,16 @@ def evaluate_smd(detectors: Sequence[Detector], data_dir: Path, machines: Sequen
                 progress(f"{det.name}: machine-{m}")
         run.scores[det.name] = _mean_report(reports)
     return run
+
+
+def _table(path: Path, **kwargs) -> np.ndarray:
+    """A numeric text table, or a ``FileFormatError`` naming the file (missing, cut, not numbers)."""
+    try:
+        return np.loadtxt(path, **kwargs)
+    except FileNotFoundError:
+        raise FileFormatError(f"{path}: no such file") from None
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise FileFormatError(f"{path}: unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def _mean_report(reports: list[DetectionReport]) -> dict[str, float]:

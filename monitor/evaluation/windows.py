@@ -29,14 +29,41 @@ class WindowReport:
         return sum(w.first_detection is not None for w in self.windows)
 
 
+def parse_windows(data: object, source: str) -> dict[str, list[tuple[float, float]]]:
+    """Series name -> its labelled windows, from NAB's ``{"name": [[start, end], ...]}`` layout.
+
+    >>> parse_windows({"a.csv": [["2014-01-01 00:00:00", 1388538000]]}, "labels.json")
+    {'a.csv': [(1388534400.0, 1388538000.0)]}
+    >>> parse_windows([["2014-01-01", "2014-01-02"]], "labels.json")
+    Traceback (most recent call last):
+    ...
+    ValueError: labels.json: expected an object of series names, each with a list of [start, end] windows; got a list
+    """
+    layout = "expected an object of series names, each with a list of [start, end] windows"
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: {layout}; got a {type(data).__name__}")
+    out = {}
+    for name, windows in data.items():
+        if not isinstance(windows, list) or not all(isinstance(w, list) and len(w) == 2 for w in windows):
+            raise ValueError(f"{source}: {name!r}: {layout}; got {str(windows)[:80]}")
+        try:
+            out[name] = [(parse_timestamp(a), parse_timestamp(b)) for a, b in windows]
+        except ValueError as exc:
+            raise ValueError(f"{source}: {name!r}: {exc}") from None
+    return out
+
+
 def load_windows(path: str | Path, key: str | None = None) -> list[tuple[float, float]]:
     """Windows from a NAB ``combined_windows.json``-style file (one series, or the one named ``key``)."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = parse_windows(json.loads(Path(path).read_text()), str(path))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
     if key is None:
         if len(data) != 1:
             raise ValueError(f"{path} labels {len(data)} series; say which")
         key = next(iter(data))
-    return [(parse_timestamp(a), parse_timestamp(b)) for a, b in data[key]]
+    return data[key]
 
 
 def compare_with_windows(scores: Iterable[Score], windows: Sequence[tuple[float, float]]) -> WindowReport:
