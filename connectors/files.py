@@ -207,14 +207,15 @@ class FileSource:
             if [c.lower() for c in cells] != ["timestamp", "value"]:
                 raise FileFormatError(f"{self.path}: line 1: a nab file starts with 'timestamp,value', got {','.join(cells)[:80]!r}")
             return ["value"], 0, None
-        numeric = [isinstance(_number_or_text(c), float) for c in cells]
-        if all(numeric):
+        kinds = [_number_or_text(c) for c in cells]
+        numbers = [c for c, k in zip(cells, kinds) if isinstance(k, float)]
+        texts = [c for c, k in zip(cells, kinds) if isinstance(k, str)]
+        if numbers and not texts:  # empty cells are missing values of a data row (a header has no empty names)
             return [f"c{i}" for i in range(len(cells))], None, first
-        if any(numeric):  # a data row with a bad cell, or a header with numbers: either way, a guess
+        if numbers:  # a data row with a bad cell, or a header with numbers: either way, a guess
             raise FileFormatError(
-                f"{self.path}: line 1: neither a header (it holds numbers: "
-                f"{[c for c, x in zip(cells, numeric) if x][:3]}) nor a data row (it holds "
-                f"{[c for c, x in zip(cells, numeric) if not x][:3]}); a headerless file starts with numbers only")
+                f"{self.path}: line 1: neither a header (it holds numbers: {numbers[:3]}) nor a data row "
+                f"(it holds {texts[:3]}); a headerless file starts with numbers only")
         lowered = [c.lower() for c in cells]
         ts_col = next((lowered.index(n) for n in _TIMESTAMP_COLUMNS if n in lowered), None)
         channels = [c for i, c in enumerate(cells) if i != ts_col]

@@ -38,7 +38,7 @@ class PolledBatch:
     bad: list[BadRecord] = field(default_factory=list)
     arrival: dict[int, float] = field(default_factory=dict)  # id(reading) -> record timestamp (s)
     partition_of: dict[str, int] = field(default_factory=dict)  # device -> partition
-    offset_of: dict[int, int] = field(default_factory=dict)  # id(reading) -> its record's offset
+    offset_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # id(reading) -> (partition, offset)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to commit
     records: int = 0
 
@@ -106,7 +106,7 @@ class KafkaSource:
                     if m.timestamp is not None and m.timestamp >= 0:
                         batch.arrival[id(parsed.reading)] = m.timestamp / 1000.0
                     batch.partition_of[parsed.reading.device] = tp.partition
-                    batch.offset_of[id(parsed.reading)] = m.offset
+                    batch.offset_of[id(parsed.reading)] = (tp.partition, m.offset)
                 batch.records += 1
             batch.offsets[tp] = messages[-1].offset + 1
         return batch
@@ -197,8 +197,7 @@ class KafkaSinks:
         topics = sorted({t for t in (self.anomalies_topic, self.dead_letter_topic, self.scores_topic) if t})
         if not topics:
             return []
-        admin = KafkaAdminClient(bootstrap_servers=self.cfg.bootstrap_servers.split(","),
-                                 client_id=f"{self.cfg.client_id}-admin", **self.cfg.security())
+        admin = admin_client(self.cfg)
         try:
             missing = sorted(t["name"] for t in admin.describe_topics(topics)
                              if t["error_code"] == UnknownTopicOrPartitionError.errno)
@@ -317,7 +316,13 @@ def close_producer(producer: KafkaProducer) -> None:
 
 def flush_acknowledged(producer: KafkaProducer, futures: list,
                        on_wait: Callable[[float], None] | None = None) -> None:
-    """Wait until every future is acknowledged, raising the first send error.
+    """Wait until every future is acknowledged, raising the first send error."""
+    wait_flushed(producer, on_wait)
+    _raise_failed(futures)
+
+
+def wait_flushed(producer: KafkaProducer, on_wait: Callable[[float], None] | None = None) -> None:
+    """Wait until everything sent is acknowledged or has failed.
 
     The wait is cut into one-second steps so that a broker outage is visible
     (``on_wait`` sees the seconds waited so far) rather than a silent hang; the
@@ -327,11 +332,15 @@ def flush_acknowledged(producer: KafkaProducer, futures: list,
     while True:
         try:
             producer.flush(timeout=1.0)
-            break
+            return
         except KafkaTimeoutError:
             if on_wait is not None:
                 on_wait(time.monotonic() - started)
-    _raise_failed(futures)
+
+
+def admin_client(cfg: KafkaConfig, role: str = "admin") -> KafkaAdminClient:
+    return KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers.split(","), client_id=f"{cfg.client_id}-{role}",
+                            **cfg.security())
 
 
 def _raise_failed(futures) -> None:

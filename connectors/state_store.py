@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.admin import NewPartitions, NewTopic
+from kafka.errors import (IncompatibleBrokerVersion, MessageSizeTooLargeError, TopicAlreadyExistsError,
+                          UnknownTopicOrPartitionError, UnsupportedVersionError)
 
-from connectors.kafka import close_producer, flush_acknowledged
+from connectors.kafka import admin_client, close_producer, flush_acknowledged, wait_flushed
 from monitor.config import KafkaConfig
 
 log = logging.getLogger("forewarn.state")
@@ -37,7 +38,6 @@ class LocalStore:
 
     >>> store = LocalStore(":memory:")
     >>> store.put(0, "pump-7", b"state")
-    True
     >>> store.flush()
     >>> store.load([0]), store.load([1])
     ([(0, 'pump-7', b'state')], [])
@@ -53,9 +53,12 @@ class LocalStore:
     def ensure_partitions(self, needed: int) -> None:
         """Any number of partitions fits one table."""
 
-    def put(self, partition: int, device: str, data: bytes) -> bool:
+    def put(self, partition: int, device: str, data: bytes) -> None:
         self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (partition, device, data))
-        return True
+
+    def take_dropped(self) -> list[tuple[str, int]]:
+        """No size limit here: nothing is dropped."""
+        return []
 
     def delete(self, partition: int, device: str) -> None:
         self.db.execute("DELETE FROM state WHERE device = ?", (device,))
@@ -80,6 +83,8 @@ class LocalStore:
 class ChangelogStore:
     """Snapshots on a compacted Kafka topic, partition for partition with the input topic."""
 
+    RECORD_OVERHEAD = 4096  # key, headers and batch framing around a snapshot, generously
+
     def __init__(self, cfg: KafkaConfig, topic: str, replication: int = -1,
                  max_snapshot_bytes: int = 32 * 2**20) -> None:
         self.cfg = cfg
@@ -90,9 +95,11 @@ class ChangelogStore:
         self.producer = KafkaProducer(bootstrap_servers=cfg.bootstrap_servers.split(","),
                                       client_id=f"{cfg.client_id}-state", acks="all", linger_ms=5,
                                       compression_type=None, retries=2**31 - 1,
-                                      max_request_size=max_snapshot_bytes + 4096,  # record overhead
+                                      max_request_size=max_snapshot_bytes + self.RECORD_OVERHEAD,
                                       delivery_timeout_ms=cfg.delivery_timeout_ms, **cfg.security())
         self._futures: list = []
+        self._snapshots: list[tuple[str, int, int, object]] = []  # (device, partition, bytes, future)
+        self._dropped: list[tuple[str, int]] = []                   # (device, bytes) refused as too large
 
     def ensure_partitions(self, needed: int) -> None:
         """Make sure the changelog has at least ``needed`` partitions (the input topic's):
@@ -100,49 +107,86 @@ class ChangelogStore:
         go to changelog partition p, so fewer would fail every write and restore."""
         if needed <= self._partitions:
             return
-        admin = KafkaAdminClient(bootstrap_servers=self.cfg.bootstrap_servers.split(","),
-                                 client_id=f"{self.cfg.client_id}-admin", **self.cfg.security())
+        admin = admin_client(self.cfg)
         try:
-            try:
-                # the broker's limit would refuse a device of many channels (~9 KB each) otherwise
-                admin.create_topics([NewTopic(self.topic, needed, self.replication, topic_configs={
-                    "cleanup.policy": "compact", "max.message.bytes": str(self.max_snapshot_bytes + 4096)})])
-                log.info("created changelog topic", extra={"fields": {"topic": self.topic, "partitions": needed}})
-                self._partitions = needed
-                return
-            except TopicAlreadyExistsError:
-                pass
-            have = len(admin.describe_topics([self.topic])[0]["partitions"])
+            have = self._partition_count(admin)
+            if have is None:
+                try:
+                    # the broker's limit would refuse a device of many channels (~9 KB each) otherwise
+                    admin.create_topics([NewTopic(self.topic, needed, self.replication, topic_configs={
+                        "cleanup.policy": "compact",
+                        "max.message.bytes": str(self.max_snapshot_bytes + self.RECORD_OVERHEAD)})])
+                    log.info("created changelog topic", extra={"fields": {"topic": self.topic, "partitions": needed}})
+                    have = needed
+                except TopicAlreadyExistsError:  # another instance was quicker
+                    have = self._partition_count(admin, settle=True) or 0
+                except (IncompatibleBrokerVersion, UnsupportedVersionError) as exc:
+                    raise StoreError(f"creating changelog topic {self.topic!r}: the broker does not take "
+                                     f"replication {self.replication} ({type(exc).__name__}); set "
+                                     "state.changelog_replication to a number (brokers before Kafka 2.4)") from None
             if have < needed:
                 try:
                     admin.create_partitions({self.topic: NewPartitions(needed)})
-                except Exception as exc:
-                    raise StoreError(
-                        f"changelog topic {self.topic!r} has {have} partition(s) but the input topic has {needed}, "
-                        f"and growing it failed ({type(exc).__name__}): add partitions to it (kafka-topics.sh "
-                        f"--alter --partitions {needed}), or delete it and let every device re-warm") from None
-                log.info("grew changelog topic", extra={"fields": {"topic": self.topic, "partitions": needed}})
-                have = needed
+                    log.info("grew changelog topic", extra={"fields": {"topic": self.topic, "partitions": needed}})
+                    have = needed
+                except Exception as exc:  # noqa: BLE001  another instance may have grown it meanwhile
+                    have = self._partition_count(admin, settle=True) or have
+                    if have < needed:
+                        raise StoreError(
+                            f"changelog topic {self.topic!r} has {have} partition(s) but the input topic has "
+                            f"{needed}, and growing it failed ({type(exc).__name__}): add partitions to it "
+                            f"(kafka-topics.sh --alter --partitions {needed}), or delete it and let every device "
+                            "re-warm") from None
             self._partitions = have
         finally:
             admin.close()
 
-    def put(self, partition: int, device: str, data: bytes) -> bool:
-        """Queue a snapshot; False if it is larger than ``max_snapshot_bytes``: then a
-        tombstone goes instead, so that no older snapshot of the device is restored."""
-        fits = len(data) <= self.max_snapshot_bytes
-        self._futures.append(self.producer.send(self.topic, key=device.encode(), value=data if fits else None,
-                                                partition=partition))
-        return fits
+    def _partition_count(self, admin, settle: bool = False) -> int | None:
+        """Partitions of the changelog (None: no such topic).  ``settle``: a topic another
+        instance has just created may show its partitions only after a moment."""
+        for attempt in range(10 if settle else 1):
+            if attempt:
+                time.sleep(0.5)
+            topic = admin.describe_topics([self.topic])[0]
+            if topic["error_code"] != UnknownTopicOrPartitionError.errno and topic["partitions"]:
+                return len(topic["partitions"])
+        return None
+
+    def put(self, partition: int, device: str, data: bytes) -> None:
+        """Queue a snapshot.  One larger than ``max_snapshot_bytes``, or than the topic
+        takes (a changelog made before with the broker's default limit), is replaced by a
+        tombstone, so that no older snapshot of the device is restored: see ``take_dropped``."""
+        if len(data) > self.max_snapshot_bytes:
+            self._drop(partition, device, len(data))
+            return
+        future = self.producer.send(self.topic, key=device.encode(), value=data, partition=partition)
+        self._snapshots.append((device, partition, len(data), future))
 
     def delete(self, partition: int, device: str) -> None:
         """Queue a tombstone: compaction drops the device's snapshots, and a restore skips it."""
         self._futures.append(self.producer.send(self.topic, key=device.encode(), value=None, partition=partition))
 
+    def _drop(self, partition: int, device: str, size: int) -> None:
+        self.delete(partition, device)
+        self._dropped.append((device, size))
+
+    def take_dropped(self) -> list[tuple[str, int]]:
+        """Devices whose snapshot was too large since the last call, with its size."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
+
     def flush(self, on_wait: Callable[[float], None] | None = None) -> None:
-        """Block until every snapshot is acknowledged; raises if one was not."""
+        """Block until every snapshot is acknowledged; raises if one was not (save for
+        those the broker refused as too large: dropped, see ``put``)."""
+        snapshots, self._snapshots = self._snapshots, []
+        wait_flushed(self.producer, on_wait)
+        for device, partition, size, future in snapshots:
+            if future.failed():
+                if not isinstance(future.exception, MessageSizeTooLargeError):
+                    raise future.exception
+                self._drop(partition, device, size)
         futures, self._futures = self._futures, []
-        flush_acknowledged(self.producer, futures, on_wait)
+        flush_acknowledged(self.producer, futures, on_wait)  # tombstones included
 
     def load(self, partitions: Iterable[int], on_progress: Callable[[], None] | None = None
              ) -> list[tuple[int, str, bytes]]:
@@ -156,14 +200,17 @@ class ChangelogStore:
             return []
         consumer = KafkaConsumer(bootstrap_servers=self.cfg.bootstrap_servers.split(","), group_id=None,
                                  enable_auto_commit=False, client_id=f"{self.cfg.client_id}-restore",
-                                 max_poll_records=5000, max_partition_fetch_bytes=self.max_snapshot_bytes + 4096,
+                                 max_poll_records=5000,
+                                 max_partition_fetch_bytes=self.max_snapshot_bytes + self.RECORD_OVERHEAD,
                                  **self.cfg.security())
         stall_s = self.cfg.delivery_timeout_ms / 1000
         try:
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
             ends = consumer.end_offsets(tps)
-            latest: dict[str, tuple[int, bytes | None]] = {}
+            # device -> (record time, partition, snapshot): a device whose key moved when the input
+            # topic grew may have a snapshot on two partitions until the old one is deleted
+            latest: dict[str, tuple[int, int, bytes | None]] = {}
             remaining = {tp for tp in tps if ends[tp] > consumer.position(tp)}
             moved = time.monotonic()
             while remaining:
@@ -173,13 +220,17 @@ class ChangelogStore:
                     moved = time.monotonic()
                     for r in records:
                         if r.key is not None:
-                            latest[r.key.decode()] = (tp.partition, r.value)
+                            device = r.key.decode()
+                            held = latest.get(device)
+                            if held is None or held[1] == tp.partition or r.timestamp > held[0] \
+                                    or (r.timestamp == held[0] and r.value is not None):
+                                latest[device] = (r.timestamp, tp.partition, r.value)
                 for tp in list(remaining):
                     if consumer.position(tp) >= ends[tp]:
                         remaining.discard(tp)
                 if on_progress is not None:
                     on_progress()
-            return [(p, d, v) for d, (p, v) in latest.items() if v is not None]
+            return [(p, d, v) for d, (_, p, v) in latest.items() if v is not None]
         finally:
             consumer.close()
 

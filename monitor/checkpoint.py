@@ -59,8 +59,7 @@ class Initialization:
             "info": self.info,
         }
         path = Path(path)
-        if path.is_dir():
-            raise CheckpointError(f"{path}: is a directory; give a file name for the initialization")
+        self.check_writable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # next to the target, then renamed over it: a crash mid-write leaves the old file whole
         partial = path.with_name(f".{path.name}.partial")
@@ -72,6 +71,16 @@ class Initialization:
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
+
+    @staticmethod
+    def check_writable(path: str | Path) -> None:
+        """Refuse a path ``save`` could not write, before hours of training are spent on it."""
+        path = Path(path)
+        if path.is_dir():
+            raise CheckpointError(f"{path}: is a directory; give a file name for the initialization")
+        existing = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+        if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK)):
+            raise CheckpointError(f"{path}: cannot write in {existing}")
 
     @classmethod
     def load(cls, path: str | Path) -> "Initialization":

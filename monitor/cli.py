@@ -159,9 +159,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def _partial_path(path: str) -> str:
     """Where an output is written until it is complete: ``NAME.partial`` beside it (the name
-    itself for what is not a regular file, such as /dev/stdout)."""
+    itself for a link or what is not a regular file, such as /dev/stdout: written through)."""
     target = Path(path)
-    if target.exists() and not target.is_file():
+    if target.is_symlink() or (target.exists() and not target.is_file()):
         return path
     return str(target.with_name(target.name + ".partial"))
 
@@ -289,7 +289,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     start = Initialization.load(args.start_from) if args.start_from else None
     if start is not None and start.spec != cfg.spec:  # said before the corpus is read
         raise ValueError(f"--start-from {args.start_from} is an LSTM {start.spec}, not the {cfg.spec} asked for")
-    _check_writable(Path(args.out))  # before the training, not after it
+    Initialization.check_writable(args.out)  # before the training, not after it
     series, bad = [], Counter()
     paths = _expand_paths(args.data)
     for path in paths:
@@ -393,14 +393,6 @@ def _expand_paths(paths: list[str]) -> list[Path]:
         raise FileFormatError(f"no data files in {' '.join(paths)} (recordings end in "
                               f"{', '.join(DATA_SUFFIXES)}, optionally .gz)")
     return out
-
-
-def _check_writable(path: Path) -> None:
-    if path.is_dir():
-        raise ValueError(f"--out {path}: is a directory; give a file name for the initialization")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {path}: cannot write in {parent}")
 
 
 # ---- argument parsing --------------------------------------------------------------------

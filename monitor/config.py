@@ -174,9 +174,10 @@ class StateConfig:
     changelog_topic: str = _setting("", "compacted state topic ('' = <group_id>-state)")
     changelog_replication: int = _setting(-1, "replication factor the changelog topic is created with "
                                               "(-1 = the broker's default.replication.factor)")
-    max_snapshot_bytes: int = _setting(32 * 2**20, "largest device snapshot written (~9 KB per channel); the "
-                                                   "changelog is created to take it, and a larger one is "
-                                                   "dropped (that device re-warms after a restart)")
+    max_snapshot_bytes: int = _setting(32 * 2**20, "largest device snapshot written to the changelog (~9 KB "
+                                                   "per channel); the topic is created to take it, and a "
+                                                   "larger one, or one the topic refuses, is dropped (that "
+                                                   "device re-warms after a restart)")
     local_path: str = _setting("forewarn-state.db", "state file of the local store")
     checkpoint_interval_s: float = _setting(30.0, "seconds between checkpoints (state written, then offsets "
                                                   "committed); ~0.15 ms per changed device each time")

@@ -167,6 +167,7 @@ class Daemon:
         # restored device -> (input partition, offset) its state covers: offsets of one partition only
         self._covered: dict[str, tuple[int, int]] = {}
         self._too_large: set[str] = set()         # devices whose snapshot was too large, already logged
+        self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
         self._last_seen: dict[str, float] = {}    # device -> monotonic time of its newest record here
         self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
         self._last_checkpoint = time.monotonic()
@@ -255,6 +256,7 @@ class Daemon:
             self._partition_of.pop(device, None)
             self._covered.pop(device, None)
             self._last_seen.pop(device, None)
+            self._old_home.pop(device, None)
         self.metrics.forget_devices(devices)
         return self.pipeline.drop_devices(devices)
 
@@ -270,8 +272,8 @@ class Daemon:
             return
         if self.store is not None and not self._abandoned:
             for device in idle:
-                if device in self._partition_of:
-                    self.store.delete(self._partition_of[device], device)
+                for home in {self._partition_of.get(device), self._old_home.get(device)} - {None}:
+                    self.store.delete(home, device)
         streams = self._drop_devices(idle)
         self.metrics.forgotten.inc(len(idle))
         log.info("idle devices forgotten", extra=_fields(devices=len(idle), streams=streams,
@@ -296,8 +298,9 @@ class Daemon:
                 written += self._write_states(chunk)
             self._flushed(self.store, give_up_at=deadline + 1.0)
         except _RevokeDeadline:
-            # the writes may still land: either way the next owner's restore is consistent
-            # with the committed offsets (what a late snapshot covers, it skips)
+            # The writes may still land, even after the next owner's first checkpoint: a later
+            # restore may then take this older state.  No reading is skipped unseen (a snapshot
+            # skips only what it covers) and none is lost; the state is a little behind.
             log.warning("state write on revoke not acknowledged within half the session timeout; the "
                         "next owner restores from the last checkpoint", extra=_fields(written=written))
             return
@@ -431,15 +434,22 @@ class Daemon:
         log.debug("batch", extra=_fields(records=batch.records, anomalies_sent=sent, bad=len(bad)))
 
     def _skip_covered(self, batch) -> list:
-        """Drop re-delivered readings that a restored state already covers."""
+        """Drop re-delivered readings that a restored state already covers: those of its own
+        partition before its offset.  A device whose key moved (the input topic grew) may
+        arrive on two partitions at once; the other partition's readings are not covered."""
         kept, skipped = [], 0
-        covered, offset_of, partition_of = self._covered, batch.offset_of, batch.partition_of
+        covered, offset_of = self._covered, batch.offset_of
         for r in batch.readings:
-            upto = _offset_on(covered.get(r.device), partition_of.get(r.device))
-            if upto >= 0 and offset_of.get(id(r), upto) < upto:
-                skipped += 1
-                continue
-            covered.pop(r.device, None)  # past what its state covers, or moved to another partition
+            covered_at = covered.get(r.device)
+            if covered_at is not None:
+                partition, offset = offset_of.get(id(r), (None, -1))
+                if partition == covered_at[0]:
+                    if offset < covered_at[1]:
+                        skipped += 1
+                        continue
+                    del covered[r.device]  # past what its state covers
+                else:  # its snapshot lies on a partition it no longer arrives on: delete it there later
+                    self._old_home[r.device] = covered_at[0]
             kept.append(r)
         if skipped:
             self.metrics.redelivered.inc(skipped)
@@ -467,15 +477,24 @@ class Daemon:
         covered = {d: max(processed.get(partition_of[d], -1), _offset_on(restored.get(d), partition_of[d]))
                    for d in devices}
         states = self.pipeline.export_devices(devices, covered)
+        for device in devices:
+            old_home = self._old_home.pop(device, None)
+            if old_home is not None and old_home != partition_of[device]:
+                self.store.delete(old_home, device)  # before the new snapshot is restored from elsewhere
         for state, data in zip(states, self.codec.encode_many(states)):
-            if not self.store.put(partition_of[state.device], state.device, data):
-                self.metrics.snapshots_dropped.inc()
-                if state.device not in self._too_large:
-                    self._too_large.add(state.device)
-                    log.error("device snapshot larger than state.max_snapshot_bytes: not saved, the device "
-                              "re-warms after a restart", extra=_fields(device=state.device, bytes=len(data),
-                                                                        channels=len(state.streams)))
+            self.store.put(partition_of[state.device], state.device, data)
+        self._note_dropped()
         return len(devices)
+
+    def _note_dropped(self) -> None:
+        """Count and log (once per device) the snapshots the store found too large."""
+        for device, size in self.store.take_dropped():
+            self.metrics.snapshots_dropped.inc()
+            if device not in self._too_large:
+                self._too_large.add(device)
+                log.error("device snapshot too large for the changelog (state.max_snapshot_bytes, or the "
+                          "topic's max.message.bytes): not saved, the device re-warms after a restart",
+                          extra=_fields(device=device, bytes=size))
 
     def _flushed(self, sink, give_up_at: float | None = None) -> None:
         """Wait for the broker to acknowledge what ``sink`` holds (past ``give_up_at``,
@@ -487,6 +506,8 @@ class Daemon:
 
         try:
             sink.flush(on_wait=on_wait)
+            if sink is self.store:
+                self._note_dropped()  # refused by the broker while flushing
         except Exception:
             self._waiting_on_broker = False  # what follows is an exit or a caught failure, not a wait
             raise

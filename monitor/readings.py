@@ -134,8 +134,8 @@ def parse_timestamp(raw: object) -> float:
     if math.isnan(ts) or (math.isinf(ts) and isinstance(raw, float)):
         raise ValueError(f"non-finite timestamp {raw!r}")
     if not -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:
-        raise ValueError(f"{str(raw)[:40]} is {'past year 5000' if ts > 0 else 'before year -1200'}: "
-                         "epoch milliseconds? ts is in seconds")
+        hint = ": epoch milliseconds? ts is in seconds" if not isinstance(raw, str) or raw.endswith("...") else ""
+        raise ValueError(f"{str(raw)[:40]} is {'past year 5000' if ts > 0 else 'before year -1200'}{hint}")
     return ts
 
 

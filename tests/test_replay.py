@@ -206,6 +206,10 @@ def test_only_ascii_numbers_are_numbers_and_a_mixed_first_row_is_not_guessed(tmp
     smd.write_text("0.1,oops,0.3\n0.2,0.5,0.6\n")
     code, _, err = _run(["replay", str(smd), "--quiet"], capsys)
     assert code == 2 and "neither a header" in err and "'oops'" in err
+    smd.write_text("0.1,,0.3\n0.2,0.5,0.6\n")  # a missing value in the first row: still data
+    batch, = FileSource(smd).batches()
+    assert [r.values for r in batch.readings] == [{"c0": 0.1, "c2": 0.3}, {"c0": 0.2, "c1": 0.5, "c2": 0.6}]
+    assert [b.reason.value for b in batch.bad] == ["missing_value"]
 
 
 def test_a_replay_that_accepts_nothing_fails(tmp_path, capsys):
@@ -226,3 +230,14 @@ def test_bad_detector_flags_and_windows_files_are_clear_errors(tmp_path, capsys)
     labels.write_text('[["2014-01-01", "2014-01-02"]]')
     with pytest.raises(ValueError, match="expected an object of series names"):
         load_windows(labels)
+
+
+def test_an_output_that_is_a_link_is_written_through_it(tmp_path, capsys):
+    data = tmp_path / "sensor.csv"
+    data.write_text("timestamp,value\n" + "\n".join(_nab_rows(30)) + "\n")
+    real = tmp_path / "real.csv"
+    real.write_text("")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    code, _, _ = _run(["replay", str(data), "--warmup", "20", "--out", str(link), "--quiet"], capsys)
+    assert code == 0 and link.is_symlink() and len(_rows(real)) == 30

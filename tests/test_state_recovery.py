@@ -185,10 +185,13 @@ def test_a_snapshot_too_large_for_the_changelog_replaces_the_older_one_with_a_to
     from monitor.config import KafkaConfig
     store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "big-state", max_snapshot_bytes=2**16)
     store.ensure_partitions(1)
-    assert store.put(0, "many-channels", b"x" * 1000) and store.put(0, "other", b"y")
+    store.put(0, "many-channels", b"x" * 1000)
+    store.put(0, "other", b"y")
     store.flush()
-    assert not store.put(0, "many-channels", b"x" * (2**16 + 1))  # refused before the broker sees it
+    assert store.take_dropped() == []
+    store.put(0, "many-channels", b"x" * (2**16 + 1))  # refused before the broker sees it
     store.flush()
+    assert store.take_dropped() == [("many-channels", 2**16 + 1)] and store.take_dropped() == []
     assert store.load([0]) == [(0, "other", b"y")]  # the stale snapshot is not restored either
     store.close()
 
@@ -212,7 +215,7 @@ def test_a_device_too_large_to_checkpoint_does_not_stop_the_checkpoints_of_the_o
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(60) == 0
     assert metric_value(text, "forewarn_state_snapshots_dropped_total") >= 1
-    assert "larger than state.max_snapshot_bytes" in (tmp_path / "wide.log").read_text()
+    assert "device snapshot too large for the changelog" in (tmp_path / "wide.log").read_text()
     store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), f"{group}-state")
     saved = {device for _, device, _ in store.load([0])}
     store.close()
@@ -285,3 +288,42 @@ def test_devices_silent_for_the_idle_timeout_are_forgotten_with_their_state_and_
         thread.join(60)
     returned = [s for s in read_topic(broker.bootstrap, scores) if s["device"] == "d1" and s["ts"] >= 500]
     assert returned and all(s["score"] is None for s in returned)  # warming afresh, not the old model
+
+
+def _idle_daemon(**env):
+    from prometheus_client import CollectorRegistry
+
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+    return Daemon(Config.load(environ={"FOREWARN_STATE_STORE": "none", **env}), registry=CollectorRegistry())
+
+
+def test_a_restored_state_covers_readings_of_its_own_partition_only():
+    """The input topic grew and device d's key moved from partition 0 to 1: one poll brings
+    its new readings on 1 and re-delivered ones on 0.  Only the latter are covered by its
+    state (offset 500 on partition 0), whatever their order in the batch."""
+    from connectors.kafka import PolledBatch
+    from monitor.readings import Reading
+    daemon = _idle_daemon()
+    daemon._covered["d"] = (0, 500)
+    batch = PolledBatch()
+    for partition, offsets, ts0 in ((1, range(10, 15), 100), (0, range(495, 505), 85)):
+        for i, offset in enumerate(offsets):
+            r = Reading("d", float(ts0 + i), {"v": 1.0})
+            batch.readings.append(r)
+            batch.offset_of[id(r)] = (partition, offset)
+            batch.partition_of["d"] = partition
+    kept = daemon._skip_covered(batch)
+    assert [(batch.offset_of[id(r)]) for r in kept] == [(1, o) for o in range(10, 15)] + [(0, o) for o in range(500, 505)]
+    assert "d" not in daemon._covered and daemon._old_home == {"d": 0}
+
+
+def test_idleness_is_measured_against_the_newest_record_so_a_silent_instance_forgets_nothing():
+    daemon = _idle_daemon(FOREWARN_DETECTOR_IDLE_TIMEOUT_S="60")
+    daemon._last_seen = {"quiet": 1000.0, "busy": 1100.0}
+    daemon._newest_seen = 1050.0             # nothing has arrived since: however long that lasts
+    daemon._forget_idle(60.0)
+    assert set(daemon._last_seen) == {"quiet", "busy"}
+    daemon._newest_seen = 1100.0             # others kept arriving for a minute past "quiet"'s last
+    daemon._forget_idle(60.0)
+    assert set(daemon._last_seen) == {"busy"}

@@ -7,7 +7,6 @@ on its test split (``point_metrics.py``); metrics are averaged over machines.
 """
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ from monitor.evaluation.detectors import (
 )
 from monitor.evaluation.nab import PROFILES, CorpusScore, score_corpus
 from monitor.evaluation.point_metrics import DetectionReport, evaluate_scores
-from monitor.evaluation.windows import parse_windows
+from monitor.evaluation.windows import read_windows
 from monitor.readings import parse_timestamp
 from monitor.scoring import ScoringConfig
 
@@ -106,11 +105,7 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
 
 def nab_corpus(data_dir: Path, windows_file: str = "combined_windows.json", limit: int | None = None):
     """(name, timestamps, values) for each labelled NAB series, and the windows."""
-    labels = data_dir / "nab" / "labels" / windows_file
-    try:
-        windows = parse_windows(json.loads(labels.read_text()), str(labels))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{labels}: not JSON ({exc})") from None
+    windows = read_windows(data_dir / "nab" / "labels" / windows_file)
     names = sorted(windows)[:limit] if limit else sorted(windows)
     series = []
     for name in names:

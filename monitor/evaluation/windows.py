@@ -53,12 +53,17 @@ def parse_windows(data: object, source: str) -> dict[str, list[tuple[float, floa
     return out
 
 
-def load_windows(path: str | Path, key: str | None = None) -> list[tuple[float, float]]:
-    """Windows from a NAB ``combined_windows.json``-style file (one series, or the one named ``key``)."""
+def read_windows(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """Every series' windows from a NAB ``combined_windows.json``-style file."""
     try:
-        data = parse_windows(json.loads(Path(path).read_text()), str(path))
+        return parse_windows(json.loads(Path(path).read_text()), str(path))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not JSON ({exc})") from None
+
+
+def load_windows(path: str | Path, key: str | None = None) -> list[tuple[float, float]]:
+    """Windows from a NAB ``combined_windows.json``-style file (one series, or the one named ``key``)."""
+    data = read_windows(path)
     if key is None:
         if len(data) != 1:
             raise ValueError(f"{path} labels {len(data)} series; say which")
