@@ -100,7 +100,10 @@ class DetectorConfig:
                                       "(0 = all so far, else >= 16)")
     smoothing_span: int = _setting(0, "the forecast's surprise averaged over about this many readings, "
                                       "exponentially weighted (0 = off; 9 was best on SMD, see README)")
-    max_streams: int = _setting(1_000_000, "cap on streams held; readings of new streams past it are bad records")
+    max_streams: int = _setting(1_000_000, "cap on streams held (~20 KB each when live); readings of new "
+                                           "streams past it are bad records (stream_limit)")
+    max_channels: int = _setting(1024, "cap on one device's channels; readings of its new channels past it are "
+                                       "bad records (stream_limit)")
     adapt_batch: int = _setting(512, "streams adapted in one batched call (~1.3 MB each while adapting)")
     drift_threshold: float = _setting(0.0, "Page-Hinkley threshold on a live stream's |residual| that re-adapts it "
                                            "on its next drift_window readings (0 = off)")
@@ -126,7 +129,7 @@ class DetectorConfig:
             scoring=ScoringConfig(threshold=self.threshold, calibration_fading=self.calibration_fading,
                                   novelty_unit=self.novelty_unit, novelty_window=self.novelty_window,
                                   smoothing_span=self.smoothing_span),
-            max_streams=self.max_streams, adapt_batch=self.adapt_batch, drift_threshold=self.drift_threshold,
+            max_streams=self.max_streams, max_channels=self.max_channels, adapt_batch=self.adapt_batch, drift_threshold=self.drift_threshold,
             drift_window=self.drift_window, online_every=self.online_every, online_window=self.online_window,
             online_steps=self.online_steps, online_lr_scale=self.online_lr_scale)
 
@@ -149,8 +152,8 @@ class DetectorConfig:
                               "detector.online_steps >= 1 and detector.online_lr_scale > 0")
         if self.idle_timeout_s < 0:
             raise ConfigError("detector.idle_timeout_s must be >= 0")
-        if self.max_streams < 1 or self.adapt_batch < 1 or self.adapt_steps < -1:
-            raise ConfigError("detector.max_streams and detector.adapt_batch must be >= 1, "
+        if self.max_streams < 1 or self.max_channels < 1 or self.adapt_batch < 1 or self.adapt_steps < -1:
+            raise ConfigError("detector.max_streams, detector.max_channels and detector.adapt_batch must be >= 1, "
                               "detector.adapt_steps >= -1")
 
 

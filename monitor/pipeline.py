@@ -48,6 +48,7 @@ class PipelineConfig:
     adapt: AdaptConfig | None = None
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     max_streams: int = 1_000_000
+    max_channels: int = 1024    # per device: one producer inventing channel names cannot fill max_streams
     seed_residuals: int = 128   # warm-up residuals that prime each stream's score statistics
     adapt_batch: int = 512      # streams adapted in one batched call: bounds the memory of a burst
     # Drift: a Page-Hinkley test on each live stream's |scaled residual| (capped at
@@ -69,8 +70,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.warmup < 16:
             raise ValueError(f"warmup must be >= 16 readings, got {self.warmup}")
-        if self.max_streams < 1 or self.seed_residuals < 0 or self.adapt_batch < 1:
-            raise ValueError("max_streams and adapt_batch must be >= 1 and seed_residuals >= 0")
+        if self.max_streams < 1 or self.max_channels < 1 or self.seed_residuals < 0 or self.adapt_batch < 1:
+            raise ValueError("max_streams, max_channels and adapt_batch must be >= 1 and seed_residuals >= 0")
         if self.drift_threshold < 0 or self.drift_window < 16 or self.drift_cap <= 0:
             raise ValueError("drift_threshold must be >= 0, drift_window >= 16 and drift_cap > 0")
         if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:
@@ -276,6 +277,10 @@ class Pipeline:
             bad.append(BadRecord(BadReason.STREAM_LIMIT,
                                  f"device {device!r} channel {channel!r}: already {self.config.max_streams} streams",
                                  reading.ref))
+            return None
+        if len(self._devices.get(device, ())) >= self.config.max_channels:
+            bad.append(BadRecord(BadReason.STREAM_LIMIT, f"device {device!r} channel {channel!r}: the device "
+                                 f"already has {self.config.max_channels} channels", reading.ref))
             return None
         if device_known:
             self.counts["late_channel"] += 1

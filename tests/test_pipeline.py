@@ -104,6 +104,16 @@ def test_stream_limit_rejects_new_streams_with_a_reason(init):
     assert len(result.scores) == 2
 
 
+def test_one_device_cannot_hold_more_than_max_channels(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32, max_channels=2))
+    first = pipe.feed([Reading("wide", 0.0, {f"c{i}": 1.0 for i in range(3)}), Reading("narrow", 0.0, {"v": 1.0})])
+    later = pipe.feed([Reading("wide", 1.0, {"c0": 1.0, "new": 2.0})])  # a channel appearing later counts too
+    assert [b.reason for b in first.bad + later.bad] == [BadReason.STREAM_LIMIT] * 2
+    assert "already has 2 channels" in first.bad[0].detail
+    assert len(first.scores) == 2 and len(later.scores) == 1  # the device's other channels go on
+    assert pipe.streams_by_state()["warming"] == 3
+
+
 def test_dropped_devices_free_their_rows_and_start_over(init):
     pipe = Pipeline(init, PipelineConfig(warmup=32))
     pipe.feed(_wave("a", 40) + _wave("b", 40))
