@@ -478,9 +478,10 @@ class Daemon:
                    for d in devices}
         states = self.pipeline.export_devices(devices, covered)
         for device in devices:
-            old_home = self._old_home.pop(device, None)
+            old_home = self._old_home.get(device)
             if old_home is not None and old_home != partition_of[device]:
                 self.store.delete(old_home, device)  # before the new snapshot is restored from elsewhere
+                del self._old_home[device]
         for state, data in zip(states, self.codec.encode_many(states)):
             self.store.put(partition_of[state.device], state.device, data)
         self._note_dropped()

@@ -327,3 +327,23 @@ def test_idleness_is_measured_against_the_newest_record_so_a_silent_instance_for
     daemon._newest_seen = 1100.0             # others kept arriving for a minute past "quiet"'s last
     daemon._forget_idle(60.0)
     assert set(daemon._last_seen) == {"busy"}
+
+
+def test_a_moved_device_leaves_no_snapshot_on_its_old_partition(broker):
+    from connectors.state_store import ChangelogStore
+    from monitor.config import KafkaConfig
+    from monitor.readings import Reading
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store = store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "moved-state")
+    store.ensure_partitions(2)
+    daemon.pipeline.feed([Reading("d", float(t), {"v": t % 5}) for t in range(20)])
+    daemon._partition_of["d"] = 0
+    daemon._write_states(["d"])
+    store.flush()
+    assert [p for p, device, _ in store.load([0, 1]) if device == "d"] == [0]
+    daemon._partition_of["d"], daemon._old_home["d"] = 1, 0   # its key now lands on partition 1
+    daemon._write_states(["d"])
+    store.flush()
+    assert store.load([0]) == [] and [p for p, _, _ in store.load([0, 1])] == [1]
+    assert daemon._old_home == {}
+    store.close()
