@@ -3,8 +3,9 @@
 One meta-initialization has to serve a temperature in kelvin and a byte counter
 in the billions, so every stream is mapped to a common scale before the LSTM sees
 it: centre = median, scale = IQR / 1.349 (the standard deviation of a normal
-series), with floors so that flat or mostly-constant channels do not divide by
-zero.  Values are clipped to +-``clip`` on the way into the model so that a wild
+series), at least a tenth of the standard deviation (spiky channels whose IQR is
+0), and for a constant window a share of its level, or a last-resort floor, so
+that nothing divides by zero.  Values are clipped to +-``clip`` on the way into the model so that a wild
 reading cannot saturate the recurrent state; residuals are taken before the clip,
 so the wild reading still scores as anomalous.
 """
@@ -29,9 +30,9 @@ class Normalization:
     """
 
     kind: str = "median_iqr"
-    rel_floor: float = 1e-3   # scale >= rel_floor * |median|
+    rel_floor: float = 1e-3   # a constant window's scale: rel_floor * |median|
     std_floor: float = 0.1    # scale >= std_floor * std: spiky series with IQR 0
-    abs_floor: float = 1e-6   # last resort for flat channels
+    abs_floor: float = 1e-6   # last resort for constant windows near zero
     clip: float = 10.0
 
     def __post_init__(self) -> None:
@@ -44,10 +45,11 @@ class Normalization:
         """Centre and scale of each row of ``windows`` ([B, W], float64)."""
         q = torch.quantile(windows, torch.tensor([0.25, 0.5, 0.75], dtype=windows.dtype), dim=1)
         center = q[1]
-        scale = (q[2] - q[0]) / _IQR_TO_STD
-        scale = torch.maximum(scale, self.rel_floor * center.abs())
-        scale = torch.maximum(scale, self.std_floor * windows.std(dim=1))
-        return center, scale.clamp_min(self.abs_floor)
+        spread = torch.maximum((q[2] - q[0]) / _IQR_TO_STD, self.std_floor * windows.std(dim=1))
+        # The level sets the scale only of a window without spread: a counter in the billions
+        # that moves by thousands is judged by its thousands, not by a share of its billions.
+        flat = torch.maximum(self.rel_floor * center.abs(), torch.full_like(center, self.abs_floor))
+        return center, torch.where(spread > 0, spread, flat).clamp_min(self.abs_floor)
 
     def apply(self, values: Tensor, center: Tensor, scale: Tensor) -> Tensor:
         """Scaled, unclipped values (float64); ``values`` is [B] or windows [B, W]."""

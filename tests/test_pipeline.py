@@ -145,6 +145,22 @@ def test_a_lasting_level_shift_readapts_the_stream_so_it_forecasts_and_detects_a
     assert scores[900].anomaly and not scores_without[900].anomaly
 
 
+def test_a_series_far_from_zero_is_judged_by_its_spread_not_its_level():
+    """A counter in the billions that moves by thousands: a scale of 0.1% of its level
+    (5e6) would hide a surge of ten times its usual increments."""
+    init = Initialization.default()
+    g = torch.Generator().manual_seed(3)
+    steps = (1e4 * (1 + 0.1 * torch.randn(400, generator=g, dtype=torch.float64))).tolist()
+    for t in range(300, 310):
+        steps[t] *= 10
+    level, readings = 5e9, []
+    for t, step in enumerate(steps):
+        level += step
+        readings.append(Reading("counter", float(t), {"bytes": level}))
+    scores = Pipeline(init, PipelineConfig(warmup=64)).feed(readings).scores
+    assert any(s.anomaly for s in scores[300:311])
+
+
 LIVE_READINGS = 600 - 64
 
 
