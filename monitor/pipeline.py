@@ -190,6 +190,10 @@ class Pipeline:
             device, ts = reading.device, reading.ts
             known = device in self._devices
             for channel, value in reading.values.items():
+                if not -math.inf < value < math.inf:  # the sources refuse these; a library caller may not
+                    bad.append(BadRecord(BadReason.NON_FINITE_VALUE,
+                                         f"device {device!r} channel {channel!r}: {value!r}", reading.ref))
+                    continue
                 stream = streams.get((device, channel))
                 if stream is None:
                     stream = self._new_stream(device, channel, known, reading, bad)

@@ -104,6 +104,16 @@ def test_stream_limit_rejects_new_streams_with_a_reason(init):
     assert len(result.scores) == 2
 
 
+def test_a_non_finite_value_from_a_library_caller_is_refused_not_learned(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    readings = _wave("a", 40)
+    readings[10].values["v"], readings[35].values["v"] = math.nan, math.inf
+    result = pipe.feed(readings)
+    assert [b.reason for b in result.bad] == [BadReason.NON_FINITE_VALUE] * 2
+    later = pipe.feed(_wave("a", 5, start=40)).scores
+    assert all(s.surprise is not None and math.isfinite(s.surprise) for s in later)
+
+
 def test_one_device_cannot_hold_more_than_max_channels(init):
     pipe = Pipeline(init, PipelineConfig(warmup=32, max_channels=2))
     first = pipe.feed([Reading("wide", 0.0, {f"c{i}": 1.0 for i in range(3)}), Reading("narrow", 0.0, {"v": 1.0})])
