@@ -81,8 +81,9 @@ class Metrics:
                                  "Devices forgotten after detector.idle_timeout_s without a reading (streams, "
                                  "score series and saved state dropped)", registry=r)
         self.snapshots_dropped = Counter("forewarn_state_snapshots_dropped_total",
-                                         "Device snapshots larger than state.max_snapshot_bytes, not saved "
-                                         "(those devices re-warm after a restart)", registry=r)
+                                         "Device snapshots too large for the changelog (state.max_snapshot_bytes "
+                                         "or the topic's limit), not saved: those devices re-warm after a restart",
+                                         registry=r)
         self.redelivered = Counter("forewarn_redelivered_readings_total",
                                    "Re-delivered readings skipped because restored state already covers them",
                                    registry=r)
