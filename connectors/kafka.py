@@ -338,8 +338,8 @@ def wait_flushed(producer: KafkaProducer, on_wait: Callable[[float], None] | Non
                 on_wait(time.monotonic() - started)
 
 
-def admin_client(cfg: KafkaConfig, role: str = "admin") -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers.split(","), client_id=f"{cfg.client_id}-{role}",
+def admin_client(cfg: KafkaConfig) -> KafkaAdminClient:
+    return KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers.split(","), client_id=f"{cfg.client_id}-admin",
                             **cfg.security())
 
 

@@ -114,9 +114,10 @@ class Initialization:
                 tensor = group.get(key)
                 if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
                     raise CheckpointError(f"{path}: {name}[{key!r}] missing or not a tensor of shape {shape}")
-                if tensor.dtype != torch.float32 or not torch.isfinite(tensor).all():
+                finite = bool(torch.isfinite(tensor).all())
+                if tensor.dtype != torch.float32 or not finite:
                     raise CheckpointError(f"{path}: {name}[{key!r}] must be finite float32, got "
-                                          f"{tensor.dtype}{'' if torch.isfinite(tensor).all() else ' with NaN or inf'}")
+                                          f"{tensor.dtype}{'' if finite else ' with NaN or inf'}")
         return init
 
     @classmethod

@@ -129,9 +129,9 @@ class DetectorConfig:
             scoring=ScoringConfig(threshold=self.threshold, calibration_fading=self.calibration_fading,
                                   novelty_unit=self.novelty_unit, novelty_window=self.novelty_window,
                                   smoothing_span=self.smoothing_span),
-            max_streams=self.max_streams, max_channels=self.max_channels, adapt_batch=self.adapt_batch, drift_threshold=self.drift_threshold,
-            drift_window=self.drift_window, online_every=self.online_every, online_window=self.online_window,
-            online_steps=self.online_steps, online_lr_scale=self.online_lr_scale)
+            max_streams=self.max_streams, max_channels=self.max_channels, adapt_batch=self.adapt_batch,
+            drift_threshold=self.drift_threshold, drift_window=self.drift_window, online_every=self.online_every,
+            online_window=self.online_window, online_steps=self.online_steps, online_lr_scale=self.online_lr_scale)
 
     def validate(self) -> None:
         if self.warmup < 16:

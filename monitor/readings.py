@@ -118,9 +118,8 @@ def parse_timestamp(raw: object) -> float:
     if isinstance(raw, (int, float)):
         try:
             ts = float(raw)
-        except OverflowError:  # an integer beyond float range: judged as the range check below
+        except OverflowError:  # an integer beyond float range: judged by the range check below
             ts = math.inf if raw > 0 else -math.inf
-            raw = f"{str(raw)[:40]}..."
     elif isinstance(raw, str):
         try:
             parsed = datetime.fromisoformat(raw.strip())
@@ -134,7 +133,7 @@ def parse_timestamp(raw: object) -> float:
     if math.isnan(ts) or (math.isinf(ts) and isinstance(raw, float)):
         raise ValueError(f"non-finite timestamp {raw!r}")
     if not -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:
-        hint = ": epoch milliseconds? ts is in seconds" if not isinstance(raw, str) or raw.endswith("...") else ""
+        hint = "" if isinstance(raw, str) else ": epoch milliseconds? ts is in seconds"
         raise ValueError(f"{str(raw)[:40]} is {'past year 5000' if ts > 0 else 'before year -1200'}{hint}")
     return ts
 
