@@ -23,7 +23,7 @@ from monitor.config import DetectorConfig
 from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import BadRecord, Score
-from monitor.scoring import ScoringConfig
+from monitor.scoring import CHANNEL_COMBINATIONS, ScoringConfig
 
 SHOWN_BAD_RECORDS = 20
 
@@ -56,7 +56,8 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
         adapt = replace(adapt, steps=args.adapt_steps)
     return DetectorConfig(warmup=args.warmup, threshold=args.threshold, calibration_fading=args.calibration_fading,
                           novelty_unit=args.novelty_unit, novelty_window=args.novelty_window,
-                          smoothing_span=args.smoothing_span, drift_threshold=args.drift_threshold,
+                          smoothing_span=args.smoothing_span, channel_combination=args.channel_combination,
+                          drift_threshold=args.drift_threshold,
                           online_every=args.online_every).pipeline_config(adapt)
 
 
@@ -217,7 +218,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                "FOREWARN_DETECTOR_ONLINE_EVERY": str(args.online_every),
                "FOREWARN_DETECTOR_NOVELTY_UNIT": str(args.novelty_unit),
                "FOREWARN_DETECTOR_NOVELTY_WINDOW": str(args.novelty_window),
-               "FOREWARN_DETECTOR_SMOOTHING_SPAN": str(args.smoothing_span)}
+               "FOREWARN_DETECTOR_SMOOTHING_SPAN": str(args.smoothing_span),
+               "FOREWARN_DETECTOR_CHANNEL_COMBINATION": args.channel_combination}
         if args.adapt_steps is not None:
             env["FOREWARN_DETECTOR_ADAPT_STEPS"] = str(args.adapt_steps)
         cfg = Config.load(environ=env)
@@ -452,6 +454,9 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoothing-span", type=_non_negative_int, default=0, metavar="N",
                    help="average the forecast's surprise over about N readings, exponentially weighted, as "
                         "detector.smoothing_span (default: 0 = off)")
+    p.add_argument("--channel-combination", choices=CHANNEL_COMBINATIONS, default=ScoringConfig().channel_combination,
+                   help="a device's score from its channels: joint (how unlikely all of them are together) or "
+                        "max (its worst channel's), as detector.channel_combination (default: %(default)s)")
     p.add_argument("--online-every", type=_non_negative_int, default=0, metavar="N",
                    help="online weight update of each live stream every N readings, leaving out the ones it "
                         "flagged, as detector.online_every (default: 0 = off)")

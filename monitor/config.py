@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from monitor.scoring import CHANNEL_COMBINATIONS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -100,6 +102,9 @@ class DetectorConfig:
                                       "(0 = all so far, else >= 16)")
     smoothing_span: int = _setting(0, "the forecast's surprise averaged over about this many readings, "
                                       "exponentially weighted (0 = off; 9 was best on SMD, see README)")
+    channel_combination: str = _setting("joint", "a device's score from its channels: 'joint', how unlikely all of "
+                                                 "them are together (Fisher's method), or 'max', its worst "
+                                                 "channel's (see README)")
     max_streams: int = _setting(1_000_000, "cap on streams held (~20 KB each when live); readings of new "
                                            "streams past it are bad records (stream_limit)")
     max_channels: int = _setting(1024, "cap on one device's channels; readings of its new channels past it are "
@@ -128,7 +133,8 @@ class DetectorConfig:
             warmup=self.warmup, adapt=adapt,
             scoring=ScoringConfig(threshold=self.threshold, calibration_fading=self.calibration_fading,
                                   novelty_unit=self.novelty_unit, novelty_window=self.novelty_window,
-                                  smoothing_span=self.smoothing_span),
+                                  smoothing_span=self.smoothing_span,
+                                  channel_combination=self.channel_combination),
             max_streams=self.max_streams, max_channels=self.max_channels, adapt_batch=self.adapt_batch,
             drift_threshold=self.drift_threshold, drift_window=self.drift_window, online_every=self.online_every,
             online_window=self.online_window, online_steps=self.online_steps, online_lr_scale=self.online_lr_scale)
@@ -145,6 +151,9 @@ class DetectorConfig:
             raise ConfigError("detector.novelty_unit must be >= 0 and detector.novelty_window 0 or >= 16")
         if self.smoothing_span < 0:
             raise ConfigError("detector.smoothing_span must be >= 0")
+        if self.channel_combination not in CHANNEL_COMBINATIONS:
+            raise ConfigError(f"detector.channel_combination must be one of {', '.join(CHANNEL_COMBINATIONS)}, "
+                              f"got {self.channel_combination!r}")
         if self.drift_threshold < 0 or self.drift_window < 16:
             raise ConfigError("detector.drift_threshold must be >= 0 and detector.drift_window >= 16")
         if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:

@@ -36,8 +36,8 @@ class Metrics:
         self._exported: dict[str, object] = {}  # device -> its score gauge child
         self._not_exported: set[str] = set()
         r = registry
-        self.score = Gauge("forewarn_anomaly_score", "Latest anomaly score of the device, 0..1 (max over its channels)",
-                           ["device"], registry=r)
+        self.score = Gauge("forewarn_anomaly_score", "Latest anomaly score of the device, 0..1, of its channels "
+                                                     "together (detector.channel_combination)", ["device"], registry=r)
         self.not_exported = Gauge("forewarn_score_devices_not_exported",
                                   "Devices whose score gauge is left out by the max_devices cap", registry=r)
         self.anomalies = Counter("forewarn_anomalies_total", "Readings flagged as anomalous", registry=r)

@@ -26,7 +26,7 @@ from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
 from monitor.forecaster import FleetForecaster, forecast_sequence
 from monitor.readings import BadReason, BadRecord, Reading, Score
-from monitor.scoring import PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig, score_of
+from monitor.scoring import PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig, joint_surprise, score_of
 from monitor.state import DeviceState, StreamState
 
 
@@ -250,8 +250,10 @@ class Pipeline:
             self._update_online()
 
     def _verdicts(self, readings, accepted, results, scores: list[Score]) -> None:
-        """One ``Score`` per accepted reading: its worst live channel, or None while warming."""
+        """One ``Score`` per accepted reading, or None while warming: the joint surprise of its
+        live channels (or the worst one's), with the worst channel's forecast and value."""
         threshold = self.config.scoring.threshold
+        joint = self.config.scoring.channel_combination == "joint"
         n_anomalies = n_scored = 0
         for i, reading in enumerate(readings):
             if not accepted[i]:
@@ -265,6 +267,8 @@ class Pipeline:
             else:
                 channel = max(channels, key=lambda c: channels[c][0])
                 surprise, forecast, value = channels[channel]
+                if joint:
+                    surprise = joint_surprise([c[0] for c in channels.values()])
             score = score_of(surprise)
             anomaly = score >= threshold
             n_scored += 1

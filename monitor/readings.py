@@ -66,9 +66,11 @@ class BadRecord:
 class Score:
     """The verdict on one reading. ``score`` is None while the device warms up.
 
-    ``channel`` names the channel that drove the score; ``forecast`` and ``value``
-    are that channel's.  ``surprise`` is -log10 of the tail probability behind
-    ``score`` (3 for 0.999): the same order without ties near 1, for ranking.
+    ``channel`` names the most surprised channel; ``forecast`` and ``value`` are
+    that channel's.  ``surprise`` is -log10 of the tail probability behind ``score``
+    (3 for 0.999), of all the reading's channels together unless the pipeline
+    combines them by the worst (``ScoringConfig.channel_combination``): the same
+    order as ``score`` without ties near 1, for ranking.
     """
 
     device: str

@@ -19,6 +19,7 @@ def test_toml_then_environment(tmp_path):
     ("[detector]\nthreshold = 2\n", "detector.threshold must be between 0 and 1"),
     ("[detector]\nonline_every = -1\n", "detector.online_every must be >= 0"),
     ("[detector]\nsmoothing_span = -1\n", "detector.smoothing_span must be >= 0"),
+    ("[detector]\nchannel_combination = 'mean'\n", "detector.channel_combination must be one of joint, max"),
     ("[nope]\na = 1\n", "unknown section [nope]"),
     ("[state]\ncheckpoint_interval_s = nan\n", "state.checkpoint_interval_s: expected a finite number"),
     ("[metrics]\nhealthy_after_s = inf\n", "metrics.healthy_after_s: expected a finite number"),
@@ -70,11 +71,16 @@ def test_detector_options_reach_the_pipeline_from_the_environment_and_the_replay
     from monitor.cli import _pipeline_config, build_parser
     from monitor.daemon import Daemon
     daemon = Daemon(Config.load(environ={"FOREWARN_DETECTOR_SMOOTHING_SPAN": "9",
-                                         "FOREWARN_DETECTOR_NOVELTY_UNIT": "0.003"}), registry=CollectorRegistry())
-    assert (daemon.pipeline.config.scoring.smoothing_span, daemon.pipeline.config.scoring.novelty_unit) == (9, 0.003)
-    args = build_parser().parse_args(["replay", "in.csv", "--smoothing-span", "9", "--calibration-fading", "0.002"])
+                                         "FOREWARN_DETECTOR_NOVELTY_UNIT": "0.003",
+                                         "FOREWARN_DETECTOR_CHANNEL_COMBINATION": "max"}), registry=CollectorRegistry())
+    scoring = daemon.pipeline.config.scoring
+    assert (scoring.smoothing_span, scoring.novelty_unit, scoring.channel_combination) == (9, 0.003, "max")
+    args = build_parser().parse_args(["replay", "in.csv", "--smoothing-span", "9", "--calibration-fading", "0.002",
+                                      "--channel-combination", "max"])
     scoring = _pipeline_config(args, Initialization.default()).scoring
-    assert (scoring.smoothing_span, scoring.calibration_fading) == (9, 0.002)
+    assert (scoring.smoothing_span, scoring.calibration_fading, scoring.channel_combination) == (9, 0.002, "max")
+    default = _pipeline_config(build_parser().parse_args(["replay", "in.csv"]), Initialization.default()).scoring
+    assert default.channel_combination == Config().detector.channel_combination == "joint"
 
 
 def test_meta_train_refuses_a_starting_checkpoint_of_another_size_before_reading_data(tmp_path, capsys):

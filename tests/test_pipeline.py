@@ -8,7 +8,7 @@ from monitor.checkpoint import Initialization
 from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import BadReason, Reading
-from monitor.scoring import ScoringConfig
+from monitor.scoring import ScoringConfig, joint_surprise
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,27 @@ def test_device_score_is_its_worst_channel(init):
         pipe.feed([Reading("m", float(t), {"calm": math.sin(t / 5), "wild": math.cos(t / 7)})])
     score = pipe.feed([Reading("m", 100.0, {"calm": math.sin(20), "wild": 40.0})]).scores[0]
     assert score.channel == "wild" and score.anomaly
+
+
+@pytest.mark.parametrize("combination", ["joint", "max"])
+def test_device_surprise_combines_what_its_channels_score_alone(init, combination):
+    """A device's channels are scored as the same channels would be, each a device of its
+    own; the device's surprise is their joint surprise (or the worst one)."""
+    config = PipelineConfig(warmup=32, scoring=ScoringConfig(channel_combination=combination))
+    together, apart = Pipeline(init, config), Pipeline(init, config)
+    channels = {"a": 5.0, "b": 7.0, "c": 3.0}
+    for t in range(80):
+        values = {c: math.sin(t / p) + (4.0 if t == 70 and c != "c" else 0.0) for c, p in channels.items()}
+        device = together.feed([Reading("m", float(t), values)]).scores[0]
+        alone = {c: apart.feed([Reading(f"m-{c}", float(t), {c: v})]).scores[0] for c, v in values.items()}
+        if device.surprise is None:
+            continue
+        surprises = [alone[c].surprise for c in channels]
+        combined = joint_surprise(surprises) if combination == "joint" else max(surprises)
+        assert device.surprise == pytest.approx(combined, rel=1e-12)
+        worst = max(channels, key=lambda c: alone[c].surprise)
+        assert (device.channel, device.forecast, device.value) == (worst, alone[worst].forecast, alone[worst].value)
+    assert device.ts == 79.0
 
 
 def test_duplicate_and_out_of_order_timestamps_are_rejected_per_stream(init):

@@ -45,12 +45,14 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         return Initialization.load(init_dir / f"{name}.pt")
 
     def shipped_variant(name: str, notes: str, calibrated: bool = False, novelty: bool = False,
-                        smoothed: bool = False, **pipeline_options) -> Callable[[], Detector]:
+                        smoothed: bool = False, channel_combination: str = "joint",
+                        **pipeline_options) -> Callable[[], Detector]:
         """The shipped initialization with the scoring options picked on NAB (SMD for smoothing), and others."""
         scoring = ScoringConfig(calibration_fading=NAB_CALIBRATION if calibrated else 0.0,
                                 novelty_unit=NOVELTY_UNIT if novelty else 0.0,
                                 novelty_window=NOVELTY_WINDOW if novelty else 0,
-                                smoothing_span=SMD_SMOOTHING if smoothed else 0)
+                                smoothing_span=SMD_SMOOTHING if smoothed else 0,
+                                channel_combination=channel_combination)
         return lambda: forewarn_detector(name, shipped, WARMUP, notes=notes, scoring=scoring, **pipeline_options)
 
     known: dict[str, Callable[[], Detector]] = {
@@ -90,6 +92,9 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         "forewarn-smoothed": shipped_variant(
             "forewarn-smoothed", f"shipped init, surprise smoothed over ~{SMD_SMOOTHING} readings (picked on the "
                                  "SMD meta-training machines' test splits)", smoothed=True),
+        "forewarn-max": shipped_variant(
+            "forewarn-max", "shipped init, a reading scored by its worst channel alone (channel_combination max)",
+            channel_combination="max"),
         "meta-no-adapt": lambda: forewarn_detector("meta-no-adapt", shipped, WARMUP, adapt_steps=0, notes="K=0"),
     }
     out = []

@@ -1,0 +1,70 @@
+import decimal
+import math
+import random
+from decimal import Decimal
+
+import pytest
+
+from monitor.scoring import SURPRISE_CAP, ResidualScorer, ScoringConfig, joint_surprise
+
+LN10 = math.log(10.0)
+
+
+def _exact_joint(surprises: list[float]) -> float:
+    """Fisher's combination in 60-digit decimals: -log10 of exp(-x) * sum_{k<n} x^k / k!."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        x = Decimal(LN10) * sum(Decimal(min(s, SURPRISE_CAP)) for s in surprises)
+        tail = (-x).exp() * sum(x ** k / math.factorial(k) for k in range(len(surprises)))
+        return float(-tail.log10())
+
+
+@pytest.mark.parametrize("surprises", [
+    [3.0, 0.1], [3.0, 3.0], [1.0] * 5, [0.6] * 38, [1.0] * 38, [6.0] + [0.2] * 19, [1.5] * 20,
+    [12.0, 9.0, 0.3, 0.0], [40.0] * 10,
+])
+def test_joint_surprise_is_fishers_method_within_the_approximation(surprises):
+    exact = _exact_joint(surprises)
+    assert joint_surprise(surprises) == pytest.approx(exact, rel=0.06, abs=0.02)
+
+
+def test_under_calibrated_channels_the_joint_score_flags_what_its_threshold_says():
+    """With 38 well-calibrated channels (surprise = -log10 of a uniform draw) a threshold of
+    0.999 should flag one reading in 1,000.  The worst channel alone flags 38 times as many."""
+    rng = random.Random(7)
+    n, channels = 40_000, 38
+    joint_flags = worst_flags = 0
+    for _ in range(n):
+        surprises = [-math.log10(1.0 - rng.random()) for _ in range(channels)]
+        joint_flags += joint_surprise(surprises) >= 3.0
+        worst_flags += max(surprises) >= 3.0
+    assert 0.0005 < joint_flags / n < 0.002
+    assert 0.03 < worst_flags / n < 0.045
+
+
+def test_one_absurd_channel_does_not_outvote_several_surprised_ones():
+    quiet = [0.4] * 30
+    one_absurd = joint_surprise([1e9, *quiet[:-1]])  # a channel flat in its warm-up that moved
+    five_surprised = joint_surprise([20.0] * 5 + quiet[:-5])
+    assert five_surprised > one_absurd >= joint_surprise([SURPRISE_CAP, *quiet[:-1]])
+
+
+def test_a_single_channel_keeps_its_own_surprise_uncapped():
+    assert joint_surprise([1234.5]) == 1234.5
+
+
+def test_smoothing_averages_capped_surprises_so_one_absurd_residual_fades_within_readings():
+    scorer = ResidualScorer(ScoringConfig(smoothing_span=9))
+    for r in [0.1, -0.2, 0.05, 0.15, -0.1, 0.0] * 50:
+        scorer.learn_one(r)
+    before = scorer.smoothed
+    after_spike = scorer.surprise_learn_one(1e6)  # uncapped: a surprise of ~1e13
+    assert after_spike <= before + 0.2 * SURPRISE_CAP + 1e-9
+    for r in [0.1, -0.2, 0.05, 0.15, -0.1, 0.0] * 3:
+        later = scorer.surprise_learn_one(r)
+    assert later < 3.0  # 18 readings on, no longer an alarm
+
+
+def test_an_unknown_channel_combination_is_refused():
+    with pytest.raises(ValueError, match="channel_combination must be one of joint, max"):
+        ScoringConfig(channel_combination="mean")
