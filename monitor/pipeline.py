@@ -313,12 +313,17 @@ class Pipeline:
         cap, window = self.config.drift_cap, self.config.drift_window
         online, alarm, flagged = self.config.online_every, self._alarm_surprise, []
         novelty = self.config.scoring.novelty_unit
+        # readings with several channels: their rows in this round, to leave out whole when flagged jointly
+        joint_rows: dict[int, list[int]] | None = \
+            {} if online and self.config.scoring.channel_combination == "joint" else None
         for (i, stream, value), forecast, residual in zip(live, forecasts.tolist(), residuals.tolist()):
             surprise = stream.scorer.surprise_learn_one(residual)
             if novelty:
                 surprise = max(surprise, stream.novelty.surprise_learn_one(value))
             if online and surprise >= alarm:
                 flagged.append(stream.row)
+            elif joint_rows is not None:
+                joint_rows.setdefault(i, []).append(stream.row)
             if stream.drift is not None:
                 if stream.rebuffer is not None:
                     stream.rebuffer.append(value)
@@ -331,6 +336,10 @@ class Pipeline:
                 channels = results[i] = {}
             channels[stream.channel] = (surprise, forecast, value)
         if online:
+            for i, rows_of_reading in (joint_rows or {}).items():
+                channels = results[i]
+                if len(channels) > 1 and joint_surprise([c[0] for c in channels.values()]) >= alarm:
+                    flagged.extend(rows_of_reading)  # the reading is flagged: none of its channels is learned
             if flagged:
                 self.fleet.unlearnable_last(torch.tensor(flagged, dtype=torch.long))
             due = self.fleet.due(rows, online).nonzero().flatten().tolist()

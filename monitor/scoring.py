@@ -59,8 +59,8 @@ class ScoringConfig:
     # the reading's surprise is the larger of this and the forecast's (RangeNovelty).
     novelty_unit: float = 0.0
     novelty_window: int = 0
-    # Smoothing (0 = off): the forecast's surprise as an exponentially weighted mean over
-    # about smoothing_span readings (weight 2 / (span + 1) on the newest), as Telemanom
+    # Smoothing (0 = off): the forecast's surprise, capped at SURPRISE_CAP, as an exponentially
+    # weighted mean over about smoothing_span readings (weight 2 / (span + 1) on the newest), as Telemanom
     # smooths its errors: a sustained rise counts for more than a lone spike.  Everything
     # downstream sees the smoothed surprise, online updates' choice of flagged readings too.
     smoothing_span: int = 0
@@ -411,15 +411,33 @@ def joint_surprise(surprises: Sequence[float]) -> float:
     n = len(surprises)
     if n == 1:
         return surprises[0]
-    x = _LN10 * sum(min(s, SURPRISE_CAP) for s in surprises)
+    cap = SURPRISE_CAP
+    # a NaN (weights gone bad; inputs are checked) fails s < cap and counts as the cap: loud, not silent
+    x = _LN10 * sum([s if s < cap else cap for s in surprises])
     if x <= 0.0:
         return 0.0
-    log_x = math.log(x)
-    # log of the sum of x^k / k!, k < n, without overflow: each term relative to the largest
-    log_terms = [k * log_x - math.lgamma(k + 1) for k in range(n)]
-    top = max(log_terms)
-    log_tail = -x + top + math.log(math.fsum(math.exp(t - top) for t in log_terms))
-    return max(0.0, -log_tail / _LN10)
+    log_x, log_fact, exp = math.log(x), _log_factorials(n), math.exp
+    # the sum of x^k / k! (k < n) without overflow: each term relative to the largest, at k = floor(x)
+    top_k = min(n - 1, int(x))
+    top = top_k * log_x - log_fact[top_k]
+    total = sum([exp(k * log_x - log_fact[k] - top) for k in range(n)])
+    return max(0.0, (x - top - math.log(total)) / _LN10)
+
+
+_LOG_FACTORIALS = [0.0]  # log k!, k < its length
+
+
+def _log_factorials(n: int) -> list[float]:
+    """log k! for k < n at least; a longer table is built aside and then swapped in whole,
+    so that a thread reading the old one never sees it half grown."""
+    global _LOG_FACTORIALS
+    table = _LOG_FACTORIALS
+    if len(table) < n:
+        table = list(table)
+        while len(table) < n:
+            table.append(table[-1] + math.log(len(table)))
+        _LOG_FACTORIALS = table
+    return table
 
 
 def two_sided_surprise(z: float) -> float:

@@ -71,7 +71,7 @@ def test_a_jump_scores_high_and_is_flagged(init):
     assert spike.value == 25.0 and abs(spike.forecast) < 2
 
 
-def test_device_score_is_its_worst_channel(init):
+def test_device_score_names_its_most_surprised_channel(init):
     pipe = Pipeline(init, PipelineConfig(warmup=32))
     for t in range(100):
         pipe.feed([Reading("m", float(t), {"calm": math.sin(t / 5), "wild": math.cos(t / 7)})])
@@ -249,6 +249,29 @@ def test_online_updates_leave_out_the_readings_flagged_anomalous(init):
     assert since.item() == 140 - 64
     # the ring holds t = 44..139, oldest first (warm-up readings included): only the flagged are left out
     assert learnable[0].tolist() == [t not in flagged for t in range(44, 140)]
+
+
+def test_online_updates_leave_out_every_channel_of_a_reading_flagged_jointly(init):
+    """Twelve channels each a little off at once: the device is flagged though no channel is
+    on its own, and then none of its channels learns that reading; a channel flagged on its
+    own is left out as before."""
+    config = PipelineConfig(warmup=64, online_every=1000, online_window=96)
+    together, apart = Pipeline(init, config), Pipeline(init, config)
+    waves = [_wave("m", 140, channel=f"c{j}", period=4.0 + j, noise_seed=j) for j in range(12)]
+    left_out: dict[str, set[int]] = {f"c{j}": set() for j in range(12)}
+    joint_only = 0
+    for t in range(140):
+        values = {f"c{j}": waves[j][t].values[f"c{j}"] + (0.15 if 100 <= t < 104 else 0.0) for j in range(12)}
+        device = together.feed([Reading("m", float(t), values)]).scores[0]
+        alone = {c: apart.feed([Reading(f"m-{c}", float(t), {c: v})]).scores[0] for c, v in values.items()}
+        joint_only += bool(device.anomaly) and not any(a.anomaly for a in alone.values())
+        for c, a in alone.items():
+            if device.anomaly or a.anomaly:
+                left_out[c].add(t)
+    assert joint_only >= 1
+    for c, flagged in left_out.items():
+        _, learnable, _ = together.fleet.history_of(torch.tensor([together._streams[("m", c)].row]))
+        assert learnable[0].tolist() == [t not in flagged for t in range(44, 140)]
 
 
 def test_range_novelty_flags_new_extremes_that_the_forecaster_follows():

@@ -21,11 +21,24 @@ def _exact_joint(surprises: list[float]) -> float:
 
 @pytest.mark.parametrize("surprises", [
     [3.0, 0.1], [3.0, 3.0], [1.0] * 5, [0.6] * 38, [1.0] * 38, [6.0] + [0.2] * 19, [1.5] * 20,
-    [12.0, 9.0, 0.3, 0.0], [40.0] * 10,
+    [12.0, 9.0, 0.3, 0.0], [40.0] * 10, [math.inf, 0.0, 1e300], [0.01] * 1024, [2.0] * 1024, [50.0] * 1024,
 ])
-def test_joint_surprise_is_fishers_method_within_the_approximation(surprises):
+def test_joint_surprise_is_fishers_method(surprises):
     exact = _exact_joint(surprises)
-    assert joint_surprise(surprises) == pytest.approx(exact, rel=0.06, abs=0.02)
+    assert joint_surprise(surprises) == pytest.approx(exact, rel=1e-9, abs=1e-9)
+
+
+def test_joint_surprise_grows_with_every_channel_surprise():
+    rng = random.Random(3)
+    for _ in range(200):
+        surprises = [rng.expovariate(1.0) * rng.choice([0.1, 1.0, 30.0]) for _ in range(rng.randint(2, 64))]
+        raised = list(surprises)
+        raised[rng.randrange(len(raised))] += 0.5
+        assert joint_surprise(raised) >= joint_surprise(surprises)
+
+
+def test_a_nan_surprise_counts_as_the_cap_loud_rather_than_silent():
+    assert joint_surprise([math.nan, 0.4, 0.4]) == joint_surprise([SURPRISE_CAP, 0.4, 0.4])
 
 
 def test_under_calibrated_channels_the_joint_score_flags_what_its_threshold_says():
