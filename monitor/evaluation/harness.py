@@ -95,6 +95,9 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         "forewarn-max": shipped_variant(
             "forewarn-max", "shipped init, a reading scored by its worst channel alone (channel_combination max)",
             channel_combination="max"),
+        "last-value": lambda: forewarn_detector(
+            "last-value", Initialization.random(shipped.spec, seed=0, adapt=shipped.adapt), WARMUP, adapt_steps=0,
+            notes="persistence: the LSTM with its head at zero forecasts the last value; Forewarn's scoring"),
         "meta-no-adapt": lambda: forewarn_detector("meta-no-adapt", shipped, WARMUP, adapt_steps=0, notes="K=0"),
     }
     out = []
