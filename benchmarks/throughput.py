@@ -6,7 +6,9 @@ Prints readings/s of ``Pipeline.feed`` with N live streams (one reading per
 stream per batch, as when a fleet reports each interval), of the forecaster plus
 scoring alone, and of a naive loop over per-stream ``nn.LSTM`` modules doing the
 same one-step forecast; the seconds to adapt a cold start of 1,000 new streams
-with the default warm-up and K; and the bytes of state per live stream.
+with the default warm-up and K; the bytes of state per live stream; and, for
+devices of 40 channels, ``Pipeline.feed`` with the channels combined jointly and
+by the worst one.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from monitor.checkpoint import Initialization  # noqa: E402
 from monitor.cli import tune_runtime  # noqa: E402
 from monitor.pipeline import Pipeline, PipelineConfig  # noqa: E402
 from monitor.readings import Reading  # noqa: E402
+from monitor.scoring import ScoringConfig  # noqa: E402
 
 
 def live_pipeline(init: Initialization, n: int, warmup: int, **options) -> tuple[Pipeline, list[str]]:
@@ -88,6 +91,33 @@ def bench_online_update(init: Initialization, n: int, batches: int) -> float:
     return per_update - per_reading
 
 
+def bench_channel_combination(init: Initialization, devices: int, channels: int, batches: int) -> dict[str, float]:
+    """Channel values/s of ``Pipeline.feed`` for devices of many channels, each reading scored by
+    its channels' joint surprise and by its worst channel's: the same fleet and readings."""
+    g = torch.Generator().manual_seed(4)
+    names = [f"dev-{i}" for i in range(devices)]
+    columns = [f"c{j}" for j in range(channels)]
+
+    def readings(t: int) -> list[Reading]:
+        values = torch.randn(devices, channels, generator=g).tolist()
+        return [Reading(d, float(t), dict(zip(columns, row))) for d, row in zip(names, values)]
+
+    warm = [readings(t) for t in range(32)]
+    live = [readings(1000 + b) for b in range(batches)]
+    rates = {"max": 0.0, "joint": 0.0}
+    for combination in ("max", "joint") * 2:  # the better of two runs each, interleaved
+        pipe = Pipeline(init, PipelineConfig(warmup=32, adapt=AdaptConfig(steps=0),
+                                             scoring=ScoringConfig(channel_combination=combination)))
+        for batch in warm:
+            pipe.feed(batch)
+        started = time.perf_counter()
+        for batch in live:
+            pipe.feed(batch)
+        rate = batches * devices * channels / (time.perf_counter() - started)
+        rates[combination] = max(rates[combination], rate)
+    return rates
+
+
 def bench_cold_start(init: Initialization, n: int, warmup: int) -> float:
     pipe = Pipeline(init, PipelineConfig(warmup=warmup))
     devices = [f"new-{i}" for i in range(n)]
@@ -123,6 +153,7 @@ def main() -> None:
     cold = bench_cold_start(init, args.cold_start, warmup=256)
     state = pipe.fleet.state_bytes_per_stream()
     update = bench_online_update(init, args.online_streams, batches=2)
+    combined = bench_channel_combination(init, args.streams // 40, 40, args.batches)
 
     print(f"torch threads: {torch.get_num_threads()}, LSTM hidden {init.spec.hidden} x {init.spec.layers} layer(s)")
     print("| measurement | value |")
@@ -137,6 +168,10 @@ def main() -> None:
     for every in (64, 256):
         print(f"| Pipeline.feed with online updates every {every} readings (derived) | "
               f"{1 / (1 / feed_rate + update / every):,.0f} readings/s |")
+    for combination, rate in combined.items():
+        print(f"| Pipeline.feed, {args.streams // 40:,} devices x 40 channels, channels combined by "
+              f"{combination} | {rate:,.0f} channel values/s |")
+    print(f"| joint / max | {combined['joint'] / combined['max']:.2f} |")
 
 
 if __name__ == "__main__":
