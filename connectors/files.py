@@ -158,21 +158,21 @@ class FileSource:
                 raise FileFormatError(f"{self.path}: empty file, expected a CSV header or data")
             header, ts_col, pending = self._header(first)
             width = len(header) + (ts_col is not None)
-            row_number = 0
-            line = 1 if pending is None else 0
+            row_number = -1  # a headerless file's timestamps: every non-blank row after the header takes one
             stream = rows if pending is None else _chain([pending], rows)
             while True:
+                line = 1 if pending is not None and row_number < 0 else rows.line_num + 1  # where the row starts
                 try:
                     row = next(stream)
                 except StopIteration:
                     break
                 except csv.Error as exc:
-                    line += 1
+                    row_number += 1
                     yield None, [BadRecord(BadReason.MALFORMED, f"not CSV ({exc})", f"line {line}")]
                     continue
-                line += 1
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue
+                row_number += 1
                 ref = f"line {line}"
                 raw = ",".join(row)[:500]
                 if len(row) != width:
@@ -181,12 +181,15 @@ class FileSource:
                 if ts_col is None:
                     ts = float(row_number)
                 else:
+                    cell = _number_or_text(row[ts_col])
+                    if cell is None:
+                        yield None, [BadRecord(BadReason.MISSING_TIMESTAMP, "empty timestamp cell", ref, raw)]
+                        continue
                     try:
-                        ts = parse_timestamp(_number_or_text(row[ts_col]))
+                        ts = parse_timestamp(cell)
                     except ValueError as exc:
                         yield None, [BadRecord(BadReason.BAD_TIMESTAMP, str(exc), ref, raw)]
                         continue
-                row_number += 1
                 values: dict[str, float] = {}
                 bad: list[BadRecord] = []
                 fields = (v for i, v in enumerate(row) if i != ts_col)
@@ -242,16 +245,17 @@ def _number_or_text(text: str) -> float | str:
         return text
 
 
-def read_series(path: str | Path, fmt: str | None = None, bad: Counter | None = None) -> dict[str, np.ndarray]:
-    """Every stream of a recording as an array of its accepted values, keyed ``device/channel``;
+def read_series(path: str | Path, fmt: str | None = None, bad: Counter | None = None
+                ) -> dict[tuple[str, str], np.ndarray]:
+    """Every stream of a recording as an array of its accepted values, keyed ``(device, channel)``;
     the rejected records are counted by reason in ``bad``."""
-    series: dict[str, list[float]] = {}
+    series: dict[tuple[str, str], list[float]] = {}
     for batch in FileSource(path, fmt, batch_size=10_000).batches():
         if bad is not None:
             bad.update(b.reason.value for b in batch.bad)
         for reading in batch.readings:
             for channel, value in reading.values.items():
-                series.setdefault(f"{reading.device}/{channel}", []).append(value)
+                series.setdefault((reading.device, channel), []).append(value)
     return {k: np.asarray(v, dtype=np.float64) for k, v in series.items()}
 
 

@@ -133,8 +133,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     # each output is written beside its name and renamed when complete: a file under the
     # name given is always whole, and a stopped run says where its part went
     targets = {p: _partial_path(p) for p in (args.out, args.dead_letter) if p}
-    out = open(targets[args.out], "w", newline="") if args.out else None
-    dlq = open(targets[args.dead_letter], "w") if args.dead_letter else None
+    out = open(targets[args.out], "w", encoding="utf-8", newline="") if args.out else None
+    dlq = open(targets[args.dead_letter], "w", encoding="utf-8") if args.dead_letter else None
     complete = False
     try:
         summary = replay(source, pipeline, out, dlq, progress=not args.quiet)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from numbers import Real
 
 import torch
 
@@ -110,6 +111,19 @@ class FeedResult:
     updated: int = 0           # online updates of live streams
 
 
+def _place(entries: list[tuple[int, _Stream, float]], rounds: list[list[tuple[int, _Stream, float]]],
+           next_round: dict[int, int]) -> None:
+    """Put one reading's values in the first round after each of its streams' previous
+    values: a stream advances once per round, in order, and all channels of a reading are
+    scored together, so that its joint surprise is known before any of them is learned."""
+    k = max(next_round.get(id(stream), 0) for _, stream, _ in entries)
+    if k == len(rounds):
+        rounds.append([])
+    rounds[k].extend(entries)
+    for _, stream, _ in entries:
+        next_round[id(stream)] = k + 1
+
+
 class Pipeline:
     """Turns batches of readings into scores, owning every stream's lifecycle.
 
@@ -181,19 +195,25 @@ class Pipeline:
 
     def _route(self, readings: Sequence[Reading], bad: list[BadRecord]
                ) -> tuple[list[list[tuple[int, _Stream, float]]], list[bool]]:
-        """Each accepted value to its stream, in rounds: round k holds every stream's k-th value."""
+        """Each accepted value to its stream, in rounds: each stream's values in order, one per
+        round, and a reading's channels in one round (see ``_place``)."""
         accepted = [False] * len(readings)
         rounds: list[list[tuple[int, _Stream, float]]] = []
-        seen_in_batch: dict[int, int] = {}
+        next_round: dict[int, int] = {}
         streams = self._streams
         for i, reading in enumerate(readings):
             device, ts = reading.device, reading.ts
-            known = device in self._devices
-            for channel, value in reading.values.items():
-                if not -math.inf < value < math.inf:  # the sources refuse these; a library caller may not
-                    bad.append(BadRecord(BadReason.NON_FINITE_VALUE,
-                                         f"device {device!r} channel {channel!r}: {value!r}", reading.ref))
+            if type(ts) is not float or not -math.inf < ts < math.inf:  # the sources refuse these; a
+                ts = self._library_ts(reading, bad)                       # library caller may not
+                if ts is None:
                     continue
+            known = device in self._devices
+            placed, first, entries = 0, None, None
+            for channel, value in reading.values.items():
+                if type(value) is not float or not -math.inf < value < math.inf:
+                    value = self._library_value(device, channel, value, reading.ref, bad)
+                    if value is None:
+                        continue
                 stream = streams.get((device, channel))
                 if stream is None:
                     stream = self._new_stream(device, channel, known, reading, bad)
@@ -206,17 +226,60 @@ class Pipeline:
                                          reading.ref))
                     continue
                 stream.last_ts = ts
-                k = seen_in_batch.get(id(stream), 0)
-                seen_in_batch[id(stream)] = k + 1
+                if placed == 0:
+                    first = (i, stream, value)
+                elif placed == 1:
+                    entries = [first, (i, stream, value)]
+                else:
+                    entries.append((i, stream, value))
+                placed += 1
+            if placed == 1:  # the common case, inline: the stream's next round
+                key = id(first[1])
+                k = next_round.get(key, 0)
+                next_round[key] = k + 1
                 if k == len(rounds):
-                    rounds.append([])
-                rounds[k].append((i, stream, value))
-                accepted[i] = True
-            if not known:
-                self._devices.setdefault(device, [])
-            if accepted[i]:
-                self._changed.add(device)
+                    rounds.append([first])
+                else:
+                    rounds[k].append(first)
+            elif placed:
+                _place(entries, rounds, next_round)
+            else:
+                continue
+            accepted[i] = True
+            self._changed.add(device)
         return rounds, accepted
+
+    @staticmethod
+    def _library_ts(reading: Reading, bad: list[BadRecord]) -> float | None:
+        """A timestamp as the sources would pass it (a finite float), or None and a bad record."""
+        ts = reading.ts
+        if isinstance(ts, Real) and not isinstance(ts, bool):  # numpy's numbers too
+            try:
+                ts = float(ts)
+            except OverflowError:  # an int beyond float range
+                ts = math.inf
+            if math.isfinite(ts):
+                return ts
+        bad.append(BadRecord(BadReason.BAD_TIMESTAMP, f"device {reading.device!r}: ts {str(reading.ts)[:40]!r} "
+                             "is not a finite number", reading.ref))
+        return None
+
+    @staticmethod
+    def _library_value(device: str, channel: str, value: object, ref: str, bad: list[BadRecord]) -> float | None:
+        """A value as the sources would pass it (a finite float), or None and a bad record."""
+        if isinstance(value, bool) or not isinstance(value, Real):
+            bad.append(BadRecord(BadReason.NON_NUMERIC_VALUE, f"device {device!r} channel {channel!r}: "
+                                 f"{str(value)[:40]!r} is a {type(value).__name__}, not a number", ref))
+            return None
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            value = math.inf
+        if not math.isfinite(value):
+            bad.append(BadRecord(BadReason.NON_FINITE_VALUE, f"device {device!r} channel {channel!r}: {value!r}",
+                                 ref))
+            return None
+        return value
 
     def _advance(self, rounds, results) -> list[_Stream]:
         """Score live streams round by round; buffer warming ones; returns those whose window filled."""
@@ -265,7 +328,7 @@ class Pipeline:
             if len(channels) == 1:
                 (channel, (surprise, forecast, value)), = channels.items()
             else:
-                channel = max(channels, key=lambda c: channels[c][0])
+                channel = max(channels, key=lambda c: (channels[c][0], c))  # ties: not by scoring order
                 surprise, forecast, value = channels[channel]
                 if joint:
                     surprise = joint_surprise([c[0] for c in channels.values()])
@@ -352,14 +415,19 @@ class Pipeline:
         for start in range(0, len(streams), step):
             chunk = streams[start:start + step]
             self._adapt(chunk, [s.buffer for s in chunk])
-        backlog = [s for s in streams if s.backlog]
-        depth = 0
-        while backlog:
-            self._observe_round([(s.backlog[depth][0], s, s.backlog[depth][1]) for s in backlog], results)
-            depth += 1
-            backlog = [s for s in backlog if len(s.backlog) > depth]
+        # their readings that came after the window filled, in rounds as ``_route`` makes them
+        # (a channel of such a reading that was live already has been scored in ``_advance``)
+        by_reading: dict[int, list[tuple[int, _Stream, float]]] = {}
         for s in streams:
+            for i, value in s.backlog:
+                by_reading.setdefault(i, []).append((i, s, value))
             s.backlog = []
+        rounds: list[list[tuple[int, _Stream, float]]] = []
+        next_round: dict[int, int] = {}
+        for i in sorted(by_reading):
+            _place(by_reading[i], rounds, next_round)
+        for observations in rounds:
+            self._observe_round(observations, results)
 
     def _readapt(self) -> None:
         """Adapt drifted streams afresh on their newest ``drift_window`` readings."""
@@ -512,7 +580,6 @@ class Pipeline:
                     # full: windows adapted together must have one length, and the next reading fills it
                     stream.buffer = list(ss.buffer)[-(self.config.warmup - 1):]
                 n += 1
-            self._devices.setdefault(ds.device, [])
         if live:
             params = {k: torch.stack([ss.params[k] for _, ss in live]) for k in self.init.params}
             state = (torch.stack([ss.h for _, ss in live], dim=1), torch.stack([ss.c for _, ss in live], dim=1))

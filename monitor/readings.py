@@ -123,8 +123,11 @@ def parse_timestamp(raw: object) -> float:
         except OverflowError:  # an integer beyond float range: judged by the range check below
             ts = math.inf if raw > 0 else -math.inf
     elif isinstance(raw, str):
+        text = raw.strip()
+        if text[-1:] in ("Z", "z"):  # Python 3.10's fromisoformat does not take the "Z" suffix
+            text = text[:-1] + "+00:00"
         try:
-            parsed = datetime.fromisoformat(raw.strip())
+            parsed = datetime.fromisoformat(text)
         except ValueError:
             raise ValueError(f"not ISO 8601 or epoch seconds: {raw[:40]!r}") from None
         if parsed.tzinfo is None:
@@ -200,10 +203,14 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
         device = str(device)
         if len(device) > max_name:
             return rejected(BadReason.BAD_DEVICE, f"device id of {len(device)} digits, more than {max_name}")
+    if not device.isascii() and not _is_utf8(device):
+        return rejected(BadReason.BAD_DEVICE, f"device name {device[:40]!r} is not valid Unicode (a lone surrogate)")
     ts = msg.get(fmt.ts)
     if type(ts) is not float or not -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:  # the common case: one check
         if fmt.ts not in msg:
             return rejected(BadReason.MISSING_TIMESTAMP, f"no {fmt.ts!r} field")
+        if ts is None:  # as a null value is a missing value
+            return rejected(BadReason.MISSING_TIMESTAMP, f"null {fmt.ts!r}")
         try:
             ts = parse_timestamp(ts)
         except ValueError as exc:
@@ -220,12 +227,17 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     bad: list[BadRecord] = []
     max_abs = fmt.max_abs_value
     for channel, raw_value in raw_values.items():
-        if type(raw_value) is float and -max_abs <= raw_value <= max_abs and 0 < len(channel) <= max_name:
+        if type(raw_value) is float and -max_abs <= raw_value <= max_abs and 0 < len(channel) <= max_name \
+                and channel.isascii():
             values[channel] = raw_value  # the common case: finite, in range, a sane name
             continue
         if not 0 < len(channel) <= max_name:
             bad.append(BadRecord(BadReason.BAD_CHANNEL, f"device {device!r}: channel name of {len(channel)} "
                                  f"characters, expected 1 to {max_name}: {channel[:40]!r}", ref, _excerpt(raw)))
+            continue
+        if not channel.isascii() and not _is_utf8(channel):
+            bad.append(BadRecord(BadReason.BAD_CHANNEL, f"device {device!r}: channel name {channel[:40]!r} is not "
+                                 "valid Unicode (a lone surrogate)", ref, _excerpt(raw)))
             continue
         value, reason, detail = check_value(raw_value, max_abs)
         if reason is None:
@@ -233,6 +245,16 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
         else:
             bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: {detail}", ref, _excerpt(raw)))
     return Parsed(Reading(device, ts, values, ref) if values else None, bad)
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether ``name`` can be written as UTF-8: JSON's escapes can spell a lone surrogate
+    (``"\\ud800"``), which every output (CSV, Kafka keys, metric labels) would fail on."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _excerpt(raw: bytes | str) -> str:

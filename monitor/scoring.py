@@ -324,8 +324,8 @@ class RangeNovelty:
         if value < self.low:
             self.low = value
         self.count += 1
-        if not self.ready:
-            self.ready = self.count >= self.MIN_VALUES
+        if not self.ready:  # the closed blocks count too: with blocks under 64 values, count alone never gets there
+            self.ready = self.count + self.block * len(self.highs) >= self.MIN_VALUES
         if self.block and self.count >= self.block:
             self._close_block()
         return out
@@ -413,7 +413,8 @@ def joint_surprise(surprises: Sequence[float]) -> float:
         return surprises[0]
     cap = SURPRISE_CAP
     # a NaN (weights gone bad; inputs are checked) fails s < cap and counts as the cap: loud, not silent
-    x = _LN10 * sum([s if s < cap else cap for s in surprises])
+    # fsum: exact, so the result does not depend on the order the channels come in
+    x = _LN10 * math.fsum([s if s < cap else cap for s in surprises])
     if x <= 0.0:
         return 0.0
     log_x, log_fact, exp = math.log(x), _log_factorials(n), math.exp

@@ -135,6 +135,28 @@ def test_a_non_finite_value_from_a_library_caller_is_refused_not_learned(init):
     assert all(s.surprise is not None and math.isfinite(s.surprise) for s in later)
 
 
+def test_what_a_library_caller_passes_that_is_not_a_number_is_a_bad_record_not_an_exception(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    result = pipe.feed([Reading("a", 0.0, {"v": 1.0}), Reading("a", 1.0, {"v": True}),
+                        Reading("a", 2.0, {"v": "71.2", "w": None}), Reading("a", math.nan, {"v": 1.0}),
+                        Reading("a", "3", {"v": 1.0}), Reading("a", 4, {"v": 2}), Reading("a", 1.0, {"v": 1.0})])
+    assert [b.reason for b in result.bad] == [BadReason.NON_NUMERIC_VALUE] * 3 + [BadReason.BAD_TIMESTAMP] * 2 + [
+        BadReason.OUT_OF_ORDER_TIMESTAMP]  # a NaN timestamp did not switch the ordering check off
+    assert [s.ts for s in result.scores] == [0.0, 4.0]  # ints are numbers
+    assert pipe._streams[("a", "v")].buffer == [1.0, 2.0]
+
+
+def test_a_device_whose_every_value_is_refused_is_not_held(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32, max_streams=1))
+    pipe.feed([Reading("a", 0.0, {"v": 1.0})] + [Reading(f"spam-{i}", 0.0, {"v": 1.0}) for i in range(50)])
+    assert pipe.devices() == {"a"}
+    assert pipe.export_devices(["spam-0"]) == []
+    fresh = Pipeline(init, PipelineConfig(warmup=32))
+    fresh.feed([Reading("d", 0.0, {"x": math.nan})])
+    fresh.feed([Reading("d", 1.0, {"x": 1.0})])
+    assert fresh.counts["late_channel"] == 0  # its first accepted channel is not late
+
+
 def test_one_device_cannot_hold_more_than_max_channels(init):
     pipe = Pipeline(init, PipelineConfig(warmup=32, max_channels=2))
     first = pipe.feed([Reading("wide", 0.0, {f"c{i}": 1.0 for i in range(3)}), Reading("narrow", 0.0, {"v": 1.0})])
@@ -272,6 +294,28 @@ def test_online_updates_leave_out_every_channel_of_a_reading_flagged_jointly(ini
     for c, flagged in left_out.items():
         _, learnable, _ = together.fleet.history_of(torch.tensor([together._streams[("m", c)].row]))
         assert learnable[0].tolist() == [t not in flagged for t in range(44, 140)]
+
+
+@pytest.mark.parametrize("options", [{}, dict(online_every=4, online_window=32)])
+def test_readings_that_carry_some_of_their_devices_channels_score_alike_in_any_batches(init, options):
+    """Channel b comes with every other reading: in one batch a's values outnumber b's, yet a
+    reading's channels are scored together, so its joint surprise (summed exactly, in any
+    order) and the online updates' choice of what to leave out do not depend on the batching."""
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(232, 2, generator=g).tolist()
+    readings = []
+    for t in range(232):
+        shift = 2.3 if t % 20 == 0 and t >= 32 else 0.0
+        values = {"a": noise[t][0] + shift, "b": noise[t][1] + shift} if t % 2 == 0 or t < 32 else {"a": noise[t][0]}
+        readings.append(Reading("dev", float(t), values))
+    config = PipelineConfig(warmup=32, **options)
+    whole = Pipeline(init, config).feed(readings).scores
+    alone = Pipeline(init, config)
+    one_by_one = [s for r in readings for s in alone.feed([r]).scores]
+    assert [s.surprise for s in whole] == [s.surprise for s in one_by_one]
+    assert [s.channel for s in whole] == [s.channel for s in one_by_one]
+    if options:
+        assert alone.counts["updated"] > 0 and any(s.anomaly for s in whole)
 
 
 def test_range_novelty_flags_new_extremes_that_the_forecaster_follows():

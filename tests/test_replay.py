@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from connectors.files import FileFormatError, FileSource
+from connectors.files import FileFormatError, FileSource, read_series
 from monitor.cli import main
 
 
@@ -155,6 +155,50 @@ def test_wide_csv_with_header_and_timestamp_column(tmp_path):
     dup.write_text("a,a\n1,2\n")
     with pytest.raises(FileFormatError, match="unique"):
         list(FileSource(dup).readings())
+
+
+def test_names_that_cannot_be_written_as_utf8_are_bad_records_not_a_failed_replay(tmp_path, capsys):
+    """JSON escapes can spell a lone surrogate, which no UTF-8 output (CSV, Kafka key, metric
+    label) can carry: such a device or channel is refused, and the replay completes."""
+    lines = [_good("pümp", t, temp=float(t % 5)) for t in range(40)]
+    lines += ['{"device": "pump\\ud800", "ts": 50, "value": 1.0}',
+              '{"device": "pümp", "ts": 50, "values": {"t\\udfff": 1.0, "temp": 2.0}}',
+              '{"device": "pümp", "ts": null, "value": 1.0}']
+    path = tmp_path / "names.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out, dlq = tmp_path / "scores.csv", tmp_path / "dead.jsonl"
+    code, _, err = _run(["replay", str(path), "--warmup", "16", "--out", str(out), "--dead-letter", str(dlq),
+                         "--quiet"], capsys)
+    assert code == 0, err
+    assert [json.loads(line)["reason"] for line in dlq.read_text().splitlines()] == [
+        "bad_device", "bad_channel", "missing_timestamp"]
+    rows = _rows(out)
+    assert len(rows) == 41 and rows[-1]["device"] == "pümp"  # the good channel of the half-bad reading
+
+
+def test_csv_bad_records_name_the_line_they_start_on_and_an_empty_timestamp_is_missing(tmp_path):
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('timestamp,value\n1,1.0\n2,"2.0\n"\n3,oops\n4,\n')
+    bad = [str(b) for batch in FileSource(quoted).batches() for b in batch.bad]
+    assert [b.split(":")[0] for b in bad] == ["line 5", "line 6"]  # a quoted field spans lines 3-4
+    empty = tmp_path / "empty.csv"
+    empty.write_text("timestamp,a\n,1.0\n2,2.0\n")
+    batch, = FileSource(empty).batches()
+    assert [b.reason.value for b in batch.bad] == ["missing_timestamp"] and len(batch.readings) == 1
+    # headerless: every non-blank row takes the next timestamp, bad or good
+    headerless = tmp_path / "h.csv"
+    headerless.write_text("1,2\n1,2,3\n3,4\nx,y\n\n5,6\n")
+    batch, = FileSource(headerless, "wide").batches()
+    assert [(r.ref, r.ts) for r in batch.readings] == [("line 1", 0.0), ("line 3", 2.0), ("line 6", 4.0)]
+
+
+def test_read_series_keeps_streams_apart_whatever_their_names(tmp_path):
+    path = tmp_path / "slashes.jsonl"
+    path.write_text("\n".join([_good("a/b", t, c=100.0 + t) for t in range(3)]
+                              + [_good("a", t, **{"b/c": -1.0 - t}) for t in range(3)]) + "\n")
+    series = read_series(path)
+    assert series[("a/b", "c")].tolist() == [100.0, 101.0, 102.0]
+    assert series[("a", "b/c")].tolist() == [-1.0, -2.0, -3.0]
 
 
 def test_offline_demo_replays_the_bundled_recording_against_its_labels(capsys):

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from monitor.scoring import SURPRISE_CAP, ResidualScorer, ScoringConfig, joint_surprise
+from monitor.scoring import SURPRISE_CAP, RangeNovelty, ResidualScorer, ScoringConfig, joint_surprise
 
 LN10 = math.log(10.0)
 
@@ -35,6 +35,25 @@ def test_joint_surprise_grows_with_every_channel_surprise():
         raised = list(surprises)
         raised[rng.randrange(len(raised))] += 0.5
         assert joint_surprise(raised) >= joint_surprise(surprises)
+
+
+def test_joint_surprise_does_not_depend_on_the_order_of_the_channels():
+    rng = random.Random(3)
+    for _ in range(200):
+        surprises = [rng.expovariate(1.0) * rng.choice([0.1, 1.0, 30.0]) for _ in range(rng.randint(2, 40))]
+        shuffled = rng.sample(surprises, len(surprises))
+        assert joint_surprise(shuffled) == joint_surprise(surprises)
+
+
+def test_range_novelty_without_a_window_range_gets_ready_whatever_its_block_size():
+    """A stream restored from a snapshot taken with novelty off has no range: it must collect
+    64 values first, across blocks when they are smaller than that."""
+    for window in (0, 256, 4000):
+        novelty = RangeNovelty(unit=0.01, window=window)
+        for t in range(200):
+            novelty.surprise_learn_one(math.sin(t / 4))
+        assert novelty.ready
+        assert novelty.surprise_learn_one(100.0) > 1000
 
 
 def test_a_nan_surprise_counts_as_the_cap_loud_rather_than_silent():
