@@ -119,6 +119,21 @@ class KafkaSource:
         self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._delivered.items()})
         self._delivered.clear()
 
+    def rewind(self, partitions) -> None:
+        """Go back to the committed offset of these partitions, or to the start without one
+        (under ``earliest``).  kafka-python keeps the fetch position of a partition that stays
+        with this member across a rebalance: past what the state restored for it covers,
+        when its devices were not all saved on revoke."""
+        assigned = self.consumer.assignment()
+        for tp in partitions:
+            if tp not in assigned:
+                continue
+            committed = self.consumer.committed(tp)
+            if committed is not None:
+                self.consumer.seek(tp, committed)
+            elif self.cfg.auto_offset_reset == "earliest":
+                self.consumer.seek_to_beginning(tp)
+
     def pause(self, partitions) -> None:
         self.consumer.pause(*partitions)
 
@@ -210,9 +225,11 @@ class KafkaSinks:
                     raise OutputTopicError(f"output topic(s) {', '.join(missing)} do not exist and could not be "
                                            f"created ({type(exc).__name__}): create them, or leave "
                                            "kafka.anomalies_topic / dead_letter_topic / scores_topic empty") from None
-            return missing
         finally:
             admin.close()
+        for topic in topics:  # now, while the broker is known to be up: a first send during an
+            self.producer.partitions_for(topic)  # outage would block on it, outside any wait we watch
+        return missing
 
     def send_scores(self, scores: list[Score]) -> int:
         """Anomaly events to the anomalies topic and, if configured, every score to the scores topic."""

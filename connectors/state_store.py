@@ -84,6 +84,9 @@ class ChangelogStore:
     """Snapshots on a compacted Kafka topic, partition for partition with the input topic."""
 
     RECORD_OVERHEAD = 4096  # key, headers and batch framing around a snapshot, generously
+    # How long a put may wait for room in the producer's buffer (full only while the broker
+    # is away or slow) before raising KafkaTimeoutError: well under metrics.healthy_after_s.
+    MAX_BLOCK_MS = 10_000
 
     def __init__(self, cfg: KafkaConfig, topic: str, replication: int = -1,
                  max_snapshot_bytes: int = 32 * 2**20) -> None:
@@ -96,6 +99,7 @@ class ChangelogStore:
                                       client_id=f"{cfg.client_id}-state", acks="all", linger_ms=5,
                                       compression_type=None, retries=2**31 - 1,
                                       max_request_size=max_snapshot_bytes + self.RECORD_OVERHEAD,
+                                      max_block_ms=self.MAX_BLOCK_MS,
                                       delivery_timeout_ms=cfg.delivery_timeout_ms, **cfg.security())
         self._futures: list = []
         self._snapshots: list[tuple[str, int, int, object]] = []  # (device, partition, bytes, future)
@@ -140,6 +144,9 @@ class ChangelogStore:
             self._partitions = have
         finally:
             admin.close()
+        # now, while the broker is known to be up: the first put during an outage would
+        # otherwise block on the topic's metadata for max_block_ms
+        self.producer.partitions_for(self.topic)
 
     def _partition_count(self, admin, settle: bool = False) -> int | None:
         """Partitions of the changelog (None: no such topic).  ``settle``: a topic another

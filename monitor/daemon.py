@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from monitor.checkpoint import Initialization
@@ -174,6 +174,7 @@ class Daemon:
         self._broker_reachable = True
         self._waiting_on_broker = False          # outputs or state unacknowledged: connection lost or slow
         self._abandoned = False                  # a batch was given up undelivered: no more state writes
+        self._restore_retry_at = 0.0             # monotonic time before which a failed restore is not retried
 
     # ---- health --------------------------------------------------------------
     def healthy(self) -> bool:
@@ -526,9 +527,14 @@ class Daemon:
         left, make them durable and commit the round's offsets."""
         round_ = self._round
         if round_.todo:
-            chunk = round_.todo if limit is None else round_.todo[:limit]
+            chunk = round_.todo[:limit]  # a copy, also of the whole (None): the todo is cut below
             del round_.todo[:len(chunk)]
-            round_.written += self._write_states(chunk)
+            try:
+                round_.written += self._write_states(chunk)
+            except KafkaTimeoutError:  # no room in the producer's buffer: the broker is away or slow
+                round_.todo[:0] = chunk  # written again on a later turn (a snapshot written twice is harmless)
+                self._on_broker_wait(self.SLOW_ACK_S)  # not ready, said once; a stop gives up here
+                return
             if round_.todo:
                 return
         if self.store is not None:
@@ -560,10 +566,31 @@ class Daemon:
             self._round = self._begin_round()
             self._advance_round(source, None)
 
+    RESTORE_RETRY_S = 5.0
+
     def _restore(self, source) -> None:
+        """Restore the devices of newly assigned partitions; while the broker is away, leave
+        them paused and try again a little later."""
+        if time.monotonic() < self._restore_retry_at:
+            return
+        try:
+            self._restore_partitions(source)
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            self._restore_retry_at = time.monotonic() + self.RESTORE_RETRY_S
+            log.warning("state restore failed, the broker away or slow; the partitions stay paused and the "
+                        "restore is tried again", extra=_fields(error=f"{type(exc).__name__}: {exc}",
+                                                                retry_in_s=self.RESTORE_RETRY_S))
+
+    def _restore_partitions(self, source) -> None:
         partitions = set(self._to_restore)
         started = time.perf_counter()
         states, failed = [], 0
+        # a partition that stayed here through the rebalance kept its fetch position: back to
+        # the committed offset, so that devices not saved on revoke replay what their last
+        # checkpoint does not cover (what a state does cover is skipped: ``_skip_covered``)
+        source.rewind(partitions)
         # the input topic may have grown since the changelog was made; its partitions must follow
         self.store.ensure_partitions(max([source.partitions_for_topic()] + [tp.partition + 1 for tp in partitions]))
         for partition, device, data in self.store.load((tp.partition for tp in partitions), self._still_alive):

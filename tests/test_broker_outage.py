@@ -100,3 +100,95 @@ def test_stop_while_waiting_for_the_broker_gives_up_the_wait_uncommitted():
     with pytest.raises(StoppedWhileWaiting):
         daemon._flushed(UnacknowledgedSink())
     assert ready_while_waiting == [True, False]
+
+
+def test_a_restore_the_broker_does_not_answer_is_retried_not_fatal(broker):
+    """The broker may go away just as partitions are restored (at start, on a rebalance, as a
+    longer outage ends): their devices wait, paused, and the restore is tried again."""
+    import threading
+
+    from kafka.errors import KafkaTimeoutError
+
+    from connectors.state_store import ChangelogStore
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+    from tests.kafka_support import FAST_GROUP
+
+    topic, scores, group = "restore-sensors", "restore-scores", "restore"
+    broker.create_topics({topic: 1, scores: 1})
+    publish(broker.bootstrap, topic, _messages(range(100)))
+    daemon = Daemon(Config.load(environ={**FAST_GROUP, **_env(broker, topic, group, 0, scores)}))
+    daemon.RESTORE_RETRY_S = 0.2
+    failures, errors = [], []
+    original = ChangelogStore.load
+
+    def load_while_the_broker_is_away(store, partitions, on_progress=None):
+        if len(failures) < 3:
+            failures.append(1)
+            assert not daemon.ready()
+            raise KafkaTimeoutError("Unable to bootstrap from the broker")
+        return original(store, partitions, on_progress)
+
+    def run():
+        try:
+            daemon.run()
+        except Exception as exc:  # noqa: BLE001  (what it died of, checked below)
+            errors.append(exc)
+    ChangelogStore.load = load_while_the_broker_is_away
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_for(lambda: sum(committed_offsets(broker.bootstrap, group, topic).values()) == 100 * DEVICES
+                 or errors, 120, what="the restore to be retried and the readings processed")
+    finally:
+        ChangelogStore.load = original
+        daemon.stop()
+        thread.join(60)
+    assert not errors and len(failures) == 3
+    assert daemon.records == 100 * DEVICES
+
+
+def test_a_state_write_with_no_room_in_the_producer_is_a_wait_not_fatal(broker):
+    """With the broker away a checkpoint's snapshots fill the producer's buffer, and a put
+    gives up after ``max_block_ms``: the round waits, not ready, and writes them again."""
+    import threading
+
+    from kafka.errors import KafkaTimeoutError
+
+    from connectors.state_store import ChangelogStore
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+    from tests.kafka_support import FAST_GROUP
+
+    topic, scores, group = "full-sensors", "full-scores", "full"
+    broker.create_topics({topic: 1, scores: 1})
+    publish(broker.bootstrap, topic, _messages(range(100)))
+    daemon = Daemon(Config.load(environ={**FAST_GROUP, **_env(broker, topic, group, 0, scores)}))
+    refused, ready_when_refused, errors = [], [], []
+    original = ChangelogStore.put
+
+    def put_with_a_full_buffer(store, partition, device, data):
+        if len(refused) < 5:
+            refused.append(device)
+            raise KafkaTimeoutError("Failed to allocate memory within the configured max blocking time")
+        ready_when_refused.append(daemon.ready())
+        return original(store, partition, device, data)
+
+    def run():
+        try:
+            daemon.run()
+        except Exception as exc:  # noqa: BLE001  (what it died of, checked below)
+            errors.append(exc)
+    ChangelogStore.put = put_with_a_full_buffer
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_for(lambda: sum(committed_offsets(broker.bootstrap, group, topic).values()) == 100 * DEVICES
+                 or errors, 120, what="the checkpoint to be written after all")
+        assert daemon.store.producer.partitions_for(daemon.store.topic)  # known since the restore: no wait on it
+    finally:
+        ChangelogStore.put = original
+        daemon.stop()
+        thread.join(60)
+    assert not errors and len(refused) == 5
+    assert ready_when_refused[0] is False  # the round waited for the broker, not ready

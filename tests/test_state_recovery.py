@@ -157,6 +157,80 @@ def test_a_batch_that_fails_mid_way_is_replayed_whole_after_restart(broker, tmp_
     assert not second.pipeline.bad_counts, "re-delivered readings were refused"
 
 
+def test_a_clean_stop_saves_every_device_before_it_commits(broker, tmp_path):
+    """No periodic checkpoint comes in time: the one made on the way out must write the
+    devices' state before committing the offsets it covers, or a restart would restore
+    older state and never replay the readings in between."""
+    import threading
+
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+    from tests.kafka_support import FAST_GROUP
+
+    topic, scores, group = "stop-sensors", "stop-scores", "stop"
+    broker.create_topics({topic: 1, scores: 1})
+    db = tmp_path / "state.db"
+    env = {**FAST_GROUP, **_env(broker, topic, group, 0, scores, FOREWARN_STATE_STORE="local",
+                                FOREWARN_STATE_LOCAL_PATH=str(db), FOREWARN_STATE_CHECKPOINT_INTERVAL_S="3600")}
+    publish(broker.bootstrap, topic, _messages(range(120)))
+    daemon = Daemon(Config.load(environ=env))
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        wait_for(lambda: daemon.records == 120 * DEVICES, 120, what="the daemon to process everything")
+    finally:
+        daemon.stop()
+        thread.join(60)
+    assert sum(committed_offsets(broker.bootstrap, group, topic).values()) == 120 * DEVICES
+    codec = StateCodec(Initialization.default())
+    with sqlite3.connect(db) as conn:
+        saved = {device: codec.decode(bytes(data)) for device, data in conn.execute("SELECT device, data FROM state")}
+    assert sorted(saved) == [f"d{d}" for d in range(DEVICES)]
+    assert {s.last_ts for state in saved.values() for s in state.streams} == {119.0}
+
+
+def test_a_partition_kept_through_a_rebalance_replays_what_its_unsaved_devices_missed(broker, tmp_path):
+    """kafka-python keeps the fetch position of a partition that stays with a member across a
+    rebalance.  When its devices' state could not all be saved on revoke (a large fleet runs
+    out of time), they restore from the last checkpoint: the daemon must go back to the
+    committed offset, or the readings since that checkpoint would never reach their state."""
+    import threading
+    import time
+
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+    from tests.kafka_support import FAST_GROUP
+
+    topic, scores, group = "kept-sensors", "kept-scores", "kept"
+    broker.create_topics({topic: 2, scores: 1})
+    env = {**FAST_GROUP, **_env(broker, topic, group, 0, scores)}
+    a, b = Daemon(Config.load(environ=env)), Daemon(Config.load(environ=env))
+    a._save_on_revoke = lambda devices: None  # every write on revoke cut short
+    threads = [threading.Thread(target=a.run)]
+    threads[0].start()
+    try:
+        publish(broker.bootstrap, topic, _messages(range(100)))
+        wait_for(_all_committed(broker, group, topic, 100 * DEVICES), 120, what="the first checkpoint")
+        a._last_checkpoint = time.monotonic() + 3600  # no checkpoint from here on
+        publish(broker.bootstrap, topic, _messages(range(100, 200)))
+        wait_for(lambda: a.records == 200 * DEVICES, 60, what="the readings after the checkpoint")
+        threads.append(threading.Thread(target=b.run))
+        threads[1].start()
+        wait_for(lambda: b._assigned and not b._to_restore and a._assigned and not a._to_restore
+                 and len(a._assigned) + len(b._assigned) == 2, 120, what="the rebalance and restores")
+
+        def kept_devices_caught_up():
+            held = [s.last_ts for stream in a.pipeline._devices.values() for s in stream]
+            return held and set(held) == {199.0}
+        wait_for(kept_devices_caught_up, 60, what="the kept partition's devices to replay 100..199")
+    finally:
+        for daemon in (a, b):
+            daemon.stop()
+        for thread in threads:
+            thread.join(60)
+    assert not a.pipeline.bad_counts  # the replayed readings were scored, not refused as out of order
+
+
 def test_the_changelog_follows_the_input_partitions_or_says_what_to_do(broker):
     """Snapshots of input partition p go to changelog partition p: a changelog made for
     fewer partitions (an input topic that grew, or did not exist yet) must be grown or
