@@ -42,6 +42,20 @@ def start_daemon(env: dict[str, str], log_path: Path) -> subprocess.Popen:
                             env=full, stdout=log, stderr=subprocess.STDOUT)
 
 
+def run_in_thread(daemon) -> tuple[threading.Thread, list[BaseException]]:
+    """Start ``daemon.run()`` on a thread; the list gets what it died of, if anything."""
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            daemon.run()
+        except Exception as exc:  # noqa: BLE001  (the test checks it)
+            errors.append(exc)
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, errors
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:

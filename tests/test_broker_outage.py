@@ -5,10 +5,12 @@ import signal
 import time
 
 import pytest
+from kafka.errors import KafkaTimeoutError
 
+from connectors.state_store import ChangelogStore
 from connectors.tansu import EmbeddedBroker, free_port
 from tests.kafka_support import (BrokerLink, assert_warmed_once, committed_offsets, http_get, metric_value, publish,
-                                 read_topic, start_daemon, wait_for)
+                                 read_topic, run_in_thread, start_daemon, wait_for)
 from tests.test_state_recovery import DEVICES, _env, _messages
 
 OUTAGE_S = 5.0  # longer than the tests' 3 s session timeout
@@ -102,24 +104,12 @@ def test_stop_while_waiting_for_the_broker_gives_up_the_wait_uncommitted():
     assert ready_while_waiting == [True, False]
 
 
-def test_a_restore_the_broker_does_not_answer_is_retried_not_fatal(broker):
+def test_a_restore_the_broker_does_not_answer_is_retried_not_fatal(broker, monkeypatch):
     """The broker may go away just as partitions are restored (at start, on a rebalance, as a
     longer outage ends): their devices wait, paused, and the restore is tried again."""
-    import threading
-
-    from kafka.errors import KafkaTimeoutError
-
-    from connectors.state_store import ChangelogStore
-    from monitor.config import Config
-    from monitor.daemon import Daemon
-    from tests.kafka_support import FAST_GROUP
-
-    topic, scores, group = "restore-sensors", "restore-scores", "restore"
-    broker.create_topics({topic: 1, scores: 1})
-    publish(broker.bootstrap, topic, _messages(range(100)))
-    daemon = Daemon(Config.load(environ={**FAST_GROUP, **_env(broker, topic, group, 0, scores)}))
+    daemon, topic, group = _daemon_on(broker, "restore")
     daemon.RESTORE_RETRY_S = 0.2
-    failures, errors = [], []
+    failures = []
     original = ChangelogStore.load
 
     def load_while_the_broker_is_away(store, partitions, on_progress=None):
@@ -128,67 +118,52 @@ def test_a_restore_the_broker_does_not_answer_is_retried_not_fatal(broker):
             assert not daemon.ready()
             raise KafkaTimeoutError("Unable to bootstrap from the broker")
         return original(store, partitions, on_progress)
-
-    def run():
-        try:
-            daemon.run()
-        except Exception as exc:  # noqa: BLE001  (what it died of, checked below)
-            errors.append(exc)
-    ChangelogStore.load = load_while_the_broker_is_away
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        wait_for(lambda: sum(committed_offsets(broker.bootstrap, group, topic).values()) == 100 * DEVICES
-                 or errors, 120, what="the restore to be retried and the readings processed")
-    finally:
-        ChangelogStore.load = original
-        daemon.stop()
-        thread.join(60)
+    monkeypatch.setattr(ChangelogStore, "load", load_while_the_broker_is_away)
+    errors = _run_until_committed(daemon, broker, topic, group)
     assert not errors and len(failures) == 3
     assert daemon.records == 100 * DEVICES
 
 
-def test_a_state_write_with_no_room_in_the_producer_is_a_wait_not_fatal(broker):
+def test_a_state_write_with_no_room_in_the_producer_is_a_wait_not_fatal(broker, monkeypatch):
     """With the broker away a checkpoint's snapshots fill the producer's buffer, and a put
     gives up after ``max_block_ms``: the round waits, not ready, and writes them again."""
-    import threading
-
-    from kafka.errors import KafkaTimeoutError
-
-    from connectors.state_store import ChangelogStore
-    from monitor.config import Config
-    from monitor.daemon import Daemon
-    from tests.kafka_support import FAST_GROUP
-
-    topic, scores, group = "full-sensors", "full-scores", "full"
-    broker.create_topics({topic: 1, scores: 1})
-    publish(broker.bootstrap, topic, _messages(range(100)))
-    daemon = Daemon(Config.load(environ={**FAST_GROUP, **_env(broker, topic, group, 0, scores)}))
-    refused, ready_when_refused, errors = [], [], []
+    daemon, topic, group = _daemon_on(broker, "full")
+    refused, ready_when_refused = [], []
     original = ChangelogStore.put
 
     def put_with_a_full_buffer(store, partition, device, data):
         if len(refused) < 5:
+            # the changelog's partitions were learnt at the restore: a real put would not block on them
+            assert store.producer._metadata.partitions_for_topic(store.topic)
             refused.append(device)
             raise KafkaTimeoutError("Failed to allocate memory within the configured max blocking time")
         ready_when_refused.append(daemon.ready())
         return original(store, partition, device, data)
-
-    def run():
-        try:
-            daemon.run()
-        except Exception as exc:  # noqa: BLE001  (what it died of, checked below)
-            errors.append(exc)
-    ChangelogStore.put = put_with_a_full_buffer
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        wait_for(lambda: sum(committed_offsets(broker.bootstrap, group, topic).values()) == 100 * DEVICES
-                 or errors, 120, what="the checkpoint to be written after all")
-        assert daemon.store.producer.partitions_for(daemon.store.topic)  # known since the restore: no wait on it
-    finally:
-        ChangelogStore.put = original
-        daemon.stop()
-        thread.join(60)
+    monkeypatch.setattr(ChangelogStore, "put", put_with_a_full_buffer)
+    errors = _run_until_committed(daemon, broker, topic, group)
     assert not errors and len(refused) == 5
     assert ready_when_refused[0] is False  # the round waited for the broker, not ready
+
+
+def _daemon_on(broker, name: str):
+    """A daemon (changelog state) over a one-partition topic holding 100 readings per device."""
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+    from tests.kafka_support import FAST_GROUP
+
+    topic, scores, group = f"{name}-sensors", f"{name}-scores", name
+    broker.create_topics({topic: 1, scores: 1})
+    publish(broker.bootstrap, topic, _messages(range(100)))
+    return Daemon(Config.load(environ={**FAST_GROUP, **_env(broker, topic, group, 0, scores)})), topic, group
+
+
+def _run_until_committed(daemon, broker, topic, group) -> list[BaseException]:
+    """Run the daemon until all 100 readings per device are committed or it dies; stop it."""
+    thread, errors = run_in_thread(daemon)
+    try:
+        wait_for(lambda: sum(committed_offsets(broker.bootstrap, group, topic).values()) == 100 * DEVICES
+                 or errors, 120, what="the readings to be processed and committed")
+    finally:
+        daemon.stop()
+        thread.join(60)
+    return errors
