@@ -26,7 +26,7 @@ import torch
 from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
 from monitor.forecaster import FleetForecaster, forecast_sequence
-from monitor.readings import BadReason, BadRecord, Reading, Score
+from monitor.readings import BadReason, BadRecord, Reading, Score, check_value
 from monitor.scoring import PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig, joint_surprise, score_of
 from monitor.state import DeviceState, StreamState
 
@@ -266,20 +266,12 @@ class Pipeline:
 
     @staticmethod
     def _library_value(device: str, channel: str, value: object, ref: str, bad: list[BadRecord]) -> float | None:
-        """A value as the sources would pass it (a finite float), or None and a bad record."""
-        if isinstance(value, bool) or not isinstance(value, Real):
-            bad.append(BadRecord(BadReason.NON_NUMERIC_VALUE, f"device {device!r} channel {channel!r}: "
-                                 f"{str(value)[:40]!r} is a {type(value).__name__}, not a number", ref))
-            return None
-        try:
-            value = float(value)
-        except OverflowError:  # an int beyond float range
-            value = math.inf
-        if not math.isfinite(value):
-            bad.append(BadRecord(BadReason.NON_FINITE_VALUE, f"device {device!r} channel {channel!r}: {value!r}",
-                                 ref))
-            return None
-        return value
+        """A value as the sources would pass it (a finite float), judged as they judge theirs
+        (``check_value``, without their range limit), or None and a bad record."""
+        checked, reason, detail = check_value(value, math.inf)
+        if reason is not None:
+            bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: {detail}", ref))
+        return checked
 
     def _advance(self, rounds, results) -> list[_Stream]:
         """Score live streams round by round; buffer warming ones; returns those whose window filled."""

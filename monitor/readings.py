@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
+from numbers import Real
 
 
 class BadReason(str, Enum):
@@ -151,7 +152,7 @@ def check_value(raw: object, max_abs: float) -> tuple[float | None, BadReason | 
     """
     if raw is None:
         return None, BadReason.MISSING_VALUE, "null value"
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+    if isinstance(raw, bool) or not isinstance(raw, Real):  # Real: numpy's numbers too, for library callers
         return None, BadReason.NON_NUMERIC_VALUE, f"{str(raw)[:40]!r} is a {type(raw).__name__}, not a number"
     try:
         value = float(raw)

@@ -140,8 +140,9 @@ def test_what_a_library_caller_passes_that_is_not_a_number_is_a_bad_record_not_a
     result = pipe.feed([Reading("a", 0.0, {"v": 1.0}), Reading("a", 1.0, {"v": True}),
                         Reading("a", 2.0, {"v": "71.2", "w": None}), Reading("a", math.nan, {"v": 1.0}),
                         Reading("a", "3", {"v": 1.0}), Reading("a", 4, {"v": 2}), Reading("a", 1.0, {"v": 1.0})])
-    assert [b.reason for b in result.bad] == [BadReason.NON_NUMERIC_VALUE] * 3 + [BadReason.BAD_TIMESTAMP] * 2 + [
-        BadReason.OUT_OF_ORDER_TIMESTAMP]  # a NaN timestamp did not switch the ordering check off
+    assert [b.reason for b in result.bad] == [BadReason.NON_NUMERIC_VALUE] * 2 + [BadReason.MISSING_VALUE] + [
+        BadReason.BAD_TIMESTAMP] * 2 + [BadReason.OUT_OF_ORDER_TIMESTAMP]  # a NaN timestamp did not switch the
+    # ordering check off; None is a missing value, as a JSON null is
     assert [s.ts for s in result.scores] == [0.0, 4.0]  # ints are numbers
     assert pipe._streams[("a", "v")].buffer == [1.0, 2.0]
 
