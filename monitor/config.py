@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from monitor.scoring import CHANNEL_COMBINATIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -123,37 +122,33 @@ class DetectorConfig:
                                                   "series, saved state; it warms afresh if it returns "
                                                   "(0 = never; the daemon only)")
 
+    def scoring_config(self):
+        """The ``ScoringConfig`` these settings describe."""
+        from monitor.scoring import ScoringConfig
+        return ScoringConfig(threshold=self.threshold, calibration_fading=self.calibration_fading,
+                             novelty_unit=self.novelty_unit, novelty_window=self.novelty_window,
+                             smoothing_span=self.smoothing_span, channel_combination=self.channel_combination)
+
     def pipeline_config(self, adapt):
         """The ``PipelineConfig`` these settings describe, with ``adapt`` (an ``AdaptConfig``,
         ``adapt_steps`` already applied) for fast adaptation: the one place that maps
         detector settings onto the pipeline, for the daemon and ``replay`` alike."""
         from monitor.pipeline import PipelineConfig  # here: reading a configuration needs no torch
-        from monitor.scoring import ScoringConfig
         return PipelineConfig(
-            warmup=self.warmup, adapt=adapt,
-            scoring=ScoringConfig(threshold=self.threshold, calibration_fading=self.calibration_fading,
-                                  novelty_unit=self.novelty_unit, novelty_window=self.novelty_window,
-                                  smoothing_span=self.smoothing_span,
-                                  channel_combination=self.channel_combination),
+            warmup=self.warmup, adapt=adapt, scoring=self.scoring_config(),
             max_streams=self.max_streams, max_channels=self.max_channels, adapt_batch=self.adapt_batch,
             drift_threshold=self.drift_threshold, drift_window=self.drift_window, online_every=self.online_every,
             online_window=self.online_window, online_steps=self.online_steps, online_lr_scale=self.online_lr_scale)
 
     def validate(self) -> None:
+        try:  # the scoring settings' own checks (their names are the same here)
+            self.scoring_config()
+        except ValueError as exc:
+            raise ConfigError(f"detector.{exc}") from None
+        # PipelineConfig checks these too, but building one imports torch, which reading a
+        # configuration (forewarn config --print, the daemon's start-up errors) should not need
         if self.warmup < 16:
             raise ConfigError("detector.warmup must be >= 16")
-        if not 0 < self.threshold < 1:
-            raise ConfigError("detector.threshold must be between 0 and 1")
-        if not 0 <= self.calibration_fading <= 1:
-            raise ConfigError("detector.calibration_fading must be in [0, 1]")
-        if not (math.isfinite(self.novelty_unit) and self.novelty_unit >= 0) or \
-                not (self.novelty_window == 0 or self.novelty_window >= 16):
-            raise ConfigError("detector.novelty_unit must be >= 0 and detector.novelty_window 0 or >= 16")
-        if self.smoothing_span < 0:
-            raise ConfigError("detector.smoothing_span must be >= 0")
-        if self.channel_combination not in CHANNEL_COMBINATIONS:
-            raise ConfigError(f"detector.channel_combination must be one of {', '.join(CHANNEL_COMBINATIONS)}, "
-                              f"got {self.channel_combination!r}")
         if self.drift_threshold < 0 or self.drift_window < 16:
             raise ConfigError("detector.drift_threshold must be >= 0 and detector.drift_window >= 16")
         if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:

@@ -297,7 +297,8 @@ class FleetForecaster:
                 self._c[:, rows] = state[1].to(self.dtype)
             self._center[rows] = center.to(torch.float64)
             self._scale[rows] = scale.to(torch.float64)
-            self._forecast[rows] = 0 if forecast is None else forecast.to(self.dtype)
+            # clipped as observe clips it: an adapted head can carry the forecast past the clip
+            self._forecast[rows] = 0 if forecast is None else forecast.clamp(-self.clip, self.clip).to(self.dtype)
             if self.history:
                 self._seed_history(rows, recent, learnable, since_update)
         return rows

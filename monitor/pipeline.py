@@ -27,7 +27,8 @@ from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
 from monitor.forecaster import FleetForecaster, forecast_sequence
 from monitor.readings import BadReason, BadRecord, Reading, Score, check_value
-from monitor.scoring import PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig, joint_surprise, score_of
+from monitor.scoring import (MAX_SURPRISE, PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig, joint_surprise,
+                             score_of)
 from monitor.state import DeviceState, StreamState
 
 
@@ -324,6 +325,8 @@ class Pipeline:
                 surprise, forecast, value = channels[channel]
                 if joint:
                     surprise = joint_surprise([c[0] for c in channels.values()])
+            if not surprise <= MAX_SURPRISE:  # inf or NaN
+                surprise = MAX_SURPRISE
             score = score_of(surprise)
             anomaly = score >= threshold
             n_scored += 1

@@ -70,16 +70,18 @@ class ScoringConfig:
     channel_combination: str = "joint"
 
     def __post_init__(self) -> None:
-        if not 0 < self.fading_factor <= 1 or not 0 <= self.calibration_fading <= 1:
-            raise ValueError("fading_factor must be in (0, 1] and calibration_fading in [0, 1]")
+        if not 0 < self.fading_factor <= 1:
+            raise ValueError(f"fading_factor must be in (0, 1], got {self.fading_factor}")
+        if not 0 <= self.calibration_fading <= 1:
+            raise ValueError(f"calibration_fading must be in [0, 1], got {self.calibration_fading}")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.min_std <= 0 or self.min_calibration_std <= 0 or self.learn_clip <= 0:
             raise ValueError("min_std, min_calibration_std and learn_clip must be > 0")
-        if not (math.isfinite(self.novelty_unit) and self.novelty_unit >= 0) or \
-                not (self.novelty_window == 0 or self.novelty_window >= RangeNovelty.BLOCKS):
-            raise ValueError(f"novelty_unit must be >= 0 and novelty_window 0 or >= {RangeNovelty.BLOCKS}, "
-                             f"got {self.novelty_unit} and {self.novelty_window}")
+        if not (math.isfinite(self.novelty_unit) and self.novelty_unit >= 0):
+            raise ValueError(f"novelty_unit must be finite and >= 0, got {self.novelty_unit}")
+        if not (self.novelty_window == 0 or self.novelty_window >= RangeNovelty.BLOCKS):
+            raise ValueError(f"novelty_window must be 0 or >= {RangeNovelty.BLOCKS}, got {self.novelty_window}")
         if self.smoothing_span < 0:
             raise ValueError(f"smoothing_span must be >= 0, got {self.smoothing_span}")
         if self.channel_combination not in CHANNEL_COMBINATIONS:
@@ -162,6 +164,14 @@ class PageHinkley:
         self.n, self.mean, self.sum, self.min = int(state[0]), state[1], state[2], state[3]
         if self.n == 0:
             self.min = math.inf
+
+
+# Stage 2 learns |z| up to here, so that its variance (a square) stays finite: a library caller's
+# 1e300 would otherwise make it inf and blind the stream for good.  Far above any real stream's
+# |z| (NAB's largest, a series flat through its warm-up, is ~3e15), because lower caps change
+# what calibration does: after an absurd |z| a calibrated stream stays quiet while its stage 1
+# catches up, and capping at 1e5 instead costs NAB's odd-indexed series 31 points (README).
+CALIBRATION_CAP = 1e100
 
 
 class ResidualScorer:
@@ -253,7 +263,8 @@ class ResidualScorer:
         clip = cfg.learn_clip
         res.update(res.mean + math.copysign(clip * std, z) if abs(z) > clip else residual)
         if cfg.calibration_fading:
-            self.magnitudes.update(abs(z))
+            magnitude = abs(z)
+            self.magnitudes.update(magnitude if magnitude < CALIBRATION_CAP else CALIBRATION_CAP)
         if self._weight:
             self.smoothed += self._weight * (min(out, SURPRISE_CAP) - self.smoothed)
             return self.smoothed
@@ -385,6 +396,11 @@ def surprise(q: float) -> float:
 # the rest of its device, nor hold a smoothed surprise high for a hundred readings.  (50 was
 # picked on the SMD meta-training machines' test splits, among 30, 50, 100 and 300.)
 SURPRISE_CAP = 50.0
+
+# The largest surprise a verdict carries.  Absurd values from a library caller overflow a
+# surprise to inf, which JSON cannot carry; a NaN (weights gone bad) is raised to it too, as
+# ``joint_surprise`` counts a NaN as its cap: loud, not silent.
+MAX_SURPRISE = 1e300
 
 
 def joint_surprise(surprises: Sequence[float]) -> float:

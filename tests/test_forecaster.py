@@ -109,6 +109,15 @@ def test_rows_are_reused_and_growth_keeps_existing_rows():
     assert reused.tolist() == first[:1].tolist()
 
 
+def test_a_pending_forecast_is_clipped_as_observe_clips_it():
+    spec = LSTMSpec(hidden=4)
+    fleet = FleetForecaster(spec, clip=10.0)
+    ones = torch.ones(1, dtype=torch.float64)
+    rows = fleet.add(_random_stacked(spec, 1), ones, 2 * ones, forecast=torch.tensor([25.0]))
+    forecast, residual = fleet.observe(rows, torch.tensor([21.0], dtype=torch.float64))
+    assert forecast.tolist() == [21.0] and residual.tolist() == [0.0]  # 1 + 2 * 10, not 1 + 2 * 25
+
+
 def test_state_per_stream_is_under_32_kb():
     fleet = FleetForecaster(LSTMSpec())
     assert fleet.state_bytes_per_stream() < 32 * 1024

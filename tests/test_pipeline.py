@@ -1,4 +1,6 @@
+import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from monitor.checkpoint import Initialization
 from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import BadReason, Reading
-from monitor.scoring import ScoringConfig, joint_surprise
+from monitor.scoring import MAX_SURPRISE, ScoringConfig, joint_surprise
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +135,17 @@ def test_a_non_finite_value_from_a_library_caller_is_refused_not_learned(init):
     assert [b.reason for b in result.bad] == [BadReason.NON_FINITE_VALUE] * 2
     later = pipe.feed(_wave("a", 5, start=40)).scores
     assert all(s.surprise is not None and math.isfinite(s.surprise) for s in later)
+
+
+@pytest.mark.parametrize("calibration_fading", [0.0, 0.002])
+def test_an_absurd_value_from_a_library_caller_is_flagged_with_a_finite_surprise(init, calibration_fading):
+    pipe = Pipeline(init, PipelineConfig(warmup=32, scoring=ScoringConfig(calibration_fading=calibration_fading)))
+    pipe.feed(_wave("a", 40))
+    for t in (40.0, 41.0):  # the second: the statistics the first left behind still work
+        score = pipe.feed([Reading("a", t, {"v": 1e300})]).scores[0]
+        assert score.anomaly and score.surprise == MAX_SURPRISE
+        json.dumps(asdict(score), allow_nan=False)  # an event can carry it
+        assert all(math.isfinite(x) for x in pipe._streams[("a", "v")].scorer.state())
 
 
 def test_what_a_library_caller_passes_that_is_not_a_number_is_a_bad_record_not_an_exception(init):
