@@ -8,6 +8,8 @@ called with ``create_graph=True`` it stays differentiable (second-order MAML).
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,14 +39,24 @@ class AdaptConfig:
     max_grad_norm: float = 10.0
 
     def __post_init__(self) -> None:
+        # also what an initialization file carries: a NaN or a 2.5 must stop it at load,
+        # not at the first adaptation (or silently flag every reading)
+        for name in ("steps", "burn_in", "chunks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("lr", "prox", "huber_delta", "max_grad_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.lr < 0 or self.prox < 0:
             raise ValueError("lr and prox must be >= 0")
         if self.loss not in ("huber", "mse"):
             raise ValueError(f"loss must be 'huber' or 'mse', got {self.loss!r}")
-        if self.burn_in < 0 or self.max_grad_norm <= 0 or self.chunks < 1:
-            raise ValueError("burn_in must be >= 0, max_grad_norm > 0 and chunks >= 1")
+        if self.burn_in < 0 or self.max_grad_norm <= 0 or self.chunks < 1 or self.huber_delta <= 0:
+            raise ValueError("burn_in must be >= 0, max_grad_norm and huber_delta > 0 and chunks >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

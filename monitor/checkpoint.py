@@ -106,8 +106,11 @@ class Initialization:
                        inner_lr=None if payload["inner_lr"] is None else dict(payload["inner_lr"]),
                        info=dict(payload.get("info", {})))
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: incomplete initialization ({exc})") from None
+            raise CheckpointError(f"{path}: incomplete or invalid initialization ({exc})") from None
         for name, group in (("params", init.params), ("inner_lr", init.inner_lr or {})):
+            extra = sorted(map(str, set(group) - set(spec.shapes())))
+            if extra:  # adaptation would fail on them at the first warm-up, after the daemon is ready
+                raise CheckpointError(f"{path}: {name} has tensors this model does not have: {', '.join(extra)}")
             for key, shape in spec.shapes().items():
                 if name == "inner_lr" and not group:
                     break

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socketserver
 import sys
 import threading
 import time
@@ -96,8 +97,17 @@ def _fields(**kwargs) -> dict:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10.0  # seconds: a client that stops sending mid-request lets go of its thread
+
     def log_message(self, *args) -> None:  # scrapes every few seconds are not news
         pass
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per request, as prometheus_client's own server: one idle or slow client (a
+    port scan, a half-open load-balancer check) must not hold the probes of everyone else."""
+
+    daemon_threads = True
 
 
 class HealthServer:
@@ -119,7 +129,7 @@ class HealthServer:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]
 
-        self.server: WSGIServer = make_server(host, port, app, handler_class=_QuietHandler)
+        self.server: WSGIServer = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
         self.port = self.server.server_port
         self.thread = threading.Thread(target=self.server.serve_forever, name="forewarn-http", daemon=True)
 
@@ -259,7 +269,11 @@ class Daemon:
             self._last_seen.pop(device, None)
             self._old_home.pop(device, None)
         self.metrics.forget_devices(devices)
-        return self.pipeline.drop_devices(devices)
+        dropped = self.pipeline.drop_devices(devices)
+        # now, not at the next batch: a member left without partitions gets none, and fleet
+        # sums of forewarn_streams would count its old streams twice
+        self.metrics.set_streams(self.pipeline.streams_by_state())
+        return dropped
 
     def _forget_idle(self, idle_timeout_s: float) -> None:
         """Devices without a record for ``idle_timeout_s`` are forgotten, their saved state
@@ -609,6 +623,7 @@ class Daemon:
                 self._covered[s.device] = (partition, s.offset)
         self.metrics.restored.inc(streams)
         self.metrics.restore_failures.inc(failed)
+        self.metrics.set_streams(self.pipeline.streams_by_state())
         self._to_restore -= partitions
         source.resume(partitions)
         log.info("state restored", extra=_fields(partitions=sorted(tp.partition for tp in partitions),

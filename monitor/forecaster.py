@@ -40,8 +40,9 @@ class LSTMSpec:
     layers: int = 1
 
     def __post_init__(self) -> None:
-        if self.hidden < 1 or self.layers < 1:
-            raise ValueError(f"hidden and layers must be >= 1, got {self}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.hidden, self.layers)) \
+                or self.hidden < 1 or self.layers < 1:
+            raise ValueError(f"hidden and layers must be integers >= 1, got {self}")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         h = self.hidden

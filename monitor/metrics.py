@@ -61,7 +61,9 @@ class Metrics:
         self.lag = Gauge("forewarn_consumer_lag_records", "Records behind the end of the partition",
                          ["topic", "partition"], registry=r)
         self.last_processed = Gauge("forewarn_last_processed_timestamp_seconds",
-                                    "Reading timestamp (ts field) of the newest scored reading", registry=r)
+                                    "Reading timestamp (ts field) of the newest reading scored in the latest "
+                                    "batch (not the newest ever: one device's clock far ahead would hold it)",
+                                    registry=r)
         self.threshold = Gauge("forewarn_anomaly_threshold", "Score at or above which a reading is an anomaly",
                                registry=r)
         if threshold is not None:
@@ -108,6 +110,9 @@ class Metrics:
             elif len(self._exported) < self.max_devices:
                 child = self._exported[s.device] = self.score.labels(s.device)
                 child.set(s.score)
+                if s.device in self._not_exported:  # a slot freed up for it
+                    self._not_exported.discard(s.device)
+                    self.not_exported.set(len(self._not_exported))
             elif s.device not in self._not_exported:
                 self._not_exported.add(s.device)
                 self.not_exported.set(len(self._not_exported))

@@ -11,6 +11,8 @@ so the wild reading still scores as anomalous.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,8 +40,12 @@ class Normalization:
     def __post_init__(self) -> None:
         if self.kind != "median_iqr":
             raise ValueError(f"unknown normalization kind {self.kind!r}")
-        if self.clip <= 0 or self.abs_floor <= 0:
-            raise ValueError("clip and abs_floor must be > 0")
+        for name in ("rel_floor", "std_floor", "abs_floor", "clip"):  # an initialization file carries them
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.clip <= 0 or self.abs_floor <= 0 or self.rel_floor < 0 or self.std_floor < 0:
+            raise ValueError("clip and abs_floor must be > 0, rel_floor and std_floor >= 0")
 
     def fit(self, windows: Tensor) -> tuple[Tensor, Tensor]:
         """Centre and scale of each row of ``windows`` ([B, W], float64)."""

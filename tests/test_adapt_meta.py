@@ -164,6 +164,27 @@ def test_checkpoints_are_written_whole_and_checked_for_usable_weights(tmp_path):
             Initialization.load(tmp_path / "broken.pt")
 
 
+@pytest.mark.parametrize("section, key, value, message", [
+    ("adapt", "lr", float("nan"), "lr must be a finite number"),
+    ("adapt", "steps", 2.5, "steps must be an integer"),
+    ("adapt", "huber_delta", -1.0, "huber_delta > 0"),
+    ("normalization", "clip", float("nan"), "clip must be a finite number"),
+    ("normalization", "std_floor", -1.0, "std_floor >= 0"),
+    ("spec", "hidden", 4.0, "integers >= 1"),
+    ("params", "extra", torch.zeros(3), "tensors this model does not have: extra"),
+])
+def test_loading_refuses_settings_that_would_fail_or_mislead_later(tmp_path, section, key, value, message):
+    """Each of these was accepted once: NaN clip flagged every reading, a 2.5 or an extra tensor
+    failed the first adaptation, after the daemon had reported ready."""
+    path = tmp_path / "init.pt"
+    Initialization.random(LSTMSpec(hidden=4), seed=0).save(path)
+    payload = torch.load(path, weights_only=True)
+    payload[section] = {**payload[section], key: value}
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=message):
+        Initialization.load(path)
+
+
 def test_checkpoints_are_loaded_without_unpickling_objects(tmp_path):
     class Evil:
         def __reduce__(self):

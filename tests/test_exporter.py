@@ -1,0 +1,51 @@
+"""The HTTP endpoints and the metrics that describe what this instance holds."""
+import socket
+
+from kafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry, generate_latest
+
+from monitor.config import Config
+from monitor.daemon import Daemon, HealthServer
+from monitor.metrics import Metrics
+from monitor.readings import Reading, Score
+from tests.kafka_support import http_get, metric_value
+
+
+def test_an_idle_client_does_not_hold_the_probes_of_everyone_else():
+    server = HealthServer("127.0.0.1", 0, CollectorRegistry(), lambda: True, lambda: True)
+    server.start()
+    idle = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        idle.sendall(b"GET /metrics HTTP/1.1\r\n")  # a request line, then silence (a port scan, a stuck scraper)
+        base = f"http://127.0.0.1:{server.port}"
+        assert http_get(f"{base}/healthz", timeout=30)[0] == 200
+        assert http_get(f"{base}/readyz", timeout=30)[0] == 200
+    finally:
+        idle.close()
+        server.stop()
+
+
+def test_a_device_left_out_of_the_score_series_stops_counting_once_it_gets_one():
+    metrics = Metrics(CollectorRegistry(), max_devices=1)
+    metrics.observe_scores([Score("a", 1.0, 0.5, False), Score("b", 1.0, 0.5, False)])
+    assert metric_value(generate_latest(metrics.registry).decode(), "forewarn_score_devices_not_exported") == 1
+    metrics.forget_devices(["a"])  # idle, or its partition moved
+    metrics.observe_scores([Score("b", 2.0, 0.6, False)])  # b takes the freed slot
+    text = generate_latest(metrics.registry).decode()
+    assert metric_value(text, "forewarn_score_devices_not_exported") == 0
+    assert 'forewarn_anomaly_score{device="b"} 0.6' in text
+
+
+def test_the_streams_gauge_drops_with_the_partitions_a_rebalance_takes():
+    daemon = Daemon(Config.load(environ={"FOREWARN_DETECTOR_WARMUP": "16"}), registry=CollectorRegistry())
+    partition = TopicPartition("sensors", 0)
+    daemon._on_assign([partition])
+    daemon._partition_of.update({f"dev{i}": 0 for i in range(3)})
+    result = daemon.pipeline.feed([Reading(f"dev{i}", float(t), {"x": float((t * 7 + i) % 5)})
+                                   for t in range(20) for i in range(3)])
+    daemon.metrics.observe_scores(result.scores)
+    daemon.metrics.set_streams(daemon.pipeline.streams_by_state())
+    live = 'forewarn_streams{state="live"}'
+    assert metric_value(generate_latest(daemon.registry).decode(), live) == 3
+    daemon._on_revoke([partition])  # a member left without partitions polls no batch that would update it
+    assert metric_value(generate_latest(daemon.registry).decode(), live) == 0
