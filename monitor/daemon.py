@@ -157,6 +157,7 @@ class Daemon:
         if det.adapt_steps >= 0:
             adapt = replace(adapt, steps=det.adapt_steps)
         self.pipeline = Pipeline(self.init, det.pipeline_config(adapt))
+        self.pipeline.progress = self._loop_alive  # a long adaptation burst is progress, not a stuck loop
         self.metrics = Metrics(self.registry, config.metrics.max_devices, det.threshold)
         self.on_result = on_result
         self.stopping = threading.Event()
@@ -187,6 +188,9 @@ class Daemon:
         self._restore_retry_at = 0.0             # monotonic time before which a failed restore is not retried
 
     # ---- health --------------------------------------------------------------
+    def _loop_alive(self) -> None:
+        self._last_turn = time.monotonic()
+
     def healthy(self) -> bool:
         return not self.stopping.is_set() and time.monotonic() - self._last_turn < self.config.metrics.healthy_after_s
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from numbers import Real
@@ -143,6 +143,9 @@ class Pipeline:
         self.init = init
         self.config = config or PipelineConfig()
         self.adapt_config = self.config.adapt or init.adapt
+        # called after each slice of adaptation and each online update, the long steps of a
+        # feed (a fleet switched on adapts for minutes): the daemon counts them as the loop alive
+        self.progress: Callable[[], None] | None = None
         online = self.config.online_every
         self.fleet = FleetForecaster(init.spec, clip=init.normalization.clip,
                                      history=self.config.online_window if online else 0)
@@ -457,6 +460,8 @@ class Pipeline:
                 params = adapt(fleet.params_of(rows), recent, self._online_config, self._online_lr, mask=learnable)
             fleet.update(rows, params)
             self.counts["updated"] += rows.numel()
+            if self.progress is not None:
+                self.progress()
 
     def _adapt(self, streams: list[_Stream], windows: list[list[float]]) -> None:
         """Fit scaling and weights to each stream's window and place it in the fleet, live."""
@@ -485,6 +490,8 @@ class Pipeline:
             stream.row = row
             stream.buffer = None
             self._set_state(stream, Lifecycle.LIVE)
+        if self.progress is not None:
+            self.progress()
 
     # ---- state ------------------------------------------------------------
     def take_changed(self, among: set[str] | None = None) -> set[str]:

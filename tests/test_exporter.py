@@ -49,3 +49,15 @@ def test_the_streams_gauge_drops_with_the_partitions_a_rebalance_takes():
     assert metric_value(generate_latest(daemon.registry).decode(), live) == 3
     daemon._on_revoke([partition])  # a member left without partitions polls no batch that would update it
     assert metric_value(generate_latest(daemon.registry).decode(), live) == 0
+
+
+def test_an_adaptation_burst_counts_as_the_loop_alive():
+    """A fleet switched on adapts for minutes in one feed; /healthz must not call that a stuck loop
+    (a liveness restart would replay the same burst, and again)."""
+    daemon = Daemon(Config.load(environ={"FOREWARN_DETECTOR_WARMUP": "16", "FOREWARN_DETECTOR_ADAPT_BATCH": "2"}),
+                    registry=CollectorRegistry())
+    daemon._last_turn -= 2 * daemon.config.metrics.healthy_after_s  # the feed began long ago
+    assert not daemon.healthy()
+    daemon.pipeline.feed([Reading(f"dev{i}", float(t), {"x": float((t * 7 + i) % 5)})
+                          for t in range(16) for i in range(5)])
+    assert daemon.healthy()

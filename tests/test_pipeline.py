@@ -48,6 +48,14 @@ def test_adapting_a_burst_in_small_batches_scores_like_one_batch(init):
     assert [s.score for s in in_twos.scores] == pytest.approx([s.score for s in whole.scores], abs=1e-6)
 
 
+def test_each_slice_of_an_adaptation_burst_reports_progress(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32, adapt_batch=2))
+    calls = []
+    pipe.progress = lambda: calls.append(pipe.streams_by_state()["live"])
+    pipe.feed([r for d in range(5) for r in _wave(f"d{d}", 32)])
+    assert calls == [2, 4, 5]
+
+
 def test_one_big_batch_scores_exactly_like_one_reading_at_a_time(init):
     devices = [_wave(f"d{i}", 60, noise_seed=i, period=4.0 + i) for i in range(3)]
     interleaved = [r for group in zip(*devices) for r in group]
