@@ -170,8 +170,18 @@ class StateCodec:
         n_state = 2 * self._layers * self._hidden
         pos = 0
         streams = []
+        device, covered, channels = header["device"], header["offset"], set()
+        if not isinstance(device, str) or not isinstance(covered, int) or isinstance(covered, bool) or covered < -1:
+            raise StateError("state record: bad device name or offset")
         for e in header["streams"]:
             s = StreamState(e["channel"], e["stage"], e["last_ts"])
+            # checksummed but still unusable (a writer bug, an edited record): refused here, so
+            # that one device re-warms instead of the restore failing for its whole partition
+            if not isinstance(s.channel, str) or s.channel in channels:
+                raise StateError(f"state record: channel {s.channel!r} not a name, or twice")
+            channels.add(s.channel)
+            if s.last_ts is not None and not _finite_numbers([s.last_ts]):
+                raise StateError(f"state record: last_ts {s.last_ts!r} is not a finite number")
             if s.stage == "live":
                 delta = np.frombuffer(blob[pos:pos + 2 * n_params], dtype=np.float16).astype(np.float32)
                 pos += 2 * n_params
@@ -201,14 +211,21 @@ class StateCodec:
                         raise StateError("state record: truncated or non-finite history")
                     s.recent = torch.from_numpy(recent.copy())
                     s.learnable = torch.from_numpy(np.unpackbits(bits)[:size].astype(bool))
-                if not all(math.isfinite(v) for v in (s.center, s.scale, s.forecast, *s.scorer, *(s.drift or ()),
-                                                          *(s.novelty or ()))):
-                    raise StateError("state record: non-finite statistics")
+                if not _finite_numbers([s.center, s.scale, s.forecast, *s.scorer, *(s.drift or ()),
+                                        *(s.novelty or ()), *(s.rebuffer or ())]) or s.scale <= 0:
+                    raise StateError("state record: non-finite statistics or a scale <= 0")
             elif s.stage == "warming":
                 s.buffer = list(e["buffer"])
+                if not _finite_numbers(s.buffer):
+                    raise StateError("state record: a warm-up buffer holds what is not a finite number")
             else:
                 raise StateError(f"state record: unknown stage {s.stage!r}")
             streams.append(s)
         if pos != len(blob):
             raise StateError("state record: trailing bytes")
-        return DeviceState(header["device"], int(header["offset"]), streams)
+        return DeviceState(device, covered, streams)
+
+
+def _finite_numbers(values: list) -> bool:
+    """Whether every value is a finite int or float (JSON gives no other numbers; bools are not)."""
+    return all(type(v) in (int, float) and math.isfinite(v) for v in values)

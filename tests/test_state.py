@@ -109,6 +109,27 @@ def test_snapshots_of_another_init_version_or_corrupt_are_refused():
         StateCodec(init).decode(StateCodec(init).encode(short))
 
 
+@pytest.mark.parametrize("spoil, message", [
+    (lambda d: setattr(d.streams[1], "buffer", [1.0, "x"]), "warm-up buffer"),
+    (lambda d: setattr(d.streams[1], "buffer", [1.0, True]), "warm-up buffer"),
+    (lambda d: setattr(d.streams[0], "scale", 0.0), "scale <= 0"),
+    (lambda d: setattr(d.streams[0], "last_ts", "yesterday"), "last_ts"),
+    (lambda d: setattr(d.streams[1], "channel", d.streams[0].channel), "twice"),
+    (lambda d: setattr(d, "offset", -5), "offset"),
+])
+def test_a_checksummed_snapshot_that_cannot_be_used_is_refused_so_the_device_rewarms(spoil, message):
+    init = Initialization.default()
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    pipe.feed([Reading("a", float(t), {"v": math.sin(t / 5)}) for t in range(40)])
+    pipe.feed([Reading("a", float(t), {"v": 1.0, "w": 2.0}) for t in range(40, 45)])  # w: still warming
+    state = pipe.export_devices(["a"])[0]
+    assert [s.stage for s in state.streams] == ["live", "warming"]
+    spoil(state)
+    codec = StateCodec(init)
+    with pytest.raises(StateError, match=message):
+        codec.decode(codec.encode(state))
+
+
 def test_a_stream_snapshotted_while_collecting_its_drift_window_readapts_after_restore():
     init = Initialization.default()
     config = PipelineConfig(warmup=64, drift_threshold=5.0, drift_window=32)
