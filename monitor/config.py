@@ -278,9 +278,12 @@ class Config:
             lines.append(f"[{section_name}]")
             for f in fields(section):
                 value = getattr(section, f.name)
-                shown = "***" if "password" in f.name and value else value
                 lines.append(f"# {f.metadata['help']} (env FOREWARN_{section_name.upper()}_{f.name.upper()})")
-                lines.append(f"{f.name} = {_toml_value(shown)}")
+                if "password" in f.name and value:
+                    # commented out: a file saved from this must not hold a stand-in sent as the password
+                    lines.append(f"# {f.name} = (set; not shown)")
+                else:
+                    lines.append(f"{f.name} = {_toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
 

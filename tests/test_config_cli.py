@@ -62,7 +62,20 @@ def test_config_print_and_run_help_show_every_setting(capsys, monkeypatch):
     for section in ("kafka", "detector", "metrics", "log"):
         for name in vars(getattr(Config(), section)):
             assert f"{name} = " in printed and f"{name} = " in help_text
-    assert "secret" not in printed and 'sasl_plain_password = "***"' in printed
+    assert "secret" not in printed and "# sasl_plain_password = (set; not shown)" in printed
+
+
+def test_a_configuration_saved_from_config_print_holds_no_stand_in_for_the_password(tmp_path, capsys,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("FOREWARN_KAFKA_SASL_PLAIN_PASSWORD", "secret")
+    monkeypatch.setenv("FOREWARN_KAFKA_SASL_PLAIN_USERNAME", "forewarn")
+    assert main(["config", "--print"]) == 0
+    saved = tmp_path / "forewarn.toml"
+    saved.write_text(capsys.readouterr().out)
+    assert Config.load(saved, environ={}).kafka.sasl_plain_password == ""
+    assert Config.load(saved, environ={}).kafka.sasl_plain_username == "forewarn"  # not a secret: saved as set
+    from_env = Config.load(saved, environ={"FOREWARN_KAFKA_SASL_PLAIN_PASSWORD": "secret"})
+    assert from_env.kafka.sasl_plain_password == "secret"
 
 
 def test_detector_options_reach_the_pipeline_from_the_environment_and_the_replay_flags():

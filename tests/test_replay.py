@@ -2,6 +2,8 @@ import csv
 import gzip
 import json
 import math
+import os
+import re
 
 import pytest
 
@@ -285,3 +287,150 @@ def test_an_output_that_is_a_link_is_written_through_it(tmp_path, capsys):
     link.symlink_to(real)
     code, _, _ = _run(["replay", str(data), "--warmup", "20", "--out", str(link), "--quiet"], capsys)
     assert code == 0 and link.is_symlink() and len(_rows(real)) == 30
+
+
+def test_bytes_that_are_not_utf8_are_bad_records_not_a_guessed_name(tmp_path, capsys):
+    """Latin-1 "pump-ä" and "pump-ö" are not one device "pump-?": each line that is not UTF-8 is
+    refused as malformed, and the rest of the file goes on."""
+    good = [_good("pümp", t, temp=float(t % 5)).encode() for t in range(40)]
+    latin1 = [b'{"device": "pump-\xe4", "ts": 50, "value": 1.0}', b'{"device": "pump-\xf6", "ts": 50, "value": 1.0}']
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join(good[:20] + latin1 + good[20:]) + b"\n")
+    out, dlq = tmp_path / "scores.csv", tmp_path / "dead.jsonl"
+    code, _, err = _run(["replay", str(path), "--warmup", "16", "--out", str(out), "--dead-letter", str(dlq),
+                         "--quiet"], capsys)
+    assert code == 0, err
+    dead = [json.loads(line) for line in dlq.read_text(encoding="utf-8").splitlines()]
+    assert [(d["reason"], d["detail"], d["ref"]) for d in dead] == [("malformed", "not valid UTF-8", "line 21"),
+                                                                    ("malformed", "not valid UTF-8", "line 22")]
+    assert "pump-\\xe4" in dead[0]["raw"] and "pump-\\xf6" in dead[1]["raw"]
+    rows = _rows(out)
+    assert len(rows) == 40 and {r["device"] for r in rows} == {"pümp"}
+    # CSV: a data row is refused the same way; a header cannot be, since it names every channel
+    nab = tmp_path / "sensor.csv"
+    nab.write_bytes(b"timestamp,value\n" + "\n".join(_nab_rows(3)).encode() + b"\n2024-01-01 01:00:00,1.0\xa0\n")
+    batch, = FileSource(nab).batches()
+    assert len(batch.readings) == 3 and [str(b) for b in batch.bad] == ["line 5: malformed: not valid UTF-8"]
+    wide = tmp_path / "wide.csv"
+    wide.write_bytes(b"timestamp,temp\xb0C\n1,2.0\n")
+    with pytest.raises(FileFormatError, match=r"wide.csv: line 1: not valid UTF-8: 'timestamp,temp\\\\xb0C'"):
+        list(FileSource(wide).batches())
+    bom = tmp_path / "bom.jsonl"  # a byte-order mark is still no part of the first line
+    bom.write_bytes(b"\xef\xbb\xbf" + good[0] + b"\n")
+    batch, = FileSource(bom).batches()
+    assert len(batch.readings) == 1 and not batch.bad
+
+
+def _corrupt_gzip(path, text):
+    data = bytearray(gzip.compress(text.encode(), mtime=0))
+    data[12:40] = b"\xff" * 28  # the first deflate block: zlib refuses it at the first read
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_gzip_whose_format_is_guessed_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "corrupt.csv.gz"
+    _corrupt_gzip(path, "timestamp,value\n" + "\n".join(_nab_rows(600)) + "\n")
+    for args in (["replay", str(path), "--quiet"],
+                 ["replay-to-kafka", str(path), "--topic", "t", "--bootstrap-servers", "127.0.0.1:1", "--quiet"],
+                 ["meta-train", "--data", str(path), "--out", str(tmp_path / "init.pt"), "--quiet"]):
+        code, _, err = _run(args, capsys)
+        assert code == 2 and "truncated or corrupt compressed data" in err and "Traceback" not in err, args
+
+
+def test_the_readings_before_a_cut_in_a_gzip_are_scored(tmp_path, capsys):
+    full = gzip.compress(("timestamp,value\n" + "\n".join(_nab_rows(600)) + "\n").encode())
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(full[:len(full) // 2])
+    out = tmp_path / "scores.csv"
+    # one batch would hold the whole file: what was read before the cut is in no complete batch
+    code, _, err = _run(["replay", str(cut), "--warmup", "20", "--out", str(out), "--quiet"], capsys)
+    assert code == 2
+    read = int(re.search(r"corrupt compressed data after (\d+) records", err).group(1))
+    assert read > 0 and len(_rows(f"{out}.partial")) == read
+
+
+def test_outputs_that_would_overwrite_the_recording_or_each_other_are_refused(tmp_path, capsys):
+    data = tmp_path / "sensor.csv"
+    data.write_text("timestamp,value\n" + "\n".join(_nab_rows(30)) + "\n")
+    recording = data.read_text()
+    same = tmp_path / "same.out"
+    code, _, err = _run(["replay", str(data), "--out", str(same), "--dead-letter", str(same), "--quiet"], capsys)
+    assert code == 2 and "--out and --dead-letter are the same file" in err
+    assert not same.exists() and not (tmp_path / "same.out.partial").exists()
+    link = tmp_path / "link.csv"
+    link.symlink_to(data)
+    for args in (["--out", str(data)], ["--dead-letter", str(data)], ["--out", str(link)]):
+        code, _, err = _run(["replay", str(data), *args, "--quiet"], capsys)
+        assert code == 2 and "is the recording being replayed" in err, args
+        assert data.read_text() == recording and not (tmp_path / "sensor.csv.partial").exists()
+    # a device may take both
+    code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", os.devnull, "--dead-letter", os.devnull,
+                         "--quiet"], capsys)
+    assert code == 0, err
+
+
+def test_a_dead_letter_file_that_cannot_be_opened_leaves_no_partial_output(tmp_path, capsys):
+    data = tmp_path / "sensor.csv"
+    data.write_text("timestamp,value\n" + "\n".join(_nab_rows(30)) + "\n")
+    out = tmp_path / "scores.csv"
+    code, _, err = _run(["replay", str(data), "--out", str(out), "--dead-letter", str(tmp_path / "no" / "dead.jsonl"),
+                         "--quiet"], capsys)
+    assert code == 2 and "No such file or directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sensor.csv"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["replay-to-kafka", "x.csv", "--topic", "t", "--speed", "nan"], "must be a finite number"),
+    (["replay-to-kafka", "x.csv", "--topic", "t", "--speed", "0"], "must be a finite number > 0, got 0"),
+    (["demo", "--speed", "inf"], "must be a finite number"),
+    (["demo", "--speed", "-2"], "must be a finite number > 0, got -2"),
+    (["demo", "--metrics-port", "70000"], "must be in 0..65535"),
+    (["demo", "--metrics-port", "-1"], "must be in 0..65535"),
+])
+def test_pace_and_port_flags_are_checked_when_parsed(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+class _Producer:
+    """Takes what replay-to-kafka publishes, without a broker."""
+
+    sent: list = []
+
+    def __init__(self, **kwargs) -> None:
+        pass
+
+    def send(self, topic, key, value):
+        self.sent.append((topic, key, value))
+        future = type("Future", (), {"failed": lambda self: False})()
+        return future
+
+    def flush(self, timeout=None) -> None:
+        pass
+
+    def close(self, timeout=None) -> None:
+        pass
+
+
+def test_replay_to_kafka_of_a_recording_with_no_reading_fails_as_replay_does(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("kafka.KafkaProducer", _Producer)
+    monkeypatch.setattr(_Producer, "sent", [])
+    path = tmp_path / "sensor.csv"
+    path.write_text("timestamp,value\n" + "\n".join(f"{r.split(',')[0]},n/a" for r in _nab_rows(5)) + "\n")
+    code, out, err = _run(["replay-to-kafka", str(path), "--topic", "t", "--quiet"], capsys)
+    assert code == 2 and "no reading was accepted (5 bad records)" in err and not _Producer.sent
+    path.write_text("timestamp,value\n" + "\n".join(_nab_rows(5)) + "\n")
+    code, out, err = _run(["replay-to-kafka", str(path), "--topic", "t", "--quiet"], capsys)
+    assert code == 0 and out.startswith("published 5 readings") and len(_Producer.sent) == 5
+
+
+def test_demo_without_a_broker_is_a_clear_error(capsys, monkeypatch):
+    from connectors.tansu import EmbeddedBroker
+
+    def cannot_start(self, timeout=10.0):
+        raise RuntimeError("the broker exited at start (code 1)")
+    monkeypatch.setattr(EmbeddedBroker, "start", cannot_start)
+    code, _, err = _run(["demo", "--quiet"], capsys)
+    assert code == 2 and "the embedded Kafka broker did not start: the broker exited at start" in err
+    assert "--offline" in err and "Traceback" not in err
