@@ -384,9 +384,12 @@ def test_kubernetes_deployment_matches_the_daemon(tmp_path):
     assert service["spec"]["selector"].items() <= labels.items()
     (sport,) = service["spec"]["ports"]
     assert ports.get(sport["targetPort"], sport["targetPort"]) == PORT
-    for notes in (service["metadata"]["annotations"], pod["metadata"]["annotations"]):
-        assert notes["prometheus.io/scrape"] == "true"
-        assert notes["prometheus.io/port"] == str(PORT) and notes["prometheus.io/path"] == "/metrics"
+    notes = service["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true"
+    assert notes["prometheus.io/port"] == str(PORT) and notes["prometheus.io/path"] == "/metrics"
+    # on the Service only: annotation-based configs scrape pods and service endpoints alike, so
+    # annotated pods behind an annotated Service would each be scraped twice, under two jobs
+    assert not any(k.startswith("prometheus.io/") for k in pod["metadata"].get("annotations", {}))
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == sport["name"]
     assert service["metadata"]["name"] == "forewarn", "the ServiceMonitor's job label, which the rules expect"
