@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import socketserver
 import sys
@@ -178,6 +179,7 @@ class Daemon:
         # restored device -> (input partition, offset) its state covers: offsets of one partition only
         self._covered: dict[str, tuple[int, int]] = {}
         self._too_large: set[str] = set()         # devices whose snapshot was too large, already logged
+        self._moves_logged = -math.inf            # when devices moving between partitions were last logged
         self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
         self._last_seen: dict[str, float] = {}    # device -> monotonic time of its newest record here
         self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
@@ -417,6 +419,7 @@ class Daemon:
                 self._forget_idle(idle)
 
     def _process(self, batch, source, sinks) -> None:
+        self._note_moves(batch.partition_of)
         self._partition_of.update(batch.partition_of)
         self._newest_seen = time.monotonic()
         self._last_seen.update(dict.fromkeys(batch.partition_of, self._newest_seen))
@@ -451,6 +454,25 @@ class Daemon:
         if self.on_result:
             self.on_result(result)
         log.debug("batch", extra=_fields(records=batch.records, anomalies_sent=sent, bad=len(bad)))
+
+    MOVES_LOG_INTERVAL_S = 60.0
+
+    def _note_moves(self, partition_of: dict[str, int]) -> None:
+        """Count devices arriving on another partition than before.  Once, when the input topic
+        grows, it is expected; all the time, producers are not keying by device: a device's
+        readings then race each other across partitions (out-of-order records) and its state
+        is checkpointed against offsets of a partition it does not stay on."""
+        known = self._partition_of
+        moved = [d for d, p in partition_of.items() if known.get(d, p) != p]
+        if not moved:
+            return
+        self.metrics.partition_moves.inc(len(moved))
+        now = time.monotonic()
+        if now - self._moves_logged >= self.MOVES_LOG_INTERVAL_S:
+            self._moves_logged = now
+            log.warning("devices arrived on another partition than before: is the input keyed by device?",
+                        extra=_fields(devices=len(moved), example=moved[0],
+                                      partitions=[known[moved[0]], partition_of[moved[0]]]))
 
     def _skip_covered(self, batch) -> list:
         """Drop re-delivered readings that a restored state already covers: those of its own

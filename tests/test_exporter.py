@@ -61,3 +61,13 @@ def test_an_adaptation_burst_counts_as_the_loop_alive():
     daemon.pipeline.feed([Reading(f"dev{i}", float(t), {"x": float((t * 7 + i) % 5)})
                           for t in range(16) for i in range(5)])
     assert daemon.healthy()
+
+
+def test_devices_arriving_on_another_partition_are_counted():
+    """Unkeyed producers spread a device over partitions, which ordering and recovery assume away."""
+    daemon = Daemon(Config.load(environ={}), registry=CollectorRegistry())
+    for partition_of in ({"a": 0, "b": 1}, {"a": 0, "b": 1, "c": 2}, {"a": 1, "b": 1, "c": 0}):
+        daemon._note_moves(partition_of)
+        daemon._partition_of.update(partition_of)
+    text = generate_latest(daemon.registry).decode()
+    assert metric_value(text, "forewarn_device_partition_moves_total") == 2  # a, then c
