@@ -73,3 +73,18 @@ def test_one_threshold_for_the_whole_corpus():
     assert corpus.raw == pytest.approx(1.0 - 0.11 - 1.0)
     assert corpus.null == -2.0 and corpus.perfect == 2.0
     assert corpus.normalized == pytest.approx(100 * (1.0 - 0.11 - 1.0 + 2.0) / 4.0)
+
+
+def test_a_window_inside_the_probation_period_counts_toward_perfect_as_nab_counts_it():
+    """NAB's runner: the perfect score counts every window of the label file, the null score only
+    those that can be scored; a perfect detector of the other windows scores 66.67, not 100."""
+    ts = [float(t) for t in range(100)]
+    results = {"a": (ts, [1.0 if t == 40 else 0.0 for t in range(100)]), "b": (ts, [0.0] * 100)}
+    windows = {"a": [(40.0, 49.0)], "b": [(2.0, 8.0)]}  # b's window lies in its first 15 rows
+    assert score_corpus(results, windows).normalized == pytest.approx(200 / 3)
+    assert score_corpus({"b": results["b"]}, {"b": windows["b"]}).normalized == 0.0
+
+
+def test_scores_that_are_not_finite_are_refused_not_swept_forever():
+    with pytest.raises(ValueError, match="a: scores must be finite"):
+        score_corpus({"a": ([0.0, 1.0, 2.0], [0.1, float("nan"), 0.2])}, {"a": []})

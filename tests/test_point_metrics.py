@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from monitor.evaluation.point_metrics import (average_precision, best_pointwise_f1, evaluate_scores, event_f1,
+from monitor.evaluation.point_metrics import (PA_K, average_precision, best_pointwise_f1, evaluate_scores, event_f1,
                                               point_adjust, pointwise_f1)
 
 LABELS = np.array([0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0])
@@ -36,3 +36,45 @@ def test_best_pointwise_f1_and_average_precision():
     # at 0.6 one point in each segment is flagged and no negative: point adjustment makes it perfect
     assert report.pa_f1 == pytest.approx(1.0) and report.pointwise_f1 == pytest.approx(12 / 13)
     assert report.pa_k_f1[100] <= report.pa_k_f1[0]
+
+
+def _brute_force(scores, labels):
+    """Every metric at every distinct threshold, from the single-threshold definitions."""
+    best = {"pointwise": 0.0, "event": 0.0, **{k: 0.0 for k in PA_K}}
+    for th in np.unique(scores):
+        pred = (scores >= th).astype(np.int8)
+        best["pointwise"] = max(best["pointwise"], pointwise_f1(pred, labels))
+        best["event"] = max(best["event"], event_f1(pred, labels))
+        for k in PA_K:
+            best[k] = max(best[k], pointwise_f1(point_adjust(pred, labels, k), labels))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_metric_is_at_its_best_over_every_distinct_threshold(seed):
+    rng = np.random.default_rng(seed)
+    n = 300
+    labels = np.zeros(n, dtype=np.int8)
+    for start in rng.choice(n - 20, size=5, replace=False):
+        labels[start:start + rng.integers(1, 15)] = 1
+    scores = np.round(rng.normal(size=n) + 1.5 * labels * rng.random(n), 1)  # rounded: ties too
+    report, best = evaluate_scores(scores, labels), _brute_force(scores, labels)
+    assert report.pointwise_f1 == pytest.approx(best["pointwise"])
+    assert report.event_f1 == pytest.approx(best["event"])
+    assert [report.pa_k_f1[k] for k in PA_K] == pytest.approx([best[k] for k in PA_K])
+    assert report.pa_k_f1[100] == pytest.approx(report.pointwise_f1)  # nothing is more than 100% flagged
+
+
+def test_the_best_threshold_may_be_the_highest_score_of_a_long_series():
+    """A quantile grid from the median up in steps of 0.5% cannot pick the top 3 of 2,000 rows."""
+    labels = np.zeros(2000, dtype=np.int8)
+    labels[1000:1003] = 1
+    scores = np.linspace(0.0, 1.0, 2000)
+    scores[1000:1003] = [2.0, 2.1, 2.2]
+    report = evaluate_scores(scores, labels)
+    assert report.event_f1 == report.pa_f1 == report.pa_k_auc == 1.0
+
+
+def test_scores_that_are_not_finite_are_refused():
+    with pytest.raises(ValueError, match="finite"):
+        evaluate_scores(np.array([0.1, np.nan, 0.3]), np.array([0, 1, 0]))

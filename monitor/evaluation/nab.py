@@ -48,10 +48,10 @@ def scaled_sigmoid(position: float) -> float:
     """NAB's reward curve: ~0.987 at a window's left edge (-1), 0 at its right edge
     (0), toward -1 for positions after it; -1 from 3 window widths on.
 
-    >>> round(scaled_sigmoid(-1.0), 5), scaled_sigmoid(0.0), scaled_sigmoid(3.0)
+    >>> round(scaled_sigmoid(-1.0), 5), scaled_sigmoid(0.0), scaled_sigmoid(3.01)
     (0.98661, 0.0, -1.0)
     """
-    if position >= 3.0:
+    if position > 3.0:  # as NAB's sweeper: at exactly 3 the curve's own value, -0.9999994
         return -1.0
     return 2.0 / (1.0 + math.exp(5.0 * position)) - 1.0
 
@@ -75,6 +75,8 @@ def sweep_rows(timestamps: Sequence[float], scores: Sequence[float], windows: Se
     n = len(ts)
     if len(scores) != n:
         raise ValueError(f"{name}: {n} timestamps but {len(scores)} scores")
+    if not np.isfinite(np.asarray(scores, dtype=np.float64)).all():  # a NaN threshold would never be passed
+        raise ValueError(f"{name}: scores must be finite")
     # window -> inclusive row range; a window is entered at its first row
     spans = []
     for start, end in sorted(windows):
@@ -99,8 +101,10 @@ def sweep_rows(timestamps: Sequence[float], scores: Sequence[float], windows: Se
                 prev_right, prev_width = right, width
         else:
             window = None
-            position = 3.0 if prev_right is None else abs(prev_right - i) / max(prev_width - 1, 1)
-            worth = scaled_sigmoid(position) * profile.fp
+            if prev_right is None:  # no window before it: a false positive at full weight
+                worth = -profile.fp
+            else:
+                worth = scaled_sigmoid(abs(prev_right - i) / max(prev_width - 1, 1)) * profile.fp
         if i >= probation:
             rows.append(ScoredRow(float(scores[i]), worth, window))
     return rows
@@ -154,6 +158,8 @@ class CorpusScore:
 
     @property
     def normalized(self) -> float:
+        if self.perfect == self.null:  # no window at all: nothing to find, nothing found
+            return 0.0
         return 100.0 * (self.raw - self.null) / (self.perfect - self.null)
 
 
@@ -169,9 +175,11 @@ def score_corpus(results: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     rows: list[ScoredRow] = []
     for name, (timestamps, scores) in results.items():
         rows.extend(sweep_rows(timestamps, scores, windows.get(name, ()), name, profile))
+    # as NAB's runner: the null score counts the windows that can be scored (a window wholly in
+    # probation is nobody's miss), the perfect score every window of the label file
     n_windows = len({r.window for r in rows if r.window is not None})
     null = -profile.fn * n_windows
-    perfect = profile.tp * n_windows
+    perfect = profile.tp * sum(len(windows.get(name, ())) for name in results)
     best = max(score_by_threshold(rows, profile), key=lambda s: s.score, default=None)
     if best is None or best.score < null:
         return CorpusScore(profile_name, math.inf, null, null, perfect)

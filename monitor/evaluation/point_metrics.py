@@ -116,23 +116,68 @@ class DetectionReport:
     auprc: float
 
 
-def evaluate_scores(scores: np.ndarray, labels: np.ndarray, n_thresholds: int = 100) -> DetectionReport:
-    """Every metric, each at its own best threshold from a quantile grid (an oracle
-    threshold, as the SMD literature reports it; say so wherever it is shown)."""
+def evaluate_scores(scores: np.ndarray, labels: np.ndarray) -> DetectionReport:
+    """Every metric, each at its own best threshold over every distinct score (an oracle
+    threshold, as the SMD literature reports it; say so wherever it is shown).
+
+    >>> r = evaluate_scores(np.array([0.9, 0.1, 0.2, 0.1]), np.array([1, 1, 0, 0]))
+    >>> r.pointwise_f1, r.event_f1, r.pa_f1, r.pa_k_f1[60]
+    (0.6666666666666666, 1.0, 1.0, 0.6666666666666666)
+    """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int8)
-    thresholds = np.unique(np.quantile(scores, np.linspace(0.5, 1.0, n_thresholds)))
-    best_event = 0.0
-    best_pa = {k: 0.0 for k in PA_K}
-    for th in thresholds:
-        pred = (scores >= th).astype(np.int8)
-        best_event = max(best_event, event_f1(pred, labels))
-        for k in PA_K:
-            best_pa[k] = max(best_pa[k], pointwise_f1(point_adjust(pred, labels, k), labels))
-    f1s = [best_pa[k] for k in PA_K]
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite (a warm-up row scores as low as the detector allows, not NaN)")
+    thresholds = np.unique(scores)[::-1]  # pred = scores >= threshold, highest first
+    flagged = _at_or_above(scores, thresholds)
+    anomalous = labels.astype(bool)
+    tp = _at_or_above(scores[anomalous], thresholds)
+    fp, positives = flagged - tp, int(anomalous.sum())
+    runs = segments(labels)
+    lengths = np.array([b - a + 1 for a, b in runs], dtype=np.int64)
+    # each segment's scores, highest first: the m-th is the lowest threshold at which m are flagged
+    ranked = [np.sort(scores[a:b + 1])[::-1] for a, b in runs]
+    point_of = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)]) if runs else np.zeros(0, np.int64)
+    segment_scores = np.concatenate([scores[a:b + 1] for a, b in runs]) if runs else np.zeros(0)
+
+    def adjusted_f1(k: int) -> float:
+        """PA%K: a segment with more than k% of its points flagged counts whole.  It is adjusted at
+        every threshold up to its m-th highest score, m = floor(k * length / 100) + 1, and then its
+        points count as its length instead of those flagged (flagged while both hold)."""
+        need = (k * lengths) // 100 + 1
+        reach = np.array([r[m - 1] if m <= len(r) else -np.inf for r, m in zip(ranked, need)])
+        whole = _weighted_at_or_above(reach, lengths, thresholds)
+        counted = _at_or_above(np.minimum(segment_scores, reach[point_of]), thresholds)
+        return _best_f1(tp + whole - counted, fp, positives)
+
+    found = _at_or_above(np.array([r[0] for r in ranked]), thresholds)  # segments with a flagged point
+    precision = np.where(flagged > 0, tp / np.maximum(flagged, 1), 0.0)
+    recall = found / max(len(runs), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        event = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    pa_k = {k: adjusted_f1(k) for k in PA_K}
+    f1s = [pa_k[k] for k in PA_K]
     auc = sum((f1s[i] + f1s[i + 1]) / 2 * (PA_K[i + 1] - PA_K[i]) for i in range(len(PA_K) - 1)) / 100.0
-    return DetectionReport(best_pointwise_f1(scores, labels)[0], best_event, best_pa[0], best_pa, auc,
+    return DetectionReport(_best_f1(tp, fp, positives), float(event.max()) if runs else 0.0, pa_k[0], pa_k, auc,
                            average_precision(scores, labels))
+
+
+def _at_or_above(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """How many ``values`` are >= each threshold."""
+    ordered = np.sort(values)
+    return len(ordered) - np.searchsorted(ordered, thresholds, side="left")
+
+
+def _weighted_at_or_above(values: np.ndarray, weights: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """The summed ``weights`` of the ``values`` >= each threshold."""
+    order = np.argsort(values)
+    cumulative = np.r_[0, np.cumsum(weights[order])]
+    return cumulative[-1] - cumulative[np.searchsorted(values[order], thresholds, side="left")]
+
+
+def _best_f1(tp: np.ndarray, fp: np.ndarray, positives: int) -> float:
+    f1s = np.where(tp > 0, 2 * tp / np.maximum(tp + fp + positives, 1), 0.0)
+    return float(f1s.max()) if len(f1s) else 0.0
 
 
 def precision_recall_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
