@@ -49,9 +49,12 @@ def load_nab_values(path: Path) -> np.ndarray:
     return np.genfromtxt(path, delimiter=",", skip_header=1, usecols=1, dtype=np.float64)
 
 
-def held_out_tasks(n_smd: int, n_nab: int, support: int = 256, query: int = 128, seed: int = 0):
+def held_out_tasks(n_smd: int, n_nab: int, support: int = 256, query: int = 128, seed: int = 0,
+                   with_sources: bool = False):
     """Tasks from series no shipped initialization was trained on: the held-out SMD
-    machines (train split) and every NAB series; returns scaled (support, query)."""
+    machines (train split) and every NAB series; returns scaled (support, query), and
+    with ``with_sources`` the series each task came from ("smd/3", "nab/12")."""
+    import numpy as np
     import torch
 
     from monitor.meta import TaskSampler
@@ -60,11 +63,14 @@ def held_out_tasks(n_smd: int, n_nab: int, support: int = 256, query: int = 128,
     parts = []
     if n_smd:
         smd = [col for m in SMD_HELD_OUT for col in load_smd(m).T]
-        parts.append(TaskSampler(smd, support, query, Normalization(), seed).sample(n_smd))
+        support_, query_, index = TaskSampler(smd, support, query, Normalization(), seed).sample_with_sources(n_smd)
+        parts.append((support_, query_, np.array([f"smd/{i}" for i in index])))
     if n_nab:
         nab = [load_nab_values(p) for p in nab_files()]
-        parts.append(TaskSampler(nab, support, query, Normalization(), seed + 1).sample(n_nab))
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        support_, query_, index = TaskSampler(nab, support, query, Normalization(), seed + 1).sample_with_sources(n_nab)
+        parts.append((support_, query_, np.array([f"nab/{i}" for i in index])))
+    tasks = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return (*tasks, np.concatenate([p[2] for p in parts])) if with_sources else tasks
 
 
 def meta_train_tasks(n: int, support: int = 256, query: int = 128, seed: int = 0):
