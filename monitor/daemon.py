@@ -130,7 +130,8 @@ class HealthServer:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]
 
-        self.server: WSGIServer = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+        self.server: WSGIServer = make_server(host, port, app, server_class=_ThreadingServer,
+                                              handler_class=_QuietHandler)
         self.port = self.server.server_port
         self.thread = threading.Thread(target=self.server.serve_forever, name="forewarn-http", daemon=True)
 
