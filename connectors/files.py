@@ -28,7 +28,7 @@ from typing import IO
 import numpy as np
 
 from monitor.readings import (BadReason, BadRecord, MessageFormat, Reading, Score, check_value,
-                              parse_message, parse_timestamp)
+                              encodes_as_utf8, parse_message, parse_timestamp)
 
 FORMATS = ("nab", "wide", "jsonl")
 _TIMESTAMP_COLUMNS = ("timestamp", "ts", "time", "datetime", "date")
@@ -68,26 +68,11 @@ def open_text(path: str | Path) -> IO[str]:
     if path.is_dir():
         raise FileFormatError(f"{path}: is a directory, not a recording")
     # utf-8-sig: a byte-order mark would otherwise become part of the first column's name.
-    # surrogateescape: bytes that are not UTF-8 stay recognisable (_undecodable), so the record
+    # surrogateescape: bytes that are not UTF-8 stay recognisable (encodes_as_utf8), so the record
     # holding them is refused; replacing them would make Latin-1 "pump-ä" and "pump-ö" one device
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="surrogateescape", newline="")
     return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
-
-
-def _undecodable(text: str) -> bool:
-    """Whether a line read by ``open_text`` held bytes that are not UTF-8.
-
-    >>> _undecodable("pump-\u00e4"), _undecodable(b"pump-\\xe4".decode("utf-8", "surrogateescape"))
-    (False, True)
-    """
-    if text.isascii():
-        return False
-    try:
-        text.encode("utf-8")  # valid UTF-8 never decodes to a lone surrogate
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _not_utf8(text: str, ref: str) -> BadRecord:
@@ -175,7 +160,7 @@ class FileSource:
                 if not line.strip():
                     continue
                 line = line.rstrip("\r\n")
-                if _undecodable(line):
+                if not encodes_as_utf8(line):
                     yield None, [_not_utf8(line, f"line {number}")]
                     continue
                 parsed = parse_message(line, self.message_format, ref=f"line {number}")
@@ -193,7 +178,7 @@ class FileSource:
             if first is None:
                 raise FileFormatError(f"{self.path}: empty file, expected a CSV header or data")
             joined = ",".join(first)
-            if _undecodable(joined):  # channel names, or the first row of a headerless file: neither is guessed
+            if not encodes_as_utf8(joined):  # channel names, or the first row of a headerless file: neither is guessed
                 raise FileFormatError(f"{self.path}: line 1: not valid UTF-8: {_as_bytes_escaped(joined)[:80]!r}")
             header, ts_col, pending = self._header(first)
             width = len(header) + (ts_col is not None)
@@ -214,7 +199,7 @@ class FileSource:
                 row_number += 1
                 ref = f"line {line}"
                 raw = ",".join(row)
-                if _undecodable(raw):
+                if not encodes_as_utf8(raw):
                     yield None, [_not_utf8(raw, ref)]
                     continue
                 raw = raw[:500]

@@ -204,7 +204,7 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
         device = str(device)
         if len(device) > max_name:
             return rejected(BadReason.BAD_DEVICE, f"device id of {len(device)} digits, more than {max_name}")
-    if not device.isascii() and not _is_utf8(device):
+    if not encodes_as_utf8(device):
         return rejected(BadReason.BAD_DEVICE, f"device name {device[:40]!r} is not valid Unicode (a lone surrogate)")
     ts = msg.get(fmt.ts)
     if type(ts) is not float or not -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:  # the common case: one check
@@ -236,7 +236,7 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
             bad.append(BadRecord(BadReason.BAD_CHANNEL, f"device {device!r}: channel name of {len(channel)} "
                                  f"characters, expected 1 to {max_name}: {channel[:40]!r}", ref, _excerpt(raw)))
             continue
-        if not channel.isascii() and not _is_utf8(channel):
+        if not encodes_as_utf8(channel):
             bad.append(BadRecord(BadReason.BAD_CHANNEL, f"device {device!r}: channel name {channel[:40]!r} is not "
                                  "valid Unicode (a lone surrogate)", ref, _excerpt(raw)))
             continue
@@ -248,11 +248,18 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     return Parsed(Reading(device, ts, values, ref) if values else None, bad)
 
 
-def _is_utf8(name: str) -> bool:
-    """Whether ``name`` can be written as UTF-8: JSON's escapes can spell a lone surrogate
-    (``"\\ud800"``), which every output (CSV, Kafka keys, metric labels) would fail on."""
+def encodes_as_utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8.  JSON's escapes can spell a lone surrogate
+    (``"\\ud800"``), which every output (CSV, Kafka keys, metric labels) would fail on; a file
+    read with ``surrogateescape`` holds one where its bytes were not UTF-8.
+
+    >>> encodes_as_utf8("pump-\u00e4"), encodes_as_utf8(b"pump-\\xe4".decode("utf-8", "surrogateescape"))
+    (True, False)
+    """
+    if text.isascii():
+        return True
     try:
-        name.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
