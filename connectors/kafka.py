@@ -119,20 +119,27 @@ class KafkaSource:
         self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._delivered.items()})
         self._delivered.clear()
 
-    def rewind(self, partitions) -> None:
+    def rewind(self, partitions) -> dict[TopicPartition, int | None]:
         """Go back to the committed offset of these partitions, or to the start without one
-        (under ``earliest``).  kafka-python keeps the fetch position of a partition that stays
-        with this member across a rebalance: past what the state restored for it covers,
-        when its devices were not all saved on revoke."""
+        (under ``earliest``); returns the committed offsets (None: none).  kafka-python keeps
+        the fetch position of a partition that stays with this member across a rebalance:
+        past what the state restored for it covers, when its devices were not all saved on
+        revoke."""
         assigned = self.consumer.assignment()
+        committed_at = {}
         for tp in partitions:
             if tp not in assigned:
                 continue
-            committed = self.consumer.committed(tp)
+            committed_at[tp] = committed = self.consumer.committed(tp)
             if committed is not None:
                 self.consumer.seek(tp, committed)
             elif self.cfg.auto_offset_reset == "earliest":
                 self.consumer.seek_to_beginning(tp)
+        return committed_at
+
+    def end_offsets(self, partitions) -> dict[TopicPartition, int]:
+        """The next offset each of these partitions will write."""
+        return self.consumer.end_offsets(list(partitions))
 
     def pause(self, partitions) -> None:
         self.consumer.pause(*partitions)

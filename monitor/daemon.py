@@ -631,7 +631,7 @@ class Daemon:
         # a partition that stayed here through the rebalance kept its fetch position: back to
         # the committed offset, so that devices not saved on revoke replay what their last
         # checkpoint does not cover (what a state does cover is skipped: ``_skip_covered``)
-        source.rewind(partitions)
+        committed_at = source.rewind(partitions)
         # the input topic may have grown since the changelog was made; its partitions must follow
         self.store.ensure_partitions(max([source.partitions_for_topic()] + [tp.partition + 1 for tp in partitions]))
         for partition, device, data in self.store.load((tp.partition for tp in partitions), self._still_alive):
@@ -643,11 +643,21 @@ class Daemon:
         by_device = {s.device: s for _, s in states}
         streams = self.pipeline.import_devices(by_device.values())
         now = time.monotonic()
+        ends = self._ends_of_uncommitted(source, committed_at, states)
+        beyond: dict[int, int] = {}
         for partition, s in states:
             self._partition_of[s.device] = partition
             self._last_seen[s.device] = now  # the idle clock starts at the restore
-            if s.offset >= 0:
+            if s.offset > ends.get(partition, math.inf):
+                beyond[partition] = beyond.get(partition, 0) + 1
+            elif s.offset >= 0:
                 self._covered[s.device] = (partition, s.offset)
+        if beyond:
+            log.warning("saved states cover offsets their input partition has not reached, and it has no "
+                        "committed offset: the input topic was deleted and made again, so its readings are new "
+                        "and are scored, not skipped as seen", extra=_fields(
+                            partitions=sorted(beyond), devices=sum(beyond.values()),
+                            end_offsets={p: ends[p] for p in sorted(beyond)}))
         self.metrics.restored.inc(streams)
         self.metrics.restore_failures.inc(failed)
         self.metrics.set_streams(self.pipeline.streams_by_state())
@@ -656,6 +666,21 @@ class Daemon:
         log.info("state restored", extra=_fields(partitions=sorted(tp.partition for tp in partitions),
                                                  devices=len(by_device), streams=streams, failed=failed,
                                                  seconds=round(time.perf_counter() - started, 3)))
+
+    @staticmethod
+    def _ends_of_uncommitted(source, committed_at, states) -> dict[int, int]:
+        """End offsets of the partitions without a committed offset that states cover offsets
+        on.  A partition loses its committed offsets when the topic is deleted (or the group
+        idles past offsets.retention.minutes): made again, its offsets restart from 0, and a
+        state covering offset 5,000 of the old one would silently skip its first 5,000
+        readings.  An offset beyond the end tells the two apart.  A partition with a committed
+        offset is the one the states were made on (deleting a topic deletes its committed
+        offsets), and is not asked: Tansu reports an end that lags within a record batch."""
+        uncommitted = {tp.partition: tp for tp, committed in committed_at.items() if committed is None}
+        wanted = {uncommitted[p] for p, s in states if p in uncommitted and s.offset >= 0}
+        if not wanted:
+            return {}
+        return {tp.partition: end for tp, end in source.end_offsets(wanted).items()}
 
     LATENCY_SAMPLES = 256
 

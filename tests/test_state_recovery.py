@@ -421,3 +421,50 @@ def test_a_moved_device_leaves_no_snapshot_on_its_old_partition(broker):
     assert store.load([0]) == [] and [p for p, _, _ in store.load([0, 1])] == [1]
     assert daemon._old_home == {}
     store.close()
+
+
+def test_a_recreated_input_topic_is_scored_afresh_not_skipped_as_covered(broker, tmp_path, caplog):
+    """Deleting the input topic deletes its committed offsets, and the topic made again
+    numbers its records from 0: the states saved on the old one cover offsets the new one
+    has not reached, and skipping what they cover would drop its readings unseen."""
+    import logging
+    import threading
+
+    from kafka import KafkaAdminClient
+
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+    from tests.kafka_support import FAST_GROUP
+
+    topic, scores, group = "again-sensors", "again-scores", "again"
+    broker.create_topics({topic: 1, scores: 1})
+    env = {**FAST_GROUP, **_env(broker, topic, group, 0, scores, FOREWARN_STATE_STORE="local",
+                                FOREWARN_STATE_LOCAL_PATH=str(tmp_path / "state.db"))}
+
+    def run_until(records: int) -> None:
+        daemon = Daemon(Config.load(environ=env))
+        thread = threading.Thread(target=daemon.run)
+        thread.start()
+        try:
+            wait_for(lambda: daemon.records == records, 120, what="the daemon to process everything")
+        finally:
+            daemon.stop()
+            thread.join(60)
+
+    publish(broker.bootstrap, topic, _messages(range(200)))
+    run_until(200 * DEVICES)
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        admin.delete_topics([topic])
+    finally:
+        admin.close()
+    wait_for(lambda: not committed_offsets(broker.bootstrap, group, topic), 30, what="the topic to be deleted")
+    broker.create_topics({topic: 1})
+    publish(broker.bootstrap, topic, _messages(range(200, 260)))
+    with caplog.at_level(logging.WARNING, logger="forewarn.daemon"):
+        run_until(60 * DEVICES)
+    scored = read_topic(broker.bootstrap, scores)
+    assert {(s["device"], s["ts"]) for s in scored} == \
+        {(f"d{d}", float(t)) for t in range(260) for d in range(DEVICES)}
+    assert_warmed_once(scored)  # the states were restored and continued, not re-warmed
+    assert "deleted and made again" in caplog.text
