@@ -1,6 +1,6 @@
 """Meta-initializations against pooled pre-training, task by task, over several task draws.
 
-    python benchmarks/meta_vs_pooled.py [--draws 5] [--tasks 96] [--ks 1,5,10]
+    python benchmarks/meta_vs_pooled.py [--draws 5] [--tasks 96] [--ks 1,5,10] [--extra NAME=FILE ...]
 
 One draw of held-out tasks (benchmarks/adaptation.py's table) is small enough for
 its sample to decide a few-percent race, so this pools ``--draws`` fresh draws
@@ -47,11 +47,18 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=96, help="tasks from SMD and from NAB, each, per draw")
     parser.add_argument("--ks", default="1,5,10")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=FILE",
+                        help="more initializations to compare with pooled pre-training")
     args = parser.parse_args()
     torch.set_num_threads(2)
     ks = [int(k) for k in args.ks.split(",")]
     inits = {"meta-init (maml, shipped)": Initialization.default(),
              "meta-init (maml from the pooled model)": Initialization.load(ARTIFACTS / "maml-pooled.pt")}
+    for extra in args.extra:
+        name, sep, path = extra.partition("=")
+        if not sep:
+            parser.error(f"--extra takes NAME=FILE, got {extra!r}")
+        inits[name] = Initialization.load(path)
     pooled = Initialization.load(ARTIFACTS / "pooled.pt")
     mse: dict[tuple[str, int], list[np.ndarray]] = {(name, k): [] for name in [*inits, "pooled"] for k in ks}
     sources = []

@@ -49,6 +49,9 @@ class MetaConfig:
     query: int = 128
     query_context: int = 32     # support values re-run before the query to warm the state
     meta_lr: float = 1e-3
+    # Adam's rate for the learned step sizes' logs (None: ``meta_lr``).  Adam moves each
+    # by about its rate per iteration, so at 1e-3 they end within a few percent of their start.
+    step_size_lr: float | None = None
     inner: AdaptConfig = field(default_factory=lambda: AdaptConfig(steps=5, lr=0.01))
     learn_inner_lr: bool = True
     spec: LSTMSpec = field(default_factory=LSTMSpec)
@@ -62,8 +65,8 @@ class MetaConfig:
             raise ValueError("iterations and tasks_per_batch must be >= 1")
         if self.support < 16 or self.query < 2 or not 0 <= self.query_context <= self.support:
             raise ValueError("need support >= 16, query >= 2, 0 <= query_context <= support")
-        if self.meta_lr <= 0:
-            raise ValueError("meta_lr must be > 0")
+        if self.meta_lr <= 0 or (self.step_size_lr is not None and self.step_size_lr <= 0):
+            raise ValueError("meta_lr and step_size_lr must be > 0")
 
 
 # ---- tasks ---------------------------------------------------------------------
@@ -155,7 +158,10 @@ def meta_train(sampler: TaskSampler, cfg: MetaConfig,
     learn_lr = cfg.learn_inner_lr and cfg.algorithm in ("fomaml", "maml")
     log_lr = {k: torch.full_like(v, math.log(cfg.inner.lr), requires_grad=True) for k, v in params.items()} \
         if learn_lr else None
-    opt = torch.optim.Adam(list(params.values()) + (list(log_lr.values()) if log_lr else []), lr=cfg.meta_lr)
+    groups = [{"params": list(params.values())}]
+    if log_lr:
+        groups.append({"params": list(log_lr.values()), "lr": cfg.step_size_lr or cfg.meta_lr})
+    opt = torch.optim.Adam(groups, lr=cfg.meta_lr)
     started = time.perf_counter()
     running = None
     for iteration in range(1, cfg.iterations + 1):
@@ -188,6 +194,7 @@ def meta_train(sampler: TaskSampler, cfg: MetaConfig,
         "support": cfg.support,
         "query": cfg.query,
         "meta_lr": cfg.meta_lr,
+        "step_size_lr": (cfg.step_size_lr or cfg.meta_lr) if learn_lr else None,
         "seed": cfg.seed,
         "started_from": start.info.get("algorithm", "checkpoint") if start is not None else "random",
         "series": len(sampler.series),

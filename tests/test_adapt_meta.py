@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -126,6 +127,37 @@ def test_meta_training_can_start_from_a_pretrained_checkpoint():
     assert init.info["started_from"] == "pooled" and init.inner_lr is not None
     with pytest.raises(ValueError, match="LSTM"):
         meta_train(sampler, cfg, start=Initialization.random(LSTMSpec(hidden=8)))
+
+
+def test_step_sizes_learn_at_their_own_rate_and_the_weights_at_theirs():
+    rng = np.random.default_rng(2)
+    corpus = [np.sin(np.arange(300) / (4 + i)) + 0.05 * rng.standard_normal(300) for i in range(4)]
+    base = MetaConfig(algorithm="fomaml", iterations=5, tasks_per_batch=2, support=64, query=16,
+                      inner=AdaptConfig(steps=1, lr=0.05), spec=LSTMSpec(hidden=4))
+
+    def train(**changes):
+        sampler = TaskSampler(corpus, base.support, base.query, Normalization(), seed=0)
+        return meta_train(sampler, replace(base, **changes))
+
+    def log_rate_moved(init):
+        return max(float((v.log() - math.log(0.05)).abs().max()) for v in init.inner_lr.values())
+
+    shared, faster = train(), train(step_size_lr=0.1)
+    # Adam moves a parameter by at most about its rate per iteration
+    assert log_rate_moved(shared) < 5 * base.meta_lr * 1.5 < log_rate_moved(faster)
+    assert shared.info["step_size_lr"] == base.meta_lr and faster.info["step_size_lr"] == 0.1
+    # the weights keep the meta rate: with the step sizes held still, they move as far as with it
+    tiny = train(step_size_lr=1e-9)
+    assert log_rate_moved(tiny) < 1e-6
+    start = Initialization.random(base.spec, seed=0).params
+
+    def weights_moved(init):
+        return max(float((init.params[k] - start[k]).abs().max()) for k in start)
+
+    assert 0.5 * base.meta_lr * 5 < weights_moved(tiny) < 1.5 * base.meta_lr * 5
+    assert weights_moved(tiny) == pytest.approx(weights_moved(shared), rel=0.2)
+    with pytest.raises(ValueError, match="step_size_lr"):
+        replace(base, step_size_lr=0.0)
 
 
 def test_loading_refuses_files_that_are_not_initializations(tmp_path):
