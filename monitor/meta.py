@@ -4,7 +4,9 @@ Each task is one window of one series: the first ``support`` values play the
 warm-up window a new device would give us, the ``query`` values after them the
 readings it must then forecast.  The algorithms:
 
-``reptile``  move the initialization toward the weights each task adapts to;
+``reptile``  move the initialization part of the way to the mean of the weights the
+             tasks adapt to (Nichol et al. 2018: a step of ``reptile_step``, annealed
+             linearly to 0 over the iterations, as their code does);
 ``fomaml``   first-order MAML: the query-loss gradient at the adapted weights;
 ``maml``     second-order MAML: the query loss differentiated through the whole
              inner loop (``torch.func.grad`` inside autograd);
@@ -52,6 +54,7 @@ class MetaConfig:
     # Adam's rate for the learned step sizes' logs (None: ``meta_lr``).  Adam moves each
     # by about its rate per iteration, so at 1e-3 they end within a few percent of their start.
     step_size_lr: float | None = None
+    reptile_step: float = 1.0   # Reptile's first interpolation step (epsilon), annealed to 0
     inner: AdaptConfig = field(default_factory=lambda: AdaptConfig(steps=5, lr=0.01))
     learn_inner_lr: bool = True
     spec: LSTMSpec = field(default_factory=LSTMSpec)
@@ -67,6 +70,8 @@ class MetaConfig:
             raise ValueError("need support >= 16, query >= 2, 0 <= query_context <= support")
         if self.meta_lr <= 0 or (self.step_size_lr is not None and self.step_size_lr <= 0):
             raise ValueError("meta_lr and step_size_lr must be > 0")
+        if not 0 < self.reptile_step <= 1:
+            raise ValueError("reptile_step must be in (0, 1]")
 
 
 # ---- tasks ---------------------------------------------------------------------
@@ -172,17 +177,19 @@ def meta_train(sampler: TaskSampler, cfg: MetaConfig,
             loss.backward()
         elif cfg.algorithm == "reptile":
             adapted = adapt({k: v.detach() for k, v in params.items()}, support, cfg.inner)
+            step = cfg.reptile_step * (1 - (iteration - 1) / cfg.iterations)
             with torch.no_grad():
                 loss = query_loss(adapted, support, query, cfg.inner, cfg.query_context).mean()
-                for k, v in params.items():  # Reptile's direction, fed to Adam as a gradient
-                    v.grad = v - adapted[k].mean(dim=0)
+                for k, v in params.items():
+                    v.lerp_(adapted[k].mean(dim=0), step)
         else:
             lr = {k: v.exp() for k, v in log_lr.items()} if log_lr else None
             adapted = adapt(params, support, cfg.inner, lr, create_graph=cfg.algorithm == "maml")
             loss = query_loss(adapted, support, query, cfg.inner, cfg.query_context).mean()
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 10.0)
-        opt.step()
+        if cfg.algorithm != "reptile":
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 10.0)
+            opt.step()
         value = float(loss.detach())
         running = value if running is None else 0.98 * running + 0.02 * value
         if on_progress is not None:
@@ -193,8 +200,9 @@ def meta_train(sampler: TaskSampler, cfg: MetaConfig,
         "tasks_per_batch": cfg.tasks_per_batch,
         "support": cfg.support,
         "query": cfg.query,
-        "meta_lr": cfg.meta_lr,
+        "meta_lr": cfg.meta_lr if cfg.algorithm != "reptile" else None,
         "step_size_lr": (cfg.step_size_lr or cfg.meta_lr) if learn_lr else None,
+        "reptile_step": cfg.reptile_step if cfg.algorithm == "reptile" else None,
         "seed": cfg.seed,
         "started_from": start.info.get("algorithm", "checkpoint") if start is not None else "random",
         "series": len(sampler.series),

@@ -129,6 +129,26 @@ def test_meta_training_can_start_from_a_pretrained_checkpoint():
         meta_train(sampler, cfg, start=Initialization.random(LSTMSpec(hidden=8)))
 
 
+def test_reptile_moves_the_initialization_toward_the_mean_adapted_weights_by_its_annealed_step():
+    rng = np.random.default_rng(3)
+    corpus = [np.sin(np.arange(300) / (4 + i)) + 0.05 * rng.standard_normal(300) for i in range(4)]
+    cfg = MetaConfig(algorithm="reptile", iterations=2, tasks_per_batch=3, support=64, query=16,
+                     inner=AdaptConfig(steps=2, lr=0.1), spec=LSTMSpec(hidden=4), reptile_step=0.8)
+    init = meta_train(TaskSampler(corpus, cfg.support, cfg.query, Normalization(), seed=0), cfg)
+    # the same two meta-batches, by hand: step 0.8, then 0.8 x (1 - 1/2)
+    tasks = TaskSampler(corpus, cfg.support, cfg.query, Normalization(), seed=0)
+    torch.manual_seed(cfg.seed)
+    weights = Initialization.random(cfg.spec, seed=cfg.seed).params
+    for step in (0.8, 0.4):
+        support, _ = tasks.sample(cfg.tasks_per_batch)
+        adapted = adapt(weights, support, cfg.inner)
+        weights = {k: v + step * (adapted[k].mean(dim=0) - v) for k, v in weights.items()}
+    assert all(torch.allclose(init.params[k], weights[k], atol=1e-6) for k in weights)
+    assert init.info["reptile_step"] == 0.8 and init.inner_lr is None
+    with pytest.raises(ValueError, match="reptile_step"):
+        replace(cfg, reptile_step=1.5)
+
+
 def test_step_sizes_learn_at_their_own_rate_and_the_weights_at_theirs():
     rng = np.random.default_rng(2)
     corpus = [np.sin(np.arange(300) / (4 + i)) + 0.05 * rng.standard_normal(300) for i in range(4)]
