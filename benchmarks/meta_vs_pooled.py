@@ -52,8 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     ks = [int(k) for k in args.ks.split(",")]
-    inits = {"meta-init (maml, shipped)": Initialization.default(),
-             "meta-init (maml from the pooled model)": Initialization.load(ARTIFACTS / "maml-pooled.pt")}
+    inits = {"meta-init (maml from the pooled model, shipped)": Initialization.default(),
+             "meta-init (maml from random weights)": Initialization.load(ARTIFACTS / "maml.pt")}
     for extra in args.extra:
         name, sep, path = extra.partition("=")
         if not sep:

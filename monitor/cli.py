@@ -593,10 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding nab/ and smd/ (default: $FOREWARN_DATA or ../shared/data)")
     p.add_argument("--detectors", nargs="+", default=["forewarn", "meta-no-adapt", "lstm-scratch", "zscore", "hst", "pad-hw"],
                    help="detectors to run (default: %(default)s; also pooled, novelty, forewarn-fomaml, "
-                        "forewarn-reptile, forewarn-maml-pooled and the forewarn-* option variants, such as "
+                        "forewarn-reptile, forewarn-maml and the forewarn-* option variants, such as "
                         "forewarn-calibrated-novelty; an unknown name lists them all)")
     p.add_argument("--init-dir", metavar="DIR", default=None,
-                   help="where pooled.pt, fomaml.pt, reptile.pt, maml-pooled.pt are "
+                   help="where pooled.pt, fomaml.pt, reptile.pt, maml.pt are "
                         "(default: benchmarks/artifacts of the checkout)")
     p.add_argument("--limit", type=_positive_int, default=None, help="NAB: only the first N labelled series")
     p.add_argument("--windows", default="combined_windows.json", help="NAB label file (default: %(default)s)")
