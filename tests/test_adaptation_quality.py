@@ -21,3 +21,15 @@ def test_meta_init_plus_k_steps_beats_random_init_and_no_adaptation(tasks):
     random = Initialization.random(meta.spec, seed=0)
     for lr in (0.003, 0.01, 0.03, 0.1, 0.3):  # whatever step size random init is given
         assert adapted < adaptation_mse(random, support, query, K, lr), f"random init at lr {lr}"
+
+
+def test_meta_init_plus_k_steps_beats_pooled_pretraining_plus_k_steps(tasks):
+    """The shipped initialization against the same model pre-trained on every window
+    (benchmarks/artifacts/pooled.pt), after the same K steps: the race meta-learning has
+    to win (README, "Adaptation"; benchmarks/meta_vs_pooled.py has the intervals)."""
+    from pathlib import Path
+    support, query = tasks
+    adapted = adaptation_mse(Initialization.default(), support, query, K)
+    pooled = Initialization.load(Path(__file__).resolve().parents[1] / "benchmarks" / "artifacts" / "pooled.pt")
+    for lr in (0.003, 0.01, 0.03, 0.1, 0.3):  # whatever step size pooled pre-training is given
+        assert adapted < adaptation_mse(pooled, support, query, K, lr), f"pooled at lr {lr}"
