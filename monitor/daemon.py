@@ -640,10 +640,10 @@ class Daemon:
             except StateError as exc:
                 failed += 1
                 log.warning("device state not restored; it re-warms", extra=_fields(device=device, reason=str(exc)))
+        ends = self._ends_of_uncommitted(source, committed_at, states)  # before anything is imported: may raise
         by_device = {s.device: s for _, s in states}
         streams = self.pipeline.import_devices(by_device.values())
         now = time.monotonic()
-        ends = self._ends_of_uncommitted(source, committed_at, states)
         beyond: dict[int, int] = {}
         for partition, s in states:
             self._partition_of[s.device] = partition
