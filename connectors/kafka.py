@@ -30,6 +30,7 @@ log = logging.getLogger("forewarn.kafka")
 # was not committed either, so it is processed again after a restart.
 CLOSE_TIMEOUT_S = 5.0
 LAG_TIMEOUT_MS = 2000  # lag is information: never hold the loop for it
+END_OFFSETS_TIMEOUT_MS = 10_000  # a restore asks once; it is tried again if the broker is slower
 
 
 @dataclass
@@ -138,8 +139,9 @@ class KafkaSource:
         return committed_at
 
     def end_offsets(self, partitions) -> dict[TopicPartition, int]:
-        """The next offset each of these partitions will write."""
-        return self.consumer.end_offsets(list(partitions))
+        """The next offset each of these partitions will write (KafkaTimeoutError, which
+        is retriable, after ``END_OFFSETS_TIMEOUT_MS``: the loop is not held longer)."""
+        return self.consumer.end_offsets(list(partitions), timeout_ms=END_OFFSETS_TIMEOUT_MS)
 
     def pause(self, partitions) -> None:
         self.consumer.pause(*partitions)

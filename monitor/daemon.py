@@ -644,20 +644,26 @@ class Daemon:
         by_device = {s.device: s for _, s in states}
         streams = self.pipeline.import_devices(by_device.values())
         now = time.monotonic()
-        beyond: dict[int, int] = {}
+        # a partition made again: every state on it covers offsets of the old one, not only
+        # those past the new end (a device that went quiet early covers a smaller offset)
+        remade = {partition for partition, s in states if s.offset > ends.get(partition, math.inf)}
         for partition, s in states:
             self._partition_of[s.device] = partition
             self._last_seen[s.device] = now  # the idle clock starts at the restore
-            if s.offset > ends.get(partition, math.inf):
-                beyond[partition] = beyond.get(partition, 0) + 1
+            if partition in remade:
+                self._covered[s.device] = (partition, -1)  # nothing here; a move still deletes it there
             elif s.offset >= 0:
                 self._covered[s.device] = (partition, s.offset)
-        if beyond:
+        if remade:
+            devices = [s.device for partition, s in states if partition in remade]
+            # rewritten at the next checkpoint, before its commit: once the partition has a committed
+            # offset, the old offsets in their snapshots would be believed again
+            self.pipeline.mark_changed(devices)
             log.warning("saved states cover offsets their input partition has not reached, and it has no "
                         "committed offset: the input topic was deleted and made again, so its readings are new "
                         "and are scored, not skipped as seen", extra=_fields(
-                            partitions=sorted(beyond), devices=sum(beyond.values()),
-                            end_offsets={p: ends[p] for p in sorted(beyond)}))
+                            partitions=sorted(remade), devices=len(devices),
+                            end_offsets={p: ends[p] for p in sorted(remade)}))
         self.metrics.restored.inc(streams)
         self.metrics.restore_failures.inc(failed)
         self.metrics.set_streams(self.pipeline.streams_by_state())
@@ -675,7 +681,9 @@ class Daemon:
         state covering offset 5,000 of the old one would silently skip its first 5,000
         readings.  An offset beyond the end tells the two apart.  A partition with a committed
         offset is the one the states were made on (deleting a topic deletes its committed
-        offsets), and is not asked: Tansu reports an end that lags within a record batch."""
+        offsets, and the states of a remade one are rewritten before its first commit), and is
+        not asked: Tansu reports an end that lags within a record batch, which after offsets
+        expire can make a state look past the end (its readings are then scored again)."""
         uncommitted = {tp.partition: tp for tp, committed in committed_at.items() if committed is None}
         wanted = {uncommitted[p] for p, s in states if p in uncommitted and s.offset >= 0}
         if not wanted:

@@ -504,6 +504,10 @@ class Pipeline:
             self._changed -= among
         return changed
 
+    def mark_changed(self, devices: Iterable[str]) -> None:
+        """Have the next checkpoint write these devices (known ones) even if nothing reaches them."""
+        self._changed.update(d for d in devices if d in self._devices)
+
     def export_devices(self, devices: Iterable[str], offsets: dict[str, int] | None = None) -> list[DeviceState]:
         """Snapshots of these devices (unknown ones are skipped); ``offsets`` gives
         the input offset each snapshot covers (-1 if not given).

@@ -460,18 +460,64 @@ def test_a_recreated_input_topic_is_scored_afresh_not_skipped_as_covered(broker,
         admin.close()
     wait_for(lambda: not committed_offsets(broker.bootstrap, group, topic), 30, what="the topic to be deleted")
     broker.create_topics({topic: 1})
-    publish(broker.bootstrap, topic, _messages(range(200, 260)))
+    # half the devices report on the new topic, then all: the silent half's states must not
+    # come back covering the old topic's offsets once the new one has a committed offset
+    half = [m for m in _messages(range(200, 260)) if int(m[0][1:]) < DEVICES // 2]
+    publish(broker.bootstrap, topic, half)
     warnings: list[str] = []
     collect = logging.Handler(logging.WARNING)
     collect.emit = lambda record: warnings.append(record.getMessage())
     daemon_log = logging.getLogger("forewarn.daemon")  # its parent may not propagate (setup_logging)
     daemon_log.addHandler(collect)
     try:
-        run_until(60 * DEVICES)
+        run_until(len(half))
     finally:
         daemon_log.removeHandler(collect)
+    assert any("deleted and made again" in w for w in warnings)
+    publish(broker.bootstrap, topic, _messages(range(260, 300)))
+    run_until(40 * DEVICES)
     scored = read_topic(broker.bootstrap, scores)
     assert {(s["device"], s["ts"]) for s in scored} == \
-        {(f"d{d}", float(t)) for t in range(260) for d in range(DEVICES)}
+        {(f"d{d}", float(t)) for d in range(DEVICES)
+         for t in [*range(200), *(range(200, 260) if d < DEVICES // 2 else ()), *range(260, 300)]}
     assert_warmed_once(scored)  # the states were restored and continued, not re-warmed
-    assert any("deleted and made again" in w for w in warnings)
+
+
+def test_every_state_on_a_remade_partition_covers_nothing_and_is_written_again():
+    """On an input partition without a committed offset, one state covering an offset past
+    its end shows the topic was made again; a state covering less (a device that went quiet
+    early) is from the old topic too.  A partition with a committed offset is left alone."""
+    from kafka import TopicPartition
+
+    from connectors.state_store import LocalStore
+    from monitor.readings import Reading
+    daemon = _idle_daemon()
+    feed = [Reading(d, float(t), {"v": float(t % 7)}) for t in range(20) for d in ("quiet", "busy", "other")]
+    daemon.pipeline.feed(feed)
+    store = daemon.store = LocalStore(":memory:")
+    covered = {"quiet": 100, "busy": 5000, "other": 5000}
+    states = daemon.pipeline.export_devices(covered, covered)
+    for state, data in zip(states, daemon.codec.encode_many(states)):
+        store.put(1 if state.device == "other" else 0, state.device, data)
+    daemon.pipeline.drop_devices(set(covered))
+    daemon.pipeline.take_changed()
+    remade, kept = TopicPartition("t", 0), TopicPartition("t", 1)
+
+    class Source:
+        def rewind(self, partitions):
+            return {remade: None, kept: 4000}
+
+        def end_offsets(self, partitions):
+            assert set(partitions) == {remade}  # a committed partition is not asked
+            return {remade: 3000}
+
+        def partitions_for_topic(self):
+            return 2
+
+        def resume(self, partitions):
+            pass
+
+    daemon._to_restore = {remade, kept}
+    daemon._restore_partitions(Source())
+    assert daemon._covered == {"quiet": (0, -1), "busy": (0, -1), "other": (1, 5000)}
+    assert daemon.pipeline.take_changed() == {"quiet", "busy"}
