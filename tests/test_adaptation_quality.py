@@ -3,7 +3,7 @@ import pytest
 
 from monitor.checkpoint import Initialization
 from monitor.datasets import held_out_tasks
-from monitor.meta import adaptation_mse
+from monitor.meta import LR_GRID, adaptation_mse
 
 K = 10
 
@@ -31,5 +31,5 @@ def test_meta_init_plus_k_steps_beats_pooled_pretraining_plus_k_steps(tasks):
     support, query = tasks
     adapted = adaptation_mse(Initialization.default(), support, query, K)
     pooled = Initialization.load(Path(__file__).resolve().parents[1] / "benchmarks" / "artifacts" / "pooled.pt")
-    for lr in (0.003, 0.01, 0.03, 0.1, 0.3):  # whatever step size pooled pre-training is given
+    for lr in LR_GRID:  # whatever step size of the benchmarks' grid pooled pre-training is given
         assert adapted < adaptation_mse(pooled, support, query, K, lr), f"pooled at lr {lr}"
