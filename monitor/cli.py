@@ -325,10 +325,17 @@ def _iso(ts: float) -> str:
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
     from monitor.meta import MetaConfig, Progress, TaskSampler, meta_train
+    learns_step_sizes = args.algorithm in ("fomaml", "maml") and not args.fixed_inner_lr
+    for option, given, used in (("--step-size-lr", args.step_size_lr is not None, learns_step_sizes),
+                                ("--reptile-step", args.reptile_step is not None, args.algorithm == "reptile"),
+                                ("--meta-lr", args.meta_lr is not None, args.algorithm != "reptile")):
+        if given and not used:
+            print(f"note: {option} has no effect here (--algorithm {args.algorithm}"
+                  f"{', --fixed-inner-lr' if args.fixed_inner_lr else ''})", file=sys.stderr)
     cfg = MetaConfig(
         algorithm=args.algorithm, iterations=args.iterations, tasks_per_batch=args.tasks_per_batch,
-        support=args.warmup, query=args.query, meta_lr=args.meta_lr, step_size_lr=args.step_size_lr,
-        reptile_step=args.reptile_step,
+        support=args.warmup, query=args.query, meta_lr=1e-3 if args.meta_lr is None else args.meta_lr,
+        step_size_lr=args.step_size_lr, reptile_step=1.0 if args.reptile_step is None else args.reptile_step,
         inner=AdaptConfig(steps=args.inner_steps, lr=args.inner_lr, prox=args.prox, loss=args.loss),
         learn_inner_lr=not args.fixed_inner_lr, spec=LSTMSpec(args.hidden, args.layers), seed=args.seed)
     start = Initialization.load(args.start_from) if args.start_from else None
@@ -623,12 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-steps", type=int, default=5, metavar="K", help="inner steps (default: %(default)s)")
     p.add_argument("--inner-lr", type=_positive_float, default=0.01, help="inner learning rate, or its start when learned (default: %(default)s)")
     p.add_argument("--fixed-inner-lr", action="store_true", help="do not learn per-parameter inner rates (Meta-SGD)")
-    p.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="outer Adam learning rate; not used by reptile (default: %(default)s)")
+    p.add_argument("--meta-lr", type=_positive_float, default=None, help="outer Adam learning rate; not used by reptile (default: 0.001)")
     p.add_argument("--step-size-lr", type=_positive_float, default=None,
                    help="outer Adam learning rate for the learned inner rates (default: --meta-lr)")
-    p.add_argument("--reptile-step", type=_positive_float, default=1.0, metavar="EPSILON",
+    p.add_argument("--reptile-step", type=_positive_float, default=None, metavar="EPSILON",
                    help="reptile: the share of the way to the tasks' mean adapted weights taken at the "
-                        "first iteration, annealed linearly to 0 (default: %(default)s)")
+                        "first iteration, annealed linearly to 0 (default: 1.0)")
     p.add_argument("--prox", type=_non_negative_float, default=0.0, help="L2 pull toward the initialization while adapting (default: %(default)s)")
     p.add_argument("--loss", choices=("huber", "mse"), default="huber", help="loss (default: %(default)s)")
     p.add_argument("--hidden", type=_positive_int, default=32, help="LSTM hidden units (default: %(default)s)")

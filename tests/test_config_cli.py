@@ -128,3 +128,19 @@ def test_meta_train_on_a_directory_reads_its_recordings_only_and_counts_what_it_
     assert "from 1 files" in err and "1 bad records left out: {'non_numeric_value': 1}" in err
     from monitor.checkpoint import Initialization
     assert Initialization.load(out).info["data"] == ["pump.csv"]
+
+
+def test_meta_train_says_when_a_rate_it_was_given_has_no_effect(tmp_path, capsys):
+    import math
+    csv = tmp_path / "pump.csv"
+    csv.write_text("timestamp,value\n" + "\n".join(f"{1700000000 + 60 * t},{math.sin(t / 5):.4f}" for t in range(120)))
+    common = ["meta-train", "--data", str(csv), "--iterations", "1", "--tasks-per-batch", "2", "--warmup", "32",
+              "--query", "16", "--inner-steps", "1", "--hidden", "4", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a.pt"), "--algorithm", "pooled", "--step-size-lr", "0.1"]) == 0
+    assert "note: --step-size-lr has no effect here (--algorithm pooled)" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "b.pt"), "--algorithm", "reptile", "--meta-lr", "0.01",
+                 "--reptile-step", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --meta-lr has no effect here (--algorithm reptile)" in err and "--reptile-step has" not in err
+    assert main([*common, "--out", str(tmp_path / "c.pt"), "--algorithm", "maml", "--step-size-lr", "0.1"]) == 0
+    assert "no effect" not in capsys.readouterr().err
