@@ -332,10 +332,12 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         if given and not used:
             print(f"note: {option} has no effect here (--algorithm {args.algorithm}"
                   f"{', --fixed-inner-lr' if args.fixed_inner_lr else ''})", file=sys.stderr)
+    # left to MetaConfig's defaults when not given (None: the option is told apart from its default above)
+    rates = {name: value for name, value in (("meta_lr", args.meta_lr), ("step_size_lr", args.step_size_lr),
+                                             ("reptile_step", args.reptile_step)) if value is not None}
     cfg = MetaConfig(
         algorithm=args.algorithm, iterations=args.iterations, tasks_per_batch=args.tasks_per_batch,
-        support=args.warmup, query=args.query, meta_lr=1e-3 if args.meta_lr is None else args.meta_lr,
-        step_size_lr=args.step_size_lr, reptile_step=1.0 if args.reptile_step is None else args.reptile_step,
+        support=args.warmup, query=args.query, **rates,
         inner=AdaptConfig(steps=args.inner_steps, lr=args.inner_lr, prox=args.prox, loss=args.loss),
         learn_inner_lr=not args.fixed_inner_lr, spec=LSTMSpec(args.hidden, args.layers), seed=args.seed)
     start = Initialization.load(args.start_from) if args.start_from else None
