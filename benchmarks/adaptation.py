@@ -44,9 +44,7 @@ def main() -> None:
     meta = Initialization.load(args.init) if args.init else Initialization.default()
     rows: dict[str, list[str]] = {}
     started = time.perf_counter()
-    origin = meta.info.get("started_from", "random")
-    label = (f"meta-init ({meta.info.get('algorithm', '?')}"
-             f"{'' if origin == 'random' else f' from the {origin} model'}, learned rates)")
+    label = f"meta-init ({meta.origin}, learned rates)"
     rows[label] = [f"{adaptation_mse(meta, support, query, k):.4f}" for k in ks]
     for extra in args.extra:
         name, path = extra.split("=", 1)

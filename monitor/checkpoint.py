@@ -47,6 +47,16 @@ class Initialization:
         params = init_params(spec, torch.Generator().manual_seed(seed))
         return cls(spec, params, info={"algorithm": "random", "seed": seed}, **kwargs)
 
+    @property
+    def origin(self) -> str:
+        """How it was made, for tables and notes: "maml", "maml from the pooled model".
+
+        >>> Initialization.random(LSTMSpec(hidden=4)).origin
+        'random'
+        """
+        started = self.info.get("started_from", "random")
+        return self.info.get("algorithm", "?") + ("" if started == "random" else f" from the {started} model")
+
     def save(self, path: str | Path) -> None:
         payload = {
             "format": FORMAT,

@@ -35,12 +35,6 @@ NAB_CALIBRATION = 0.002  # stage-2 fading, picked on the even-indexed NAB series
 SMD_SMOOTHING = 9  # surprise smoothing span, picked on the test splits of the meta-training machines
 
 
-def _origin(init: Initialization) -> str:
-    """How an initialization was made, for a table's notes: "maml from the pooled model"."""
-    started = init.info.get("started_from", "random")
-    return init.info.get("algorithm", "?") + ("" if started == "random" else f" from the {started} model")
-
-
 def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detector]:
     """Detectors by name; Forewarn variants read their initializations from ``init_dir``."""
     shipped = Initialization.default()
@@ -63,7 +57,7 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
 
     known: dict[str, Callable[[], Detector]] = {
         "forewarn": lambda: forewarn_detector("forewarn", shipped, WARMUP,
-                                              notes=f"shipped init ({_origin(shipped)}), K={shipped.adapt.steps}"),
+                                              notes=f"shipped init ({shipped.origin}), K={shipped.adapt.steps}"),
         "forewarn-fomaml": lambda: forewarn_detector("forewarn-fomaml", artifact("fomaml"), WARMUP,
                                                      notes="first-order MAML init, K=10"),
         "forewarn-reptile": lambda: forewarn_detector("forewarn-reptile", artifact("reptile"), WARMUP,
