@@ -30,6 +30,9 @@ SCORINGS = {
     "calibrated": ScoringConfig(calibration_fading=harness.NAB_CALIBRATION),
     "calibrated-novelty": ScoringConfig(calibration_fading=harness.NAB_CALIBRATION, novelty_unit=harness.NOVELTY_UNIT,
                                         novelty_window=harness.NOVELTY_WINDOW),
+    "calibrated-novelty-peaks": ScoringConfig(calibration_fading=harness.NAB_CALIBRATION,
+                                              novelty_unit=harness.NOVELTY_UNIT,
+                                              novelty_window=harness.NOVELTY_WINDOW, peak_window=harness.NAB_PEAK_WINDOW),
     "default": ScoringConfig(),
 }
 

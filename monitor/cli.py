@@ -57,8 +57,8 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
         adapt = replace(adapt, steps=args.adapt_steps)
     return DetectorConfig(warmup=args.warmup, threshold=args.threshold, calibration_fading=args.calibration_fading,
                           novelty_unit=args.novelty_unit, novelty_window=args.novelty_window,
-                          smoothing_span=args.smoothing_span, channel_combination=args.channel_combination,
-                          drift_threshold=args.drift_threshold,
+                          smoothing_span=args.smoothing_span, peak_window=args.peak_window,
+                          channel_combination=args.channel_combination, drift_threshold=args.drift_threshold,
                           online_every=args.online_every).pipeline_config(adapt)
 
 
@@ -252,6 +252,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                "FOREWARN_DETECTOR_NOVELTY_UNIT": str(args.novelty_unit),
                "FOREWARN_DETECTOR_NOVELTY_WINDOW": str(args.novelty_window),
                "FOREWARN_DETECTOR_SMOOTHING_SPAN": str(args.smoothing_span),
+               "FOREWARN_DETECTOR_PEAK_WINDOW": str(args.peak_window),
                "FOREWARN_DETECTOR_CHANNEL_COMBINATION": args.channel_combination}
         if args.adapt_steps is not None:
             env["FOREWARN_DETECTOR_ADAPT_STEPS"] = str(args.adapt_steps)
@@ -514,6 +515,9 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoothing-span", type=_non_negative_int, default=0, metavar="N",
                    help="average the forecast's surprise over about N readings, exponentially weighted, as "
                         "detector.smoothing_span (default: 0 = off)")
+    p.add_argument("--peak-window", type=_non_negative_int, default=0, metavar="N",
+                   help="a device's surprise counts only when it tops all of its last N readings' (4 blocks of "
+                        "N/4), else 0: one alarm per rising incident, as detector.peak_window (default: 0 = off)")
     p.add_argument("--channel-combination", choices=CHANNEL_COMBINATIONS, default=ScoringConfig().channel_combination,
                    help="a device's score from its channels: joint (how unlikely all of them are together) or "
                         "max (its worst channel's), as detector.channel_combination (default: %(default)s)")

@@ -101,6 +101,9 @@ class DetectorConfig:
                                       "(0 = all so far, else >= 16)")
     smoothing_span: int = _setting(0, "the forecast's surprise averaged over about this many readings, "
                                       "exponentially weighted (0 = off; 9 was best on SMD, see README)")
+    peak_window: int = _setting(0, "a device's surprise counts only when it tops all of its last peak_window "
+                                   "readings' (4 blocks), else 0: one alarm per rising incident, not one per "
+                                   "reading (0 = off, else >= 4; 48 chosen on NAB, see README)")
     channel_combination: str = _setting("joint", "a device's score from its channels: 'joint', how unlikely all of "
                                                  "them are together (Fisher's method), or 'max', its worst "
                                                  "channel's (see README)")
@@ -127,7 +130,8 @@ class DetectorConfig:
         from monitor.scoring import ScoringConfig
         return ScoringConfig(threshold=self.threshold, calibration_fading=self.calibration_fading,
                              novelty_unit=self.novelty_unit, novelty_window=self.novelty_window,
-                             smoothing_span=self.smoothing_span, channel_combination=self.channel_combination)
+                             smoothing_span=self.smoothing_span, peak_window=self.peak_window,
+                             channel_combination=self.channel_combination)
 
     def pipeline_config(self, adapt):
         """The ``PipelineConfig`` these settings describe, with ``adapt`` (an ``AdaptConfig``,

@@ -27,8 +27,8 @@ from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
 from monitor.forecaster import FleetForecaster, forecast_sequence
 from monitor.readings import BadReason, BadRecord, Reading, Score, check_value
-from monitor.scoring import (MAX_SURPRISE, PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig, joint_surprise,
-                             score_of)
+from monitor.scoring import (MAX_SURPRISE, NewPeaks, PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig,
+                             joint_surprise, score_of)
 from monitor.state import DeviceState, StreamState
 
 
@@ -157,6 +157,7 @@ class Pipeline:
         self._alarm_surprise = -math.log10(1.0 - self.config.scoring.threshold)
         self._streams: dict[tuple[str, str], _Stream] = {}
         self._devices: dict[str, list[_Stream]] = {}    # device -> its streams
+        self._peaks: dict[str, NewPeaks] = {}            # device -> its recent surprises (peak_window on)
         self._state_counts = Counter({s: 0 for s in Lifecycle})
         self.counts: Counter[str] = Counter()           # readings, scored, anomalies, late_channel
         self._changed: set[str] = set()                  # devices whose state changed since take_changed()
@@ -313,6 +314,7 @@ class Pipeline:
         live channels (or the worst one's), with the worst channel's forecast and value."""
         threshold = self.config.scoring.threshold
         joint = self.config.scoring.channel_combination == "joint"
+        peaks = self.config.scoring.peak_window
         n_anomalies = n_scored = 0
         for i, reading in enumerate(readings):
             if not accepted[i]:
@@ -330,6 +332,11 @@ class Pipeline:
                     surprise = joint_surprise([c[0] for c in channels.values()])
             if not surprise <= MAX_SURPRISE:  # inf or NaN
                 surprise = MAX_SURPRISE
+            if peaks:  # of the device's reading, not per channel: a quiet channel is not a 0 to combine
+                tracker = self._peaks.get(reading.device)
+                if tracker is None:
+                    tracker = self._peaks[reading.device] = NewPeaks(peaks)
+                surprise = tracker.surprise_learn_one(surprise)
             score = score_of(surprise)
             anomaly = score >= threshold
             n_scored += 1
@@ -353,18 +360,18 @@ class Pipeline:
             return None
         if device_known:
             self.counts["late_channel"] += 1
-        stream = _Stream(device, channel, ResidualScorer(self.config.scoring), self._drift_test(), self._novelty())
+        stream = self._make_stream(device, channel)
         self._streams[(device, channel)] = stream
         self._devices.setdefault(device, []).append(stream)
         self._state_counts[Lifecycle.WARMING] += 1
         return stream
 
-    def _drift_test(self) -> PageHinkley | None:
-        return PageHinkley(self.config.drift_threshold) if self.config.drift_threshold else None
-
-    def _novelty(self) -> RangeNovelty | None:
-        scoring = self.config.scoring
-        return RangeNovelty(scoring.novelty_unit, scoring.novelty_window) if scoring.novelty_unit else None
+    def _make_stream(self, device: str, channel: str) -> _Stream:
+        """A new stream, warming, with the scoring and drift objects the configuration asks for."""
+        config, scoring = self.config, self.config.scoring
+        return _Stream(device, channel, ResidualScorer(scoring),
+                       PageHinkley(config.drift_threshold) if config.drift_threshold else None,
+                       RangeNovelty(scoring.novelty_unit, scoring.novelty_window) if scoring.novelty_unit else None)
 
     def _observe(self, live: list[tuple[int, _Stream, float]],
                  results: list[dict[str, tuple[float, float, float]] | None]) -> None:
@@ -554,7 +561,9 @@ class Pipeline:
                                               novelty=s.novelty.state() if s.novelty else None))
                 else:  # between feeds nothing is adapting: the batch that filled a window adapted it
                     states.append(StreamState(s.channel, "warming", s.last_ts, buffer=list(s.buffer)))
-            out.append(DeviceState(device, offsets.get(device, -1), states))
+            tracker = self._peaks.get(device)
+            out.append(DeviceState(device, offsets.get(device, -1), states,
+                                   peaks=tracker.state() if tracker is not None else None))
         return out
 
     def import_devices(self, states: Iterable[DeviceState]) -> int:
@@ -563,12 +572,15 @@ class Pipeline:
         self.drop_devices({s.device for s in states})
         live: list[tuple[_Stream, StreamState]] = []
         n = 0
+        peak_window = self.config.scoring.peak_window
         for ds in states:
+            if peak_window and ds.peaks is not None:  # else nothing is recent yet
+                tracker = self._peaks[ds.device] = NewPeaks(peak_window)
+                tracker.restore(ds.peaks)
             for ss in ds.streams:
                 if len(self._streams) >= self.config.max_streams:
                     break
-                stream = _Stream(ds.device, ss.channel, ResidualScorer(self.config.scoring), self._drift_test(),
-                                 self._novelty())
+                stream = self._make_stream(ds.device, ss.channel)
                 stream.last_ts = ss.last_ts
                 self._streams[(ds.device, ss.channel)] = stream
                 self._devices.setdefault(ds.device, []).append(stream)
@@ -621,6 +633,7 @@ class Pipeline:
         """Forget devices (for instance when their partition moves away); returns streams dropped."""
         rows, dropped = [], 0
         for device in set(devices):
+            self._peaks.pop(device, None)
             for stream in self._devices.pop(device, ()):
                 self._streams.pop((device, stream.channel), None)
                 self._state_counts[stream.state] -= 1

@@ -64,6 +64,12 @@ class ScoringConfig:
     # smooths its errors: a sustained rise counts for more than a lone spike.  Everything
     # downstream sees the smoothed surprise, online updates' choice of flagged readings too.
     smoothing_span: int = 0
+    # New peaks only (0 = off): a device's surprise (its channels combined, range novelty
+    # included) counts only when it tops every one of its last ~peak_window (NewPeaks), else it
+    # is 0: a rising incident raises one alarm and then one per new height, not one per
+    # reading, which is what NAB's scoring rewards.  Alert rules with ``for:`` need the score
+    # to stay high, so it is off by default.
+    peak_window: int = 0
     # How a device's channels make its score: "joint", the probability of all of them being
     # this surprising together (Fisher's method; ``joint_surprise``), or "max", its worst
     # channel's alone, which flags a reading whenever any one of many noisy channels strays.
@@ -84,6 +90,8 @@ class ScoringConfig:
             raise ValueError(f"novelty_window must be 0 or >= {RangeNovelty.BLOCKS}, got {self.novelty_window}")
         if self.smoothing_span < 0:
             raise ValueError(f"smoothing_span must be >= 0, got {self.smoothing_span}")
+        if not (self.peak_window == 0 or self.peak_window >= NewPeaks.BLOCKS):
+            raise ValueError(f"peak_window must be 0 or >= {NewPeaks.BLOCKS}, got {self.peak_window}")
         if self.channel_combination not in CHANNEL_COMBINATIONS:
             raise ValueError(f"channel_combination must be one of {', '.join(CHANNEL_COMBINATIONS)}, "
                              f"got {self.channel_combination!r}")
@@ -372,6 +380,62 @@ class RangeNovelty:
         self.highs, self.lows = list(rest[:half][-self.BLOCKS:]), list(rest[half:][-self.BLOCKS:])
         if self.highs:
             self.past_high, self.past_low = max(self.highs), min(self.lows)
+
+
+class NewPeaks:
+    """Lets a surprise through only when it tops every surprise of the last readings.
+
+    Anything else becomes 0, so a rising incident raises one alarm and then one per new
+    height instead of one per reading.  The recent surprises are kept as the maxima of
+    ``BLOCKS`` blocks of ``window // BLOCKS`` readings and of the block being filled, so a
+    surprise is compared with those of about the last ``window`` readings (up to a block
+    more).  Surprises are taken as at most ``MAX_SURPRISE``, a NaN as that (loud, as
+    ``joint_surprise`` counts it): a run of them alarms once, not at every reading.
+
+    >>> peaks = NewPeaks(window=8)   # blocks of 2
+    >>> [peaks.surprise_learn_one(s) for s in (0.5, 6.0, 7.0, 6.5, 5.0, 0.3, 0.1, 0.4, 4.0, 0.2)]
+    [0.5, 6.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    >>> [peaks.surprise_learn_one(s) for s in (0.2, 0.1, 6.0, 6.0)]   # the 7.0 and 6.5 have left the window
+    [0.0, 0.0, 6.0, 0.0]
+    >>> again = NewPeaks(window=8)
+    >>> again.restore(peaks.state())
+    >>> [again.surprise_learn_one(s) for s in (5.5, 6.5)], [peaks.surprise_learn_one(s) for s in (5.5, 6.5)]
+    ([0.0, 6.5], [0.0, 6.5])
+    """
+
+    BLOCKS = 4
+    __slots__ = ("block", "maxima", "past", "current", "count")
+
+    def __init__(self, window: int) -> None:
+        self.block = max(1, window // self.BLOCKS)
+        self.maxima: list[float] = []  # of the last closed blocks, oldest first
+        self.past = -1.0               # surprises are >= 0: -1 is "nothing yet"
+        self.current, self.count = -1.0, 0
+
+    def surprise_learn_one(self, surprise: float) -> float:
+        """``surprise`` if it tops the recent ones, else 0; then remember it."""
+        capped = surprise if surprise <= MAX_SURPRISE else MAX_SURPRISE  # inf and NaN too
+        recent = self.current if self.current > self.past else self.past
+        out = surprise if capped > recent else 0.0
+        if capped > self.current:
+            self.current = capped
+        self.count += 1
+        if self.count >= self.block:
+            self.maxima.append(self.current)
+            if len(self.maxima) > self.BLOCKS:
+                del self.maxima[0]
+            self.past = max(self.maxima)
+            self.current, self.count = -1.0, 0
+        return out
+
+    def state(self) -> list[float]:
+        """Finite floats, for snapshots: the open block (count, maximum), then the closed blocks' maxima."""
+        return [float(self.count), self.current, *self.maxima]
+
+    def restore(self, state: list[float]) -> None:
+        self.count, self.current = int(state[0]), state[1]
+        self.maxima = list(state[2:][-self.BLOCKS:])
+        self.past = max(self.maxima, default=-1.0)
 
 
 _LN10 = math.log(10.0)

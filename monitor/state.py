@@ -3,8 +3,9 @@
 A snapshot holds every stream (channel) of one device: its lifecycle stage and
 last timestamp; while warming, the buffered values; once live, the adapted
 weights, the LSTM state, the normalizer, the pending forecast and the score
-statistics.  It also carries the input offset it covers, so a restore knows
-which re-delivered readings it has already seen.
+statistics; with only new peaks counting, the device's recent peak surprises.
+It also carries the input offset it covers, so a restore knows which
+re-delivered readings it has already seen.
 
 Encoding (version 1)::
 
@@ -70,6 +71,7 @@ class DeviceState:
     device: str
     offset: int                                  # next input offset of its partition this state covers
     streams: list[StreamState]
+    peaks: list[float] | None = None             # NewPeaks.state() of its surprises, when only new peaks count
 
 
 def fingerprint(init: Initialization) -> int:
@@ -119,6 +121,8 @@ class StateCodec:
         out = []
         for state in states:
             header = {"device": state.device, "offset": state.offset, "streams": []}
+            if state.peaks is not None:  # an optional key: records without it decode as before
+                header["peaks"] = state.peaks
             blobs = []
             for s in state.streams:
                 entry = {"channel": s.channel, "stage": s.stage, "last_ts": s.last_ts}
@@ -173,6 +177,10 @@ class StateCodec:
         device, covered, channels = header["device"], header["offset"], set()
         if not isinstance(device, str) or not isinstance(covered, int) or isinstance(covered, bool) or covered < -1:
             raise StateError("state record: bad device name or offset")
+        peaks = header.get("peaks")
+        if peaks is not None and not (isinstance(peaks, list) and len(peaks) >= 2 and _finite_numbers(peaks)
+                                      and peaks[0] >= 0):
+            raise StateError("state record: bad new-peak maxima")
         for e in header["streams"]:
             s = StreamState(e["channel"], e["stage"], e["last_ts"])
             # checksummed but still unusable (a writer bug, an edited record): refused here, so
@@ -223,7 +231,7 @@ class StateCodec:
             streams.append(s)
         if pos != len(blob):
             raise StateError("state record: trailing bytes")
-        return DeviceState(device, covered, streams)
+        return DeviceState(device, covered, streams, peaks)
 
 
 def _finite_numbers(values: list) -> bool:

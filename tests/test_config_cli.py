@@ -20,6 +20,7 @@ def test_toml_then_environment(tmp_path):
     ("[detector]\nnovelty_window = 8\n", "detector.novelty_window must be 0 or >= 16, got 8"),
     ("[detector]\nonline_every = -1\n", "detector.online_every must be >= 0"),
     ("[detector]\nsmoothing_span = -1\n", "detector.smoothing_span must be >= 0"),
+    ("[detector]\npeak_window = 2\n", "detector.peak_window must be 0 or >= 4, got 2"),
     ("[detector]\nchannel_combination = 'mean'\n", "detector.channel_combination must be one of joint, max"),
     ("[nope]\na = 1\n", "unknown section [nope]"),
     ("[state]\ncheckpoint_interval_s = nan\n", "state.checkpoint_interval_s: expected a finite number"),
@@ -86,13 +87,16 @@ def test_detector_options_reach_the_pipeline_from_the_environment_and_the_replay
     from monitor.daemon import Daemon
     daemon = Daemon(Config.load(environ={"FOREWARN_DETECTOR_SMOOTHING_SPAN": "9",
                                          "FOREWARN_DETECTOR_NOVELTY_UNIT": "0.003",
-                                         "FOREWARN_DETECTOR_CHANNEL_COMBINATION": "max"}), registry=CollectorRegistry())
+                                         "FOREWARN_DETECTOR_CHANNEL_COMBINATION": "max",
+                                         "FOREWARN_DETECTOR_PEAK_WINDOW": "48"}), registry=CollectorRegistry())
     scoring = daemon.pipeline.config.scoring
-    assert (scoring.smoothing_span, scoring.novelty_unit, scoring.channel_combination) == (9, 0.003, "max")
+    assert (scoring.smoothing_span, scoring.novelty_unit, scoring.channel_combination, scoring.peak_window) == \
+        (9, 0.003, "max", 48)
     args = build_parser().parse_args(["replay", "in.csv", "--smoothing-span", "9", "--calibration-fading", "0.002",
-                                      "--channel-combination", "max"])
+                                      "--channel-combination", "max", "--peak-window", "48"])
     scoring = _pipeline_config(args, Initialization.default()).scoring
-    assert (scoring.smoothing_span, scoring.calibration_fading, scoring.channel_combination) == (9, 0.002, "max")
+    assert (scoring.smoothing_span, scoring.calibration_fading, scoring.channel_combination, scoring.peak_window) == \
+        (9, 0.002, "max", 48)
     default = _pipeline_config(build_parser().parse_args(["replay", "in.csv"]), Initialization.default()).scoring
     assert default.channel_combination == Config().detector.channel_combination == "joint"
 

@@ -318,7 +318,8 @@ def test_online_updates_leave_out_every_channel_of_a_reading_flagged_jointly(ini
         assert learnable[0].tolist() == [t not in flagged for t in range(44, 140)]
 
 
-@pytest.mark.parametrize("options", [{}, dict(online_every=4, online_window=32)])
+@pytest.mark.parametrize("options", [{}, dict(online_every=4, online_window=32),
+                                     dict(scoring=ScoringConfig(peak_window=8))])
 def test_readings_that_carry_some_of_their_devices_channels_score_alike_in_any_batches(init, options):
     """Channel b comes with every other reading: in one batch a's values outnumber b's, yet a
     reading's channels are scored together, so its joint surprise (summed exactly, in any
@@ -336,7 +337,7 @@ def test_readings_that_carry_some_of_their_devices_channels_score_alike_in_any_b
     one_by_one = [s for r in readings for s in alone.feed([r]).scores]
     assert [s.surprise for s in whole] == [s.surprise for s in one_by_one]
     assert [s.channel for s in whole] == [s.channel for s in one_by_one]
-    if options:
+    if "online_every" in options:
         assert alone.counts["updated"] > 0 and any(s.anomaly for s in whole)
 
 
@@ -355,3 +356,49 @@ def test_range_novelty_flags_new_extremes_that_the_forecaster_follows():
     assert with_novelty and min(with_novelty) > 400
     peaks = [t for t in range(1, 699) if readings[t].values["v"] > max(r.values["v"] for r in readings[:t])]
     assert set(with_novelty) <= set(peaks)
+
+
+def test_with_peak_window_a_sustained_fault_alarms_at_its_onset_not_at_every_reading():
+    """A fault the forecaster cannot follow (values swinging by +-4) for 20 readings: with
+    the default scoring every one of its readings alarms; with only new peaks counting, the
+    rising onset alarms and the rest, no more surprising, score 0.  A later spike, once the
+    fault has left the window, alarms again."""
+    init = Initialization.default()
+
+    def fault(t: int) -> float:
+        return 4.0 * (-1) ** t if 300 <= t < 320 else (4.0 if t == 400 else 0.0)
+    readings = [Reading("a", float(t), {"v": math.sin(t / 5) + fault(t)}) for t in range(420)]
+
+    def scores(peak_window: int):
+        pipe = Pipeline(init, PipelineConfig(warmup=64, scoring=ScoringConfig(peak_window=peak_window)))
+        return {int(s.ts): s for s in pipe.feed(readings).scores if s.score is not None}
+    plain, peaks = scores(0), scores(48)
+    assert all(plain[t].anomaly for t in range(300, 320))
+    onset = [t for t in range(300, 320) if peaks[t].anomaly]
+    assert onset[0] == 300 and len(onset) <= 3
+    assert all(peaks[t].surprise in (0.0, plain[t].surprise) for t in plain)
+    assert peaks[400].anomaly and peaks[400].surprise == plain[400].surprise
+
+
+def test_with_peak_window_a_device_is_thinned_as_a_whole_and_names_its_worst_channel():
+    """Three channels, a fault on all of them: the device's joint surprise is what is thinned
+    (a channel's quiet reading is not a 0 to combine), so the onset alarms with the same
+    surprise as without the option, and the channel named stays the most surprised one."""
+    init = Initialization.default()
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(420, 3, generator=g).mul(0.1).tolist()
+
+    def fault(t: int, j: int) -> float:
+        return (3.0 + j) * (-1) ** t if 300 <= t < 320 else 0.0
+    readings = [Reading("m", float(t), {f"c{j}": math.sin(t / 5 + j) + noise[t][j] + fault(t, j) for j in range(3)})
+                for t in range(420)]
+
+    def scores(peak_window: int):
+        pipe = Pipeline(init, PipelineConfig(warmup=64, scoring=ScoringConfig(peak_window=peak_window)))
+        return {int(s.ts): s for s in pipe.feed(readings).scores if s.score is not None}
+    plain, peaks = scores(0), scores(48)
+    assert all(plain[t].anomaly for t in range(300, 320))
+    onset = [t for t in range(300, 320) if peaks[t].anomaly]
+    assert onset[0] == 300 and len(onset) <= 3 and peaks[300].surprise == plain[300].surprise
+    assert all(peaks[t].surprise in (0.0, plain[t].surprise) for t in plain)
+    assert [peaks[t].channel for t in plain] == [plain[t].channel for t in plain]

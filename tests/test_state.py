@@ -76,6 +76,44 @@ def test_a_restored_stream_carries_its_smoothed_surprise_and_older_snapshots_sta
     assert again._streams[("a", "v")].scorer.smoothed == 0.0
 
 
+def test_a_restored_device_remembers_the_peaks_a_new_alarm_must_top():
+    init = Initialization.default()
+    config = PipelineConfig(warmup=64, scoring=ScoringConfig(peak_window=48))
+    original = Pipeline(init, config)
+    onset = original.feed([Reading("a", float(t), {"v": math.sin(t / 5) + (8.0 if t >= 98 else 0.0)})
+                           for t in range(100)]).scores
+    assert onset[98].anomaly
+    codec = StateCodec(init)
+    restored = Pipeline(init, config)
+    restored.import_devices([codec.decode(codec.encode(s)) for s in original.export_devices(["a"])])
+    fresh = Pipeline(init, config)  # the same device restored without its peaks
+    snapshot = original.export_devices(["a"])
+    snapshot[0].peaks = None
+    fresh.import_devices(snapshot)
+    nxt = [Reading("a", 100.0, {"v": math.sin(20.0) + 7.0})]  # the fault goes on, less surprising than its onset
+    a, b, c = original.feed(nxt).scores[0], restored.feed(nxt).scores[0], fresh.feed(nxt).scores[0]
+    assert a.surprise == b.surprise == 0.0 and not b.anomaly
+    assert c.anomaly  # without the peaks, the same reading would alarm again
+
+
+@pytest.mark.parametrize("peaks", [[1.0], [-1.0, 2.0], [0.0, float("nan")], "3", [0.0, "2"], [0.0, True]])
+def test_snapshots_with_malformed_peaks_are_refused(peaks):
+    init = Initialization.default()
+    pipe = Pipeline(init, PipelineConfig(warmup=32, scoring=ScoringConfig(peak_window=8)))
+    pipe.feed(_readings(0, 40, ("a",)))
+    state = pipe.export_devices(["a"])[0]
+    assert state.peaks is not None
+    codec = StateCodec(init)
+    codec.decode(codec.encode(state))
+    state.peaks = peaks
+    try:
+        data = codec.encode(state)
+    except ValueError:  # NaN: the writer refuses it already
+        return
+    with pytest.raises(StateError, match="new-peak"):
+        codec.decode(data)
+
+
 def test_a_stream_restored_without_a_range_builds_one_before_judging_novelty():
     """A snapshot from before range novelty was turned on has no range: judged against its
     first few values, every later value would look like a new extreme."""

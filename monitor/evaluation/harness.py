@@ -32,6 +32,7 @@ from monitor.scoring import ScoringConfig
 
 WARMUP = 256
 NAB_CALIBRATION = 0.002  # stage-2 fading, picked on the even-indexed NAB series
+NAB_PEAK_WINDOW = 48  # only new peaks of the surprise count, over the last ~48 readings: picked on even NAB
 SMD_SMOOTHING = 9  # surprise smoothing span, picked on the test splits of the meta-training machines
 
 
@@ -45,13 +46,14 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         return Initialization.load(init_dir / f"{name}.pt")
 
     def shipped_variant(name: str, notes: str, calibrated: bool = False, novelty: bool = False,
-                        smoothed: bool = False, channel_combination: str = "joint",
+                        smoothed: bool = False, peaks: bool = False, channel_combination: str = "joint",
                         **pipeline_options) -> Callable[[], Detector]:
         """The shipped initialization with the scoring options picked on NAB (SMD for smoothing), and others."""
         scoring = ScoringConfig(calibration_fading=NAB_CALIBRATION if calibrated else 0.0,
                                 novelty_unit=NOVELTY_UNIT if novelty else 0.0,
                                 novelty_window=NOVELTY_WINDOW if novelty else 0,
                                 smoothing_span=SMD_SMOOTHING if smoothed else 0,
+                                peak_window=NAB_PEAK_WINDOW if peaks else 0,
                                 channel_combination=channel_combination)
         return lambda: forewarn_detector(name, shipped, WARMUP, notes=notes, scoring=scoring, **pipeline_options)
 
@@ -89,6 +91,10 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         "forewarn-calibrated-novelty": shipped_variant(
             "forewarn-calibrated-novelty", f"stage-2 calibration 0.002 and range novelty (unit 1/30,000, window "
                                            f"{NOVELTY_WINDOW:,}; picked on even NAB)", calibrated=True, novelty=True),
+        "forewarn-calibrated-novelty-peaks": shipped_variant(
+            "forewarn-calibrated-novelty-peaks", f"the same, and only new peaks of the surprise count (peak window "
+                                                 f"{NAB_PEAK_WINDOW}; picked on even NAB)",
+            calibrated=True, novelty=True, peaks=True),
         "forewarn-smoothed": shipped_variant(
             "forewarn-smoothed", f"shipped init, surprise smoothed over ~{SMD_SMOOTHING} readings (picked on the "
                                  "SMD meta-training machines' test splits)", smoothed=True),
