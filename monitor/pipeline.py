@@ -185,12 +185,7 @@ class Pipeline:
         # per reading: channel -> (surprise, forecast, value) of its live channels
         results: list[dict[str, tuple[float, float, float]] | None] = [None] * len(readings)
         readapted_before, updated_before = self.counts["readapted"], self.counts["updated"]
-        pending = self._advance(rounds, results)
-        if pending:
-            started = time.perf_counter()
-            self._go_live(pending, results)
-            result.adapted = len(pending)
-            result.adapt_seconds = time.perf_counter() - started
+        result.adapted, result.adapt_seconds = self._advance(rounds, results)
         result.readapted = self.counts["readapted"] - readapted_before
         result.updated = self.counts["updated"] - updated_before
         for b in result.bad:
@@ -278,9 +273,19 @@ class Pipeline:
             bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: {detail}", ref))
         return checked
 
-    def _advance(self, rounds, results) -> list[_Stream]:
-        """Score live streams round by round; buffer warming ones; returns those whose window filled."""
+    def _advance(self, rounds, results) -> tuple[int, float]:
+        """Score live streams round by round and buffer warming ones; adapt those whose window
+        filled.  Returns how many were adapted and the seconds it took.
+
+        They are adapted together after the last round, their later readings then scored in
+        rounds of their own: a fleet's cold start is one batched adaptation, however its
+        devices' readings interleave.  With online updates on, a stream is adapted before
+        the round after its window filled instead, so that each later reading meets all of its
+        device's live channels in one round: whether the reading is flagged as a whole, and
+        so left out of every channel's learning, must not depend on the batch boundaries."""
         pending: list[_Stream] = []
+        eager = bool(self.config.online_every)
+        adapted, seconds = 0, 0.0
         for observations in rounds:
             live = []
             for obs in observations:
@@ -297,7 +302,15 @@ class Pipeline:
                     stream.backlog.append((i, value))
             if live:
                 self._observe_round(live, results)
-        return pending
+            if pending and eager:
+                started = time.perf_counter()
+                self._go_live(pending, results)
+                adapted, seconds, pending = adapted + len(pending), seconds + time.perf_counter() - started, []
+        if pending:
+            started = time.perf_counter()
+            self._go_live(pending, results)
+            adapted, seconds = adapted + len(pending), seconds + time.perf_counter() - started
+        return adapted, seconds
 
     def _observe_round(self, live, results) -> None:
         """Score one reading of each of these streams, then re-adapt the ones whose drift
@@ -448,7 +461,7 @@ class Pipeline:
                 s.drift.reset()
             # The scorer is kept (its stage-2 calibration above all) and primed with the new
             # model's window residuals like a new stream's; a fresh scorer judged too strictly
-            # at first (more false alarms on NAB: README "Drift").
+            # at first (more false alarms on NAB: docs/evaluation.md, "Drift re-adaptation").
             self._adapt(chunk, windows)
         self.counts["readapted"] += len(drifted)
 

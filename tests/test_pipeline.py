@@ -341,6 +341,29 @@ def test_readings_that_carry_some_of_their_devices_channels_score_alike_in_any_b
         assert alone.counts["updated"] > 0 and any(s.anomaly for s in whole)
 
 
+def test_a_channel_that_goes_live_after_its_devices_other_one_scores_alike_in_any_batches():
+    """Channel b reports every other reading, so it goes live long after a.  With online
+    updates, whether a reading is flagged as a whole (and so left out of every channel's
+    learning) must be decided with all its live channels, even when b goes live in the
+    middle of a batch in which a has been live all along."""
+    init = Initialization.default()
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randn(200, 2, generator=g).mul(0.1).tolist()
+    readings = [Reading("d", float(t), {"a": math.sin(t / 5) + noise[t][0]}
+                        | ({"b": math.sin(t / 6) + noise[t][1]} if t % 2 == 0 else {})) for t in range(200)]
+    config = PipelineConfig(warmup=32, online_every=4, online_window=32)
+
+    def scores(splits: list[int]) -> list[float | None]:
+        pipe, out, start = Pipeline(init, config), [], 0
+        for end in [*splits, len(readings)]:
+            out += [s.surprise for s in pipe.feed(readings[start:end]).scores]
+            start = end
+        return out
+    whole = scores([])
+    assert scores([40]) == whole  # a live from the start of the second batch, b goes live within it
+    assert scores(list(range(1, 200))) == whole
+
+
 def test_range_novelty_flags_new_extremes_that_the_forecaster_follows():
     """A slow climb out of the warm-up's range: each step is well forecast, so the residuals
     never alarm; range novelty flags the readings that pass the highest value seen."""
