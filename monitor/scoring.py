@@ -296,7 +296,7 @@ class RangeNovelty:
     holds a window (``learn_range``) or ``MIN_VALUES`` values: a range of the first few
     values of a stream restored without one would make every next value look novel.
     New extremes are most of what NAB labels; a forecaster that follows a slow climb does
-    not flag them (README "Evaluation").
+    not flag them (docs/evaluation.md).
 
     >>> novelty = RangeNovelty(unit=0.01)
     >>> novelty.learn_range(0.0, 10.0)   # a warm-up window's extremes
