@@ -4,7 +4,8 @@ The daemon's batches are whatever a Kafka poll returns, and ``replay`` cuts file
 way: the same readings must get the same verdicts either way.  Hypothesis draws fleets
 of devices whose channels come and go at their own pace, with faults, bad values and
 duplicate timestamps, and a way of cutting them into batches; every scoring and
-adaptation option is checked against feeding the whole stream at once.
+adaptation option is checked against feeding the whole stream at once.  The same holds
+when the devices move to a new pipeline between two batches (a restart, a rebalance).
 """
 from __future__ import annotations
 
@@ -80,4 +81,27 @@ def test_verdicts_do_not_depend_on_the_batch_boundaries(name):
     def check(fleet):
         readings, cuts = fleet
         assert _verdicts(config, readings, cuts) == _verdicts(config, readings, [])
+    check()
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_a_device_handed_over_between_batches_continues_exactly(name):
+    """Every device exported after one batch and imported into a new pipeline (a restart,
+    or its partition moving to another instance) scores the rest as if nothing happened:
+    whatever a stream keeps between readings is in its state, for every option.  (Snapshots
+    also round the weights to float16; ``tests/test_state.py`` covers the encoding.)"""
+    config = PipelineConfig(warmup=WARMUP, **OPTIONS[name])
+
+    @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(fleets(), st.integers(1, 300))
+    def check(fleet, cut):
+        readings, _ = fleet
+        cut = min(cut, len(readings) - 1)
+        whole, _ = _verdicts(config, readings, [cut])
+        first = Pipeline(INIT, config)
+        before = [(s.device, s.ts, s.surprise, s.channel, s.anomaly) for s in first.feed(readings[:cut]).scores]
+        second = Pipeline(INIT, config)
+        second.import_devices(first.export_devices(first.devices()))
+        after = [(s.device, s.ts, s.surprise, s.channel, s.anomaly) for s in second.feed(readings[cut:]).scores]
+        assert before + after == whole
     check()
