@@ -516,7 +516,7 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
                    help="average the forecast's surprise over about N readings, exponentially weighted, as "
                         "detector.smoothing_span (default: 0 = off)")
     p.add_argument("--peak-window", type=_non_negative_int, default=0, metavar="N",
-                   help="a device's surprise counts only when it tops all of its last N readings' (4 blocks of "
+                   help="a device's surprise counts only when it tops all of about its last N readings' (4 blocks of "
                         "N/4), else 0: one alarm per rising incident, as detector.peak_window (default: 0 = off)")
     p.add_argument("--channel-combination", choices=CHANNEL_COMBINATIONS, default=ScoringConfig().channel_combination,
                    help="a device's score from its channels: joint (how unlikely all of them are together) or "

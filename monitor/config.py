@@ -94,16 +94,17 @@ class DetectorConfig:
     adapt_steps: int = _setting(-1, "inner steps of fast adaptation (-1 = the initialization's)")
     threshold: float = _setting(0.999, "score at or above which a reading is an anomaly")
     calibration_fading: float = _setting(0.0, "stage-2 score calibration across streams, one alarm per incident "
-                                              "(0 = off; 0.002 was best on NAB, see README)")
+                                              "(0 = off; 0.002 was best on NAB, see docs/evaluation.md)")
     novelty_unit: float = _setting(0.0, "range novelty: a value beyond the range of the stream's last novelty_window "
-                                        "values by this share of it scores surprise 1 (0 = off; see README)")
+                                        "values by this share of it scores surprise 1 "
+                                        "(0 = off; see docs/evaluation.md)")
     novelty_window: int = _setting(0, "values whose range novelty is judged against, in 16 blocks "
                                       "(0 = all so far, else >= 16)")
     smoothing_span: int = _setting(0, "the forecast's surprise averaged over about this many readings, "
-                                      "exponentially weighted (0 = off; 9 was best on SMD, see README)")
-    peak_window: int = _setting(0, "a device's surprise counts only when it tops all of its last peak_window "
-                                   "readings' (4 blocks), else 0: one alarm per rising incident, not one per "
-                                   "reading (0 = off, else >= 4; 48 chosen on NAB, see README)")
+                                      "exponentially weighted (0 = off; 9 was best on SMD, see docs/evaluation.md)")
+    peak_window: int = _setting(0, "a device's surprise counts only when it tops all of about its last "
+                                   "peak_window readings' (4 blocks), else 0: one alarm per rising incident, not "
+                                   "one per reading (0 = off, else >= 4; 48 chosen on NAB, see docs/evaluation.md)")
     channel_combination: str = _setting("joint", "a device's score from its channels: 'joint', how unlikely all of "
                                                  "them are together (Fisher's method), or 'max', its worst "
                                                  "channel's (see README)")

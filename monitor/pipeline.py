@@ -279,12 +279,14 @@ class Pipeline:
 
         They are adapted together after the last round, their later readings then scored in
         rounds of their own: a fleet's cold start is one batched adaptation, however its
-        devices' readings interleave.  With online updates on, a stream is adapted before
-        the round after its window filled instead, so that each later reading meets all of its
-        device's live channels in one round: whether the reading is flagged as a whole, and
-        so left out of every channel's learning, must not depend on the batch boundaries."""
+        devices' readings interleave.  With online updates on, a stream whose device already
+        has a live channel is adapted before the next round instead, so that each later
+        reading meets all of its device's live channels in one round: whether the reading is
+        flagged as a whole, and so left out of every channel's learning, must not depend on
+        the batch boundaries."""
         pending: list[_Stream] = []
-        eager = bool(self.config.online_every)
+        eager: list[_Stream] = []
+        online = bool(self.config.online_every)
         adapted, seconds = 0, 0.0
         for observations in rounds:
             live = []
@@ -297,15 +299,18 @@ class Pipeline:
                     stream.buffer.append(value)
                     if len(stream.buffer) >= self.config.warmup:
                         self._set_state(stream, Lifecycle.ADAPTING)
-                        pending.append(stream)
+                        if online and any(s.state is Lifecycle.LIVE for s in self._devices[stream.device]):
+                            eager.append(stream)
+                        else:
+                            pending.append(stream)
                 else:
                     stream.backlog.append((i, value))
             if live:
                 self._observe_round(live, results)
-            if pending and eager:
+            if eager:
                 started = time.perf_counter()
-                self._go_live(pending, results)
-                adapted, seconds, pending = adapted + len(pending), seconds + time.perf_counter() - started, []
+                self._go_live(eager, results)
+                adapted, seconds, eager = adapted + len(eager), seconds + time.perf_counter() - started, []
         if pending:
             started = time.perf_counter()
             self._go_live(pending, results)
@@ -587,8 +592,8 @@ class Pipeline:
         n = 0
         peak_window = self.config.scoring.peak_window
         for ds in states:
-            if peak_window and ds.peaks is not None:  # else nothing is recent yet
-                tracker = self._peaks[ds.device] = NewPeaks(peak_window)
+            if peak_window and ds.peaks is not None and len(self._streams) < self.config.max_streams:
+                tracker = self._peaks[ds.device] = NewPeaks(peak_window)  # without them nothing is recent yet
                 tracker.restore(ds.peaks)
             for ss in ds.streams:
                 if len(self._streams) >= self.config.max_streams:

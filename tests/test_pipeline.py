@@ -425,3 +425,19 @@ def test_with_peak_window_a_device_is_thinned_as_a_whole_and_names_its_worst_cha
     assert onset[0] == 300 and len(onset) <= 3 and peaks[300].surprise == plain[300].surprise
     assert all(peaks[t].surprise in (0.0, plain[t].surprise) for t in plain)
     assert [peaks[t].channel for t in plain] == [plain[t].channel for t in plain]
+
+
+def test_with_online_updates_a_cold_start_is_still_one_batched_adaptation(monkeypatch):
+    """Only a stream whose device already has a live channel is adapted mid-batch: new
+    devices whose warm-ups fill in different rounds of one batch are adapted together."""
+    init = Initialization.default()
+    pipe = Pipeline(init, PipelineConfig(warmup=16, online_every=4, online_window=16))
+    calls = []
+    original = pipe._adapt
+    monkeypatch.setattr(pipe, "_adapt", lambda streams, windows: (calls.append(len(streams)),
+                                                                  original(streams, windows)))
+    readings = [Reading(f"d{k}", float(t), {"v": math.sin(t / 4 + k)}) for t in range(40) for k in range(3)
+                if t % (k + 1) == 0]  # d0 fills its warm-up at t = 15, d1 at 30, d2 at 45 (not in this batch)
+    assert pipe.feed(readings).adapted == 2 and calls == [2]
+    late = [Reading("d0", float(t), {"v": 0.1 * t, **({"w": 1.0 + 0.1 * t} if t >= 40 else {})}) for t in range(40, 60)]
+    assert pipe.feed(late).adapted == 1 and calls == [2, 1]  # d0's late channel w, beside its live v
