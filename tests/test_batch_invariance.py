@@ -3,7 +3,7 @@
 The daemon's batches are whatever a Kafka poll returns, and ``replay`` cuts files its own
 way: the same readings must get the same verdicts either way.  Hypothesis draws fleets
 of devices whose channels come and go at their own pace, with faults, bad values and
-duplicate timestamps, and a way of cutting them into batches; every scoring and
+duplicate timestamps and level shifts, and a way of cutting them into batches; every scoring and
 adaptation option is checked against feeding the whole stream at once.  The same holds
 when the devices move to a new pipeline between two batches (a restart, a rebalance).
 """
@@ -46,10 +46,12 @@ def fleets(draw):
     ticks = 90
     faults = draw(st.sets(st.integers(WARMUP, ticks - 1), max_size=12))
     glitches = draw(st.sets(st.integers(0, ticks - 1), max_size=4))  # a NaN value or a repeated timestamp
+    shift = draw(st.one_of(st.none(), st.integers(WARMUP + 10, ticks - 20)))  # a level shift, for drift
     readings = []
     for t in range(ticks):
         for d, channels in enumerate(devices):
-            values = {f"c{j}": math.sin(t / (3 + j) + d) + (4.0 * (-1) ** t if t in faults else 0.0)
+            level = 3.0 if shift is not None and t >= shift else 0.0
+            values = {f"c{j}": math.sin(t / (3 + j) + d) + level + (4.0 * (-1) ** t if t in faults else 0.0)
                       for j, (every, start) in enumerate(channels) if t >= start and (t - start) % every == 0}
             if not values:
                 continue
