@@ -1,13 +1,16 @@
 """NAB scores of one initialization through Forewarn's NAB scoring options, per half of the corpus.
 
     python benchmarks/nab_halves.py [--init shipped|random|FILE] [--scoring calibrated calibrated-novelty]
+                                    [--plot PNG [--plot-series NAME]]
 
 The NAB settings in the README were picked on the even-indexed series (sorted by
 name) and checked on the odd-indexed ones; this prints both halves and all 58 for
 the three profiles (standard / reward_low_FP / reward_low_FN), for any
 initialization: ``random`` is ``lstm-scratch`` (random weights, the shipped
 adaptation settings), a FILE is a checkpoint such as benchmarks/artifacts/pooled.pt.
-About 4 minutes per scoring option with one thread.
+About 4 minutes per scoring option with one thread.  ``--plot`` draws one series with
+the readings each scoring option flags at its standard-profile threshold over all 58
+(after NAB's probation, where flags are not scored).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from monitor.checkpoint import Initialization  # noqa: E402
 from monitor.evaluation import harness  # noqa: E402
 from monitor.evaluation.detectors import forewarn_detector  # noqa: E402
-from monitor.evaluation.nab import PROFILES, score_corpus  # noqa: E402
+from monitor.evaluation.nab import PROFILES, probation_length, score_corpus  # noqa: E402
+from monitor.evaluation.plots import plot_flags  # noqa: E402
 from monitor.scoring import ScoringConfig  # noqa: E402
 
 SCORINGS = {
@@ -43,6 +48,9 @@ def main() -> None:
     parser.add_argument("--scoring", nargs="+", choices=sorted(SCORINGS), default=["calibrated", "calibrated-novelty"])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding nab/")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", metavar="PNG", help="draw --plot-series with each option's flagged readings")
+    parser.add_argument("--plot-series", default="realKnownCause/machine_temperature_system_failure.csv",
+                        metavar="NAME", help="series to draw (default: %(default)s, odd-indexed: held out)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shipped = Initialization.default()
@@ -50,6 +58,9 @@ def main() -> None:
         args.init) or Initialization.load(args.init)
     series, windows = harness.nab_corpus(Path(args.data))
     names = [name for name, _, _ in series]
+    if args.plot and args.plot_series not in names:
+        parser.error(f"--plot-series {args.plot_series!r} is not a NAB series (e.g. {names[0]!r})")
+    flags = {}
     print(f"NAB, init {args.init}: standard / reward_low_FP / reward_low_FN\n")
     print("| scoring | even-indexed | odd-indexed | all 58 |")
     print("|---|---|---|---|")
@@ -64,6 +75,17 @@ def main() -> None:
             scores = {p: score_corpus({k: results[k] for k in part}, windows, p) for p in PROFILES}
             cells.append(" / ".join(f"{scores[p].normalized:.1f}" for p in PROFILES))
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+        if args.plot:
+            threshold = score_corpus(results, windows, "standard").threshold
+            scores = np.asarray(results[args.plot_series][1])
+            flagged = scores >= threshold
+            flagged[:probation_length(len(scores))] = False
+            flags[label] = flagged
+    if args.plot:
+        name, ts, values = next(s for s in series if s[0] == args.plot_series)
+        plot_flags(Path(args.plot), np.asarray(ts), values, flags, windows.get(name, ()),
+                   f"NAB {name}: readings flagged at the standard profile's threshold over all 58 series")
+        print(f"figure: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,25 @@ def test_damaged_or_mismatched_benchmark_files_are_clear_errors(tmp_path, capsys
                  "--detectors", "zscore", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "machine-9-9.txt.gz: unreadable" in err and "Traceback" not in err
+
+
+def test_plot_flags_draws_one_panel_per_detector_with_its_count(tmp_path, monkeypatch):
+    import numpy as np
+
+    from monitor.evaluation import plots
+    titles = []
+    pyplot = plots._pyplot()
+    real_subplots = pyplot.subplots
+
+    def subplots(*args, **kwargs):  # keep the axes to read their titles
+        fig, axes = real_subplots(*args, **kwargs)
+        titles.append(axes)
+        return fig, axes
+    monkeypatch.setattr(pyplot, "subplots", subplots)
+    ts = np.arange(0.0, 3000.0, 300.0)
+    values = np.sin(ts / 900.0)
+    flags = {"a": values > 0.9, "b": np.zeros(len(ts), dtype=bool)}
+    plots.plot_flags(tmp_path / "flags.png", ts, values, flags, [(600.0, 1200.0)], "two detectors")
+    assert (tmp_path / "flags.png").read_bytes()[:4] == b"\x89PNG"
+    assert [ax.get_title(loc="left") for ax in titles[0][:, 0]] == \
+        [f"a: {int((values > 0.9).sum())} readings flagged", "b: 0 readings flagged"]

@@ -30,12 +30,33 @@ def plot_series(path: Path, timestamps: np.ndarray, values: np.ndarray, scores: 
         ax.plot(when, s, lw=0.6)
         ax.set_ylabel(name, rotation=0, ha="right")
     for ax in axes:
-        for a, b in windows:
-            ax.axvspan(datetime.fromtimestamp(a, tz=timezone.utc), datetime.fromtimestamp(b, tz=timezone.utc),
-                       color="tab:red", alpha=0.15, lw=0)
+        _shade(ax, windows)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_flags(path: Path, timestamps: np.ndarray, values: np.ndarray, flags: Mapping[str, np.ndarray],
+               windows: Sequence[tuple[float, float]], title: str) -> None:
+    """The series once per detector, its flagged readings marked, labelled windows shaded."""
+    plt = _pyplot()
+    when = np.array([datetime.fromtimestamp(t, tz=timezone.utc) for t in timestamps])
+    fig, axes = plt.subplots(len(flags), 1, figsize=(12, 2.4 * len(flags)), sharex=True, squeeze=False)
+    for ax, (name, flagged) in zip(axes[:, 0], flags.items()):
+        ax.plot(when, values, lw=0.5, color="black")
+        ax.scatter(when[flagged], values[flagged], s=14, color="tab:red", zorder=3)
+        ax.set_title(f"{name}: {int(flagged.sum())} readings flagged", fontsize=9, loc="left")
+        _shade(ax, windows)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _shade(ax, windows: Sequence[tuple[float, float]]) -> None:
+    for a, b in windows:
+        ax.axvspan(datetime.fromtimestamp(a, tz=timezone.utc), datetime.fromtimestamp(b, tz=timezone.utc),
+                   color="tab:red", alpha=0.15, lw=0)
 
 
 def plot_pr_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
