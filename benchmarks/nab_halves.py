@@ -29,16 +29,12 @@ from monitor.evaluation import harness  # noqa: E402
 from monitor.evaluation.detectors import forewarn_detector  # noqa: E402
 from monitor.evaluation.nab import PROFILES, probation_length, score_corpus  # noqa: E402
 from monitor.evaluation.plots import plot_flags  # noqa: E402
-from monitor.scoring import ScoringConfig  # noqa: E402
 
 SCORINGS = {
-    "calibrated": ScoringConfig(calibration_fading=harness.NAB_CALIBRATION),
-    "calibrated-novelty": ScoringConfig(calibration_fading=harness.NAB_CALIBRATION, novelty_unit=harness.NOVELTY_UNIT,
-                                        novelty_window=harness.NOVELTY_WINDOW),
-    "calibrated-novelty-peaks": ScoringConfig(calibration_fading=harness.NAB_CALIBRATION,
-                                              novelty_unit=harness.NOVELTY_UNIT,
-                                              novelty_window=harness.NOVELTY_WINDOW, peak_window=harness.NAB_PEAK_WINDOW),
-    "default": ScoringConfig(),
+    "calibrated": harness.option_scoring(calibrated=True),
+    "calibrated-novelty": harness.option_scoring(calibrated=True, novelty=True),
+    "calibrated-novelty-peaks": harness.option_scoring(calibrated=True, novelty=True, peaks=True),
+    "default": harness.option_scoring(),
 }
 
 

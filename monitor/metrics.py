@@ -48,7 +48,8 @@ class Metrics:
             self.bad_records.labels(reason.value)
         self.streams = Gauge("forewarn_streams", "Streams (device channels) by lifecycle state", ["state"], registry=r)
         self.adaptation = Histogram("forewarn_adaptation_duration_seconds",
-                                    "Wall time of the fast adaptation of one batch's new streams", buckets=ADAPT_BUCKETS, registry=r)
+                                    "Wall time of the fast adaptation of one batch's new streams",
+                                    buckets=ADAPT_BUCKETS, registry=r)
         self.adapted = Counter("forewarn_adapted_streams_total", "Streams adapted and gone live", registry=r)
         self.readapted = Counter("forewarn_readapted_streams_total",
                                  "Live streams adapted afresh after their residuals drifted up", registry=r)

@@ -288,6 +288,12 @@ class Pipeline:
         eager: list[_Stream] = []
         online = bool(self.config.online_every)
         adapted, seconds = 0, 0.0
+
+        def go_live(streams: list[_Stream]) -> None:
+            nonlocal adapted, seconds
+            started = time.perf_counter()
+            self._go_live(streams, results)
+            adapted, seconds = adapted + len(streams), seconds + time.perf_counter() - started
         for observations in rounds:
             live = []
             for obs in observations:
@@ -308,13 +314,10 @@ class Pipeline:
             if live:
                 self._observe_round(live, results)
             if eager:
-                started = time.perf_counter()
-                self._go_live(eager, results)
-                adapted, seconds, eager = adapted + len(eager), seconds + time.perf_counter() - started, []
+                go_live(eager)
+                eager = []
         if pending:
-            started = time.perf_counter()
-            self._go_live(pending, results)
-            adapted, seconds = adapted + len(pending), seconds + time.perf_counter() - started
+            go_live(pending)
         return adapted, seconds
 
     def _observe_round(self, live, results) -> None:

@@ -381,6 +381,21 @@ def test_range_novelty_flags_new_extremes_that_the_forecaster_follows():
     assert set(with_novelty) <= set(peaks)
 
 
+def _fault_without_and_with_peaks(init, readings):
+    """Scores by timestamp without and with peak_window 48, for readings with a fault at
+    300..319: every reading of it alarms without; with, the onset alarms, then at most two
+    more, and every other surprise is either the same or 0."""
+    def scores(peak_window: int):
+        pipe = Pipeline(init, PipelineConfig(warmup=64, scoring=ScoringConfig(peak_window=peak_window)))
+        return {int(s.ts): s for s in pipe.feed(readings).scores if s.score is not None}
+    plain, peaks = scores(0), scores(48)
+    assert all(plain[t].anomaly for t in range(300, 320))
+    onset = [t for t in range(300, 320) if peaks[t].anomaly]
+    assert onset[0] == 300 and len(onset) <= 3
+    assert all(peaks[t].surprise in (0.0, plain[t].surprise) for t in plain)
+    return plain, peaks
+
+
 def test_with_peak_window_a_sustained_fault_alarms_at_its_onset_not_at_every_reading():
     """A fault the forecaster cannot follow (values swinging by +-4) for 20 readings: with
     the default scoring every one of its readings alarms; with only new peaks counting, the
@@ -391,15 +406,7 @@ def test_with_peak_window_a_sustained_fault_alarms_at_its_onset_not_at_every_rea
     def fault(t: int) -> float:
         return 4.0 * (-1) ** t if 300 <= t < 320 else (4.0 if t == 400 else 0.0)
     readings = [Reading("a", float(t), {"v": math.sin(t / 5) + fault(t)}) for t in range(420)]
-
-    def scores(peak_window: int):
-        pipe = Pipeline(init, PipelineConfig(warmup=64, scoring=ScoringConfig(peak_window=peak_window)))
-        return {int(s.ts): s for s in pipe.feed(readings).scores if s.score is not None}
-    plain, peaks = scores(0), scores(48)
-    assert all(plain[t].anomaly for t in range(300, 320))
-    onset = [t for t in range(300, 320) if peaks[t].anomaly]
-    assert onset[0] == 300 and len(onset) <= 3
-    assert all(peaks[t].surprise in (0.0, plain[t].surprise) for t in plain)
+    plain, peaks = _fault_without_and_with_peaks(init, readings)
     assert peaks[400].anomaly and peaks[400].surprise == plain[400].surprise
 
 
@@ -415,15 +422,8 @@ def test_with_peak_window_a_device_is_thinned_as_a_whole_and_names_its_worst_cha
         return (3.0 + j) * (-1) ** t if 300 <= t < 320 else 0.0
     readings = [Reading("m", float(t), {f"c{j}": math.sin(t / 5 + j) + noise[t][j] + fault(t, j) for j in range(3)})
                 for t in range(420)]
-
-    def scores(peak_window: int):
-        pipe = Pipeline(init, PipelineConfig(warmup=64, scoring=ScoringConfig(peak_window=peak_window)))
-        return {int(s.ts): s for s in pipe.feed(readings).scores if s.score is not None}
-    plain, peaks = scores(0), scores(48)
-    assert all(plain[t].anomaly for t in range(300, 320))
-    onset = [t for t in range(300, 320) if peaks[t].anomaly]
-    assert onset[0] == 300 and len(onset) <= 3 and peaks[300].surprise == plain[300].surprise
-    assert all(peaks[t].surprise in (0.0, plain[t].surprise) for t in plain)
+    plain, peaks = _fault_without_and_with_peaks(init, readings)
+    assert peaks[300].surprise == plain[300].surprise
     assert [peaks[t].channel for t in plain] == [plain[t].channel for t in plain]
 
 

@@ -36,6 +36,17 @@ NAB_PEAK_WINDOW = 48  # only new peaks of the surprise count, over the last ~48 
 SMD_SMOOTHING = 9  # surprise smoothing span, picked on the test splits of the meta-training machines
 
 
+def option_scoring(calibrated: bool = False, novelty: bool = False, smoothed: bool = False, peaks: bool = False,
+                   channel_combination: str = "joint") -> ScoringConfig:
+    """Scoring with the options switched on at the settings picked on NAB (SMD for smoothing)."""
+    return ScoringConfig(calibration_fading=NAB_CALIBRATION if calibrated else 0.0,
+                         novelty_unit=NOVELTY_UNIT if novelty else 0.0,
+                         novelty_window=NOVELTY_WINDOW if novelty else 0,
+                         smoothing_span=SMD_SMOOTHING if smoothed else 0,
+                         peak_window=NAB_PEAK_WINDOW if peaks else 0,
+                         channel_combination=channel_combination)
+
+
 def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detector]:
     """Detectors by name; Forewarn variants read their initializations from ``init_dir``."""
     shipped = Initialization.default()
@@ -49,12 +60,7 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
                         smoothed: bool = False, peaks: bool = False, channel_combination: str = "joint",
                         **pipeline_options) -> Callable[[], Detector]:
         """The shipped initialization with the scoring options picked on NAB (SMD for smoothing), and others."""
-        scoring = ScoringConfig(calibration_fading=NAB_CALIBRATION if calibrated else 0.0,
-                                novelty_unit=NOVELTY_UNIT if novelty else 0.0,
-                                novelty_window=NOVELTY_WINDOW if novelty else 0,
-                                smoothing_span=SMD_SMOOTHING if smoothed else 0,
-                                peak_window=NAB_PEAK_WINDOW if peaks else 0,
-                                channel_combination=channel_combination)
+        scoring = option_scoring(calibrated, novelty, smoothed, peaks, channel_combination)
         return lambda: forewarn_detector(name, shipped, WARMUP, notes=notes, scoring=scoring, **pipeline_options)
 
     known: dict[str, Callable[[], Detector]] = {
