@@ -288,9 +288,10 @@ def read_series(path: str | Path, fmt: str | None = None, bad: Counter | None = 
 
 
 class ScoreCsvWriter:
-    """Writes ``ts,device,score,anomaly,channel``, one row per reading; empty while warming."""
+    """Writes ``ts,device,score,anomaly,channel,surprise``, one row per reading; empty while
+    warming.  The surprise ranks what the score, rounded to 1 past ~6 at six decimals, cannot."""
 
-    HEADER = ("ts", "device", "score", "anomaly", "channel")
+    HEADER = ("ts", "device", "score", "anomaly", "channel", "surprise")
 
     def __init__(self, out: IO[str]) -> None:
         self._writer = csv.writer(out, lineterminator="\n")
@@ -301,7 +302,8 @@ class ScoreCsvWriter:
             (format_ts(s.ts), s.device,
              "" if s.score is None else f"{s.score:.6f}",
              "" if s.anomaly is None else int(s.anomaly),
-             s.channel or "")
+             s.channel or "",
+             "" if s.surprise is None else f"{s.surprise:.6g}")
             for s in scores)
 
 

@@ -55,7 +55,8 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
     adapt = init.adapt
     if args.adapt_steps is not None:
         adapt = replace(adapt, steps=args.adapt_steps)
-    return DetectorConfig(warmup=args.warmup, threshold=args.threshold, calibration_fading=args.calibration_fading,
+    return DetectorConfig(warmup=args.warmup, threshold=args.threshold, alarm_surprise=args.alarm_surprise,
+                          calibration_fading=args.calibration_fading,
                           novelty_unit=args.novelty_unit, novelty_window=args.novelty_window,
                           smoothing_span=args.smoothing_span, peak_window=args.peak_window,
                           channel_combination=args.channel_combination, drift_threshold=args.drift_threshold,
@@ -197,7 +198,13 @@ def _bundled(name: str):
     return resources.as_file(resources.files("monitor.data") / "nab" / name)
 
 
-def _report_windows(flagged: list[Score], windows_path, scored: int, threshold: float) -> None:
+def _alarm_level(args: argparse.Namespace) -> str:
+    if args.alarm_surprise:
+        return f"alarm surprise {args.alarm_surprise:g}"
+    return f"threshold {args.threshold}"
+
+
+def _report_windows(flagged: list[Score], windows_path, scored: int, alarm_level: str) -> None:
     from monitor.evaluation.windows import compare_with_windows, load_windows
     windows = load_windows(windows_path)
     report = compare_with_windows(flagged, windows)
@@ -206,7 +213,7 @@ def _report_windows(flagged: list[Score], windows_path, scored: int, threshold: 
         found = "first flag " + _iso(hit.first_detection) if hit.first_detection is not None else "missed"
         print(f"  {_iso(hit.start)} .. {_iso(hit.end)}: {found}")
     print(f"Flags outside labelled windows: {report.flags_outside} of {report.flags_total} "
-          f"({scored} readings scored, threshold {threshold})")
+          f"({scored} readings scored, {alarm_level})")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -226,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for s in result.scores:
             if s.anomaly:
                 flagged.append(s)
-                print(f"anomaly  {_iso(s.ts)}  {s.device}/{s.channel}  score {s.score:.5f}  "
+                print(f"anomaly  {_iso(s.ts)}  {s.device}/{s.channel}  surprise {s.surprise:.1f}  "
                       f"value {s.value:.3f}  forecast {s.forecast:.3f}", flush=True)
 
     broker = EmbeddedBroker()
@@ -246,6 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500", "FOREWARN_METRICS_HOST": "127.0.0.1",
                "FOREWARN_METRICS_PORT": str(args.metrics_port), "FOREWARN_LOG_LEVEL": "WARNING",
                "FOREWARN_DETECTOR_WARMUP": str(args.warmup), "FOREWARN_DETECTOR_THRESHOLD": str(args.threshold),
+               "FOREWARN_DETECTOR_ALARM_SURPRISE": str(args.alarm_surprise),
                "FOREWARN_DETECTOR_CALIBRATION_FADING": str(args.calibration_fading),
                "FOREWARN_DETECTOR_DRIFT_THRESHOLD": str(args.drift_threshold),
                "FOREWARN_DETECTOR_ONLINE_EVERY": str(args.online_every),
@@ -290,7 +298,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"scored {counts['scored']}, anomalies {counts['anomalies']} (also on topic 'forewarn-anomalies'); "
               f"bad records {sum(daemon.pipeline.bad_counts.values())} (on 'forewarn-dead-letter')")
         print(f"Metrics were served at http://127.0.0.1:{daemon.server.port}/metrics")
-        _report_windows(flagged, windows_path, counts["scored"], args.threshold)
+        _report_windows(flagged, windows_path, counts["scored"], _alarm_level(args))
     return 0
 
 
@@ -315,7 +323,7 @@ def _offline_demo(args: argparse.Namespace) -> int:
         summary = replay(FileSource(csv_path, "nab"), pipeline, progress=not args.quiet,
                          on_scores=lambda scores: flagged.extend(s for s in scores if s.anomaly))
         print_summary(summary)
-        _report_windows(flagged, windows_path, summary["scored"], args.threshold)
+        _report_windows(flagged, windows_path, summary["scored"], _alarm_level(args))
     return 0
 
 
@@ -500,8 +508,13 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
                    help="readings a stream buffers before it is adapted and scored (default: 256)")
     p.add_argument("--adapt-steps", type=int, default=None, metavar="K",
                    help="inner gradient steps of fast adaptation (default: the initialization's, 10 for the shipped one)")
-    p.add_argument("--threshold", type=_probability, default=ScoringConfig().threshold,
-                   help="score at or above which a reading is an anomaly (default: %(default)s)")
+    alarm = p.add_mutually_exclusive_group()
+    alarm.add_argument("--threshold", type=_probability, default=ScoringConfig().threshold,
+                       help="score at or above which a reading is an anomaly (default: %(default)s)")
+    alarm.add_argument("--alarm-surprise", type=_non_negative_float, default=0.0, metavar="S",
+                       help="the threshold as a surprise, -log10 of the tail probability (0.999 is 3), as "
+                            "detector.alarm_surprise; needed past ~16, where scores round to 1.0 (default: 0 = "
+                            "--threshold's)")
     p.add_argument("--calibration-fading", type=_non_negative_float, default=0.0, metavar="F",
                    help="stage-2 score calibration, as detector.calibration_fading (default: 0 = off)")
     p.add_argument("--drift-threshold", type=_non_negative_float, default=0.0, metavar="L",
@@ -535,8 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="score a recorded file through the detector",
                        description="Replay a recording through the same pipeline the daemon uses. Scores go to "
-                                   "--out as CSV (ts,device,score,anomaly,channel; score empty while a device warms "
-                                   "up); a summary and the first bad records go to stderr.")
+                                   "--out as CSV (ts,device,score,anomaly,channel,surprise; score empty while a device "
+                                   "warms up); a summary and the first bad records go to stderr.")
     p.add_argument("input", help="recorded file (.gz is read directly)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="nab: timestamp,value CSV; wide: one channel per column; jsonl: reading messages "

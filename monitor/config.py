@@ -93,6 +93,9 @@ class DetectorConfig:
     warmup: int = _setting(256, "readings a stream buffers before it is adapted and scored")
     adapt_steps: int = _setting(-1, "inner steps of fast adaptation (-1 = the initialization's)")
     threshold: float = _setting(0.999, "score at or above which a reading is an anomaly")
+    alarm_surprise: float = _setting(0.0, "the same threshold as a surprise, -log10 of the tail probability "
+                                          "(0 = the threshold's: 0.999 is 3); needed past ~16, where scores round "
+                                          "to 1.0 (NAB's is ~65 with the NAB options, see docs/evaluation.md)")
     calibration_fading: float = _setting(0.0, "stage-2 score calibration across streams, one alarm per incident "
                                               "(0 = off; 0.002 was best on NAB, see docs/evaluation.md)")
     novelty_unit: float = _setting(0.0, "range novelty: a value beyond the range of the stream's last novelty_window "
@@ -129,7 +132,8 @@ class DetectorConfig:
     def scoring_config(self):
         """The ``ScoringConfig`` these settings describe."""
         from monitor.scoring import ScoringConfig
-        return ScoringConfig(threshold=self.threshold, calibration_fading=self.calibration_fading,
+        return ScoringConfig(threshold=self.threshold, alarm_surprise=self.alarm_surprise,
+                             calibration_fading=self.calibration_fading,
                              novelty_unit=self.novelty_unit, novelty_window=self.novelty_window,
                              smoothing_span=self.smoothing_span, peak_window=self.peak_window,
                              channel_combination=self.channel_combination)
@@ -150,6 +154,9 @@ class DetectorConfig:
             self.scoring_config()
         except ValueError as exc:
             raise ConfigError(f"detector.{exc}") from None
+        if self.alarm_surprise and self.threshold != DetectorConfig.threshold:
+            raise ConfigError(f"detector.threshold ({self.threshold}) and detector.alarm_surprise "
+                              f"({self.alarm_surprise}) both set the alarm level: set one of them")
         # PipelineConfig checks these too, but building one imports torch, which reading a
         # configuration (forewarn config --print, the daemon's start-up errors) should not need
         if self.warmup < 16:

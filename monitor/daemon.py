@@ -160,7 +160,7 @@ class Daemon:
             adapt = replace(adapt, steps=det.adapt_steps)
         self.pipeline = Pipeline(self.init, det.pipeline_config(adapt))
         self.pipeline.progress = self._loop_alive  # a long adaptation burst is progress, not a stuck loop
-        self.metrics = Metrics(self.registry, config.metrics.max_devices, det.threshold)
+        self.metrics = Metrics(self.registry, config.metrics.max_devices, self.pipeline.config.scoring)
         self.on_result = on_result
         self.stopping = threading.Event()
         self._last_turn = time.monotonic()

@@ -6,13 +6,20 @@ capped by ``max_devices``; what the cap leaves out is itself counted).
 """
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from monitor import __version__
 from monitor.readings import BadReason, Score
+from monitor.scoring import MAX_SURPRISE, ScoringConfig, score_of
 
+# the scoring settings exported as forewarn_detector_info labels: what a rule or a reader of
+# the dashboard needs to know to read the scores and alarms of an instance
+DETECTOR_INFO = ("threshold", "alarm_surprise", "calibration_fading", "novelty_unit", "novelty_window",
+                 "smoothing_span", "peak_window", "channel_combination")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ADAPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -22,24 +29,34 @@ class Metrics:
 
     >>> from prometheus_client import generate_latest
     >>> m = Metrics(CollectorRegistry(), max_devices=1)
-    >>> m.observe_scores([Score("a", 1.0, 0.5, False), Score("b", 1.0, 0.9999, True)])
+    >>> m.observe_scores([Score("a", 1.0, 0.5, False, surprise=0.3), Score("b", 1.0, 0.9999, True, surprise=4.0)])
     >>> text = generate_latest(m.registry).decode()
-    >>> 'forewarn_anomaly_score{device="a"} 0.5' in text, 'device="b"' in text
-    (True, False)
+    >>> 'forewarn_anomaly_score{device="a"} 0.5' in text, 'forewarn_anomaly_surprise{device="a"} 0.3' in text
+    (True, True)
+    >>> 'device="b"' in text
+    False
     >>> 'forewarn_score_devices_not_exported 1.0' in text, 'forewarn_anomalies_total 1.0' in text
     (True, True)
     """
 
-    def __init__(self, registry: CollectorRegistry, max_devices: int = 10_000, threshold: float | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry, max_devices: int = 10_000,
+                 scoring: ScoringConfig | None = None) -> None:
         self.registry = registry
         self.max_devices = max_devices
-        self._exported: dict[str, object] = {}  # device -> its score gauge child
+        self._exported: dict[str, tuple] = {}  # device -> its score and surprise gauge children
+        self._flagged: dict[str, object] = {}  # exported device -> its last-anomaly gauge child, once flagged
+        scoring = scoring or ScoringConfig()
         self._not_exported: set[str] = set()
         r = registry
         self.score = Gauge("forewarn_anomaly_score", "Latest anomaly score of the device, 0..1, of its channels "
                                                      "together (detector.channel_combination)", ["device"], registry=r)
+        # the score rounds to 1.0 past a surprise of ~16, so alert rules compare surprises
+        self.surprise = Gauge("forewarn_anomaly_surprise", "Latest surprise of the device, -log10 of the "
+                              "probability behind its score (3 = 1 in 1,000); what alert rules compare",
+                              ["device"], registry=r)
         self.not_exported = Gauge("forewarn_score_devices_not_exported",
-                                  "Devices whose score gauge is left out by the max_devices cap", registry=r)
+                                  "Devices whose score and surprise gauges are left out by the max_devices cap",
+                                  registry=r)
         self.anomalies = Counter("forewarn_anomalies_total", "Readings flagged as anomalous", registry=r)
         self.readings = Counter("forewarn_readings_total", "Readings processed (accepted by the pipeline)", registry=r)
         self.scored = Counter("forewarn_scored_readings_total", "Readings scored by a live model", registry=r)
@@ -65,10 +82,20 @@ class Metrics:
                                     "Reading timestamp (ts field) of the newest reading scored in the latest "
                                     "batch (not the newest ever: one device's clock far ahead would hold it)",
                                     registry=r)
-        self.threshold = Gauge("forewarn_anomaly_threshold", "Score at or above which a reading is an anomaly",
-                               registry=r)
-        if threshold is not None:
-            self.threshold.set(threshold)
+        self.threshold = Gauge("forewarn_anomaly_threshold", "Score at or above which a reading is an anomaly "
+                               "(1 past a surprise of ~16: compare forewarn_anomaly_alarm_surprise)", registry=r)
+        self.alarm_surprise = Gauge("forewarn_anomaly_alarm_surprise", "Surprise at or above which a reading is "
+                                    "an anomaly (detector.alarm_surprise, or detector.threshold's)", registry=r)
+        self.alarm_surprise.set(scoring.alarm_level)
+        self.threshold.set(score_of(scoring.alarm_surprise) if scoring.alarm_surprise else scoring.threshold)
+        # a device's flags between two scrapes never show in its score gauge, and with
+        # detector.peak_window every incident is such a flag: alerts can read this instead
+        self.last_anomaly = Gauge("forewarn_device_last_anomaly_timestamp_seconds",
+                                  "Unix time the device's latest flagged reading was scored (exported devices "
+                                  "flagged since this instance took them)", ["device"], registry=r)
+        self.detector = Info("forewarn_detector", "Detector settings that shape scores and alarms (detector.*)",
+                             registry=r)
+        self.detector.info({name: f"{getattr(scoring, name)}" for name in DETECTOR_INFO})
         self.ready = Gauge("forewarn_ready", "1 when partitions are assigned, their state restored and the "
                            "broker reachable and acknowledging (what /readyz answers), else 0", registry=r)
         self.checkpoints = Counter("forewarn_state_checkpoints_total",
@@ -101,7 +128,7 @@ class Metrics:
         self.build.info({"version": __version__})
 
     def observe_scores(self, scores: Iterable[Score]) -> None:
-        newest = None
+        newest = flagged_at = None
         n = scored = anomalies = 0
         for s in scores:
             n += 1
@@ -109,15 +136,21 @@ class Metrics:
                 continue
             scored += 1
             anomalies += bool(s.anomaly)
-            child = self._exported.get(s.device)
-            if child is not None:
-                child.set(s.score)
-            elif len(self._exported) < self.max_devices:
-                child = self._exported[s.device] = self.score.labels(s.device)
-                child.set(s.score)
+            children = self._exported.get(s.device)
+            if children is None and len(self._exported) < self.max_devices:
+                children = self._exported[s.device] = (self.score.labels(s.device), self.surprise.labels(s.device))
                 if s.device in self._not_exported:  # a slot freed up for it
                     self._not_exported.discard(s.device)
                     self.not_exported.set(len(self._not_exported))
+            if children is not None:
+                children[0].set(s.score)
+                children[1].set(score_surprise(s))
+                if s.anomaly:
+                    flagged_at = flagged_at or time.time()
+                    child = self._flagged.get(s.device)
+                    if child is None:
+                        child = self._flagged[s.device] = self.last_anomaly.labels(s.device)
+                    child.set(flagged_at)
             elif s.device not in self._not_exported:
                 self._not_exported.add(s.device)
                 self.not_exported.set(len(self._not_exported))
@@ -134,6 +167,9 @@ class Metrics:
         for d in devices:
             if self._exported.pop(d, None) is not None:
                 self.score.remove(d)
+                self.surprise.remove(d)
+                if self._flagged.pop(d, None) is not None:
+                    self.last_anomaly.remove(d)
             if d in self._not_exported:
                 self._not_exported.discard(d)
         self.not_exported.set(len(self._not_exported))
@@ -145,6 +181,13 @@ class Metrics:
     def set_streams(self, by_state: dict[str, int]) -> None:
         for state, n in by_state.items():
             self.streams.labels(state).set(n)
+
+
+def score_surprise(s: Score) -> float:
+    """A score's surprise: its own, or (a score made without one) the surprise its score implies."""
+    if s.surprise is not None:
+        return s.surprise
+    return -math.log10(1.0 - s.score) if s.score < 1.0 else MAX_SURPRISE
 
 
 # ---- the metric reference in README.md, generated from the code above ------------------------------------

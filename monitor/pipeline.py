@@ -154,7 +154,7 @@ class Pipeline:
                                       lr=self.adapt_config.lr * scale)
         self._online_lr = None if init.inner_lr is None else {k: v * scale for k, v in init.inner_lr.items()}
         # a reading at least this surprising is an anomaly: online updates do not learn it
-        self._alarm_surprise = -math.log10(1.0 - self.config.scoring.threshold)
+        self._alarm_surprise = self.config.scoring.alarm_level
         self._streams: dict[tuple[str, str], _Stream] = {}
         self._devices: dict[str, list[_Stream]] = {}    # device -> its streams
         self._peaks: dict[str, NewPeaks] = {}            # device -> its recent surprises (peak_window on)
@@ -333,7 +333,7 @@ class Pipeline:
     def _verdicts(self, readings, accepted, results, scores: list[Score]) -> None:
         """One ``Score`` per accepted reading, or None while warming: the joint surprise of its
         live channels (or the worst one's), with the worst channel's forecast and value."""
-        threshold = self.config.scoring.threshold
+        alarm = self._alarm_surprise
         joint = self.config.scoring.channel_combination == "joint"
         peaks = self.config.scoring.peak_window
         n_anomalies = n_scored = 0
@@ -359,7 +359,7 @@ class Pipeline:
                     tracker = self._peaks[reading.device] = NewPeaks(peaks)
                 surprise = tracker.surprise_learn_one(surprise)
             score = score_of(surprise)
-            anomaly = score >= threshold
+            anomaly = surprise >= alarm  # not the score, which rounds to 1.0 past a surprise of ~16
             n_scored += 1
             n_anomalies += anomaly
             scores.append(Score(reading.device, reading.ts, score, anomaly, channel, forecast, value, reading.ref,

@@ -39,8 +39,10 @@ CHANNEL_COMBINATIONS = ("joint", "max")
 class ScoringConfig:
     """How residuals become scores.
 
-    >>> ScoringConfig().threshold
-    0.999
+    >>> ScoringConfig().threshold, ScoringConfig().alarm_level
+    (0.999, 3.0)
+    >>> ScoringConfig(alarm_surprise=65.0).alarm_level   # a score of 1 - 1e-65 would round to 1.0
+    65.0
 
     Stage 2 (``calibration_fading`` > 0, 0.002 chosen on NAB) makes scores comparable
     across streams and raises one alarm per incident; it is off by default because a
@@ -51,6 +53,10 @@ class ScoringConfig:
     fading_factor: float = 0.01         # weight of the newest residual (about 1/fading_factor readings of memory)
     calibration_fading: float = 0.0     # same for the stage-2 statistics of |z|; 0 = stage 2 off (see below)
     threshold: float = 0.999            # a score at or above it flags an anomaly
+    # The same threshold given as a surprise (0 = the threshold's, -log10(1 - threshold)):
+    # beyond a surprise of ~16 the score rounds to 1.0, so operating points such as NAB's
+    # (surprises of 10-100 with peak_window) can only be set this way.
+    alarm_surprise: float = 0.0
     min_std: float = 0.05               # floor on the residual spread, in scaled units
     min_calibration_std: float = 0.25   # floor on the spread of |z|
     learn_clip: float = 4.0             # what stage 1 learns is clipped to this many spreads
@@ -82,6 +88,8 @@ class ScoringConfig:
             raise ValueError(f"calibration_fading must be in [0, 1], got {self.calibration_fading}")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not (math.isfinite(self.alarm_surprise) and self.alarm_surprise >= 0):
+            raise ValueError(f"alarm_surprise must be finite and >= 0, got {self.alarm_surprise}")
         if self.min_std <= 0 or self.min_calibration_std <= 0 or self.learn_clip <= 0:
             raise ValueError("min_std, min_calibration_std and learn_clip must be > 0")
         if not (math.isfinite(self.novelty_unit) and self.novelty_unit >= 0):
@@ -95,6 +103,14 @@ class ScoringConfig:
         if self.channel_combination not in CHANNEL_COMBINATIONS:
             raise ValueError(f"channel_combination must be one of {', '.join(CHANNEL_COMBINATIONS)}, "
                              f"got {self.channel_combination!r}")
+
+    @property
+    def alarm_level(self) -> float:
+        """The surprise at or above which a reading is an anomaly (``score_of`` it is the
+        score threshold; exact where the score can still tell, rounded to 1.0 beyond)."""
+        if self.alarm_surprise:
+            return self.alarm_surprise
+        return round(-math.log10(1.0 - self.threshold), 12)  # 0.999 gives 3, not 2.9999999999999996
 
     def to_dict(self) -> dict:
         return asdict(self)

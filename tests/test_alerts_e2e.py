@@ -110,8 +110,16 @@ def test_shipped_rules_fire_the_device_alert_on_a_labelled_anomaly(broker, tmp_p
         assert {r["name"]: r["health"] for g in _api(prom_port, "rules")["groups"] for r in g["rules"]} == \
             dict.fromkeys(rule_names, "ok")
         # and the recorded device series agrees with the alert
-        over = _api(prom_port, "query", query="device:forewarn_anomaly_score:over_threshold")["result"]
+        over = _api(prom_port, "query", query="device:forewarn_anomaly_surprise:over_alarm")["result"]
         assert [s["metric"]["device"] for s in over] == ["machine-temp"]
+        # the flag times are there for the incident alert, which stays silent: this daemon runs
+        # the default scoring, not one alarm per incident (detector.peak_window 0)
+        flagged = _api(prom_port, "query", query="forewarn_device_last_anomaly_timestamp_seconds")["result"]
+        assert "machine-temp" in {s["metric"]["device"] for s in flagged}
+        (info,) = _api(prom_port, "query", query="forewarn_detector_info")["result"]
+        assert info["metric"]["peak_window"] == "0" and info["metric"]["job"] == "forewarn"
+        alerts = _api(prom_port, "alerts")["alerts"]
+        assert not [a for a in alerts if a["labels"]["alertname"] == "ForewarnDeviceIncident"]
     finally:
         code = stop_daemon_and_prometheus(daemon, prometheus)
     assert code == 0, (tmp_path / "daemon.log").read_text()[-3000:]

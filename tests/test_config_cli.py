@@ -18,6 +18,9 @@ def test_toml_then_environment(tmp_path):
     ("[kafka]\nauto_offset_reset = 'middle'\n", "auto_offset_reset must be earliest or latest"),
     ("[detector]\nthreshold = 2\n", "detector.threshold must be in \\(0, 1\\), got 2"),
     ("[detector]\nnovelty_window = 8\n", "detector.novelty_window must be 0 or >= 16, got 8"),
+    ("[detector]\nalarm_surprise = -3\n", "detector.alarm_surprise must be finite and >= 0, got -3"),
+    ("[detector]\nthreshold = 0.99\nalarm_surprise = 65\n",
+     "detector.threshold \\(0.99\\) and detector.alarm_surprise \\(65.0\\) both set the alarm level"),
     ("[detector]\nonline_every = -1\n", "detector.online_every must be >= 0"),
     ("[detector]\nsmoothing_span = -1\n", "detector.smoothing_span must be >= 0"),
     ("[detector]\npeak_window = 2\n", "detector.peak_window must be 0 or >= 4, got 2"),
@@ -44,6 +47,15 @@ def test_invalid_environment_is_rejected_with_the_variable(environ, message):
     with pytest.raises(ConfigError, match=message):
         Config.load(environ=environ)
     Config.load(environ={"FOREWARN_HOME": "/srv"})  # not a setting's prefix: none of ours
+
+
+def test_the_alarm_level_as_a_surprise_from_the_environment_and_the_command_line(capsys):
+    cfg = Config.load(environ={"FOREWARN_DETECTOR_ALARM_SURPRISE": "65"})
+    assert cfg.detector.scoring_config().alarm_level == 65.0
+    assert Config.load(environ={}).detector.scoring_config().alarm_level == 3.0  # the threshold's, 0.999
+    with pytest.raises(SystemExit):
+        main(["replay", "x.csv", "--threshold", "0.99", "--alarm-surprise", "65"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_run_with_a_bad_configuration_exits_with_a_clear_error(tmp_path, capsys):

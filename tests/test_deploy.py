@@ -162,9 +162,10 @@ def test_every_alert_is_documented_and_unit_tested_firing_and_silent():
         assert a["alert"] in silent, f"{a['alert']}: no promtool case where it stays silent"
 
 
-def test_the_device_alert_compares_with_the_exported_threshold():
+def test_the_device_alert_compares_surprises_with_the_exported_alarm_level():
+    """Scores round to 1 past a surprise of ~16, so a score threshold could not tell 20 from 65."""
     device = next(r for r in load_rules() if r.get("alert") == "ForewarnDeviceAnomaly")
-    assert metric_names(device["expr"]) == {"forewarn_anomaly_score", "forewarn_anomaly_threshold"}
+    assert metric_names(device["expr"]) == {"forewarn_anomaly_surprise", "forewarn_anomaly_alarm_surprise"}
     assert device["for"]
 
 
@@ -199,10 +200,11 @@ def test_dashboard_fleet_and_device_views():
     assert variables["device"]["type"] == "query"
     assert "forewarn_anomaly_score" in variables["device"]["definition"]
     queries = " ".join(dashboard_queries(dashboard))
-    for needed in ("forewarn_streams", "forewarn_anomalies_total", "topk(10, forewarn_anomaly_score)",
+    for needed in ("forewarn_streams", "forewarn_anomalies_total", "topk(10, forewarn_anomaly_surprise)",
                    "forewarn_readings_total", "histogram_quantile(0.5, sum by (le) (rate(forewarn_processing_latency",
                    "histogram_quantile(0.99, sum by (le) (rate(forewarn_processing_latency",
-                   "forewarn_consumer_lag_records", 'forewarn_anomaly_score{device="$device"}'):
+                   "forewarn_consumer_lag_records", 'forewarn_anomaly_surprise{device="$device"}',
+                   "forewarn_anomaly_alarm_surprise"):
         assert needed in queries, needed
     ids = []
     for p in dashboard["panels"]:

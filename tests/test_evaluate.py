@@ -77,3 +77,23 @@ def test_plot_flags_draws_one_panel_per_detector_with_its_count(tmp_path, monkey
     assert (tmp_path / "flags.png").read_bytes()[:4] == b"\x89PNG"
     assert [ax.get_title(loc="left") for ax in titles[0][:, 0]] == \
         [f"a: {int((values > 0.9).sum())} readings flagged", "b: 0 readings flagged"]
+
+
+def test_plot_threshold_curves_draws_a_panel_per_profile(tmp_path, monkeypatch):
+    from monitor.evaluation import plots
+    drawn = []
+    pyplot = plots._pyplot()
+    real_subplots = pyplot.subplots
+
+    def subplots(*args, **kwargs):
+        fig, axes = real_subplots(*args, **kwargs)
+        drawn.append(axes)
+        return fig, axes
+    monkeypatch.setattr(pyplot, "subplots", subplots)
+    panels = {"standard": {"a, even": [1.0, 2.0], "a, odd": [0.5, 1.5]}, "reward_low_FP": {"a, even": [0.0, 1.0]}}
+    plots.plot_threshold_curves(tmp_path / "curve.png", [3.0, 30.0], panels, {"picked": 10.0}, "t")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    axes = drawn[0][0]
+    assert [ax.get_title() for ax in axes] == ["standard", "reward_low_FP"]
+    assert [len(ax.get_lines()) for ax in axes] == [3, 2]  # the curves and the mark
+    assert axes[0].get_xscale() == "log"

@@ -1,6 +1,8 @@
 """The HTTP endpoints and the metrics that describe what this instance holds."""
 import socket
+import time
 
+import pytest
 from kafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -8,6 +10,7 @@ from monitor.config import Config
 from monitor.daemon import Daemon, HealthServer
 from monitor.metrics import Metrics
 from monitor.readings import Reading, Score
+from monitor.scoring import ScoringConfig
 from tests.kafka_support import http_get, metric_value
 
 
@@ -34,6 +37,29 @@ def test_a_device_left_out_of_the_score_series_stops_counting_once_it_gets_one()
     text = generate_latest(metrics.registry).decode()
     assert metric_value(text, "forewarn_score_devices_not_exported") == 0
     assert 'forewarn_anomaly_score{device="b"} 0.6' in text
+
+
+def test_each_exported_device_has_its_surprise_and_the_alarm_level_is_exported_both_ways():
+    metrics = Metrics(CollectorRegistry(), max_devices=1, scoring=ScoringConfig(alarm_surprise=65.0))
+    metrics.observe_scores([Score("a", 1.0, 1.0, False, surprise=40.0), Score("b", 1.0, 1.0, True, surprise=70.0)])
+    text = generate_latest(metrics.registry).decode()
+    assert metric_value(text, 'forewarn_anomaly_surprise{device="a"}') == 40.0
+    assert 'device="b"' not in text  # past max_devices: neither of its gauges
+    assert metric_value(text, "forewarn_anomaly_alarm_surprise") == 65.0
+    assert metric_value(text, "forewarn_anomaly_threshold") == 1.0  # 1 - 1e-65, as a float
+    assert 'forewarn_detector_info{alarm_surprise="65.0"' in text and 'peak_window="0"' in text
+    assert "forewarn_device_last_anomaly_timestamp_seconds{" not in text  # nothing flagged yet (b is not exported)
+    before = time.time()
+    metrics.observe_scores([Score("a", 2.0, 1.0, True, surprise=66.0)])
+    flagged_at = metric_value(generate_latest(metrics.registry).decode(),
+                              'forewarn_device_last_anomaly_timestamp_seconds{device="a"}')
+    assert before <= flagged_at <= time.time()
+    metrics.forget_devices(["a"])
+    text = generate_latest(metrics.registry).decode()
+    assert "forewarn_anomaly_surprise{" not in text and "forewarn_device_last_anomaly_timestamp_seconds{" not in text
+    default = generate_latest(Metrics(CollectorRegistry(), scoring=ScoringConfig(threshold=0.995)).registry).decode()
+    assert metric_value(default, "forewarn_anomaly_threshold") == 0.995
+    assert metric_value(default, "forewarn_anomaly_alarm_surprise") == pytest.approx(2.30103, abs=1e-5)
 
 
 def test_the_streams_gauge_drops_with_the_partitions_a_rebalance_takes():

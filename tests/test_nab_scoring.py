@@ -6,7 +6,7 @@ edge is 2/(1+e^-5) - 1 = 0.986614 (NAB's maxTP).
 """
 import pytest
 
-from monitor.evaluation.nab import PROFILES, score_by_threshold, score_corpus, sweep_rows
+from monitor.evaluation.nab import PROFILES, normalized_at, score_by_threshold, score_corpus, sweep_rows
 
 T = [float(t) for t in range(100)]
 WINDOW = [(40.0, 49.0)]
@@ -73,6 +73,25 @@ def test_one_threshold_for_the_whole_corpus():
     assert corpus.raw == pytest.approx(1.0 - 0.11 - 1.0)
     assert corpus.null == -2.0 and corpus.perfect == 2.0
     assert corpus.normalized == pytest.approx(100 * (1.0 - 0.11 - 1.0 + 2.0) / 4.0)
+
+
+def test_a_fixed_threshold_scores_what_flags_at_it_not_the_best():
+    # the corpus above at a threshold chosen elsewhere: 0.92 keeps b's false positive and loses
+    # a's detection; 0.5 flags both; above every score, nothing flags (the null score)
+    a = [0.9 if i == 40 else 0.1 for i in range(100)]
+    b = [0.95 if i == 20 else 0.1 for i in range(100)]
+    results, windows = {"a": (T, a), "b": (T, b)}, {"a": WINDOW, "b": [(60.0, 69.0)]}
+    assert score_corpus(results, windows, threshold=0.92).raw == pytest.approx(-0.11 - 2.0)
+    assert score_corpus(results, windows, threshold=0.9).raw == pytest.approx(1.0 - 0.11 - 1.0)
+    assert score_corpus(results, windows, threshold=0.5).raw == pytest.approx(1.0 - 0.11 - 1.0)
+    at_none = score_corpus(results, windows, threshold=2.0)
+    assert (at_none.raw, at_none.normalized, at_none.threshold) == (-2.0, 0.0, 2.0)
+    # a threshold at or under every score flags every row after probation
+    everything = score_corpus(results, windows, threshold=0.0)
+    assert everything.raw < score_corpus(results, windows, threshold=0.5).raw
+    thresholds = [0.0, 0.5, 0.9, 0.92, 2.0]
+    assert normalized_at(results, windows, "standard", thresholds) == pytest.approx(
+        [score_corpus(results, windows, threshold=t).normalized for t in thresholds])
 
 
 def test_a_window_inside_the_probation_period_counts_toward_perfect_as_nab_counts_it():

@@ -81,6 +81,29 @@ def test_a_jump_scores_high_and_is_flagged(init):
     assert spike.value == 25.0 and abs(spike.forecast) < 2
 
 
+def test_an_alarm_surprise_past_where_scores_round_to_one_flags_by_the_surprise(init):
+    """Scores round to 1.0 past a surprise of ~16, so operating points such as NAB's (~65) exist
+    only as surprises: a reading is flagged when its surprise reaches detector.alarm_surprise."""
+    def spike_scores(scoring):
+        pipe = Pipeline(init, PipelineConfig(warmup=64, scoring=scoring))
+        pipe.feed(_wave("a", 200))
+        return pipe.feed([Reading("a", 200.0, {"v": 25.0}), Reading("a", 201.0, {"v": 1.0})]).scores
+
+    spike, _ = spike_scores(ScoringConfig())
+    assert spike.score == 1.0 and 16 < spike.surprise < MAX_SURPRISE and spike.anomaly
+    level = spike.surprise
+    at, below = spike_scores(ScoringConfig(alarm_surprise=level))[0], spike_scores(ScoringConfig(
+        alarm_surprise=level * 1.01))[0]
+    assert at.anomaly and not below.anomaly
+    assert at.score == below.score == 1.0  # which a score threshold could not tell apart
+    # a threshold and the surprise it stands for flag alike
+    flags = {}
+    for name, scoring in (("threshold", ScoringConfig(threshold=0.99)), ("surprise", ScoringConfig(alarm_surprise=2))):
+        flags[name] = [s.anomaly for s in Pipeline(init, PipelineConfig(warmup=32, scoring=scoring)).feed(
+            _wave("a", 400, noise_seed=3)).scores if s.score is not None]
+    assert flags["threshold"] == flags["surprise"] and 0 < sum(flags["surprise"]) < len(flags["surprise"]) / 10
+
+
 def test_device_score_names_its_most_surprised_channel(init):
     pipe = Pipeline(init, PipelineConfig(warmup=32))
     for t in range(100):

@@ -80,13 +80,16 @@ def test_replay_of_every_kind_of_bad_record(tmp_path, capsys):
     assert "bad records: 17" in err and "'non_numeric_value': 2" in err
     assert "late channels: 1" in err
     rows = _rows(out)
-    assert list(rows[0]) == ["ts", "device", "score", "anomaly", "channel"]
+    assert list(rows[0]) == ["ts", "device", "score", "anomaly", "channel", "surprise"]
     # 240 good readings, the half-bad one (its rpm survives) and the late-channel one
     assert len(rows) == 242
     half_bad = [r for r in rows if r["ts"] == "1060.5"]
     assert len(half_bad) == 1 and half_bad[0]["channel"] == "rpm"
     after = [r for r in rows if r["device"] == "p1" and float(r["ts"]) > 1061]
     assert after and all(r["score"] != "" and 0 <= float(r["score"]) <= 1 for r in after)
+    # the surprise is the score's, unrounded: 1 - 10**-surprise
+    assert all(float(r["score"]) == pytest.approx(1 - 10 ** -float(r["surprise"]), abs=1e-5) for r in after)
+    assert all(r["surprise"] == "" for r in rows if r["score"] == "")
 
 
 def test_replay_of_a_bad_csv_keeps_scoring_around_bad_rows(tmp_path, capsys):

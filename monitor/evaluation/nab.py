@@ -163,15 +163,8 @@ class CorpusScore:
         return 100.0 * (self.raw - self.null) / (self.perfect - self.null)
 
 
-def score_corpus(results: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-                 windows: Mapping[str, Sequence[tuple[float, float]]],
-                 profile_name: str = "standard") -> CorpusScore:
-    """NAB score of a detector over a corpus: ``results[name] = (timestamps, scores)``.
-
-    The threshold is the one that maximizes the corpus total (one per profile,
-    as NAB chooses it); with no detection at all the score is the null score.
-    """
-    profile = PROFILES[profile_name]
+def _corpus_rows(results, windows, profile: Profile) -> tuple[list[ScoredRow], float, float]:
+    """The scored rows of a corpus with its null and perfect totals."""
     rows: list[ScoredRow] = []
     for name, (timestamps, scores) in results.items():
         rows.extend(sweep_rows(timestamps, scores, windows.get(name, ()), name, profile))
@@ -180,7 +173,43 @@ def score_corpus(results: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     n_windows = len({r.window for r in rows if r.window is not None})
     null = -profile.fn * n_windows
     perfect = profile.tp * sum(len(windows.get(name, ())) for name in results)
-    best = max(score_by_threshold(rows, profile), key=lambda s: s.score, default=None)
+    return rows, null, perfect
+
+
+def _total_at(by_threshold: Sequence[ThresholdScore], threshold: float, null: float) -> float:
+    """What flags at ``threshold`` is what flags at the lowest score reaching it (highest first)."""
+    reached = [t for t in by_threshold if t.threshold >= threshold]
+    return reached[-1].score if reached else null
+
+
+def score_corpus(results: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                 windows: Mapping[str, Sequence[tuple[float, float]]],
+                 profile_name: str = "standard", threshold: float | None = None) -> CorpusScore:
+    """NAB score of a detector over a corpus: ``results[name] = (timestamps, scores)``.
+
+    The threshold is the one that maximizes the corpus total (one per profile,
+    as NAB chooses it, on the labels it scores); with no detection at all the
+    score is the null score.  ``threshold`` fixes it instead: an operating point
+    chosen on other data, as a deployment would run (detection: score >= it).
+    """
+    profile = PROFILES[profile_name]
+    rows, null, perfect = _corpus_rows(results, windows, profile)
+    by_threshold = score_by_threshold(rows, profile)
+    if threshold is not None:
+        return CorpusScore(profile_name, threshold, _total_at(by_threshold, threshold, null), null, perfect)
+    best = max(by_threshold, key=lambda s: s.score, default=None)
     if best is None or best.score < null:
         return CorpusScore(profile_name, math.inf, null, null, perfect)
     return CorpusScore(profile_name, best.threshold, best.score, null, perfect)
+
+
+def normalized_at(results: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                  windows: Mapping[str, Sequence[tuple[float, float]]], profile_name: str,
+                  thresholds: Sequence[float]) -> list[float]:
+    """The normalized score at each of these fixed thresholds: ``score_corpus(..., threshold=t)``
+    for every ``t``, from one sweep of the corpus."""
+    profile = PROFILES[profile_name]
+    rows, null, perfect = _corpus_rows(results, windows, profile)
+    by_threshold = score_by_threshold(rows, profile)
+    return [CorpusScore(profile_name, t, _total_at(by_threshold, t, null), null, perfect).normalized
+            for t in thresholds]

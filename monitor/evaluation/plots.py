@@ -53,6 +53,34 @@ def plot_flags(path: Path, timestamps: np.ndarray, values: np.ndarray, flags: Ma
     plt.close(fig)
 
 
+def plot_threshold_curves(path: Path, thresholds: Sequence[float],
+                          panels: Mapping[str, Mapping[str, Sequence[float]]], marks: Mapping[str, float],
+                          title: str, ylim: tuple[float, float] | None = None) -> None:
+    """Scores against a fixed threshold (log axis), one panel per entry of ``panels`` (a curve per
+    entry inside it), the thresholds in ``marks`` as labelled vertical lines on every panel."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (panel, curves) in zip(axes[0], panels.items()):
+        for name, values in curves.items():
+            ax.plot(thresholds, values, lw=1.2, label=name)
+        for name, at in marks.items():
+            ax.axvline(at, color="grey", ls=":", lw=1)
+            ax.annotate(name, (at, 0.02), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                        color="grey", ha="right")
+        ax.set_xscale("log")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.set_xlabel("threshold")
+        ax.set_title(panel, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("score")
+    axes[0, -1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _shade(ax, windows: Sequence[tuple[float, float]]) -> None:
     for a, b in windows:
         ax.axvspan(datetime.fromtimestamp(a, tz=timezone.utc), datetime.fromtimestamp(b, tz=timezone.utc),
