@@ -233,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for s in result.scores:
             if s.anomaly:
                 flagged.append(s)
-                print(f"anomaly  {_iso(s.ts)}  {s.device}/{s.channel}  surprise {s.surprise:.1f}  "
+                print(f"anomaly  {_iso(s.ts)}  {s.device}/{s.channel}  surprise {s.surprise:.4g}  "
                       f"value {s.value:.3f}  forecast {s.forecast:.3f}", flush=True)
 
     broker = EmbeddedBroker()

@@ -95,7 +95,8 @@ class DetectorConfig:
     threshold: float = _setting(0.999, "score at or above which a reading is an anomaly")
     alarm_surprise: float = _setting(0.0, "the same threshold as a surprise, -log10 of the tail probability "
                                           "(0 = the threshold's: 0.999 is 3); needed past ~16, where scores round "
-                                          "to 1.0 (NAB's is ~65 with the NAB options, see docs/evaluation.md)")
+                                          "to 1.0 (NAB's is 64 with the NAB options, see docs/evaluation.md); set, it "
+                                          "replaces detector.threshold")
     calibration_fading: float = _setting(0.0, "stage-2 score calibration across streams, one alarm per incident "
                                               "(0 = off; 0.002 was best on NAB, see docs/evaluation.md)")
     novelty_unit: float = _setting(0.0, "range novelty: a value beyond the range of the stream's last novelty_window "

@@ -95,7 +95,7 @@ class Metrics:
                                   "flagged since this instance took them)", ["device"], registry=r)
         self.detector = Info("forewarn_detector", "Detector settings that shape scores and alarms (detector.*)",
                              registry=r)
-        self.detector.info({name: f"{getattr(scoring, name)}" for name in DETECTOR_INFO})
+        self.detector.info({name: _label(getattr(scoring, name)) for name in DETECTOR_INFO})
         self.ready = Gauge("forewarn_ready", "1 when partitions are assigned, their state restored and the "
                            "broker reachable and acknowledging (what /readyz answers), else 0", registry=r)
         self.checkpoints = Counter("forewarn_state_checkpoints_total",
@@ -181,6 +181,11 @@ class Metrics:
     def set_streams(self, by_state: dict[str, int]) -> None:
         for state, n in by_state.items():
             self.streams.labels(state).set(n)
+
+
+def _label(value) -> str:
+    """A setting as a label value: floats short (3.3e-05, not 3.3333333333333335e-05)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def score_surprise(s: Score) -> float:

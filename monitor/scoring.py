@@ -41,8 +41,10 @@ class ScoringConfig:
 
     >>> ScoringConfig().threshold, ScoringConfig().alarm_level
     (0.999, 3.0)
-    >>> ScoringConfig(alarm_surprise=65.0).alarm_level   # a score of 1 - 1e-65 would round to 1.0
-    65.0
+    >>> ScoringConfig(alarm_surprise=64.0).alarm_level   # a score of 1 - 1e-64 would round to 1.0
+    64.0
+    >>> ScoringConfig(threshold=1e-13).alarm_level > 0   # 12 significant digits, not decimals
+    True
 
     Stage 2 (``calibration_fading`` > 0, 0.002 chosen on NAB) makes scores comparable
     across streams and raises one alarm per incident; it is off by default because a
@@ -90,6 +92,9 @@ class ScoringConfig:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not (math.isfinite(self.alarm_surprise) and self.alarm_surprise >= 0):
             raise ValueError(f"alarm_surprise must be finite and >= 0, got {self.alarm_surprise}")
+        if not self.alarm_level > 0:  # 1 - threshold rounds to 1: a level of 0 would flag every reading
+            raise ValueError(f"threshold must be in (0, 1) and not so small that 1 - threshold rounds to 1, "
+                             f"got {self.threshold}")
         if self.min_std <= 0 or self.min_calibration_std <= 0 or self.learn_clip <= 0:
             raise ValueError("min_std, min_calibration_std and learn_clip must be > 0")
         if not (math.isfinite(self.novelty_unit) and self.novelty_unit >= 0):
@@ -110,7 +115,7 @@ class ScoringConfig:
         score threshold; exact where the score can still tell, rounded to 1.0 beyond)."""
         if self.alarm_surprise:
             return self.alarm_surprise
-        return round(-math.log10(1.0 - self.threshold), 12)  # 0.999 gives 3, not 2.9999999999999996
+        return float(f"{-math.log10(1.0 - self.threshold):.12g}")  # 0.999 gives 3, not 2.9999999999999996
 
     def to_dict(self) -> dict:
         return asdict(self)

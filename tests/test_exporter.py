@@ -47,7 +47,7 @@ def test_each_exported_device_has_its_surprise_and_the_alarm_level_is_exported_b
     assert 'device="b"' not in text  # past max_devices: neither of its gauges
     assert metric_value(text, "forewarn_anomaly_alarm_surprise") == 65.0
     assert metric_value(text, "forewarn_anomaly_threshold") == 1.0  # 1 - 1e-65, as a float
-    assert 'forewarn_detector_info{alarm_surprise="65.0"' in text and 'peak_window="0"' in text
+    assert 'alarm_surprise="65"' in text and 'threshold="0.999"' in text and 'peak_window="0"' in text
     assert "forewarn_device_last_anomaly_timestamp_seconds{" not in text  # nothing flagged yet (b is not exported)
     before = time.time()
     metrics.observe_scores([Score("a", 2.0, 1.0, True, surprise=66.0)])

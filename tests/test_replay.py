@@ -214,6 +214,28 @@ def test_offline_demo_replays_the_bundled_recording_against_its_labels(capsys):
     assert "'out_of_order_timestamp': 11" in err
 
 
+def test_replay_flags_by_the_alarm_surprise_where_scores_cannot_tell(tmp_path, capsys):
+    """A spike whose score rounds to 1 is flagged at a level below its surprise and not above it."""
+    rows = ["timestamp,value"] + _nab_rows(120)
+    rows[101] = rows[101].rsplit(",", 1)[0] + ",500.0"
+    (tmp_path / "spike.csv").write_text("\n".join(rows) + "\n")
+
+    def flagged_at(level: float | None) -> list[dict]:
+        out = tmp_path / f"at-{level}.csv"
+        args = ["replay", str(tmp_path / "spike.csv"), "--warmup", "64", "--out", str(out), "--quiet"]
+        code, _, _ = _run(args + ([] if level is None else ["--alarm-surprise", str(level)]), capsys)
+        assert code == 0
+        return [r for r in _rows(out) if r["anomaly"] == "1"]
+
+    default = flagged_at(None)  # threshold 0.999: surprise 3
+    spike = max(default, key=lambda r: float(r["surprise"]))
+    assert float(spike["ts"]) == 1704067200 + 100 * 60  # the 500.0 of minute 100
+    assert float(spike["score"]) == 1.0 and float(spike["surprise"]) > 20  # the score cannot rank it
+    at_20 = flagged_at(20.0)
+    assert spike in at_20 and len(at_20) < len(default)
+    assert spike not in flagged_at(float(spike["surprise"]) * 1.001)
+
+
 def _nab_rows(n, start=0):
     return [f"2024-01-01 {t // 60:02d}:{t % 60:02d}:00,{10 + math.sin(t / 3):.4f}" for t in range(start, start + n)]
 
