@@ -1,8 +1,10 @@
 """The HTTP endpoints and the metrics that describe what this instance holds."""
+import math
 import socket
 import time
 
 import pytest
+import torch
 from kafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -60,6 +62,26 @@ def test_each_exported_device_has_its_surprise_and_the_alarm_level_is_exported_b
     default = generate_latest(Metrics(CollectorRegistry(), scoring=ScoringConfig(threshold=0.995)).registry).decode()
     assert metric_value(default, "forewarn_anomaly_threshold") == 0.995
     assert metric_value(default, "forewarn_anomaly_alarm_surprise") == pytest.approx(2.30103, abs=1e-5)
+
+
+def test_a_daemon_exports_its_alarm_level_its_settings_and_when_each_device_was_flagged():
+    """What ForewarnDeviceIncident reads, from the configuration through the pipeline."""
+    env = {"FOREWARN_DETECTOR_WARMUP": "64", "FOREWARN_DETECTOR_PEAK_WINDOW": "48",
+           "FOREWARN_DETECTOR_ALARM_SURPRISE": "30"}
+    daemon = Daemon(Config.load(environ=env), registry=CollectorRegistry())
+    noise = (0.05 * torch.randn(400, generator=torch.Generator().manual_seed(0))).tolist()
+    waves = [Reading(f"dev{i}", float(t), {"x": math.sin(t / 6) + noise[2 * t + i]}) for t in range(200) for i in range(2)]
+    daemon.metrics.observe_scores(daemon.pipeline.feed(waves).scores)
+    result = daemon.pipeline.feed([Reading("dev0", 200.0, {"x": 1e4}),
+                                   Reading("dev1", 200.0, {"x": math.sin(200 / 6)})])
+    assert [s.anomaly for s in result.scores] == [True, False] and result.scores[0].score == 1.0
+    daemon.metrics.observe_scores(result.scores)
+    text = generate_latest(daemon.registry).decode()
+    assert metric_value(text, "forewarn_anomaly_alarm_surprise") == 30.0
+    assert 'peak_window="48"' in text and 'alarm_surprise="30"' in text
+    assert metric_value(text, 'forewarn_anomaly_surprise{device="dev0"}') >= 30.0
+    assert 'forewarn_device_last_anomaly_timestamp_seconds{device="dev0"}' in text
+    assert 'forewarn_device_last_anomaly_timestamp_seconds{device="dev1"}' not in text
 
 
 def test_the_streams_gauge_drops_with_the_partitions_a_rebalance_takes():
