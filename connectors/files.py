@@ -37,12 +37,32 @@ DATA_SUFFIXES = (".csv", ".txt", ".jsonl", ".ndjson")
 
 
 class FileFormatError(ValueError):
-    """A recorded file that cannot be read; the message names the file and line."""
+    """A recorded file that cannot be read; the message names the file and line.
+
+    A bad row only becomes a ``BadRecord``; a bad header leaves nothing to read:
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:  # doctest: +ELLIPSIS
+    ...     path = Path(tmp, "pump.csv")
+    ...     _ = path.write_text("timestamp,temp,temp\\n2024-01-01 00:00:00,71.2,71.3\\n")
+    ...     read_series(path)
+    Traceback (most recent call last):
+        ...
+    connectors.files.FileFormatError: .../pump.csv: line 1: channel names must be non-empty and unique, got ...
+    """
 
 
 @dataclass
 class Batch:
-    """Readings from consecutive records, plus the records that were rejected."""
+    """Readings from consecutive records, plus the records that were rejected.
+
+    >>> batch = Batch([Reading("pump-7", 1700000000.0, {"temp": 71.2}, "line 2")],
+    ...               [BadRecord(BadReason.MISSING_TIMESTAMP, "empty timestamp cell", "line 3")])
+    >>> len(batch.readings) + len(batch.bad)  # what FileSource's batch_size counts: rejects fill a batch too
+    2
+    >>> [str(b) for b in batch.bad]
+    ['line 3: missing_timestamp: empty timestamp cell']
+    """
 
     readings: list[Reading] = field(default_factory=list)
     bad: list[BadRecord] = field(default_factory=list)
@@ -289,7 +309,17 @@ def read_series(path: str | Path, fmt: str | None = None, bad: Counter | None = 
 
 class ScoreCsvWriter:
     """Writes ``ts,device,score,anomaly,channel,surprise``, one row per reading; empty while
-    warming.  The surprise ranks what the score, rounded to 1 past ~6 at six decimals, cannot."""
+    warming.  The surprise ranks what the score, rounded to 1 past ~6 at six decimals, cannot.
+
+    >>> out = io.StringIO()
+    >>> writer = ScoreCsvWriter(out)
+    >>> writer.write([Score("pump-7", 1700000000.0, None, None),
+    ...               Score("pump-7", 1700000300.0, 0.9999995, True, "temp", surprise=6.30103)])
+    >>> print(out.getvalue(), end="")
+    ts,device,score,anomaly,channel,surprise
+    1700000000,pump-7,,,,
+    1700000300,pump-7,1.000000,1,temp,6.30103
+    """
 
     HEADER = ("ts", "device", "score", "anomaly", "channel", "surprise")
 
@@ -308,7 +338,14 @@ class ScoreCsvWriter:
 
 
 class DeadLetterWriter:
-    """Bad records as JSON lines: reason, detail, where, and the raw record."""
+    """Bad records as JSON lines: reason, detail, where, and the raw record.
+
+    >>> out = io.StringIO()
+    >>> bad = BadRecord(BadReason.NON_NUMERIC_VALUE, "'oops' is not a number", "line 3", "5,oops")
+    >>> DeadLetterWriter(out).write([bad])
+    >>> print(out.getvalue(), end="")
+    {"reason": "non_numeric_value", "detail": "'oops' is not a number", "ref": "line 3", "raw": "5,oops"}
+    """
 
     def __init__(self, out: IO[str]) -> None:
         self._out = out

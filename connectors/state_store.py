@@ -30,7 +30,23 @@ log = logging.getLogger("forewarn.state")
 
 
 class StoreError(ValueError):
-    """The state store cannot be used as configured; the message says what to do."""
+    """The state store cannot be used as configured; the message says what to do.
+
+    A changelog made when the input topic had fewer partitions, on a broker (like the embedded
+    one) that cannot add partitions:
+
+    >>> from connectors.tansu import EmbeddedBroker
+    >>> with EmbeddedBroker() as broker:  # doctest: +ELLIPSIS
+    ...     broker.create_topics({"plant-state": 1})
+    ...     store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "plant-state")
+    ...     try:
+    ...         store.ensure_partitions(2)
+    ...     finally:
+    ...         store.close()
+    Traceback (most recent call last):
+        ...
+    connectors.state_store.StoreError: changelog topic 'plant-state' has 1 partition(s) but the input topic has 2, ...
+    """
 
 
 class LocalStore:
@@ -81,7 +97,22 @@ class LocalStore:
 
 
 class ChangelogStore:
-    """Snapshots on a compacted Kafka topic, partition for partition with the input topic."""
+    """Snapshots on a compacted Kafka topic, partition for partition with the input topic.
+
+    >>> from connectors.tansu import EmbeddedBroker
+    >>> with EmbeddedBroker() as broker:
+    ...     store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "sensors-state")
+    ...     try:
+    ...         store.ensure_partitions(2)  # creates the topic, as many partitions as the input topic
+    ...         store.put(1, "pump-7", b"state of pump-7")
+    ...         store.put(0, "fan-2", b"state of fan-2")
+    ...         store.delete(0, "fan-2")  # a device gone for good: nothing of it is restored
+    ...         store.flush()
+    ...         print(store.load([0, 1]))
+    ...     finally:
+    ...         store.close()
+    [(1, 'pump-7', b'state of pump-7')]
+    """
 
     RECORD_OVERHEAD = 4096  # key, headers and batch framing around a snapshot, generously
     # How long a put may wait for room in the producer's buffer (full only while the broker

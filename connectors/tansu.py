@@ -22,7 +22,19 @@ def free_port() -> int:
 
 
 class EmbeddedBroker:
-    """``with EmbeddedBroker() as broker: broker.bootstrap`` -> ``"127.0.0.1:PORT"``."""
+    """``with EmbeddedBroker() as broker: broker.bootstrap`` -> ``"127.0.0.1:PORT"``.
+
+    >>> with EmbeddedBroker() as broker:
+    ...     broker.create_topics({"sensors": 2})
+    ...     admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    ...     try:
+    ...         print(len(admin.describe_topics(["sensors"])[0]["partitions"]))
+    ...     finally:
+    ...         admin.close()  # the broker waits for open connections when it stops
+    2
+    >>> broker.bootstrap.startswith("127.0.0.1:"), broker.process.poll() is not None  # stopped on leaving
+    (True, True)
+    """
 
     def __init__(self, port: int | None = None, advertised_port: int | None = None) -> None:
         self.port = port or free_port()

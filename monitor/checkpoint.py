@@ -23,7 +23,19 @@ DEFAULT_INIT = "default_init.pt"
 
 
 class CheckpointError(ValueError):
-    """A file that is not a usable Forewarn initialization."""
+    """A file that is not a usable Forewarn initialization.
+
+    >>> Initialization.load("no/such/init.pt")
+    Traceback (most recent call last):
+    ...
+    monitor.checkpoint.CheckpointError: no/such/init.pt: no such initialization file
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile(suffix=".pt") as empty:  # doctest: +ELLIPSIS
+    ...     Initialization.load(empty.name)
+    Traceback (most recent call last):
+    ...
+    monitor.checkpoint.CheckpointError: ...pt: not a Forewarn initialization (an empty file)
+    """
 
 
 @dataclass

@@ -21,7 +21,15 @@ else:  # pragma: no cover
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key."""
+    """A configuration that cannot be used; the message names the key.
+
+    A misspelt environment override is one, not a setting silently ignored:
+
+    >>> Config.load(environ={"FOREWARN_KAFKA_TOPICS": "x"})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    monitor.config.ConfigError: unknown setting in the environment: FOREWARN_KAFKA_TOPICS (...)
+    """
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -33,6 +41,17 @@ MIN_DELIVERY_TIMEOUT_MS = 30_005  # kafka-python's request_timeout_ms (30 s) + o
 
 @dataclass
 class KafkaConfig:
+    """The ``[kafka]`` section: broker, topics, consumer tuning and security.
+
+    >>> kafka = KafkaConfig(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_plain_username="mon")
+    >>> kafka.security()  # unset options are left out, for kafka-python's own defaults
+    {'security_protocol': 'SASL_SSL', 'sasl_mechanism': 'PLAIN', 'sasl_plain_username': 'mon'}
+    >>> KafkaConfig(heartbeat_interval_ms=20000).validate()  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    monitor.config.ConfigError: kafka.heartbeat_interval_ms (20000) must be below kafka.session_timeout_ms (10000); ...
+    """
+
     bootstrap_servers: str = _setting("localhost:9092", "comma-separated host:port list")
     topic: str = _setting("sensors", "topic the readings arrive on (keyed by device id)")
     group_id: str = _setting("forewarn", "consumer group; instances in one group share the devices")
@@ -89,6 +108,18 @@ class KafkaConfig:
 
 @dataclass
 class DetectorConfig:
+    """The ``[detector]`` section: warm-up, scoring, the caps and the optional re-learning.
+
+    >>> DetectorConfig().scoring_config().alarm_level  # threshold 0.999 as a surprise
+    3.0
+    >>> DetectorConfig(alarm_surprise=64.0).scoring_config().alarm_level
+    64.0
+    >>> DetectorConfig(threshold=0.99, alarm_surprise=5.0).validate()  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    monitor.config.ConfigError: detector.threshold (0.99) and detector.alarm_surprise (5.0) both set the alarm ...
+    """
+
     init: str = _setting("", "initialization checkpoint ('' = the one shipped in the package)")
     warmup: int = _setting(256, "readings a stream buffers before it is adapted and scored")
     adapt_steps: int = _setting(-1, "inner steps of fast adaptation (-1 = the initialization's)")
@@ -176,6 +207,16 @@ class DetectorConfig:
 
 @dataclass
 class MetricsConfig:
+    """The ``[metrics]`` section: where /metrics, /healthz and /readyz are served.
+
+    >>> MetricsConfig(port=0).validate() is None  # 0 asks for any free port
+    True
+    >>> MetricsConfig(port=70000).validate()
+    Traceback (most recent call last):
+    ...
+    monitor.config.ConfigError: metrics.port must be in 0..65535
+    """
+
     host: str = _setting("0.0.0.0", "address of the /metrics, /healthz and /readyz server")
     port: int = _setting(9108, "port of that server (0 = any free port)")
     max_devices: int = _setting(10_000, "devices exported with their own score series; the rest are counted")
@@ -190,6 +231,16 @@ class MetricsConfig:
 
 @dataclass
 class StateConfig:
+    """The ``[state]`` section: where device state is checkpointed, and how often.
+
+    >>> StateConfig(store="local", local_path="plant-1.db").validate() is None
+    True
+    >>> StateConfig(store="redis").validate()
+    Traceback (most recent call last):
+    ...
+    monitor.config.ConfigError: state.store must be changelog, local or none, got 'redis'
+    """
+
     store: str = _setting("changelog", "where device state is checkpointed: changelog (Kafka), local (file) or none")
     changelog_topic: str = _setting("", "compacted state topic ('' = <group_id>-state)")
     changelog_replication: int = _setting(-1, "replication factor the changelog topic is created with "
@@ -217,6 +268,16 @@ class StateConfig:
 
 @dataclass
 class LogConfig:
+    """The ``[log]`` section: level and line format of the daemon's log.
+
+    >>> LogConfig(level="debug", format="text").validate() is None  # the level in any case
+    True
+    >>> LogConfig(level="verbose").validate()
+    Traceback (most recent call last):
+    ...
+    monitor.config.ConfigError: log.level: unknown level 'verbose'
+    """
+
     level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     format: str = _setting("json", "json (one object per line) or text")
 
@@ -229,6 +290,15 @@ class LogConfig:
 
 @dataclass
 class Config:
+    """Every section of the daemon's configuration; ``load`` it, then read ``cfg.<section>.<key>``.
+
+    >>> cfg = Config.load(environ={"FOREWARN_STATE_STORE": "local", "FOREWARN_DETECTOR_THRESHOLD": "0.99"})
+    >>> cfg.state.store, cfg.detector.threshold, cfg.kafka.topic  # the rest keep their defaults
+    ('local', 0.99, 'sensors')
+    >>> cfg.describe().splitlines()[1]  # each setting documented, with its environment variable
+    '# comma-separated host:port list (env FOREWARN_KAFKA_BOOTSTRAP_SERVERS)'
+    """
+
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

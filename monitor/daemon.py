@@ -50,7 +50,15 @@ class _RevokeDeadline(Exception):
 
 
 class StoppedWhileWaiting(Exception):
-    """Stop requested while the broker was not acknowledging: exit without committing."""
+    """Stop requested while the broker was not acknowledging: exit without committing.
+
+    >>> daemon = Daemon(Config.load(environ={}), registry=CollectorRegistry())
+    >>> daemon.stop()  # SIGTERM during a wait the broker leaves unanswered
+    >>> daemon._on_broker_wait(daemon.STOP_GRACE_S)
+    Traceback (most recent call last):
+    ...
+    monitor.daemon.StoppedWhileWaiting
+    """
 
 
 @dataclass
@@ -66,6 +74,15 @@ class _CheckpointRound:
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, a record's ``fields`` (``extra=_fields(...)``) as keys of their own.
+
+    >>> record = logging.makeLogRecord({"name": "forewarn.daemon", "levelname": "WARNING", "msg": "bad record",
+    ...                                 "fields": {"reason": "not_json"}})
+    >>> entry = json.loads(JsonFormatter().format(record))
+    >>> sorted(entry), entry["message"], entry["reason"]
+    (['level', 'logger', 'message', 'reason', 'time'], 'bad record', 'not_json')
+    """
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
                  "logger": record.name, "message": record.getMessage()}
@@ -76,6 +93,14 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """Plain log lines for people (``log.format = "text"``, the demo), ``fields`` appended as ``key=value``.
+
+    >>> record = logging.makeLogRecord({"name": "forewarn.daemon", "levelname": "INFO", "msg": "%d partitions assigned",
+    ...                                 "args": (2,), "fields": {"partitions": [0, 1]}})
+    >>> TextFormatter().format(record).split(" ", 2)[2]  # after the date and time
+    'INFO forewarn.daemon: 2 partitions assigned partitions=[0, 1]'
+    """
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -113,7 +138,21 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
 
 class HealthServer:
     """``/metrics``, ``/healthz`` (the loop turned recently) and ``/readyz`` (partitions
-    assigned, initialization loaded) on one port, in a background thread."""
+    assigned, initialization loaded) on one port, in a background thread.
+
+    >>> from urllib.error import HTTPError
+    >>> from urllib.request import urlopen
+    >>> server = HealthServer("127.0.0.1", 0, CollectorRegistry(), healthy=lambda: True, ready=lambda: False)
+    >>> server.start()  # port 0: the system picks a free one, read back as server.port
+    >>> urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status
+    200
+    >>> try:
+    ...     urlopen(f"http://127.0.0.1:{server.port}/readyz", timeout=5)
+    ... except HTTPError as e:
+    ...     print(e.code, e.read().decode().strip())
+    503 not ok
+    >>> server.stop()
+    """
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  healthy: Callable[[], bool], ready: Callable[[], bool]) -> None:
@@ -147,6 +186,15 @@ class Daemon:
     """One consumer-group member: owns the devices of its partitions.
 
     ``on_result(result)`` sees every scored batch (the demo prints from it).
+
+    >>> from monitor.readings import Reading
+    >>> daemon = Daemon(Config.load(environ={}), registry=CollectorRegistry())
+    >>> result = daemon.pipeline.feed([Reading("pump-1", float(t), {"temp": 20.0, "rpm": 900.0}) for t in range(3)])
+    >>> daemon.pipeline.streams_by_state()  # a stream per channel, warming until detector.warmup readings
+    {'warming': 2, 'adapting': 0, 'live': 0}
+    >>> daemon.metrics.observe_scores(result.scores)  # as the loop does after each batch
+    >>> daemon.registry.get_sample_value("forewarn_readings_total"), daemon.ready()  # no partitions assigned yet
+    (3.0, False)
     """
 
     def __init__(self, config: Config, registry: CollectorRegistry | None = None,

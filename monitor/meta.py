@@ -80,6 +80,15 @@ class TaskSampler:
 
     Series shorter than one window, or constant throughout, carry no task and are
     left out (``skipped`` counts them).
+
+    >>> noisy = np.sin(np.arange(300) / 5) + 0.1 * np.random.default_rng(0).standard_normal(300)
+    >>> sampler = TaskSampler([noisy, np.ones(300), np.arange(50.0)], support=64, query=16,
+    ...                       normalization=Normalization(), seed=0)
+    >>> sampler.skipped  # the constant series and the one shorter than 64 + 16
+    2
+    >>> support, query = sampler.sample(4)
+    >>> tuple(support.shape), tuple(query.shape), support.dtype
+    ((4, 64), (4, 16), torch.float32)
     """
 
     def __init__(self, series: Sequence[np.ndarray], support: int, query: int,
@@ -143,6 +152,17 @@ def query_mse(params: Params, support: Tensor, query: Tensor) -> Tensor:
 # ---- training --------------------------------------------------------------------
 @dataclass
 class Progress:
+    """What ``meta_train`` reports after each iteration: a running mean of the query loss.
+
+    >>> cfg = MetaConfig(algorithm="reptile", iterations=2, tasks_per_batch=2, support=32, query=8,
+    ...                  inner=AdaptConfig(steps=1, lr=0.1), spec=LSTMSpec(hidden=4))
+    >>> sampler = TaskSampler([np.sin(np.arange(100) / 3)], cfg.support, cfg.query, Normalization())
+    >>> seen = []
+    >>> init = meta_train(sampler, cfg, on_progress=seen.append)
+    >>> [p.iteration for p in seen], seen[-1].query_loss == init.info["final_query_loss"]
+    ([1, 2], True)
+    """
+
     iteration: int
     query_loss: float
 

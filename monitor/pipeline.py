@@ -33,6 +33,14 @@ from monitor.state import DeviceState, StreamState
 
 
 class Lifecycle(str, Enum):
+    """The stage of one stream (a device's channel); see the module docstring.
+
+    >>> [stage.value for stage in Lifecycle]  # the order a stream goes through
+    ['warming', 'adapting', 'live']
+    >>> Lifecycle.LIVE == "live"  # a str: the stages name Pipeline.streams_by_state's counts
+    True
+    """
+
     WARMING = "warming"
     ADAPTING = "adapting"
     LIVE = "live"
@@ -102,7 +110,17 @@ class _Stream:
 
 @dataclass
 class FeedResult:
-    """Scores for the accepted readings of a batch, in input order, and the rejects."""
+    """Scores for the accepted readings of a batch, in input order, and the rejects.
+
+    >>> from monitor.forecaster import LSTMSpec
+    >>> pipe = Pipeline(Initialization.random(LSTMSpec(hidden=4)), PipelineConfig(warmup=16))
+    >>> late = Reading("pump", 3.0, {"temp": 1.0})  # behind its stream: rejected, not scored
+    >>> result = pipe.feed([Reading("pump", float(t), {"temp": t % 5}) for t in range(20)] + [late])
+    >>> len(result.scores), sum(s.score is not None for s in result.scores), result.adapted
+    (20, 4, 1)
+    >>> [b.reason.value for b in result.bad]
+    ['out_of_order_timestamp']
+    """
 
     scores: list[Score]
     bad: list[BadRecord]

@@ -15,7 +15,13 @@ from numbers import Real
 
 
 class BadReason(str, Enum):
-    """Why a record was rejected; a bounded set, safe as a metric label."""
+    """Why a record was rejected; a bounded set, safe as a metric label.
+
+    >>> parse_message("{").bad[0].reason
+    <BadReason.MALFORMED: 'malformed'>
+    >>> BadReason("stream_limit") is BadReason.STREAM_LIMIT, len(BadReason)
+    (True, 14)
+    """
 
     MALFORMED = "malformed"                  # not parseable at all (bad JSON, bad CSV row)
     NOT_AN_OBJECT = "not_an_object"
@@ -51,7 +57,14 @@ class Reading:
 
 @dataclass(frozen=True, slots=True)
 class BadRecord:
-    """A rejected record or value, with the reason and enough context to find it."""
+    """A rejected record or value, with the reason and enough context to find it.
+
+    >>> bad = parse_message('{"device": "p1", "ts": 5, "values": {"a": 1.5, "b": null}}', ref="line 3").bad
+    >>> [str(b) for b in bad]  # the form the logs and the dead-letter output show
+    ["line 3: missing_value: device 'p1' channel 'b': null value"]
+    >>> bad[0].raw  # the record itself, cut to 500 characters
+    '{"device": "p1", "ts": 5, "values": {"a": 1.5, "b": null}}'
+    """
 
     reason: BadReason
     detail: str
@@ -72,6 +85,12 @@ class Score:
     (3 for 0.999), of all the reading's channels together unless the pipeline
     combines them by the worst (``ScoringConfig.channel_combination``): the same
     order as ``score`` without ties near 1, for ranking.
+
+    >>> Score("pump-7", 1700000000.0, None, None).anomaly is None  # warming: no verdict yet
+    True
+    >>> s = Score("pump-7", 1700000060.0, 0.999, True, "temp", forecast=71.0, value=93.5, surprise=3.0)
+    >>> s.anomaly, s.channel, s.value - s.forecast
+    (True, 'temp', 22.5)
     """
 
     device: str
@@ -87,7 +106,14 @@ class Score:
 
 @dataclass(frozen=True)
 class MessageFormat:
-    """Field names of a JSON reading message (see the README)."""
+    """Field names of a JSON reading message (see the README).
+
+    >>> msg = '{"sensor": "p1", "time": 5, "value": 2.0}'
+    >>> parse_message(msg, MessageFormat(device="sensor", ts="time")).reading
+    Reading(device='p1', ts=5.0, values={'value': 2.0}, ref='')
+    >>> [b.reason.value for b in parse_message(msg).bad]  # the default names do not match it
+    ['missing_device']
+    """
 
     device: str = "device"
     ts: str = "ts"
@@ -167,7 +193,15 @@ def check_value(raw: object, max_abs: float) -> tuple[float | None, BadReason | 
 
 @dataclass(slots=True)
 class Parsed:
-    """A message's reading (None if nothing in it was usable) and what was rejected."""
+    """A message's reading (None if nothing in it was usable) and what was rejected.
+
+    >>> p = parse_message('{"device": "p1", "ts": 5, "values": {"a": 1.5, "b": "x"}}')
+    >>> p.reading.values, [b.reason.value for b in p.bad]  # the good channel is kept
+    ({'a': 1.5}, ['non_numeric_value'])
+    >>> p = parse_message(b'{"device": "p1", "ts": 5')
+    >>> p.reading, [b.reason.value for b in p.bad]
+    (None, ['malformed'])
+    """
 
     reading: Reading | None
     bad: list[BadRecord] = field(default_factory=list)

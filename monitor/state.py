@@ -42,11 +42,37 @@ _PREFIX = struct.Struct("<4sBII")
 
 
 class StateError(ValueError):
-    """A snapshot that cannot be restored: corrupt, another version, or another initialization."""
+    """A snapshot that cannot be restored: corrupt, another version, or another initialization.
+
+    >>> from monitor.forecaster import LSTMSpec
+    >>> codec = StateCodec(Initialization.random(LSTMSpec(hidden=4)))
+    >>> codec.decode(b"not a snapshot at all")
+    Traceback (most recent call last):
+    ...
+    monitor.state.StateError: state record: not a Forewarn state (bad magic)
+    >>> other = StateCodec(Initialization.random(LSTMSpec(hidden=4), seed=1))
+    >>> other.decode(codec.encode(DeviceState("pump-7", 0, [])))  # its weights would be meaningless here
+    Traceback (most recent call last):
+    ...
+    monitor.state.StateError: state record: adapted from another initialization
+    """
 
 
 @dataclass
 class StreamState:
+    """One stream (channel) of a snapshot: a warming one's buffer, or a live one's model and statistics.
+
+    >>> from monitor.forecaster import LSTMSpec
+    >>> from monitor.pipeline import Pipeline, PipelineConfig
+    >>> from monitor.readings import Reading
+    >>> pipe = Pipeline(Initialization.random(LSTMSpec(hidden=4)), PipelineConfig(warmup=16))
+    >>> _ = pipe.feed([Reading("pump", float(t), {"temp": t % 5}) for t in range(20)])
+    >>> _ = pipe.feed([Reading("pump", 20.0, {"temp": 1.0, "rpm": 900.0})])  # rpm: a channel added late
+    >>> temp, rpm = pipe.export_devices(["pump"])[0].streams
+    >>> temp.stage, temp.params is not None, rpm.stage, rpm.buffer
+    ('live', True, 'warming', [900.0])
+    """
+
     channel: str
     stage: str                                   # "warming" or "live"
     last_ts: float | None
@@ -68,6 +94,19 @@ class StreamState:
 
 @dataclass
 class DeviceState:
+    """A device's snapshot: every stream of it, and the input offset it covers.
+
+    >>> from monitor.forecaster import LSTMSpec
+    >>> from monitor.pipeline import Pipeline, PipelineConfig
+    >>> from monitor.readings import Reading
+    >>> warm = StreamState("temp", "warming", last_ts=14.0, buffer=[float(t % 5) for t in range(15)])
+    >>> pipe = Pipeline(Initialization.random(LSTMSpec(hidden=4)), PipelineConfig(warmup=16))
+    >>> pipe.import_devices([DeviceState("pump", 1042, [warm])])
+    1
+    >>> pipe.feed([Reading("pump", 15.0, {"temp": 0.0})]).adapted  # the 16th value: the warm-up resumed
+    1
+    """
+
     device: str
     offset: int                                  # next input offset of its partition this state covers
     streams: list[StreamState]

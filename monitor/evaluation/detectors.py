@@ -32,6 +32,16 @@ ScoreFn = Callable[[np.ndarray, int], np.ndarray]
 
 @dataclass
 class Detector:
+    """A named scoring function: rows ``[T, C]`` in, one anomaly score per row out.
+
+    >>> det = BASELINES["zscore"]
+    >>> values = np.tile([[1.0, 5.0], [2.0, 6.0]], (30, 1))
+    >>> values[50, 1] = 40.0  # a spike on the second channel only: the score is the worst channel's
+    >>> scores = det.score(values, 0)
+    >>> det.name, det.family, scores.shape, int(scores.argmax())
+    ('zscore', 'baseline', (60,), 50)
+    """
+
     name: str
     score: ScoreFn
     family: str = "baseline"

@@ -137,6 +137,17 @@ def nab_corpus(data_dir: Path, windows_file: str = "combined_windows.json", limi
 
 @dataclass
 class NabRun:
+    """What ``evaluate_nab`` returns: each detector's score per profile, and what it was scored on.
+
+    >>> ts, values = np.arange(20.0), np.r_[np.zeros(15), 9.0, np.zeros(4)]
+    >>> windows = {"s.csv": [(14.0, 17.0)]}
+    >>> raw = {"spike": {"s.csv": values / 9}}  # a detector that flags the spike alone
+    >>> scores = {"spike": {p: score_corpus({"s.csv": (ts, raw["spike"]["s.csv"])}, windows, p) for p in PROFILES}}
+    >>> run = NabRun(scores, [("s.csv", ts, values)], windows, raw)
+    >>> {p: round(s.normalized, 1) for p, s in run.scores["spike"].items()}  # below 100: flagged a row into the window
+    {'standard': 98.3, 'reward_low_FP': 98.3, 'reward_low_FN': 98.9}
+    """
+
     scores: dict[str, dict[str, CorpusScore]]              # detector -> profile -> score
     series: list[tuple[str, np.ndarray, np.ndarray]]        # (name, timestamps, values)
     windows: dict[str, list[tuple[float, float]]]
@@ -160,6 +171,15 @@ def evaluate_nab(detectors: Sequence[Detector], data_dir: Path, limit: int | Non
 
 @dataclass
 class SmdRun:
+    """What ``evaluate_smd`` returns: each detector's metrics averaged over machines, its scores, the labels.
+
+    >>> labels = np.array([0, 0, 1, 1, 0, 0])
+    >>> raw = {"zscore": {"1-1": np.array([0.1, 0.2, 0.9, 0.1, 0.3, 0.1])}}
+    >>> run = SmdRun({"zscore": _mean_report([evaluate_scores(raw["zscore"]["1-1"], labels)])}, raw, {"1-1": labels})
+    >>> {metric: round(v, 3) for metric, v in run.scores["zscore"].items()}  # point-adjusted F1 flatters
+    {'pointwise_f1': 0.667, 'event_f1': 1.0, 'pa_f1': 1.0, 'pa_k_auc': 0.833, 'auprc': 0.667}
+    """
+
     scores: dict[str, dict[str, float]]                     # detector -> metric -> mean over machines
     raw: dict[str, dict[str, np.ndarray]]                   # detector -> machine -> per-row score
     labels: dict[str, np.ndarray]                           # machine -> test labels

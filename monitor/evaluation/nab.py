@@ -21,6 +21,15 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Profile:
+    """The weights of a true positive, a false positive and a missed window in NAB's score.
+
+    >>> PROFILES["reward_low_FP"]
+    Profile(tp=1.0, fp=0.22, fn=1.0)
+    >>> # a flag before any window costs the profile's full false-positive weight
+    >>> [sweep_rows(range(10), [0.0] * 10, [], "s", PROFILES[p])[0].worth for p in ("standard", "reward_low_FP")]
+    [-0.11, -0.22]
+    """
+
     tp: float
     fp: float
     fn: float
@@ -61,7 +70,14 @@ MAX_TP = scaled_sigmoid(-1.0)
 
 @dataclass
 class ScoredRow:
-    """One scorable row: its detector score, what a detection there is worth, its window."""
+    """One scorable row: its detector score, what a detection there is worth, its window.
+
+    >>> rows = sweep_rows(range(10), [0.0] * 10, [(6, 8)], "s", PROFILES["standard"])
+    >>> len(rows)  # the first row is probation
+    9
+    >>> [(round(r.worth, 2), r.window) for r in rows[-4:]]  # earlier in the window is worth more
+    [(1.0, 's|6'), (0.94, 's|6'), (0.69, 's|6'), (-0.09, None)]
+    """
 
     anomaly_score: float
     worth: float
@@ -112,6 +128,16 @@ def sweep_rows(timestamps: Sequence[float], scores: Sequence[float], windows: Se
 
 @dataclass(frozen=True)
 class ThresholdScore:
+    """The corpus total when every row scoring at least ``threshold`` is a detection.
+
+    >>> rows = [ScoredRow(0.9, 0.5, "w"), ScoredRow(0.7, -0.11, None), ScoredRow(0.2, 0.9, "w")]
+    >>> for s in score_by_threshold(rows, PROFILES["standard"]):  # the window's earliest row scores lowest
+    ...     print(s)
+    ThresholdScore(threshold=0.9, score=0.5, tp=1, fp=0)
+    ThresholdScore(threshold=0.7, score=0.39, tp=1, fp=1)
+    ThresholdScore(threshold=0.2, score=0.79, tp=2, fp=1)
+    """
+
     threshold: float
     score: float
     tp: int
@@ -150,6 +176,14 @@ def score_by_threshold(rows: Sequence[ScoredRow], profile: Profile) -> list[Thre
 
 @dataclass(frozen=True)
 class CorpusScore:
+    """A detector's NAB total over a corpus at one threshold, with the null and perfect totals.
+
+    >>> CorpusScore("standard", threshold=0.9, raw=0.5, null=-1.0, perfect=1.0).normalized
+    75.0
+    >>> CorpusScore("standard", threshold=math.inf, raw=-1.0, null=-1.0, perfect=1.0).normalized  # no detection
+    0.0
+    """
+
     profile: str
     threshold: float
     raw: float

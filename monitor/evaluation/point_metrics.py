@@ -108,6 +108,15 @@ def best_pointwise_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, fl
 
 @dataclass
 class DetectionReport:
+    """Every metric of one score series against its labels, each at its own best threshold.
+
+    >>> r = evaluate_scores(np.array([0.9, 0.1, 0.2, 0.1]), np.array([1, 1, 0, 0]))
+    >>> {k: round(f, 2) for k, f in r.pa_k_f1.items()}  # the segment is half flagged: adjusted up to K = 40
+    {0: 1.0, 20: 1.0, 40: 1.0, 60: 0.67, 80: 0.67, 100: 0.67}
+    >>> round(r.pa_k_auc, 3), r.auprc
+    (0.833, 0.75)
+    """
+
     pointwise_f1: float
     event_f1: float
     pa_f1: float

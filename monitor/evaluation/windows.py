@@ -11,6 +11,16 @@ from monitor.readings import Score, parse_timestamp
 
 @dataclass
 class WindowHit:
+    """One labelled window and the first flag inside it (None: missed).
+
+    >>> report = compare_with_windows([Score("d", t, 1.0, True) for t in (5.0, 6.0)], [(4.0, 8.0)])
+    >>> hit = report.windows[0]
+    >>> hit
+    WindowHit(start=4.0, end=8.0, first_detection=5.0)
+    >>> hit.first_detection - hit.start  # how far into the window the detector took to flag it
+    1.0
+    """
+
     start: float
     end: float
     first_detection: float | None   # ts of the first flag inside the window
@@ -18,7 +28,15 @@ class WindowHit:
 
 @dataclass
 class WindowReport:
-    """Which labelled windows were caught, and how many flags fell outside all of them."""
+    """Which labelled windows were caught, and how many flags fell outside all of them.
+
+    >>> flags = [Score("d", t, 1.0, True) for t in (3.0, 9.0, 10.0)]
+    >>> report = compare_with_windows(flags, [(2.0, 4.0), (6.0, 7.0)])
+    >>> report.detected, len(report.windows), report.flags_outside, report.flags_total
+    (1, 2, 2, 3)
+    >>> [(w.start, w.end) for w in report.windows if w.first_detection is None]
+    [(6.0, 7.0)]
+    """
 
     windows: list[WindowHit]
     flags_outside: int
