@@ -1,7 +1,7 @@
 """NAB scores of one initialization through Forewarn's NAB scoring options, per half of the corpus.
 
     python benchmarks/nab_halves.py [--init shipped|random|FILE] [--scoring calibrated calibrated-novelty]
-                                    [--plot PNG [--plot-series NAME]] [--curve PNG]
+                                    [--plot PNG [--plot-series NAME]] [--curve PNG] [--baselines novelty ...]
 
 The NAB settings in the README were picked on the even-indexed series (sorted by
 name) and checked on the odd-indexed ones; this prints both halves and all 58 for
@@ -10,7 +10,7 @@ threshold NAB picks on the series it scores, and the odd half at the even half's
 thresholds (the surprises given: a fixed operating point, as the daemon runs), for any
 initialization: ``random`` is ``lstm-scratch`` (random weights, the shipped
 adaptation settings), a FILE is a checkpoint such as benchmarks/artifacts/pooled.pt.
-About 4 minutes per scoring option with one thread.  ``--plot`` draws one series with
+About 3 minutes per scoring option with one thread.  ``--plot`` draws one series with
 the readings each scoring option flags at its standard-profile threshold over all 58
 (after NAB's probation, where flags are not scored).  ``--curve`` draws each half's
 score against a fixed threshold (alarm surprise), standard and reward_low_FP.
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from monitor.checkpoint import Initialization  # noqa: E402
 from monitor.evaluation import harness  # noqa: E402
-from monitor.evaluation.detectors import forewarn_detector  # noqa: E402
+from monitor.evaluation.detectors import BASELINES, forewarn_detector  # noqa: E402
 from monitor.evaluation.nab import PROFILES, normalized_at, probation_length, score_corpus  # noqa: E402
 from monitor.evaluation.plots import plot_flags, plot_threshold_curves  # noqa: E402
 
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--plot-series", default="realKnownCause/machine_temperature_system_failure.csv",
                         metavar="NAME", help="series to draw (default: %(default)s, odd-indexed: held out)")
     parser.add_argument("--curve", metavar="PNG", help="draw each half's score against a fixed threshold")
+    parser.add_argument("--baselines", nargs="*", choices=sorted(BASELINES), default=[],
+                        help="baselines to score the same way, after the scoring options (not drawn)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shipped = Initialization.default()
@@ -65,10 +67,11 @@ def main() -> None:
     curves: dict[str, dict[str, list[float]]] = {"standard": {}, "reward_low_FP": {}}
     marks = {}
     print(f"NAB, init {args.init}: standard / reward_low_FP / reward_low_FN\n")
-    print("| scoring | even-indexed | odd-indexed | all 58 | odd at the even half's thresholds (surprise) |")
+    print("| scoring | even-indexed | odd-indexed | all 58 | odd at the even half's thresholds (the thresholds) |")
     print("|---|---|---|---|---|")
-    for label in args.scoring:
-        detector = forewarn_detector(label, init, harness.WARMUP, scoring=SCORINGS[label])
+    detectors = [forewarn_detector(label, init, harness.WARMUP, scoring=SCORINGS[label]) for label in args.scoring]
+    for detector in detectors + [BASELINES[name] for name in args.baselines]:
+        label = detector.name
         results = {}
         for i, (name, ts, values) in enumerate(series, 1):
             results[name] = (ts, detector.score(values[:, None], 0))
@@ -83,13 +86,13 @@ def main() -> None:
         cells.append(" / ".join(f"{fixed[p].normalized:.1f}" for p in PROFILES) + " ("
                      + " / ".join(f"{chosen[p]:.3g}" for p in PROFILES) + ")")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
-        if args.curve:
+        if args.curve and label in SCORINGS:  # a baseline's scores are not surprises
             for half, part in (("even", names[0::2]), ("odd", names[1::2])):
                 for profile in curves:
                     curves[profile][f"{label}, {half}"] = normalized_at(
                         {k: results[k] for k in part}, windows, profile, thresholds)
             marks[f"even half's standard threshold, {chosen['standard']:.3g}"] = chosen["standard"]
-        if args.plot:
+        if args.plot and label in SCORINGS:
             threshold = score_corpus(results, windows, "standard").threshold
             scores = np.asarray(results[args.plot_series][1])
             flagged = scores >= threshold

@@ -5,10 +5,10 @@
 The README's SMD table gives every metric at its own best threshold on each
 held-out machine (an oracle threshold, as the SMD literature reports them).  A
 deployment runs one threshold chosen beforehand; this picks it per detector on
-the test splits of the ten meta-training machines (1-1 to 2-3: the best mean
+the test splits of the ten meta-training machines (1-2 to 2-3: the best mean
 point-wise F1, and separately the best mean event-wise F1, over one threshold
 shared by the ten), then scores the four held-out machines (2-4, 2-5, 2-7, 2-8)
-at it.  Detectors whose scores mean the same on every machine lose the least.
+at it.  Thresholds are tried from the median score up.
 About 3 minutes per detector with one thread (7 by default); ``--cache`` keeps the per-row scores
 so that a second run only recomputes the table.
 """

@@ -32,6 +32,7 @@ from monitor.checkpoint import Initialization
 from monitor.config import Config
 from monitor.metrics import Metrics
 from monitor.pipeline import FeedResult, Pipeline
+from monitor.readings import Reading
 from monitor.state import StateCodec, StateError
 
 log = logging.getLogger("forewarn.daemon")
@@ -141,15 +142,18 @@ class HealthServer:
     assigned, initialization loaded) on one port, in a background thread.
 
     >>> from urllib.error import HTTPError
-    >>> from urllib.request import urlopen
+    >>> from urllib.request import ProxyHandler, build_opener
+    >>> get = build_opener(ProxyHandler({})).open  # straight to loopback, whatever http_proxy says
     >>> server = HealthServer("127.0.0.1", 0, CollectorRegistry(), healthy=lambda: True, ready=lambda: False)
     >>> server.start()  # port 0: the system picks a free one, read back as server.port
-    >>> urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status
+    >>> with get(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as response:
+    ...     response.status
     200
     >>> try:
-    ...     urlopen(f"http://127.0.0.1:{server.port}/readyz", timeout=5)
+    ...     get(f"http://127.0.0.1:{server.port}/readyz", timeout=5)
     ... except HTTPError as e:
     ...     print(e.code, e.read().decode().strip())
+    ...     e.close()
     503 not ok
     >>> server.stop()
     """
@@ -391,6 +395,20 @@ class Daemon:
             self._to_restore |= set(partitions)
         log.info("partitions assigned", extra=_fields(partitions=sorted(tp.partition for tp in partitions)))
 
+    def _prime(self) -> int:
+        """Adapt and score one made-up stream on a pipeline of its own before joining the group.
+
+        torch's first adaptation in a process costs a second or more of one-off set-up (seen
+        at 4.8 s on a busy machine), and a batch that outlasts kafka.max_poll_interval_ms loses
+        the partitions it came from: the demo's 3 s lost them, re-delivered and re-scored its
+        first batches, and re-warmed its device.  Returns the streams adapted (1)."""
+        started = time.perf_counter()
+        scratch = Pipeline(self.init, replace(self.pipeline.config, max_streams=1))
+        n = self.pipeline.config.warmup + 2
+        adapted = scratch.feed([Reading("prime", float(t), {"x": math.sin(t / 8)}) for t in range(n)]).adapted
+        log.info("torch primed", extra=_fields(seconds=round(time.perf_counter() - started, 3)))
+        return adapted
+
     # ---- the loop -----------------------------------------------------------------
     def run(self) -> int:
         from connectors.kafka import KafkaSinks, KafkaSource
@@ -402,6 +420,7 @@ class Daemon:
         self.server = HealthServer(cfg.metrics.host, cfg.metrics.port, self.registry, self.healthy, self.ready)
         self.server.start()
         log.info("serving metrics", extra=_fields(port=self.server.port, path="/metrics"))
+        self._prime()
         source = sinks = None
         try:
             self.source = source = KafkaSource(cfg.kafka, on_revoke=self._on_revoke, on_assign=self._on_assign)

@@ -84,6 +84,15 @@ def test_a_daemon_exports_its_alarm_level_its_settings_and_when_each_device_was_
     assert 'forewarn_device_last_anomaly_timestamp_seconds{device="dev1"}' not in text
 
 
+def test_priming_adapts_a_made_up_stream_on_its_own_pipeline():
+    """Before joining the group (torch's one-off set-up must not make a first batch outlast
+    kafka.max_poll_interval_ms): nothing of it stays in the daemon's pipeline or metrics."""
+    daemon = Daemon(Config.load(environ={"FOREWARN_DETECTOR_WARMUP": "32"}), registry=CollectorRegistry())
+    assert daemon._prime() == 1
+    assert daemon.pipeline.streams_by_state() == {"warming": 0, "adapting": 0, "live": 0}
+    assert daemon.registry.get_sample_value("forewarn_readings_total") == 0.0
+
+
 def test_the_streams_gauge_drops_with_the_partitions_a_rebalance_takes():
     daemon = Daemon(Config.load(environ={"FOREWARN_DETECTOR_WARMUP": "16"}), registry=CollectorRegistry())
     partition = TopicPartition("sensors", 0)

@@ -82,7 +82,7 @@ def test_a_jump_scores_high_and_is_flagged(init):
 
 
 def test_an_alarm_surprise_past_where_scores_round_to_one_flags_by_the_surprise(init):
-    """Scores round to 1.0 past a surprise of ~16, so operating points such as NAB's (~65) exist
+    """Scores round to 1.0 past a surprise of ~16, so operating points such as NAB's (64) exist
     only as surprises: a reading is flagged when its surprise reaches detector.alarm_surprise."""
     def spike_scores(scoring):
         pipe = Pipeline(init, PipelineConfig(warmup=64, scoring=scoring))
