@@ -5,7 +5,8 @@ broker (Tansu) as two devices: ``machine-temp`` ends at 2014-02-09 12:30, inside
 window while the temperature climbs back from its collapse (every reading from 11:55 on is flagged), and
 ``machine-calm`` is the same series ending at 11:45, before it. Prometheus loads
 deploy/prometheus/rules/forewarn.yml and must report ForewarnDeviceAnomaly firing for the first device
-only, and every shipped rule must evaluate without error against the daemon's real metrics.
+only, and every shipped rule must evaluate without error against the daemon's real metrics. With
+detector.peak_window on, ForewarnDeviceIncident must fire instead, from the time of the device's flag.
 """
 from __future__ import annotations
 
@@ -123,3 +124,37 @@ def test_shipped_rules_fire_the_device_alert_on_a_labelled_anomaly(broker, tmp_p
     finally:
         code = stop_daemon_and_prometheus(daemon, prometheus)
     assert code == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+
+
+def test_with_only_new_peaks_counting_a_flag_fires_the_incident_alert(broker, tmp_path, prometheus_bin):  # noqa: F811
+    """detector.peak_window on: a device's surprise is high only at an incident's new peaks, rarely
+    at a scrape, so ForewarnDeviceIncident alarms from the time of its latest flag instead."""
+    topic = "incident-sensors"
+    broker.create_topics({topic: 2})
+    recording = tmp_path / "fleet.jsonl"
+    total = _write_recording(recording)
+    _test_rules(tmp_path / "rules.yml")
+    metrics_port = free_port()
+    env = _daemon_env(broker, topic, "incidents", metrics_port, FOREWARN_DETECTOR_PEAK_WINDOW="48")
+    daemon = start_daemon(env, tmp_path / "daemon.log")
+    prometheus, prom_port = start_prometheus(prometheus_bin, tmp_path, metrics_port, "rules.yml")
+    try:
+        wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200, 60, what="daemon ready")
+        publisher = _replay_to_kafka(recording, broker, topic)
+        _, err = publisher.communicate(timeout=120)
+        assert publisher.returncode == 0, err
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        wait_for(lambda: metric_value(http_get(url)[1], "forewarn_readings_total") == total, 120,
+                 what="every reading processed")
+
+        def incidents() -> list[dict]:
+            return [a for a in _api(prom_port, "alerts")["alerts"]
+                    if a["labels"]["alertname"] == "ForewarnDeviceIncident" and a["state"] == "firing"]
+        firing = wait_for(incidents, 60, what="ForewarnDeviceIncident firing in Prometheus")
+        assert "machine-temp" in {a["labels"]["device"] for a in firing}
+        assert all(a["labels"]["job"] == "forewarn" and a["labels"]["severity"] == "warning" for a in firing)
+        assert all(" ago on " in a["annotations"]["description"] for a in firing)
+    finally:
+        code = stop_daemon_and_prometheus(daemon, prometheus)
+    assert code == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+
