@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -69,16 +70,19 @@ def _device_alerts(port: int) -> list[dict]:
     return [a for a in _api(port, "alerts")["alerts"] if a["labels"]["alertname"] == DEVICE_ALERT]
 
 
-def test_shipped_rules_fire_the_device_alert_on_a_labelled_anomaly(broker, tmp_path, prometheus_bin):  # noqa: F811
-    assert FAILURE_WINDOW[0] <= parse_timestamp(ANOMALOUS_END) <= FAILURE_WINDOW[1]
-    topic = "alerts-sensors"
+@contextmanager
+def _fleet_replayed(broker, tmp_path: Path, prometheus: str, name: str, **detector_env: str):
+    """The recording replayed into topic ``<name>-sensors`` and every reading processed by a daemon
+    (group ``name``) that a Prometheus server (the binary ``prometheus``) with the shipped rules
+    scrapes; yields its port and the shipped rule names, then stops both, the daemon with exit 0."""
+    topic = f"{name}-sensors"
     broker.create_topics({topic: 2})
     recording = tmp_path / "fleet.jsonl"
     total = _write_recording(recording)
     rule_names = _test_rules(tmp_path / "rules.yml")
     metrics_port = free_port()
-    daemon = start_daemon(_daemon_env(broker, topic, "alerts", metrics_port), tmp_path / "daemon.log")
-    prometheus, prom_port = start_prometheus(prometheus_bin, tmp_path, metrics_port, "rules.yml")
+    daemon = start_daemon(_daemon_env(broker, topic, name, metrics_port, **detector_env), tmp_path / "daemon.log")
+    server, prom_port = start_prometheus(prometheus, tmp_path, metrics_port, "rules.yml")
     try:
         wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200, 60, what="daemon ready")
         publisher = _replay_to_kafka(recording, broker, topic)
@@ -87,7 +91,15 @@ def test_shipped_rules_fire_the_device_alert_on_a_labelled_anomaly(broker, tmp_p
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         wait_for(lambda: metric_value(http_get(url)[1], "forewarn_readings_total") == total, 120,
                  what="every reading processed")
+        yield prom_port, rule_names
+    finally:
+        code = stop_daemon_and_prometheus(daemon, server)
+    assert code == 0, (tmp_path / "daemon.log").read_text()[-3000:]
 
+
+def test_shipped_rules_fire_the_device_alert_on_a_labelled_anomaly(broker, tmp_path, prometheus_bin):  # noqa: F811
+    assert FAILURE_WINDOW[0] <= parse_timestamp(ANOMALOUS_END) <= FAILURE_WINDOW[1]
+    with _fleet_replayed(broker, tmp_path, prometheus_bin, "alerts") as (prom_port, rule_names):
         firing = wait_for(lambda: [a for a in _device_alerts(prom_port) if a["state"] == "firing"], 60,
                           what=f"{DEVICE_ALERT} firing in Prometheus")
         scores = {s["metric"]["device"]: float(s["value"][1]) for s in _api(prom_port, "query",
@@ -121,32 +133,13 @@ def test_shipped_rules_fire_the_device_alert_on_a_labelled_anomaly(broker, tmp_p
         assert info["metric"]["peak_window"] == "0" and info["metric"]["job"] == "forewarn"
         alerts = _api(prom_port, "alerts")["alerts"]
         assert not [a for a in alerts if a["labels"]["alertname"] == "ForewarnDeviceIncident"]
-    finally:
-        code = stop_daemon_and_prometheus(daemon, prometheus)
-    assert code == 0, (tmp_path / "daemon.log").read_text()[-3000:]
 
 
 def test_with_only_new_peaks_counting_a_flag_fires_the_incident_alert(broker, tmp_path, prometheus_bin):  # noqa: F811
     """detector.peak_window on: a device's surprise is high only at an incident's new peaks, rarely
     at a scrape, so ForewarnDeviceIncident alarms from the time of its latest flag instead."""
-    topic = "incident-sensors"
-    broker.create_topics({topic: 2})
-    recording = tmp_path / "fleet.jsonl"
-    total = _write_recording(recording)
-    _test_rules(tmp_path / "rules.yml")
-    metrics_port = free_port()
-    env = _daemon_env(broker, topic, "incidents", metrics_port, FOREWARN_DETECTOR_PEAK_WINDOW="48")
-    daemon = start_daemon(env, tmp_path / "daemon.log")
-    prometheus, prom_port = start_prometheus(prometheus_bin, tmp_path, metrics_port, "rules.yml")
-    try:
-        wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200, 60, what="daemon ready")
-        publisher = _replay_to_kafka(recording, broker, topic)
-        _, err = publisher.communicate(timeout=120)
-        assert publisher.returncode == 0, err
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        wait_for(lambda: metric_value(http_get(url)[1], "forewarn_readings_total") == total, 120,
-                 what="every reading processed")
-
+    with _fleet_replayed(broker, tmp_path, prometheus_bin, "incident",
+                         FOREWARN_DETECTOR_PEAK_WINDOW="48") as (prom_port, _):
         def incidents() -> list[dict]:
             return [a for a in _api(prom_port, "alerts")["alerts"]
                     if a["labels"]["alertname"] == "ForewarnDeviceIncident" and a["state"] == "firing"]
@@ -154,7 +147,4 @@ def test_with_only_new_peaks_counting_a_flag_fires_the_incident_alert(broker, tm
         assert "machine-temp" in {a["labels"]["device"] for a in firing}
         assert all(a["labels"]["job"] == "forewarn" and a["labels"]["severity"] == "warning" for a in firing)
         assert all(" ago on " in a["annotations"]["description"] for a in firing)
-    finally:
-        code = stop_daemon_and_prometheus(daemon, prometheus)
-    assert code == 0, (tmp_path / "daemon.log").read_text()[-3000:]
 
