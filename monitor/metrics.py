@@ -7,10 +7,12 @@ capped by ``max_devices``; what the cap leaves out is itself counted).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
 
 from monitor import __version__
 from monitor.readings import BadReason, Score
@@ -22,6 +24,58 @@ DETECTOR_INFO = ("threshold", "alarm_surprise", "calibration_fading", "novelty_u
                  "smoothing_span", "peak_window", "channel_combination")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ADAPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class DeviceGauges:
+    """The per-device gauges: each exported device's latest score and surprise, and when it
+    was last flagged, read from a dict at scrape time.
+
+    A labelled ``Gauge`` would take two locked ``set`` calls per reading; the pipeline scores
+    far more readings than Prometheus scrapes, so the loop only writes a dict (under one lock
+    per batch) and a scrape turns it into samples.
+
+    >>> from prometheus_client import generate_latest
+    >>> gauges = DeviceGauges(CollectorRegistry())
+    >>> gauges.latest["pump-1"] = [0.5, 0.3, None]
+    >>> [line for line in generate_latest(gauges.registry).decode().splitlines() if not line.startswith("#")]
+    ['forewarn_anomaly_score{device="pump-1"} 0.5', 'forewarn_anomaly_surprise{device="pump-1"} 0.3']
+    """
+
+    LABELS = ("device",)
+    HELP = {
+        "forewarn_anomaly_score": "Latest anomaly score of the device, 0..1, of its channels together "
+                                  "(detector.channel_combination)",
+        # the score rounds to 1.0 past a surprise of ~16, so alert rules compare surprises
+        "forewarn_anomaly_surprise": "Latest surprise of the device, -log10 of the probability behind its score "
+                                     "(3 = 1 in 1,000); what alert rules compare",
+        # a device's flags between two scrapes never show in its score gauge, and with
+        # detector.peak_window every incident is such a flag: alerts can read this instead
+        "forewarn_device_last_anomaly_timestamp_seconds": "Unix time the device's latest flagged reading was "
+                                                          "scored (exported devices flagged since this instance "
+                                                          "took them)",
+    }
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.lock = threading.Lock()
+        # device -> [score, surprise, unix time of its latest flag or None]
+        self.latest: dict[str, list] = {}
+        registry.register(self)
+
+    def describe(self):
+        return [GaugeMetricFamily(name, doc, labels=self.LABELS) for name, doc in self.HELP.items()]
+
+    def collect(self):
+        with self.lock:
+            latest = [(device, tuple(row)) for device, row in self.latest.items()]
+        families = self.describe()
+        score, surprise, flagged = families
+        for device, (s, sp, at) in latest:
+            score.add_metric((device,), s)
+            surprise.add_metric((device,), sp)
+            if at is not None:
+                flagged.add_metric((device,), at)
+        return families
 
 
 class Metrics:
@@ -43,17 +97,10 @@ class Metrics:
                  scoring: ScoringConfig | None = None) -> None:
         self.registry = registry
         self.max_devices = max_devices
-        self._exported: dict[str, tuple] = {}  # device -> its score and surprise gauge children
-        self._flagged: dict[str, object] = {}  # exported device -> its last-anomaly gauge child, once flagged
         scoring = scoring or ScoringConfig()
         self._not_exported: set[str] = set()
         r = registry
-        self.score = Gauge("forewarn_anomaly_score", "Latest anomaly score of the device, 0..1, of its channels "
-                                                     "together (detector.channel_combination)", ["device"], registry=r)
-        # the score rounds to 1.0 past a surprise of ~16, so alert rules compare surprises
-        self.surprise = Gauge("forewarn_anomaly_surprise", "Latest surprise of the device, -log10 of the "
-                              "probability behind its score (3 = 1 in 1,000); what alert rules compare",
-                              ["device"], registry=r)
+        self.devices = DeviceGauges(registry=r)
         self.not_exported = Gauge("forewarn_score_devices_not_exported",
                                   "Devices whose score and surprise gauges are left out by the max_devices cap",
                                   registry=r)
@@ -88,11 +135,6 @@ class Metrics:
                                     "an anomaly (detector.alarm_surprise, or detector.threshold's)", registry=r)
         self.alarm_surprise.set(scoring.alarm_level)
         self.threshold.set(score_of(scoring.alarm_surprise) if scoring.alarm_surprise else scoring.threshold)
-        # a device's flags between two scrapes never show in its score gauge, and with
-        # detector.peak_window every incident is such a flag: alerts can read this instead
-        self.last_anomaly = Gauge("forewarn_device_last_anomaly_timestamp_seconds",
-                                  "Unix time the device's latest flagged reading was scored (exported devices "
-                                  "flagged since this instance took them)", ["device"], registry=r)
         self.detector = Info("forewarn_detector", "Detector settings that shape scores and alarms (detector.*)",
                              registry=r)
         self.detector.info({name: _label(getattr(scoring, name)) for name in DETECTOR_INFO})
@@ -130,32 +172,33 @@ class Metrics:
     def observe_scores(self, scores: Iterable[Score]) -> None:
         newest = flagged_at = None
         n = scored = anomalies = 0
-        for s in scores:
-            n += 1
-            if s.score is None:
-                continue
-            scored += 1
-            anomalies += bool(s.anomaly)
-            children = self._exported.get(s.device)
-            if children is None and len(self._exported) < self.max_devices:
-                children = self._exported[s.device] = (self.score.labels(s.device), self.surprise.labels(s.device))
-                if s.device in self._not_exported:  # a slot freed up for it
-                    self._not_exported.discard(s.device)
-                    self.not_exported.set(len(self._not_exported))
-            if children is not None:
-                children[0].set(s.score)
-                children[1].set(score_surprise(s))
+        exported, room = self.devices.latest, self.max_devices
+        with self.devices.lock:
+            for s in scores:
+                n += 1
+                if s.score is None:
+                    continue
+                scored += 1
+                surprise = s.surprise if s.surprise is not None else score_surprise(s)
+                latest = exported.get(s.device)
+                if latest is None:
+                    if len(exported) < room:
+                        latest = exported[s.device] = [s.score, surprise, None]
+                        if s.device in self._not_exported:  # a slot freed up for it
+                            self._not_exported.discard(s.device)
+                            self.not_exported.set(len(self._not_exported))
+                    elif s.device not in self._not_exported:
+                        self._not_exported.add(s.device)
+                        self.not_exported.set(len(self._not_exported))
+                else:
+                    latest[0] = s.score
+                    latest[1] = surprise
                 if s.anomaly:
-                    flagged_at = flagged_at or time.time()
-                    child = self._flagged.get(s.device)
-                    if child is None:
-                        child = self._flagged[s.device] = self.last_anomaly.labels(s.device)
-                    child.set(flagged_at)
-            elif s.device not in self._not_exported:
-                self._not_exported.add(s.device)
-                self.not_exported.set(len(self._not_exported))
-            if newest is None or s.ts > newest:
-                newest = s.ts
+                    anomalies += 1
+                    if latest is not None:
+                        latest[2] = flagged_at = flagged_at or time.time()
+                if newest is None or s.ts > newest:
+                    newest = s.ts
         self.readings.inc(n)
         self.scored.inc(scored)
         self.anomalies.inc(anomalies)
@@ -164,13 +207,9 @@ class Metrics:
 
     def forget_devices(self, devices: Iterable[str]) -> None:
         """Stop exporting devices this instance no longer owns."""
-        for d in devices:
-            if self._exported.pop(d, None) is not None:
-                self.score.remove(d)
-                self.surprise.remove(d)
-                if self._flagged.pop(d, None) is not None:
-                    self.last_anomaly.remove(d)
-            if d in self._not_exported:
+        with self.devices.lock:
+            for d in devices:
+                self.devices.latest.pop(d, None)
                 self._not_exported.discard(d)
         self.not_exported.set(len(self._not_exported))
 
@@ -215,7 +254,8 @@ def reference_table() -> str:
     wrappers = {w._name: w for w in vars(m).values() if isinstance(w, MetricWrapperBase)}
     rows = ["| metric | type | labels | help |", "|---|---|---|---|"]
     for family in m.registry.collect():
-        labels = list(getattr(wrappers.get(family.name), "_labelnames", ()))
+        labels = list(DeviceGauges.LABELS if family.name in DeviceGauges.HELP
+                      else getattr(wrappers.get(family.name), "_labelnames", ()))
         for sample in family.samples:  # an Info's keys are labels of its one sample
             labels += [k for k in sample.labels if k not in labels and k != "le"]
         name, doc = f"`{family.name}`", family.documentation
