@@ -213,6 +213,8 @@ class Daemon:
         self.pipeline = Pipeline(self.init, det.pipeline_config(adapt))
         self.pipeline.progress = self._loop_alive  # a long adaptation burst is progress, not a stuck loop
         self.metrics = Metrics(self.registry, config.metrics.max_devices, self.pipeline.config.scoring)
+        self.metrics.state.info({"store": config.state.store,
+                                 "checkpoint_interval_s": f"{config.state.checkpoint_interval_s:g}"})
         self.on_result = on_result
         self.stopping = threading.Event()
         self._last_turn = time.monotonic()
@@ -654,6 +656,7 @@ class Daemon:
         except CommitFailedError as exc:  # kicked out of the group: the next owner replays from the last commit
             self.metrics.commit_failures.inc()
             log.warning("offset commit refused; readings will be re-delivered", extra=_fields(error=str(exc)))
+            return  # not a checkpoint: what it covers is processed again
         except KafkaError as exc:
             if not exc.retriable:
                 raise

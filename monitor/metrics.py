@@ -36,7 +36,7 @@ class DeviceGauges:
 
     >>> from prometheus_client import generate_latest
     >>> gauges = DeviceGauges(CollectorRegistry())
-    >>> gauges.latest["pump-1"] = [0.5, 0.3, None]
+    >>> gauges.latest["pump-1"] = [0.5, 0.3, None, 0]
     >>> [line for line in generate_latest(gauges.registry).decode().splitlines() if not line.startswith("#")]
     ['forewarn_anomaly_score{device="pump-1"} 0.5', 'forewarn_anomaly_surprise{device="pump-1"} 0.3']
     """
@@ -53,12 +53,17 @@ class DeviceGauges:
         "forewarn_device_last_anomaly_timestamp_seconds": "Unix time the device's latest flagged reading was "
                                                           "scored (exported devices flagged since this instance "
                                                           "took them)",
+        # the surprise gauge holds a slow device's one flagged reading until its next reading, so
+        # `for:` alone cannot tell a lasting anomaly from a single flag: alerts can ask for both
+        "forewarn_device_consecutive_anomalous_readings": "Readings in a row, up to the device's latest, that "
+                                                          "were flagged (exported devices whose latest reading "
+                                                          "is flagged)",
     }
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.lock = threading.Lock()
-        # device -> [score, surprise, unix time of its latest flag or None]
+        # device -> [score, surprise, unix time of its latest flag or None, flagged readings in a row]
         self.latest: dict[str, list] = {}
         registry.register(self)
 
@@ -69,12 +74,14 @@ class DeviceGauges:
         with self.lock:
             latest = [(device, tuple(row)) for device, row in self.latest.items()]
         families = self.describe()
-        score, surprise, flagged = families
-        for device, (s, sp, at) in latest:
+        score, surprise, flagged, in_a_row = families
+        for device, (s, sp, at, run) in latest:
             score.add_metric((device,), s)
             surprise.add_metric((device,), sp)
             if at is not None:
                 flagged.add_metric((device,), at)
+            if run:
+                in_a_row.add_metric((device,), run)
         return families
 
 
@@ -166,6 +173,10 @@ class Metrics:
         self.commit_failures = Counter("forewarn_commit_failures_total",
                                        "Offset commits the group refused (after a rebalance); the readings are "
                                        "re-delivered", registry=r)
+        # set by the daemon: which instances checkpoint, so that an alert on stalled checkpoints
+        # holds from an instance's start, before its first checkpoint
+        self.state = Info("forewarn_state", "State store settings (state.store, state.checkpoint_interval_s)",
+                          registry=r)
         self.build = Info("forewarn_build", "Forewarn version", registry=r)
         self.build.info({"version": __version__})
 
@@ -183,7 +194,7 @@ class Metrics:
                 latest = exported.get(s.device)
                 if latest is None:
                     if len(exported) < room:
-                        latest = exported[s.device] = [s.score, surprise, None]
+                        latest = exported[s.device] = [s.score, surprise, None, 0]
                         if s.device in self._not_exported:  # a slot freed up for it
                             self._not_exported.discard(s.device)
                             self.not_exported.set(len(self._not_exported))
@@ -197,6 +208,9 @@ class Metrics:
                     anomalies += 1
                     if latest is not None:
                         latest[2] = flagged_at = flagged_at or time.time()
+                        latest[3] += 1
+                elif latest is not None:
+                    latest[3] = 0
                 if newest is None or s.ts > newest:
                     newest = s.ts
         self.readings.inc(n)

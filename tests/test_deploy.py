@@ -163,9 +163,11 @@ def test_every_alert_is_documented_and_unit_tested_firing_and_silent():
 
 
 def test_the_device_alert_compares_surprises_with_the_exported_alarm_level():
-    """Scores round to 1 past a surprise of ~16, so a score threshold could not tell 20 from 65."""
+    """Scores round to 1 past a surprise of ~16, so a score threshold could not tell 20 from 65; and
+    `for:` alone cannot tell a lasting anomaly from one flagged reading of a slowly reporting device."""
     device = next(r for r in load_rules() if r.get("alert") == "ForewarnDeviceAnomaly")
-    assert metric_names(device["expr"]) == {"forewarn_anomaly_surprise", "forewarn_anomaly_alarm_surprise"}
+    assert metric_names(device["expr"]) == {"forewarn_anomaly_surprise", "forewarn_anomaly_alarm_surprise",
+                                            "forewarn_device_consecutive_anomalous_readings"}
     assert device["for"]
 
 

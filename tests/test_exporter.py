@@ -5,11 +5,12 @@ import time
 
 import pytest
 import torch
+from kafka.errors import CommitFailedError
 from kafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry, generate_latest
 
 from monitor.config import Config
-from monitor.daemon import Daemon, HealthServer
+from monitor.daemon import Daemon, HealthServer, _CheckpointRound
 from monitor.metrics import Metrics
 from monitor.readings import Reading, Score
 from monitor.scoring import ScoringConfig
@@ -128,3 +129,50 @@ def test_devices_arriving_on_another_partition_are_counted():
         daemon._partition_of.update(partition_of)
     text = generate_latest(daemon.registry).decode()
     assert metric_value(text, "forewarn_device_partition_moves_total") == 2  # a, then c
+
+
+class _RefusingSource:
+    """A source whose group refuses every commit (this member was kicked out)."""
+
+    def commit(self, offsets):
+        raise CommitFailedError("refused")
+
+    def connected(self):
+        return True
+
+
+class _NullStore:
+    def flush(self, on_wait=None):
+        pass
+
+    def take_dropped(self):
+        return []
+
+
+def test_a_refused_commit_is_no_checkpoint_and_the_state_settings_are_exported():
+    """ForewarnCheckpointsStalled reads both: a commit the group refuses leaves the readings to be
+    processed again, and an instance that never checkpoints after its start must still be seen."""
+    daemon = Daemon(Config.load(environ={"FOREWARN_STATE_CHECKPOINT_INTERVAL_S": "15"}), registry=CollectorRegistry())
+    daemon.store = _NullStore()
+    for _ in range(3):
+        daemon._round = _CheckpointRound({TopicPartition("sensors", 0): 10}, [])
+        daemon._advance_round(_RefusingSource(), 1000)
+    assert daemon.registry.get_sample_value("forewarn_commit_failures_total") == 3
+    assert daemon.registry.get_sample_value("forewarn_state_checkpoints_total") == 0
+    assert daemon.registry.get_sample_value("forewarn_state_info",
+                                            {"store": "changelog", "checkpoint_interval_s": "15"}) == 1
+
+
+def test_the_device_counts_its_flagged_readings_in_a_row_while_its_latest_is_flagged():
+    metrics = Metrics(CollectorRegistry())
+    in_a_row = "forewarn_device_consecutive_anomalous_readings"
+
+    def run(*flags):
+        metrics.observe_scores([Score("a", float(t), 1.0 if f else 0.5, f, surprise=5.0 if f else 0.3)
+                                for t, f in enumerate(flags)])
+        return metrics.registry.get_sample_value(in_a_row, {"device": "a"})
+
+    assert run(True) == 1
+    assert run(True, True) == 3  # across batches
+    assert run(False) is None  # absent once the latest is not flagged
+    assert run(True, False, True) == 1
