@@ -20,8 +20,8 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewPartitions, NewTopic
-from kafka.errors import (IncompatibleBrokerVersion, MessageSizeTooLargeError, TopicAlreadyExistsError,
-                          UnknownTopicOrPartitionError, UnsupportedVersionError)
+from kafka.errors import (IncompatibleBrokerVersion, KafkaTimeoutError, MessageSizeTooLargeError,
+                          TopicAlreadyExistsError, UnknownTopicOrPartitionError, UnsupportedVersionError)
 
 from connectors.kafka import admin_client, close_producer, flush_acknowledged, wait_flushed
 from monitor.config import KafkaConfig
@@ -177,7 +177,25 @@ class ChangelogStore:
             admin.close()
         # now, while the broker is known to be up: the first put during an outage would
         # otherwise block on the topic's metadata for max_block_ms
-        self.producer.partitions_for(self.topic)
+        self._await_partitions(have)
+
+    def _await_partitions(self, needed: int) -> None:
+        """Wait until the producer knows ``needed`` partitions of the changelog.  kafka-python
+        answers ``partitions_for`` from its metadata cache, refreshed every metadata_max_age_ms
+        (5 minutes): after the topic grew, a put to a new partition would raise ValueError
+        until then.  Raises KafkaTimeoutError (retriable: the restore is tried again) past
+        ``MAX_BLOCK_MS``."""
+        deadline = time.monotonic() + self.MAX_BLOCK_MS / 1000
+        while len(self.producer.partitions_for(self.topic) or ()) < needed:
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"changelog {self.topic}: the producer does not see its {needed} "
+                                        f"partitions yet")
+            try:  # no public call for this in kafka-python
+                self.producer._metadata.request_update()
+                self.producer._sender.wakeup()
+            except AttributeError:
+                pass
+            time.sleep(0.1)
 
     def _partition_count(self, admin, settle: bool = False) -> int | None:
         """Partitions of the changelog (None: no such topic).  ``settle``: a topic another
@@ -252,8 +270,8 @@ class ChangelogStore:
             remaining = {tp for tp in tps if ends[tp] > consumer.position(tp)}
             moved = time.monotonic()
             while remaining:
-                if time.monotonic() - moved > stall_s:
-                    raise TimeoutError(f"changelog {self.topic}: restore made no progress for {stall_s:g} s")
+                if time.monotonic() - moved > stall_s:  # retriable: the daemon pauses and tries again
+                    raise KafkaTimeoutError(f"changelog {self.topic}: restore made no progress for {stall_s:g} s")
                 for tp, records in consumer.poll(timeout_ms=500).items():
                     moved = time.monotonic()
                     for r in records:

@@ -347,9 +347,13 @@ class Daemon:
         if not idle:
             return
         if self.store is not None and not self._abandoned:
-            for device in idle:
-                for home in {self._partition_of.get(device), self._old_home.get(device)} - {None}:
-                    self.store.delete(home, device)
+            try:
+                for device in idle:
+                    for home in {self._partition_of.get(device), self._old_home.get(device)} - {None}:
+                        self.store.delete(home, device)
+            except KafkaTimeoutError:  # no room in the producer's buffer: forgotten at a later check
+                self._on_broker_wait(self.SLOW_ACK_S)
+                return
         streams = self._drop_devices(idle)
         self.metrics.forgotten.inc(len(idle))
         log.info("idle devices forgotten", extra=_fields(devices=len(idle), streams=streams,
@@ -537,6 +541,11 @@ class Daemon:
         if not moved:
             return
         self.metrics.partition_moves.inc(len(moved))
+        if self.store is not None:
+            # its snapshot lies on the partition it was last saved on or restored from (the
+            # first it left since): deleted there when its first new one is written
+            for device in moved:
+                self._old_home.setdefault(device, known[device])
         now = time.monotonic()
         if now - self._moves_logged >= self.MOVES_LOG_INTERVAL_S:
             self._moves_logged = now
@@ -588,11 +597,15 @@ class Daemon:
         covered = {d: max(processed.get(partition_of[d], -1), _offset_on(restored.get(d), partition_of[d]))
                    for d in devices}
         states = self.pipeline.export_devices(devices, covered)
+        wall_minus_mono = time.time() - time.monotonic()
+        for state in states:
+            seen = self._last_seen.get(state.device)
+            if seen is not None:
+                state.seen = seen + wall_minus_mono
         for device in devices:
-            old_home = self._old_home.get(device)
+            old_home = self._old_home.pop(device, None)
             if old_home is not None and old_home != partition_of[device]:
                 self.store.delete(old_home, device)  # before the new snapshot is restored from elsewhere
-                del self._old_home[device]
         for state, data in zip(states, self.codec.encode_many(states)):
             self.store.put(partition_of[state.device], state.device, data)
         self._note_dropped()
@@ -673,6 +686,11 @@ class Daemon:
         """Finish any round in progress, then checkpoint everything processed since."""
         if self._round is not None:
             self._advance_round(source, None)
+            if self._round is not None:
+                # its writes found no room (the broker slow or away): it stays, to be finished
+                # first. A new round would commit offsets past the devices it has not written,
+                # which were taken from the changed set when it began.
+                return
         if self._pending:
             self._round = self._begin_round()
             self._advance_round(source, None)
@@ -717,9 +735,13 @@ class Daemon:
         # a partition made again: every state on it covers offsets of the old one, not only
         # those past the new end (a device that went quiet early covers a smaller offset)
         remade = {partition for partition, s in states if s.offset > ends.get(partition, math.inf)}
+        # the idle clock goes on from the newest record each snapshot saw, measured against the
+        # newest of them (as idleness is against the newest record of any device: a fleet that
+        # was down as a whole, or this instance, ages no device)
+        newest = max((s.seen for _, s in states if s.seen is not None), default=None)
         for partition, s in states:
             self._partition_of[s.device] = partition
-            self._last_seen[s.device] = now  # the idle clock starts at the restore
+            self._last_seen[s.device] = now - (newest - s.seen if s.seen is not None else 0.0)
             if partition in remade:
                 self._covered[s.device] = (partition, -1)  # nothing here; a move still deletes it there
             elif s.offset >= 0:

@@ -111,6 +111,9 @@ class DeviceState:
     offset: int                                  # next input offset of its partition this state covers
     streams: list[StreamState]
     peaks: list[float] | None = None             # NewPeaks.state() of its surprises, when only new peaks count
+    # Unix time of the device's newest record where it was saved, so that a restore does not
+    # restart its idle clock (detector.idle_timeout_s); None in snapshots from before it
+    seen: float | None = None
 
 
 def fingerprint(init: Initialization) -> int:
@@ -160,8 +163,10 @@ class StateCodec:
         out = []
         for state in states:
             header = {"device": state.device, "offset": state.offset, "streams": []}
-            if state.peaks is not None:  # an optional key: records without it decode as before
+            if state.peaks is not None:  # optional keys: records without them decode as before
                 header["peaks"] = state.peaks
+            if state.seen is not None:
+                header["seen"] = state.seen
             blobs = []
             for s in state.streams:
                 entry = {"channel": s.channel, "stage": s.stage, "last_ts": s.last_ts}
@@ -220,6 +225,9 @@ class StateCodec:
         if peaks is not None and not (isinstance(peaks, list) and len(peaks) >= 2 and _finite_numbers(peaks)
                                       and peaks[0] >= 0):
             raise StateError("state record: bad new-peak maxima")
+        seen = header.get("seen")
+        if seen is not None and not _finite_numbers([seen]):
+            raise StateError("state record: bad time of the newest record")
         for e in header["streams"]:
             s = StreamState(e["channel"], e["stage"], e["last_ts"])
             # checksummed but still unusable (a writer bug, an edited record): refused here, so
@@ -270,7 +278,7 @@ class StateCodec:
             streams.append(s)
         if pos != len(blob):
             raise StateError("state record: trailing bytes")
-        return DeviceState(device, covered, streams, peaks)
+        return DeviceState(device, covered, streams, peaks, seen)
 
 
 def _finite_numbers(values: list) -> bool:

@@ -5,6 +5,8 @@ import json
 import signal
 import sqlite3
 
+import pytest
+
 from connectors.tansu import free_port
 from monitor.checkpoint import Initialization
 from monitor.state import StateCodec
@@ -521,3 +523,194 @@ def test_every_state_on_a_remade_partition_covers_nothing_and_is_written_again()
     daemon._restore_partitions(Source())
     assert daemon._covered == {"quiet": (0, -1), "busy": (0, -1), "other": (1, 5000)}
     assert daemon.pipeline.take_changed() == {"quiet", "busy"}
+
+
+def _batch(device, partition, offsets, ts0):
+    from kafka import TopicPartition
+
+    from connectors.kafka import PolledBatch
+    from monitor.readings import Reading
+    batch = PolledBatch()
+    for i, offset in enumerate(offsets):
+        r = Reading(device, float(ts0 + i), {"v": float(i % 5)}, ref=f"t/{partition}@{offset}")
+        batch.readings.append(r)
+        batch.offset_of[id(r)] = (partition, offset)
+        batch.partition_of[device] = partition
+        batch.records += 1
+    batch.offsets[TopicPartition("t", partition)] = offsets[-1] + 1
+    return batch
+
+
+class _Sinks:
+    def send_scores(self, scores):
+        return 0
+
+    def send_dead_letters(self, bad):
+        return 0
+
+    def flush(self, on_wait=None):
+        pass
+
+
+def test_a_checkpoint_stuck_on_a_full_buffer_is_finished_before_any_later_commit():
+    """A snapshot write that finds no room in the producer's buffer leaves its round to be
+    retried. A later checkpoint must not start a new round over it: the new one would commit
+    offsets covering readings of a device the stuck round never wrote."""
+    from kafka.errors import KafkaTimeoutError
+
+    from connectors.state_store import LocalStore
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16", FOREWARN_STATE_CHECKPOINT_INTERVAL_S="0")
+    events = []
+
+    class FullForA(LocalStore):
+        def put(self, partition, device, data):
+            if device == "a" and events.count("refused a") < 2:
+                events.append("refused a")
+                raise KafkaTimeoutError("Failed to allocate memory within the configured max blocking time")
+            events.append(f"put {device}")
+            super().put(partition, device, data)
+
+    class Source:
+        def commit(self, offsets):
+            events.append(("commit", {tp.partition: o for tp, o in offsets.items()}))
+
+    daemon.store, source = FullForA(":memory:"), Source()
+    daemon._process(_batch("a", 0, list(range(0, 10)), 0), source, _Sinks())   # interval 0: checkpoint
+    daemon._process(_batch("b", 0, list(range(10, 20)), 0), source, _Sinks())
+    assert not [e for e in events if e[0] == "commit"]  # a was refused twice: nothing committed
+    daemon._process(_batch("b", 0, list(range(20, 30)), 10), source, _Sinks())
+    commits = [i for i, e in enumerate(events) if e[0] == "commit"]
+    assert commits and events.index("put a") < commits[0]
+    assert events[commits[-1]] == ("commit", {0: 30})
+
+
+def test_an_idle_device_whose_tombstone_finds_no_room_is_forgotten_later_not_fatally():
+    from kafka.errors import KafkaTimeoutError
+
+    from connectors.state_store import LocalStore
+    daemon = _idle_daemon()
+    full = [True]
+
+    class Store(LocalStore):
+        def delete(self, partition, device):
+            if full[0]:
+                raise KafkaTimeoutError("Failed to allocate memory within the configured max blocking time")
+            super().delete(partition, device)
+
+    daemon.store = Store(":memory:")
+    daemon._partition_of = {"quiet": 0, "busy": 0}
+    daemon._last_seen, daemon._newest_seen = {"quiet": 1000.0, "busy": 1100.0}, 1100.0
+    daemon._forget_idle(60.0)
+    assert set(daemon._last_seen) == {"quiet", "busy"}  # kept for a later check
+    full[0] = False
+    daemon._forget_idle(60.0)
+    assert set(daemon._last_seen) == {"busy"}
+
+
+def test_a_restore_keeps_each_device_s_idle_clock():
+    """The time of each device's newest record rides in its snapshot: restarts and rebalances
+    more often than detector.idle_timeout_s must not keep a silent device forever."""
+    from kafka import TopicPartition
+
+    from connectors.state_store import LocalStore
+    from monitor.readings import Reading
+    saver = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    saver.store = store = LocalStore(":memory:")
+    saver.pipeline.feed([Reading(d, float(t), {"v": float(t % 7)}) for t in range(20) for d in ("quiet", "busy")])
+    saver._partition_of = {"quiet": 0, "busy": 0}
+    now = saver._newest_seen
+    saver._last_seen = {"quiet": now - 100.0, "busy": now}
+    saver._write_states(["quiet", "busy"])
+    store.flush()
+
+    class Source:
+        def rewind(self, partitions):
+            return {tp: 40 for tp in partitions}
+
+        def partitions_for_topic(self):
+            return 1
+
+        def resume(self, partitions):
+            pass
+
+    restored = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    restored.store = store
+    restored._to_restore = {TopicPartition("t", 0)}
+    restored._restore_partitions(Source())
+    assert restored._last_seen["busy"] - restored._last_seen["quiet"] == pytest.approx(100.0, abs=0.01)
+    restored._newest_seen = restored._last_seen["busy"]
+    restored._forget_idle(60.0)
+    assert set(restored._last_seen) == {"busy"}
+
+
+def test_a_live_device_whose_key_moves_has_its_old_snapshot_deleted(broker):
+    """Not only a device restored here (``_skip_covered``): one live here all along too."""
+    from connectors.state_store import ChangelogStore
+    from monitor.config import KafkaConfig
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store = store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "live-moved-state")
+    try:
+        store.ensure_partitions(2)
+        daemon._process(_batch("d", 0, list(range(0, 40)), 0), None, _Sinks())     # live on partition 0
+        daemon._write_states(daemon.pipeline.take_changed())
+        store.flush()
+        daemon._process(_batch("d", 1, list(range(0, 40)), 40), None, _Sinks())    # the topic grew: now on 1
+        daemon._write_states(daemon.pipeline.take_changed())
+        store.flush()
+        assert store.load([0]) == [] and [p for p, _, _ in store.load([0, 1])] == [1]
+    finally:
+        store.close()
+
+
+def test_the_changelog_s_new_partitions_are_known_to_its_producer_before_a_write(broker):
+    """kafka-python's producer answers from a metadata cache refreshed every 5 minutes: after
+    the changelog grew, the first snapshot for a new partition raised until then."""
+    import time
+
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    from connectors.state_store import ChangelogStore
+    from monitor.config import KafkaConfig
+    store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "grown-state")
+    try:
+        store.ensure_partitions(1)
+        store.put(0, "d0", b"x")
+        store.flush()
+        # the input topic grew to 2 partitions. Tansu cannot add partitions, so the changelog is
+        # made again with 2 under the store; on Kafka, ensure_partitions grows it itself
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        admin.delete_topics(["grown-state"])
+        time.sleep(1)
+        admin.create_topics([NewTopic("grown-state", 2, -1)])
+        admin.close()
+        store.ensure_partitions(2)
+        store.put(1, "d1", b"y")
+        store.flush()
+        assert store.load([1]) == [(1, "d1", b"y")]
+    finally:
+        store.close()
+
+
+def test_a_restore_that_stalls_mid_read_is_retried_not_fatal(broker, monkeypatch):
+    """Retriable, as every other broker failure of a restore: the partitions stay paused."""
+    from dataclasses import replace
+
+    import connectors.state_store as state_store
+    from monitor.config import KafkaConfig
+    store = state_store.ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "stalled-state")
+    try:
+        store.ensure_partitions(1)
+        store.put(0, "d", b"x")
+        store.flush()
+        store.cfg = replace(store.cfg, delivery_timeout_ms=1000)  # how long a restore may make no progress
+
+        class Stalled(state_store.KafkaConsumer):
+            def poll(self, *args, **kwargs):  # end offsets answered, then the broker went quiet
+                return {}
+        monkeypatch.setattr(state_store, "KafkaConsumer", Stalled)
+        with pytest.raises(state_store.KafkaTimeoutError) as raised:
+            store.load([0])
+        assert raised.value.retriable
+    finally:
+        store.close()
