@@ -143,11 +143,11 @@ class DetectorConfig:
     channel_combination: str = _setting("joint", "a device's score from its channels: 'joint', how unlikely all of "
                                                  "them are together (Fisher's method), or 'max', its worst "
                                                  "channel's (see README)")
-    max_streams: int = _setting(1_000_000, "cap on streams held (~20 KB each when live); readings of new "
+    max_streams: int = _setting(1_000_000, "cap on streams held (~24 KB each when live); readings of new "
                                            "streams past it are bad records (stream_limit)")
     max_channels: int = _setting(1024, "cap on one device's channels; readings of its new channels past it are "
                                        "bad records (stream_limit)")
-    adapt_batch: int = _setting(512, "streams adapted in one batched call (~1.3 MB each while adapting)")
+    adapt_batch: int = _setting(512, "streams adapted in one batched call (~0.55 MB each while adapting)")
     drift_threshold: float = _setting(0.0, "Page-Hinkley threshold on a live stream's |residual| that re-adapts it "
                                            "on its next drift_window readings (0 = off)")
     drift_window: int = _setting(256, "readings a drifted stream is re-adapted on")

@@ -216,9 +216,15 @@ class FleetForecaster:
     # every row in place is cheaper than copying the touched rows' weights out.
     FULL_STEP_SHARE = 0.25
 
+    # Rows are added by a quarter of the capacity at a time: doubling left up to half of a
+    # large fleet's ~18 KB rows unused (20,000 streams held 32,768 rows), for copies that
+    # only a growing fleet pays.
+    GROWTH = 0.25
+
     def __init__(self, spec: LSTMSpec, dtype: torch.dtype = torch.float32, clip: float = 10.0,
-                 capacity: int = 64, history: int = 0) -> None:
+                 capacity: int = 64, history: int = 0, max_rows: int | None = None) -> None:
         self.spec = spec
+        self.max_rows = max_rows  # never grown past this (the pipeline's max_streams)
         self.dtype = dtype
         self.clip = clip
         self.history = history
@@ -257,7 +263,10 @@ class FleetForecaster:
         cap = self.capacity
         if needed <= cap:
             return
-        new_cap = max(needed, 2 * cap)
+        new_cap = cap + max(64, int(cap * self.GROWTH))
+        if self.max_rows is not None:
+            new_cap = min(new_cap, self.max_rows)
+        new_cap = max(new_cap, needed)
 
         def grown(t: Tensor, dim: int = 0, fill: float = 0.0) -> Tensor:
             shape = list(t.shape)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from numbers import Real
 
+import numpy as np
 import torch
 
 from monitor.adapt import AdaptConfig, adapt
@@ -98,7 +100,9 @@ class _Stream:
         self.device = device
         self.channel = channel
         self.state = Lifecycle.WARMING
-        self.buffer: list[float] | None = []
+        # array, not list: 8 bytes a value, where a list of floats costs 32 and leaves the
+        # allocator's float pools fragmented once the window is adapted and dropped
+        self.buffer: array | None = array("d")
         self.row = -1
         self.scorer = scorer
         self.last_ts: float | None = None
@@ -166,7 +170,8 @@ class Pipeline:
         self.progress: Callable[[], None] | None = None
         online = self.config.online_every
         self.fleet = FleetForecaster(init.spec, clip=init.normalization.clip,
-                                     history=self.config.online_window if online else 0)
+                                     history=self.config.online_window if online else 0,
+                                     max_rows=self.config.max_streams)
         scale = self.config.online_lr_scale
         self._online_config = replace(self.adapt_config, steps=self.config.online_steps,
                                       lr=self.adapt_config.lr * scale)
@@ -512,7 +517,7 @@ class Pipeline:
     def _adapt(self, streams: list[_Stream], windows: list[list[float]]) -> None:
         """Fit scaling and weights to each stream's window and place it in the fleet, live."""
         norm = self.init.normalization
-        windows = torch.tensor(windows, dtype=torch.float64)
+        windows = torch.from_numpy(np.array(windows, dtype=np.float64))
         center, scale = norm.fit(windows)
         scaled = norm.apply(windows, center, scale)
         clipped = scaled.clamp(-norm.clip, norm.clip).to(self.fleet.dtype)
@@ -635,7 +640,7 @@ class Pipeline:
                 else:
                     # a snapshot taken under a longer warm-up keeps its newest values, one short of
                     # full: windows adapted together must have one length, and the next reading fills it
-                    stream.buffer = list(ss.buffer)[-(self.config.warmup - 1):]
+                    stream.buffer = array("d", ss.buffer[-(self.config.warmup - 1):])
                 n += 1
         if live:
             params = {k: torch.stack([ss.params[k] for _, ss in live]) for k in self.init.params}

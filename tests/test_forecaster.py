@@ -109,6 +109,20 @@ def test_rows_are_reused_and_growth_keeps_existing_rows():
     assert reused.tolist() == first[:1].tolist()
 
 
+
+def test_a_growing_fleet_adds_a_quarter_at_a_time_and_never_passes_its_cap():
+    """A fleet filled in slices (the pipeline adapts detector.adapt_batch streams at a time)
+    holds few unused rows: doubling held 32,768 for 20,000 streams."""
+    spec = LSTMSpec(hidden=4)
+    fleet = FleetForecaster(spec, capacity=64, max_rows=5000)
+    for _ in range(40):
+        n = 100
+        fleet.add(_random_stacked(spec, n), torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64))
+        assert fleet.capacity <= max(64 + 64, 1.25 * len(fleet) + 1)
+    assert len(fleet) == 4000 and fleet.capacity <= 5000
+    fleet.add(_random_stacked(spec, 1000), torch.ones(1000, dtype=torch.float64), torch.ones(1000, dtype=torch.float64))
+    assert fleet.capacity == 5000
+
 def test_a_pending_forecast_is_clipped_as_observe_clips_it():
     spec = LSTMSpec(hidden=4)
     fleet = FleetForecaster(spec, clip=10.0)

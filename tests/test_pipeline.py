@@ -188,7 +188,7 @@ def test_what_a_library_caller_passes_that_is_not_a_number_is_a_bad_record_not_a
         BadReason.BAD_TIMESTAMP] * 2 + [BadReason.OUT_OF_ORDER_TIMESTAMP]  # a NaN timestamp did not switch the
     # ordering check off; None is a missing value, as a JSON null is
     assert [s.ts for s in result.scores] == [0.0, 4.0]  # ints are numbers
-    assert pipe._streams[("a", "v")].buffer == [1.0, 2.0]
+    assert list(pipe._streams[("a", "v")].buffer) == [1.0, 2.0]
 
 
 def test_a_device_whose_every_value_is_refused_is_not_held(init):
