@@ -62,9 +62,12 @@ class LocalStore:
     def __init__(self, path: str | Path) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), isolation_level="DEFERRED", check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS state (partition INTEGER, device TEXT PRIMARY KEY, data BLOB)")
+        try:
+            self.db = sqlite3.connect(str(path), isolation_level="DEFERRED", check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS state (partition INTEGER, device TEXT PRIMARY KEY, data BLOB)")
+        except sqlite3.Error as exc:  # a directory, another kind of file, no permission
+            raise StoreError(f"state file {str(path)!r} (state.local_path): {exc}") from None
 
     def ensure_partitions(self, needed: int) -> None:
         """Any number of partitions fits one table."""

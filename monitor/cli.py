@@ -216,8 +216,17 @@ def _report_windows(flagged: list[Score], windows_path, scored: int, alarm_level
           f"({scored} readings scored, {alarm_level})")
 
 
+def _note_unused(options: list[tuple[str, bool]], why: str) -> None:
+    """Say which options given on the command line do nothing in this mode, rather than ignore them."""
+    for option, given in options:
+        if given:
+            print(f"note: {option} has no effect here ({why})", file=sys.stderr)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.offline:
+        _note_unused([("--speed", args.speed is not None), ("--metrics-port", args.metrics_port != 0)],
+                     "--offline: no Kafka, no /metrics")
         return _offline_demo(args)
     import subprocess
     import threading
@@ -418,6 +427,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.evaluation import harness
     data = Path(args.data) if args.data else data_dir()
     init_dir = Path(args.init_dir) if args.init_dir else Path(__file__).resolve().parents[1] / "benchmarks" / "artifacts"
+    if args.dataset == "nab":
+        _note_unused([("--machines", bool(args.machines))], "--dataset nab")
+    else:
+        _note_unused([("--limit", args.limit is not None), ("--windows", args.windows != "combined_windows.json")],
+                     "--dataset smd")
     detectors = harness.build_detectors(args.detectors, init_dir)
     if args.dataset == "nab":
         n_series = len(json.loads((data / "nab" / "labels" / args.windows).read_text()))

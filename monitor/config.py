@@ -6,8 +6,10 @@ are errors at start, naming the key.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -85,10 +87,23 @@ class KafkaConfig:
             raise ConfigError(f"kafka.auto_offset_reset must be earliest or latest, got {self.auto_offset_reset!r}")
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             raise ConfigError(f"kafka.security_protocol: unknown {self.security_protocol!r}")
+        if self.sasl_mechanism not in SASL_MECHANISMS:  # kafka-python would fail to bootstrap, saying less
+            raise ConfigError(f"kafka.sasl_mechanism: unknown {self.sasl_mechanism!r} "
+                              f"(one of {', '.join(m for m in SASL_MECHANISMS if m)}, or '' for none)")
+        for name in ("topic", "anomalies_topic", "dead_letter_topic", "scores_topic"):
+            check_topic_name(f"kafka.{name}", getattr(self, name))
+        # an output read back as input loops: each dead letter is read as a new bad record, forever
+        for name in ("anomalies_topic", "dead_letter_topic", "scores_topic"):
+            if getattr(self, name) == self.topic:
+                raise ConfigError(f"kafka.{name} is the input topic ({self.topic!r}): outputs would be read "
+                                  "back as readings")
         for name in ("max_poll_records", "poll_timeout_ms", "fetch_max_wait_ms", "max_poll_interval_ms", "session_timeout_ms",
                      "heartbeat_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"kafka.{name} must be >= 1")
+        if self.fetch_max_wait_ms >= KAFKA_REQUEST_TIMEOUT_MS:  # kafka-python refuses it later, less clearly
+            raise ConfigError(f"kafka.fetch_max_wait_ms ({self.fetch_max_wait_ms}) must be below the consumer's "
+                              f"request timeout ({KAFKA_REQUEST_TIMEOUT_MS} ms)")
         if self.heartbeat_interval_ms >= self.session_timeout_ms:  # kafka-python refuses it later, less clearly
             raise ConfigError(f"kafka.heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
                               f"kafka.session_timeout_ms ({self.session_timeout_ms}); a third of it is usual")
@@ -264,6 +279,11 @@ class StateConfig:
             raise ConfigError("state.changelog_replication must be -1 (the broker's default) or >= 1")
         if self.max_snapshot_bytes < 2**16:
             raise ConfigError("state.max_snapshot_bytes must be >= 65536")
+        if self.store == "local" and (not self.local_path.strip() or self.local_path.strip() == ":memory:"):
+            # SQLite takes both, for a database gone at exit: state that would silently not last
+            raise ConfigError(f"state.local_path must name a file for state.store = local, got {self.local_path!r}")
+        if self.changelog_topic:
+            check_topic_name("state.changelog_topic", self.changelog_topic)
 
 
 @dataclass
@@ -308,6 +328,13 @@ class Config:
     def validate(self) -> "Config":
         for section in (self.kafka, self.detector, self.metrics, self.state, self.log):
             section.validate()
+        if self.state.store == "changelog":
+            changelog = self.state.changelog_topic or f"{self.kafka.group_id}-state"
+            taken = {self.kafka.topic: "kafka.topic", self.kafka.anomalies_topic: "kafka.anomalies_topic",
+                     self.kafka.dead_letter_topic: "kafka.dead_letter_topic", self.kafka.scores_topic: "kafka.scores_topic"}
+            if changelog in taken:
+                raise ConfigError(f"the state changelog topic {changelog!r} is also {taken[changelog]}: set "
+                                  "state.changelog_topic to a topic of its own")
         return self
 
     @classmethod
@@ -347,7 +374,7 @@ class Config:
                     _assign(section, section_name, f.name, _from_text(env[var], f.type, var), var)
         # a misspelt override would otherwise be ignored in silence, like an unknown key in the file
         prefixes = tuple(f"FOREWARN_{name.upper()}_" for name in SECTIONS)
-        unknown = sorted(v for v in env if v.startswith(prefixes) and v not in known)
+        unknown = sorted(v for v in env if (v.startswith(prefixes) and v not in known) or _misspelt_section(v))
         if unknown:
             raise ConfigError(f"unknown setting in the environment: {', '.join(unknown)} "
                               "(`forewarn config --print` lists every setting and its variable)")
@@ -372,6 +399,34 @@ class Config:
 
 
 SECTIONS = ("kafka", "detector", "metrics", "state", "log")
+_SECTION_TYPES = {"kafka": KafkaConfig, "detector": DetectorConfig, "metrics": MetricsConfig, "state": StateConfig,
+                  "log": LogConfig}
+# the mechanisms the settings here can configure (a user name and a password)
+SASL_MECHANISMS = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+KAFKA_REQUEST_TIMEOUT_MS = 30_000  # kafka-python's consumer default, which Forewarn keeps (tested)
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def check_topic_name(setting: str, name: str) -> None:
+    """Kafka's rule for topic names ('' = no such output, allowed here)."""
+    if name and (not _TOPIC_NAME.fullmatch(name) or name in (".", "..")):
+        raise ConfigError(f"{setting}: {name!r} is not a legal Kafka topic name (up to 249 of the "
+                          "characters A-Z a-z 0-9 . _ -)")
+
+
+def _misspelt_section(var: str) -> bool:
+    """``FOREWARN_METRIC_PORT`` for ``FOREWARN_METRICS_PORT``: a variable whose first word is
+    close to a section's name and whose rest is a setting of that section.  Other FOREWARN_
+    variables are left alone: Kubernetes sets FOREWARN_SERVICE_HOST, FOREWARN_PORT_... for a
+    Service named forewarn."""
+    if not var.startswith("FOREWARN_"):
+        return False
+    head, _, rest = var[len("FOREWARN_"):].partition("_")
+    if head.lower() in SECTIONS or not rest:
+        return False
+    for name in difflib.get_close_matches(head.lower(), SECTIONS, n=1, cutoff=0.75):
+        return rest.lower() in {f.name for f in fields(_SECTION_TYPES[name])}
+    return False
 _TYPES = {"str": str, "int": int, "float": float}
 
 

@@ -429,12 +429,12 @@ class Daemon:
         self._prime()
         source = sinks = None
         try:
+            self.store = self._open_store()  # first: a local state file that cannot be opened fails at once
             self.source = source = KafkaSource(cfg.kafka, on_revoke=self._on_revoke, on_assign=self._on_assign)
             sinks = KafkaSinks(cfg.kafka)
             created = sinks.ensure_topics()
             if created:
                 log.info("created output topics", extra=_fields(topics=created))
-            self.store = self._open_store(source, sinks)
             log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
                                                 bootstrap=cfg.kafka.bootstrap_servers,
                                                 init=self.init.info.get("algorithm", "?")))
@@ -447,9 +447,13 @@ class Daemon:
                         "are not committed and will be processed again")
         except BaseException as exc:  # whatever it was, the batch in hand is given up undelivered
             self._abandoned = True
-            log.error("exiting on an error: the batch in hand is not committed and its devices' state is not "
-                      "saved, so a restart replays it from the last checkpoint",
-                      extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+            if self.batches or self._pending or self._round:
+                log.error("exiting on an error: the batch in hand is not committed and its devices' state is not "
+                          "saved, so a restart replays it from the last checkpoint",
+                          extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+            else:  # nothing processed yet: a start-up failure (configuration, broker, state file)
+                log.error("exiting on an error before any batch was processed",
+                          extra=_fields(error=f"{type(exc).__name__}: {exc}"))
             raise
         finally:
             log.info("closing consumer and producer")
@@ -576,7 +580,7 @@ class Daemon:
         return kept
 
     # ---- state -----------------------------------------------------------------
-    def _open_store(self, source, _sinks):
+    def _open_store(self):
         from connectors.state_store import ChangelogStore, LocalStore
         st = self.config.state
         if st.store == "none":

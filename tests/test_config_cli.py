@@ -31,6 +31,18 @@ def test_toml_then_environment(tmp_path):
     ("[kafka]\nsession_timeout_ms = 3000\nheartbeat_interval_ms = 3000\n",
      "heartbeat_interval_ms \\(3000\\) must be below kafka.session_timeout_ms"),
     ("[kafka\n", "not valid TOML"),
+    # an output read back as the input: every dead letter would come back as a new bad record, forever
+    ("[kafka]\ntopic = 'plant'\ndead_letter_topic = 'plant'\n", "kafka.dead_letter_topic is the input topic"),
+    ("[kafka]\nscores_topic = 'sensors'\n", "kafka.scores_topic is the input topic"),
+    ("[kafka]\ngroup_id = 'fw'\nanomalies_topic = 'fw-state'\n",
+     "the state changelog topic 'fw-state' is also kafka.anomalies_topic"),
+    ("[state]\nchangelog_topic = 'sensors'\n", "the state changelog topic 'sensors' is also kafka.topic"),
+    ("[kafka]\ntopic = 'plant 1'\n", "kafka.topic: 'plant 1' is not a legal Kafka topic name"),
+    ("[kafka]\nsasl_mechanism = 'SCRAM'\n", "kafka.sasl_mechanism: unknown 'SCRAM'"),
+    ("[kafka]\nfetch_max_wait_ms = 400000\n", "kafka.fetch_max_wait_ms \\(400000\\) must be below"),
+    # SQLite takes both, for a database gone when the daemon stops
+    ("[state]\nstore = 'local'\nlocal_path = ''\n", "state.local_path must name a file"),
+    ("[state]\nstore = 'local'\nlocal_path = ':memory:'\n", "state.local_path must name a file"),
 ])
 def test_invalid_configuration_is_rejected_with_the_key(tmp_path, toml, message):
     path = tmp_path / "bad.toml"
@@ -42,11 +54,23 @@ def test_invalid_configuration_is_rejected_with_the_key(tmp_path, toml, message)
 @pytest.mark.parametrize("environ, message", [
     ({"FOREWARN_KAFKA_TOPICS": "plant"}, "unknown setting in the environment: FOREWARN_KAFKA_TOPICS"),
     ({"FOREWARN_DETECTOR_ONLINE_LR_SCALE": "nan"}, "FOREWARN_DETECTOR_ONLINE_LR_SCALE: expected a finite number"),
+    ({"FOREWARN_METRIC_PORT": "9200"}, "unknown setting in the environment: FOREWARN_METRIC_PORT"),  # a section
+    ({"FOREWARN_DETECTORS_WARMUP": "64"}, "unknown setting in the environment: FOREWARN_DETECTORS_WARMUP"),
 ])
 def test_invalid_environment_is_rejected_with_the_variable(environ, message):
     with pytest.raises(ConfigError, match=message):
         Config.load(environ=environ)
     Config.load(environ={"FOREWARN_HOME": "/srv"})  # not a setting's prefix: none of ours
+    # what Kubernetes sets for a Service named forewarn
+    Config.load(environ={"FOREWARN_SERVICE_HOST": "10.0.0.7", "FOREWARN_SERVICE_PORT": "9108",
+                         "FOREWARN_PORT": "tcp://10.0.0.7:9108", "FOREWARN_PORT_9108_TCP_PORT": "9108"})
+
+
+def test_the_request_timeout_the_configuration_checks_against_is_kafka_python_s():
+    from kafka import KafkaConsumer
+
+    from monitor.config import KAFKA_REQUEST_TIMEOUT_MS
+    assert KafkaConsumer.DEFAULT_CONFIG["request_timeout_ms"] == KAFKA_REQUEST_TIMEOUT_MS
 
 
 def test_the_alarm_level_as_a_surprise_from_the_environment_and_the_command_line(capsys):
@@ -160,3 +184,12 @@ def test_meta_train_says_when_a_rate_it_was_given_has_no_effect(tmp_path, capsys
     assert "note: --meta-lr has no effect here (--algorithm reptile)" in err and "--reptile-step has" not in err
     assert main([*common, "--out", str(tmp_path / "c.pt"), "--algorithm", "maml", "--step-size-lr", "0.1"]) == 0
     assert "no effect" not in capsys.readouterr().err
+
+
+def test_options_that_do_nothing_in_a_mode_are_named_not_ignored(capsys):
+    from monitor.cli import main
+    assert main(["evaluate", "--dataset", "smd", "--limit", "2", "--windows", "x.json", "--detectors", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "note: --limit has no effect here (--dataset smd)" in err
+    assert "note: --windows has no effect here (--dataset smd)" in err
+    assert "unknown detector 'nosuch'" in err

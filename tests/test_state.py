@@ -226,3 +226,13 @@ def test_warming_streams_restored_under_a_shorter_warmup_go_live_together_with_f
     assert result.adapted == 4                        # a's two channels and b's, in one batch
     assert after.streams_by_state() == {"warming": 0, "adapting": 0, "live": 4}
     assert all(s.score is not None for s in after.feed(_readings(101, 102, devices=("a", "b"))).scores)
+
+
+def test_a_local_state_file_that_cannot_be_opened_is_a_store_error_naming_it(tmp_path):
+    """A directory or another kind of file as state.local_path: one line at start, no traceback."""
+    from connectors.state_store import LocalStore, StoreError
+    other = tmp_path / "recording.csv"
+    other.write_text("ts,value\n1,2\n" * 100)
+    for path in (tmp_path, other):
+        with pytest.raises(StoreError, match="state.local_path"):
+            LocalStore(path)
