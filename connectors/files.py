@@ -145,6 +145,12 @@ class FileSource:
         self.batch_size = batch_size
         self.message_format = message_format
         self.device = device or device_name(path)
+        if self.format != "jsonl":  # the file's one device: its name is checked as a message's would be
+            name = self.device
+            if not name or len(name) > message_format.max_name_length or not encodes_as_utf8(name):
+                raise FileFormatError(f"{self.path}: its name gives the device name {name[:40]!r}, which is empty, "
+                                      f"longer than {message_format.max_name_length} characters or not valid "
+                                      "UTF-8; rename the file")
 
     def batches(self) -> Iterator[Batch]:
         records = {"nab": self._csv_records, "wide": self._csv_records, "jsonl": self._jsonl_records}[self.format]
@@ -190,7 +196,8 @@ class FileSource:
     def _csv_records(self) -> Iterator[tuple[Reading | None, list[BadRecord]]]:
         max_abs = self.message_format.max_abs_value
         with open_text(self.path) as f:
-            rows = csv.reader(f)
+            lines = _Lines(f)
+            rows = csv.reader(lines)
             try:
                 first = next(rows, None)
             except csv.Error as exc:
@@ -205,14 +212,24 @@ class FileSource:
             row_number = -1  # a headerless file's timestamps: every non-blank row after the header takes one
             stream = rows if pending is None else _chain([pending], rows)
             while True:
-                line = 1 if pending is not None and row_number < 0 else rows.line_num + 1  # where the row starts
+                lines.start_row()
                 try:
                     row = next(stream)
                 except StopIteration:
                     break
                 except csv.Error as exc:
                     row_number += 1
-                    yield None, [BadRecord(BadReason.MALFORMED, f"not CSV ({exc})", f"line {line}")]
+                    line, raw = lines.reject_row()  # the lines after its first are read again
+                    yield None, [BadRecord(BadReason.MALFORMED, f"not CSV ({exc})", f"line {line}", raw)]
+                    continue
+                line = lines.row_start or 1  # 1: the first row, read before, was data (headerless)
+                if lines.spanned and any("\n" in cell.strip() or "\r" in cell.strip() for cell in row):
+                    # a quote left open swallows the lines after it as one cell: only the line it
+                    # is on is bad, and the next one is read again as a row of its own
+                    row_number += 1
+                    line, raw = lines.reject_row()
+                    yield None, [BadRecord(BadReason.MALFORMED, "a quoted cell left open runs over the lines "
+                                           "after it", f"line {line}", raw)]
                     continue
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue
@@ -272,7 +289,55 @@ class FileSource:
         channels = [c for i, c in enumerate(cells) if i != ts_col]
         if not channels or any(not c for c in channels) or len(set(channels)) != len(channels):
             raise FileFormatError(f"{self.path}: line 1: channel names must be non-empty and unique, got {','.join(cells)[:80]!r}")
+        longest = max(channels, key=len)
+        if len(longest) > self.message_format.max_name_length:  # as a message's channel names are
+            raise FileFormatError(f"{self.path}: line 1: channel name of {len(longest)} characters, more than "
+                                  f"{self.message_format.max_name_length}: {longest[:40]!r}...")
         return channels, ts_col, None
+
+
+class _Lines:
+    """The file's lines as ``csv.reader`` takes them, numbered, with the lines of the current
+    row kept so that a bad multi-line row can give back all but its first."""
+
+    def __init__(self, f) -> None:
+        self._lines = iter(f)
+        self._number = 0
+        self._again: list[tuple[int, str]] = []   # given back, next first (a stack: last is next)
+        self._row: list[tuple[int, str]] = []     # the lines of the row being read
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            number, line = self._again.pop()
+        else:
+            line = next(self._lines)
+            self._number += 1
+            number = self._number
+        self._row.append((number, line))
+        return line
+
+    def start_row(self) -> None:
+        self._row = []
+
+    @property
+    def row_start(self) -> int | None:
+        return self._row[0][0] if self._row else None
+
+    @property
+    def spanned(self) -> bool:
+        return len(self._row) > 1
+
+    def reject_row(self) -> tuple[int, str]:
+        """Give back the row's lines after its first; the first's number and text (500 characters)."""
+        if not self._row:
+            return self._number, ""
+        self._again.extend(reversed(self._row[1:]))
+        number, line = self._row[0]
+        self._row = []
+        return number, line.rstrip("\r\n")[:500]
 
 
 def _chain(first: list, rest: Iterator) -> Iterator:

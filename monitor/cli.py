@@ -181,6 +181,10 @@ def _check_outputs(recording: str, out: str | None, dead_letter: str | None) -> 
     for flag, path in (("--out", out), ("--dead-letter", dead_letter)):
         if path and same(path, recording):
             raise ValueError(f"{flag} {path} is the recording being replayed; give another file")
+        partial = path and _partial_path(path)
+        if partial and partial != path and same(partial, recording):  # written first, under this name
+            raise ValueError(f"{flag} {path} would be written as {partial} until complete, which is the "
+                             "recording being replayed; give another file")
     if out and dead_letter and same(out, dead_letter):
         raise ValueError(f"--out and --dead-letter are the same file ({out}); give two files")
 
@@ -191,7 +195,11 @@ def _partial_path(path: str) -> str:
     target = Path(path)
     if target.is_symlink() or (target.exists() and not target.is_file()):
         return path
-    return str(target.with_name(target.name + ".partial"))
+    partial = target.with_name(target.name + ".partial")
+    if partial.is_symlink() or (partial.exists() and not partial.is_file()):
+        # a link would be written through, to wherever it points
+        raise ValueError(f"{partial} is in the way (a link or not a file); remove it or give another output")
+    return str(partial)
 
 
 def _bundled(name: str):

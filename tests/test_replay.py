@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -388,6 +389,18 @@ def test_outputs_that_would_overwrite_the_recording_or_each_other_are_refused(tm
         code, _, err = _run(["replay", str(data), *args, "--quiet"], capsys)
         assert code == 2 and "is the recording being replayed" in err, args
         assert data.read_text() == recording and not (tmp_path / "sensor.csv.partial").exists()
+    # an output is written as NAME.partial until complete: that must not be the recording either
+    leftover = tmp_path / "scores.csv.partial"  # what a stopped run leaves, replayed
+    leftover.write_text(recording)
+    for args in (["--out", str(tmp_path / "scores.csv")], ["--dead-letter", str(tmp_path / "scores.csv")]):
+        code, _, err = _run(["replay", str(leftover), *args, "--quiet"], capsys)
+        assert code == 2 and "is the recording being replayed" in err, args
+        assert leftover.read_text() == recording
+    elsewhere = tmp_path / "keep.txt"
+    elsewhere.write_text("keep")
+    (tmp_path / "out.csv.partial").symlink_to(elsewhere)  # would be written through
+    code, _, err = _run(["replay", str(data), "--out", str(tmp_path / "out.csv"), "--quiet"], capsys)
+    assert code == 2 and "out.csv.partial is in the way" in err and elsewhere.read_text() == "keep"
     # a device may take both
     code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", os.devnull, "--dead-letter", os.devnull,
                          "--quiet"], capsys)
@@ -459,3 +472,33 @@ def test_demo_without_a_broker_is_a_clear_error(capsys, monkeypatch):
     code, _, err = _run(["demo", "--quiet"], capsys)
     assert code == 2 and "the embedded Kafka broker did not start: the broker exited at start" in err
     assert "--offline" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("rows", [3000, 20000])  # the second runs past the csv module's 131,072-character cell
+def test_a_quote_left_open_costs_its_own_line_not_the_rows_after_it(tmp_path, rows):
+    path = tmp_path / "pump.csv"
+    lines = ["timestamp,value"] + [f"{t},{t % 7}.5" for t in range(rows)]
+    lines[501] = '500,"7.5'  # the quote never closes
+    path.write_text("\n".join(lines) + "\n")
+    readings, bad = [], []
+    for batch in FileSource(path).batches():
+        readings += batch.readings
+        bad += batch.bad
+    assert [(b.reason.value, b.ref, b.raw) for b in bad] == [("malformed", "line 502", '500,"7.5')]
+    assert len(readings) == rows - 1 and readings[500].ref == "line 503"
+
+
+def test_a_file_whose_name_is_no_device_name_is_refused_naming_it(tmp_path):
+    """A single-device file's device is its name: empty, or not UTF-8 (a Latin-1 name on Linux),
+    it would fail every output later, or become a name no message could carry."""
+    rows = "timestamp,value\n" + "\n".join(_nab_rows(5)) + "\n"
+    for name in (b".csv", b"pump-\xe4.csv"):
+        path = Path(os.fsdecode(bytes(tmp_path) + b"/" + name))
+        path.write_text(rows)
+        with pytest.raises(FileFormatError, match="rename the file"):
+            FileSource(path)
+
+    long = tmp_path / "wide.csv"
+    long.write_text("timestamp," + "c" * 300 + "\n1,2.0\n")
+    with pytest.raises(FileFormatError, match="channel name of 300 characters, more than 256"):
+        list(FileSource(long, "wide").batches())
