@@ -7,8 +7,9 @@
 2. Forewarn: the daemon (one instance) consumes the same records, parses,
    scores, and commits after each batch; its rate is taken over the live phase,
    once every device is past its warm-up;
-3. latency: readings produced at a steady 2,000/s to live devices; from the
-   record's broker timestamp to its score being sent, p50 and p99.
+3. latency (a daemon of its own, after the rounds): readings produced at a
+   steady 2,000/s to live devices; from the record's broker timestamp to its
+   score being sent, p50 and p99.
 
 Each Forewarn run lies between two raw runs and is compared with the better of
 them. ``--repeat N`` makes N such rounds on the same broker and records and
@@ -113,6 +114,8 @@ def main() -> None:
                         help="seconds (default: the daemon's)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of raw and Forewarn runs in turn (median)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     tune_runtime(threads=2)
     with EmbeddedBroker() as broker:
         topic = "bench"
@@ -126,14 +129,14 @@ def main() -> None:
         rounds_ = []
         for r in range(args.repeat):
             daemon, thread, forewarn = forewarn_rate(broker.bootstrap, topic, f"forewarn-{r}", warm, total, args)
-            if r < args.repeat - 1:  # the last round's daemon stays (idle) for the latency
-                daemon.stop()
-                thread.join(30)
+            daemon.stop()  # not left polling beside the next raw run
+            thread.join(30)
             raw_runs.append(raw_rate(broker.bootstrap, topic, total, f"raw-{r + 1}"))
             rounds_.append((max(raw_runs[-2:]), forewarn))
             print(f"round {r + 1}: raw {rounds_[-1][0]:,.0f}, Forewarn {forewarn:,.0f} records/s "
                   f"({forewarn / rounds_[-1][0]:.0%})", file=sys.stderr)
         raw, forewarn = sorted(rounds_, key=lambda rf: rf[1] / rf[0])[len(rounds_) // 2]
+        daemon, thread, _ = forewarn_rate(broker.bootstrap, topic, "forewarn-latency", warm, total, args)
 
         daemon.latency_log = []
         rounds = max(1, int(args.latency_seconds * 2000 / args.devices))

@@ -175,12 +175,12 @@ class ChangelogStore:
                             f"{needed}, and growing it failed ({type(exc).__name__}): add partitions to it "
                             f"(kafka-topics.sh --alter --partitions {needed}), or delete it and let every device "
                             "re-warm") from None
-            self._partitions = have
         finally:
             admin.close()
         # now, while the broker is known to be up: the first put during an outage would
         # otherwise block on the topic's metadata for max_block_ms
         self._await_partitions(have)
+        self._partitions = have  # after: a wait given up is done again when the restore is retried
 
     def _await_partitions(self, needed: int) -> None:
         """Wait until the producer knows ``needed`` partitions of the changelog.  kafka-python

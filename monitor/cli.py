@@ -433,13 +433,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from monitor.datasets import SMD_HELD_OUT, data_dir
     from monitor.evaluation import harness
-    data = Path(args.data) if args.data else data_dir()
-    init_dir = Path(args.init_dir) if args.init_dir else Path(__file__).resolve().parents[1] / "benchmarks" / "artifacts"
     if args.dataset == "nab":
         _note_unused([("--machines", bool(args.machines))], "--dataset nab")
     else:
         _note_unused([("--limit", args.limit is not None), ("--windows", args.windows != "combined_windows.json")],
                      "--dataset smd")
+    data = Path(args.data) if args.data else data_dir()
+    init_dir = Path(args.init_dir) if args.init_dir else Path(__file__).resolve().parents[1] / "benchmarks" / "artifacts"
     detectors = harness.build_detectors(args.detectors, init_dir)
     if args.dataset == "nab":
         n_series = len(json.loads((data / "nab" / "labels" / args.windows).read_text()))

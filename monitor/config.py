@@ -71,7 +71,7 @@ class KafkaConfig:
     delivery_timeout_ms: int = _setting(120000, "how long outputs and state may wait for an unreachable broker; "
                                                 "past it the daemon exits uncommitted and a restart replays")
     security_protocol: str = _setting("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
-    sasl_mechanism: str = _setting("", "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 ('' = none)")
+    sasl_mechanism: str = _setting("", "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, GSSAPI or AWS_MSK_IAM ('' = none)")
     sasl_plain_username: str = _setting("", "SASL user name")
     sasl_plain_password: str = _setting("", "SASL password (prefer the environment variable)")
     ssl_cafile: str = _setting("", "CA bundle for SSL")
@@ -87,6 +87,9 @@ class KafkaConfig:
             raise ConfigError(f"kafka.auto_offset_reset must be earliest or latest, got {self.auto_offset_reset!r}")
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             raise ConfigError(f"kafka.security_protocol: unknown {self.security_protocol!r}")
+        if self.sasl_mechanism == "OAUTHBEARER":
+            raise ConfigError("kafka.sasl_mechanism: OAUTHBEARER needs a token-provider object, which the "
+                              "configuration cannot give")
         if self.sasl_mechanism not in SASL_MECHANISMS:  # kafka-python would fail to bootstrap, saying less
             raise ConfigError(f"kafka.sasl_mechanism: unknown {self.sasl_mechanism!r} "
                               f"(one of {', '.join(m for m in SASL_MECHANISMS if m)}, or '' for none)")
@@ -377,7 +380,8 @@ class Config:
         unknown = sorted(v for v in env if (v.startswith(prefixes) and v not in known) or _misspelt_section(v))
         if unknown:
             raise ConfigError(f"unknown setting in the environment: {', '.join(unknown)} "
-                              "(`forewarn config --print` lists every setting and its variable)")
+                              "(`forewarn config --print` lists every setting and its variable)"
+                              + _service_link_hint({v: env[v] for v in unknown}))
         return cfg.validate()
 
     def describe(self) -> str:
@@ -401,8 +405,10 @@ class Config:
 SECTIONS = ("kafka", "detector", "metrics", "state", "log")
 _SECTION_TYPES = {"kafka": KafkaConfig, "detector": DetectorConfig, "metrics": MetricsConfig, "state": StateConfig,
                   "log": LogConfig}
-# the mechanisms the settings here can configure (a user name and a password)
-SASL_MECHANISMS = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+# kafka-python's mechanisms that these settings can drive: a user name and a password, or credentials
+# from the environment (GSSAPI: the Kerberos ticket cache; AWS_MSK_IAM: the AWS credential chain).
+# OAUTHBEARER needs a token-provider object, which a configuration file cannot give.
+SASL_MECHANISMS = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "AWS_MSK_IAM")
 KAFKA_REQUEST_TIMEOUT_MS = 30_000  # kafka-python's consumer default, which Forewarn keeps (tested)
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
@@ -454,7 +460,16 @@ def _from_text(text: str, type_name: str, var: str) -> Any:
     try:
         return kind(text)
     except ValueError:
-        raise ConfigError(f"{var}: expected {_NAMES[kind]}, got {text!r}") from None
+        raise ConfigError(f"{var}: expected {_NAMES[kind]}, got {text!r}" + _service_link_hint({var: text})) from None
+
+
+def _service_link_hint(variables: dict[str, str]) -> str:
+    """Kubernetes gives a pod FOREWARN_METRICS_PORT=tcp://... for a Service named forewarn-metrics."""
+    links = [v for v, text in variables.items() if text.startswith(("tcp://", "udp://"))]
+    if not links:
+        return ""
+    return (f"; {', '.join(links)} look like Kubernetes service links (from a Service whose name starts with "
+            "forewarn-): set enableServiceLinks: false in the pod spec")
 
 
 def _toml_value(value: Any) -> str:

@@ -213,8 +213,7 @@ class Daemon:
         self.pipeline = Pipeline(self.init, det.pipeline_config(adapt))
         self.pipeline.progress = self._loop_alive  # a long adaptation burst is progress, not a stuck loop
         self.metrics = Metrics(self.registry, config.metrics.max_devices, self.pipeline.config.scoring)
-        self.metrics.state.info({"store": config.state.store,
-                                 "checkpoint_interval_s": f"{config.state.checkpoint_interval_s:g}"})
+        self.metrics.describe_state(config.state.store, config.state.checkpoint_interval_s)
         self.on_result = on_result
         self.stopping = threading.Event()
         self._last_turn = time.monotonic()
@@ -222,6 +221,7 @@ class Daemon:
         self.server: HealthServer | None = None
         self.source = None
         self.batches = 0
+        self._batch_started = False  # whether any batch has reached processing (for the exit's log line)
         self.records = 0          # Kafka records processed, their outputs acknowledged
         self.latency_log: list[float] | None = None  # set to a list to keep every latency (benchmarks)
         self.codec = StateCodec(self.init)
@@ -447,7 +447,7 @@ class Daemon:
                         "are not committed and will be processed again")
         except BaseException as exc:  # whatever it was, the batch in hand is given up undelivered
             self._abandoned = True
-            if self.batches or self._pending or self._round:
+            if self._batch_started or self._pending or self._round:
                 log.error("exiting on an error: the batch in hand is not committed and its devices' state is not "
                           "saved, so a restart replays it from the last checkpoint",
                           extra=_fields(error=f"{type(exc).__name__}: {exc}"))
@@ -497,6 +497,7 @@ class Daemon:
                 self._forget_idle(idle)
 
     def _process(self, batch, source, sinks) -> None:
+        self._batch_started = True
         self._note_moves(batch.partition_of)
         self._partition_of.update(batch.partition_of)
         self._newest_seen = time.monotonic()
@@ -607,9 +608,10 @@ class Daemon:
             if seen is not None:
                 state.seen = seen + wall_minus_mono
         for device in devices:
-            old_home = self._old_home.pop(device, None)
+            old_home = self._old_home.get(device)
             if old_home is not None and old_home != partition_of[device]:
                 self.store.delete(old_home, device)  # before the new snapshot is restored from elsewhere
+            self._old_home.pop(device, None)  # after: a delete that found no room is retried with the round
         for state, data in zip(states, self.codec.encode_many(states)):
             self.store.put(partition_of[state.device], state.device, data)
         self._note_dropped()

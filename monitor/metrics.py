@@ -231,6 +231,10 @@ class Metrics:
         for reason in reasons:
             self.bad_records.labels(reason.value).inc()
 
+    def describe_state(self, store: str, checkpoint_interval_s: float) -> None:
+        """The state store settings as the labels of ``forewarn_state_info``."""
+        self.state.info({"store": store, "checkpoint_interval_s": f"{checkpoint_interval_s:g}"})
+
     def set_streams(self, by_state: dict[str, int]) -> None:
         for state, n in by_state.items():
             self.streams.labels(state).set(n)
@@ -265,6 +269,7 @@ def reference_table() -> str:
     from prometheus_client.metrics import MetricWrapperBase
 
     m = Metrics(CollectorRegistry())
+    m.describe_state("changelog", 30.0)  # as a daemon does: its labels are listed
     wrappers = {w._name: w for w in vars(m).values() if isinstance(w, MetricWrapperBase)}
     rows = ["| metric | type | labels | help |", "|---|---|---|---|"]
     for family in m.registry.collect():

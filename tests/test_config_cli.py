@@ -64,6 +64,9 @@ def test_invalid_environment_is_rejected_with_the_variable(environ, message):
     # what Kubernetes sets for a Service named forewarn
     Config.load(environ={"FOREWARN_SERVICE_HOST": "10.0.0.7", "FOREWARN_SERVICE_PORT": "9108",
                          "FOREWARN_PORT": "tcp://10.0.0.7:9108", "FOREWARN_PORT_9108_TCP_PORT": "9108"})
+    # and for one named forewarn-metrics: refused, saying what to do (the manifests turn the links off)
+    with pytest.raises(ConfigError, match="look like Kubernetes service links.*enableServiceLinks: false"):
+        Config.load(environ={"FOREWARN_METRICS_PORT": "tcp://10.0.0.8:9108"})
 
 
 def test_the_request_timeout_the_configuration_checks_against_is_kafka_python_s():
@@ -188,7 +191,8 @@ def test_meta_train_says_when_a_rate_it_was_given_has_no_effect(tmp_path, capsys
 
 def test_options_that_do_nothing_in_a_mode_are_named_not_ignored(capsys):
     from monitor.cli import main
-    assert main(["evaluate", "--dataset", "smd", "--limit", "2", "--windows", "x.json", "--detectors", "nosuch"]) == 2
+    assert main(["evaluate", "--dataset", "smd", "--limit", "2", "--windows", "x.json", "--detectors", "nosuch",
+                 "--data", "no/such/dir"]) == 2
     err = capsys.readouterr().err
     assert "note: --limit has no effect here (--dataset smd)" in err
     assert "note: --windows has no effect here (--dataset smd)" in err

@@ -714,3 +714,61 @@ def test_a_restore_that_stalls_mid_read_is_retried_not_fatal(broker, monkeypatch
         assert raised.value.retriable
     finally:
         store.close()
+
+
+def test_a_moved_device_whose_tombstone_finds_no_room_still_gets_it_when_retried():
+    from kafka.errors import KafkaTimeoutError
+
+    class Changelog:
+        """Keyed by (partition, device), as a compacted changelog is per partition."""
+
+        def __init__(self):
+            self.data, self.full_once = {}, False
+
+        def put(self, partition, device, data):
+            self.data[(partition, device)] = data
+
+        def delete(self, partition, device):
+            if self.full_once:
+                self.full_once = False
+                raise KafkaTimeoutError("Failed to allocate memory within the configured max blocking time")
+            self.data.pop((partition, device), None)
+
+        def take_dropped(self):
+            return []
+
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store = store = Changelog()
+    daemon._process(_batch("d", 0, list(range(0, 40)), 0), None, _Sinks())
+    daemon._write_states(daemon.pipeline.take_changed())
+    daemon._process(_batch("d", 1, list(range(0, 40)), 40), None, _Sinks())   # its key moved to partition 1
+    store.full_once = True
+    with pytest.raises(KafkaTimeoutError):  # _advance_round gives the device back to its round
+        daemon._write_states(["d"])
+    daemon._write_states(["d"])  # the retry
+    assert set(store.data) == {(1, "d")}
+
+
+def test_a_wait_for_the_changelog_s_partitions_given_up_is_done_again_on_the_retry(monkeypatch):
+    from kafka.errors import KafkaTimeoutError
+
+    import connectors.state_store as state_store
+
+    class Admin:
+        def describe_topics(self, topics):
+            return [{"error_code": 0, "partitions": [{}, {}]}]
+
+        def close(self):
+            pass
+
+    class Producer:  # its metadata cache still says one partition
+        def partitions_for(self, topic):
+            return {0}
+
+    monkeypatch.setattr(state_store, "admin_client", lambda cfg: Admin())
+    monkeypatch.setattr(state_store.ChangelogStore, "MAX_BLOCK_MS", 300)
+    store = state_store.ChangelogStore.__new__(state_store.ChangelogStore)
+    store.cfg, store.topic, store._partitions, store.producer = None, "t-state", 1, Producer()
+    for _ in range(2):
+        with pytest.raises(KafkaTimeoutError):
+            store.ensure_partitions(2)
