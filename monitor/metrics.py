@@ -27,8 +27,9 @@ ADAPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class DeviceGauges:
-    """The per-device gauges: each exported device's latest score and surprise, and when it
-    was last flagged, read from a dict at scrape time.
+    """The per-device gauges: each exported device's latest score and surprise, when it was
+    last flagged and how many of its latest readings in a row were, read from a dict at
+    scrape time.
 
     A labelled ``Gauge`` would take two locked ``set`` calls per reading; the pipeline scores
     far more readings than Prometheus scrapes, so the loop only writes a dict (under one lock
