@@ -377,7 +377,7 @@ class Config:
                     _assign(section, section_name, f.name, _from_text(env[var], f.type, var), var)
         # a misspelt override would otherwise be ignored in silence, like an unknown key in the file
         prefixes = tuple(f"FOREWARN_{name.upper()}_" for name in SECTIONS)
-        unknown = sorted(v for v in env if (v.startswith(prefixes) and v not in known) or _misspelt_section(v))
+        unknown = sorted(v for v in env if (v.startswith(prefixes) and v not in known) or _misspelt_section(v, known))
         if unknown:
             raise ConfigError(f"unknown setting in the environment: {', '.join(unknown)} "
                               "(`forewarn config --print` lists every setting and its variable)"
@@ -403,8 +403,6 @@ class Config:
 
 
 SECTIONS = ("kafka", "detector", "metrics", "state", "log")
-_SECTION_TYPES = {"kafka": KafkaConfig, "detector": DetectorConfig, "metrics": MetricsConfig, "state": StateConfig,
-                  "log": LogConfig}
 # kafka-python's mechanisms that these settings can drive: a user name and a password, or credentials
 # from the environment (GSSAPI: the Kerberos ticket cache; AWS_MSK_IAM: the AWS credential chain).
 # OAUTHBEARER needs a token-provider object, which a configuration file cannot give.
@@ -420,19 +418,18 @@ def check_topic_name(setting: str, name: str) -> None:
                           "characters A-Z a-z 0-9 . _ -)")
 
 
-def _misspelt_section(var: str) -> bool:
+def _misspelt_section(var: str, known: set[str]) -> bool:
     """``FOREWARN_METRIC_PORT`` for ``FOREWARN_METRICS_PORT``: a variable whose first word is
-    close to a section's name and whose rest is a setting of that section.  Other FOREWARN_
-    variables are left alone: Kubernetes sets FOREWARN_SERVICE_HOST, FOREWARN_PORT_... for a
-    Service named forewarn."""
+    close to a section's name and which, with that name instead, is a ``known`` setting's.
+    Other FOREWARN_ variables are left alone: Kubernetes sets FOREWARN_SERVICE_HOST,
+    FOREWARN_PORT_... for a Service named forewarn."""
     if not var.startswith("FOREWARN_"):
         return False
     head, _, rest = var[len("FOREWARN_"):].partition("_")
     if head.lower() in SECTIONS or not rest:
         return False
-    for name in difflib.get_close_matches(head.lower(), SECTIONS, n=1, cutoff=0.75):
-        return rest.lower() in {f.name for f in fields(_SECTION_TYPES[name])}
-    return False
+    return any(f"FOREWARN_{name.upper()}_{rest.upper()}" in known
+               for name in difflib.get_close_matches(head.lower(), SECTIONS, n=1, cutoff=0.75))
 _TYPES = {"str": str, "int": int, "float": float}
 
 
