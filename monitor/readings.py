@@ -175,6 +175,8 @@ def check_value(raw: object, max_abs: float) -> tuple[float | None, BadReason | 
 
     >>> check_value("3.1", 1e15)
     (None, <BadReason.NON_NUMERIC_VALUE: 'non_numeric_value'>, "'3.1' is a str, not a number")
+    >>> check_value(float("1e400"), 1e15)[2]  # JSON's parser has already made 1e400 an inf
+    'inf (Infinity, or a number beyond float range)'
     """
     if raw is None:
         return None, BadReason.MISSING_VALUE, "null value"
@@ -184,8 +186,10 @@ def check_value(raw: object, max_abs: float) -> tuple[float | None, BadReason | 
         value = float(raw)
     except OverflowError:  # an integer beyond float range
         return None, BadReason.VALUE_OUT_OF_RANGE, f"{str(raw)[:40]} overflows a float"
-    if not math.isfinite(value):
-        return None, BadReason.NON_FINITE_VALUE, f"{value!r}"
+    if math.isinf(value):
+        return None, BadReason.NON_FINITE_VALUE, f"{value!r} (Infinity, or a number beyond float range)"
+    if value != value:
+        return None, BadReason.NON_FINITE_VALUE, "nan"
     if abs(value) > max_abs:
         return None, BadReason.VALUE_OUT_OF_RANGE, f"|{value!r}| > {max_abs:g}"
     return value, None, ""
