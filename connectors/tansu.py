@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -31,7 +31,9 @@ class EmbeddedBroker:
     ...         print(len(admin.describe_topics(["sensors"])[0]["partitions"]))
     ...     finally:
     ...         admin.close()  # the broker waits for open connections when it stops
+    ...     print(broker.end_offsets("sensors"))  # nothing published yet
     2
+    {0: 0, 1: 0}
     >>> broker.bootstrap.startswith("127.0.0.1:"), broker.process.poll() is not None  # stopped on leaving
     (True, True)
     """
@@ -87,6 +89,15 @@ class EmbeddedBroker:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        """Partition -> the offset the next record of ``topic`` will get."""
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap)
+        try:
+            partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            return {tp.partition: end for tp, end in consumer.end_offsets(partitions).items()}
+        finally:
+            consumer.close()  # the broker waits for open connections when it stops
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -266,7 +266,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         env = {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": "sensors",
                "FOREWARN_KAFKA_GROUP_ID": "forewarn-demo", "FOREWARN_KAFKA_ANOMALIES_TOPIC": "forewarn-anomalies",
                "FOREWARN_KAFKA_DEAD_LETTER_TOPIC": "forewarn-dead-letter",
-               "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000", "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000",
+               # a short rebalance timeout, for the embedded broker's group join waits that long, and
+               # batches small enough that one (with an adaptation, on a busy machine) stays inside it
+               "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000", "FOREWARN_KAFKA_MAX_POLL_RECORDS": "500",
+               "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000",
                "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500", "FOREWARN_METRICS_HOST": "127.0.0.1",
                "FOREWARN_METRICS_PORT": str(args.metrics_port), "FOREWARN_LOG_LEVEL": "WARNING",
                "FOREWARN_DETECTOR_WARMUP": str(args.warmup), "FOREWARN_DETECTOR_THRESHOLD": str(args.threshold),
@@ -297,7 +300,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             outcome["code"] = publisher.returncode
             published = int(out.split()[1]) if publisher.returncode == 0 and out.startswith("published") else 0
             outcome["published"] = published
-            while not daemon.stopping.is_set() and daemon.records < published:
+            # done when every partition is processed up to its end: a count of records would
+            # also count those that a lost partition delivers again, and stop short
+            ends = broker.end_offsets("sensors") if published else {}
+            while not daemon.stopping.is_set() and any(daemon.processed_offsets().get(p, 0) < end
+                                                       for p, end in ends.items()):
                 time.sleep(0.2)
             daemon.stop()
 

@@ -415,6 +415,11 @@ class Daemon:
         log.info("torch primed", extra=_fields(seconds=round(time.perf_counter() - started, 3)))
         return adapted
 
+    def processed_offsets(self) -> dict[int, int]:
+        """Partition -> the next offset whose records before it are processed and their outputs
+        delivered, for the partitions this instance holds (safe to read from another thread)."""
+        return dict(self._processed)
+
     # ---- the loop -----------------------------------------------------------------
     def run(self) -> int:
         from connectors.kafka import KafkaSinks, KafkaSource

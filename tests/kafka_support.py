@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FAST_GROUP = {  # a consumer group joins only after the rebalance timeout: keep it short here
     "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000",
+    # and batches small, so that one (an adaptation on a loaded machine) stays well inside that
+    # timeout: a batch past it loses the partitions, and their records come again
+    "FOREWARN_KAFKA_MAX_POLL_RECORDS": "500",
     "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000",
     "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
     "FOREWARN_KAFKA_POLL_TIMEOUT_MS": "200",
