@@ -81,6 +81,9 @@ class Initialization:
             "info": self.info,
         }
         path = Path(path)
+        problem = self.problem()
+        if problem:  # written, it would be refused at load: say so now, not at the daemon's start
+            raise CheckpointError(f"{path}: not written, the initialization is unusable: {problem}")
         self.check_writable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # next to the target, then renamed over it: a crash mid-write leaves the old file whole
@@ -129,21 +132,36 @@ class Initialization:
                        info=dict(payload.get("info", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: incomplete or invalid initialization ({exc})") from None
-        for name, group in (("params", init.params), ("inner_lr", init.inner_lr or {})):
-            extra = sorted(map(str, set(group) - set(spec.shapes())))
-            if extra:  # adaptation would fail on them at the first warm-up, after the daemon is ready
-                raise CheckpointError(f"{path}: {name} has tensors this model does not have: {', '.join(extra)}")
-            for key, shape in spec.shapes().items():
-                if name == "inner_lr" and not group:
-                    break
+        problem = init.problem()
+        if problem:  # adaptation would fail on it at the first warm-up, after the daemon is ready
+            raise CheckpointError(f"{path}: {problem}")
+        return init
+
+    def problem(self) -> str | None:
+        """What makes these tensors unusable for adaptation, or None.
+
+        >>> init = Initialization.random(LSTMSpec(hidden=4))
+        >>> init.inner_lr = {k: torch.full_like(v, -0.1) for k, v in init.params.items()}
+        >>> init.problem()  # a negative step climbs the loss
+        "inner_lr['l0.w'] must be > 0"
+        """
+        shapes = self.spec.shapes()
+        groups = [("params", self.params)] + ([("inner_lr", self.inner_lr)] if self.inner_lr is not None else [])
+        for name, group in groups:
+            extra = sorted(map(str, set(group) - set(shapes)))
+            if extra:
+                return f"{name} has tensors this model does not have: {', '.join(extra)}"
+            for key, shape in shapes.items():
                 tensor = group.get(key)
                 if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
-                    raise CheckpointError(f"{path}: {name}[{key!r}] missing or not a tensor of shape {shape}")
+                    return f"{name}[{key!r}] missing or not a tensor of shape {shape}"
                 finite = bool(torch.isfinite(tensor).all())
                 if tensor.dtype != torch.float32 or not finite:
-                    raise CheckpointError(f"{path}: {name}[{key!r}] must be finite float32, got "
-                                          f"{tensor.dtype}{'' if finite else ' with NaN or inf'}")
-        return init
+                    return f"{name}[{key!r}] must be finite float32, got {tensor.dtype}" \
+                           f"{'' if finite else ' with NaN or inf'}"
+                if name == "inner_lr" and not bool((tensor > 0).all()):
+                    return f"inner_lr[{key!r}] must be > 0"
+        return None
 
     @classmethod
     def default(cls) -> "Initialization":

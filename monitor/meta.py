@@ -66,8 +66,8 @@ class MetaConfig:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.iterations < 1 or self.tasks_per_batch < 1:
             raise ValueError("iterations and tasks_per_batch must be >= 1")
-        if self.support < 16 or self.query < 2 or not 0 <= self.query_context <= self.support:
-            raise ValueError("need support >= 16, query >= 2, 0 <= query_context <= support")
+        if self.support < 16 or self.query < 2 or not 1 <= self.query_context <= self.support:
+            raise ValueError("need support >= 16, query >= 2, 1 <= query_context <= support")
         if self.meta_lr <= 0 or (self.step_size_lr is not None and self.step_size_lr <= 0):
             raise ValueError("meta_lr and step_size_lr must be > 0")
         if not 0 < self.reptile_step <= 1:
@@ -79,7 +79,7 @@ class TaskSampler:
     """Random (support, query) windows from a corpus of series, scaled by the support.
 
     Series shorter than one window, or constant throughout, carry no task and are
-    left out (``skipped`` counts them).
+    left out (``skipped`` counts them); a window whose support is flat is drawn again.
 
     >>> noisy = np.sin(np.arange(300) / 5) + 0.1 * np.random.default_rng(0).standard_normal(300)
     >>> sampler = TaskSampler([noisy, np.ones(300), np.arange(50.0)], support=64, query=16,
@@ -99,6 +99,9 @@ class TaskSampler:
         self.skipped = len(series) - len(self.series)
         if not self.series:
             raise ValueError(f"no series with at least {need} values that is not constant")
+        if not any(_has_moving_support(s, support, query) for s in self.series):  # sample would draw forever
+            raise ValueError(f"no series has a window of {support} values that is not flat followed by {query} "
+                             f"more: every one moves only in its last values")
         self.support, self.query = support, query
         self.normalization = normalization
         self.rng = np.random.default_rng(seed)
@@ -130,6 +133,18 @@ class TaskSampler:
         center, scale = norm.fit(windows[:, : self.support])
         scaled = norm.apply(windows, center, scale).clamp(-norm.clip, norm.clip).float()
         return scaled[:, : self.support], scaled[:, self.support:]
+
+
+def _has_moving_support(series: np.ndarray, support: int, query: int) -> bool:
+    """Whether some window's first ``support`` values are not all equal.
+
+    >>> _has_moving_support(np.r_[np.zeros(300), 1.0], support=64, query=16)  # it moves only in a query
+    False
+    """
+    # every support together covers the values before the last query; any change among them
+    # lies inside some support
+    covered = series[:len(series) - query]
+    return bool((covered[1:] != covered[:-1]).any())
 
 
 # ---- losses --------------------------------------------------------------------
@@ -211,6 +226,11 @@ def meta_train(sampler: TaskSampler, cfg: MetaConfig,
             torch.nn.utils.clip_grad_norm_(list(params.values()), 10.0)
             opt.step()
         value = float(loss.detach())
+        if not math.isfinite(value) or not all(bool(torch.isfinite(v).all())
+                                               for v in [*params.values(), *(log_lr or {}).values()]):
+            raise ValueError(f"meta-training diverged at iteration {iteration} (query loss {value:g}, or weights "
+                             f"not finite): lower the inner step size, the meta learning rate or the step-size "
+                             f"learning rate")
         running = value if running is None else 0.98 * running + 0.02 * value
         if on_progress is not None:
             on_progress(Progress(iteration, running))

@@ -48,7 +48,20 @@ class Normalization:
             raise ValueError("clip and abs_floor must be > 0, rel_floor and std_floor >= 0")
 
     def fit(self, windows: Tensor) -> tuple[Tensor, Tensor]:
-        """Centre and scale of each row of ``windows`` ([B, W], float64)."""
+        """Centre and scale of each row of ``windows`` ([B, W], float64).
+
+        >>> huge = torch.tensor([[1e200, 3e200, 2e200, 5e200]], dtype=torch.float64)
+        >>> center, scale = Normalization().fit(huge)  # torch's quantile and std overflow past ~1e154
+        >>> center.item(), round(scale.item() / 1e200, 3)
+        (2.5e+200, 1.297)
+        """
+        # rows past 1e150 are fitted in units of their largest value (exactly 1 for the others)
+        unit = windows.abs().amax(dim=1)
+        unit = torch.where(unit > 1e150, unit, torch.ones_like(unit))
+        center, scale = self._fit(windows / unit.unsqueeze(-1))
+        return center * unit, scale * unit
+
+    def _fit(self, windows: Tensor) -> tuple[Tensor, Tensor]:
         q = torch.quantile(windows, torch.tensor([0.25, 0.5, 0.75], dtype=windows.dtype), dim=1)
         center = q[1]
         spread = torch.maximum((q[2] - q[0]) / _IQR_TO_STD, self.std_floor * windows.std(dim=1))
@@ -65,3 +78,4 @@ class Normalization:
 
     def to_dict(self) -> dict:
         return asdict(self)
+

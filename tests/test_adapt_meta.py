@@ -208,12 +208,33 @@ def test_checkpoints_are_written_whole_and_checked_for_usable_weights(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="an empty file"):
         Initialization.load(tmp_path / "empty.pt")
+    payload = torch.load(path, weights_only=True)
     for broken, message in ((float("nan"), "with NaN or inf"), (None, "must be finite float32, got torch.float64")):
         params = dict(init.params)
         params["l0.w"] = params["l0.w"].double() if broken is None else params["l0.w"].clone().fill_(broken)
-        Initialization(init.spec, params).save(tmp_path / "broken.pt")
+        with pytest.raises(CheckpointError, match="not written, the initialization is unusable: .*" + message):
+            Initialization(init.spec, params).save(tmp_path / "broken.pt")
+        assert not (tmp_path / "broken.pt").exists()
+        torch.save({**payload, "params": params}, tmp_path / "broken.pt")  # as another program might
         with pytest.raises(CheckpointError, match=message):
             Initialization.load(tmp_path / "broken.pt")
+        (tmp_path / "broken.pt").unlink()
+
+
+@pytest.mark.parametrize("inner_lr, message", [
+    ({}, r"inner_lr\['l0.w'\] missing"),  # loaded once, and failed the first adaptation with a KeyError
+    ("negative", r"inner_lr\['l0.w'\] must be > 0"),  # adaptation would climb the loss
+])
+def test_loading_refuses_step_sizes_adaptation_cannot_use(tmp_path, inner_lr, message):
+    init = Initialization.random(LSTMSpec(hidden=4), seed=0)
+    path = tmp_path / "init.pt"
+    init.save(path)
+    if inner_lr == "negative":
+        inner_lr = {k: torch.full_like(v, 0.01) for k, v in init.params.items()}
+        inner_lr["l0.w"][0, 0] = -0.01
+    torch.save({**torch.load(path, weights_only=True), "inner_lr": inner_lr}, path)
+    with pytest.raises(CheckpointError, match=message):
+        Initialization.load(path)
 
 
 @pytest.mark.parametrize("section, key, value, message", [
@@ -252,3 +273,17 @@ def test_shipped_initialization_loads():
     init = Initialization.default()
     assert init.info["algorithm"] in ("reptile", "fomaml", "maml")
     assert init.adapt.steps == 10
+
+
+def test_query_context_of_zero_is_refused():
+    # It made the meta-loss compare one forecast past the query with every query value.
+    with pytest.raises(ValueError, match="1 <= query_context"):
+        MetaConfig(query_context=0)
+
+
+def test_normalization_of_values_whose_squares_overflow_keeps_a_finite_scale():
+    rng = np.random.default_rng(0)
+    windows = torch.tensor(rng.normal(0, 1, 256) * np.array([[1.0], [1e160]]), dtype=torch.float64)
+    center, scale = Normalization().fit(windows)
+    assert torch.isfinite(scale).all()
+    assert float(scale[1] / scale[0]) == pytest.approx(1e160, rel=1e-9)  # the same series in other units

@@ -197,3 +197,25 @@ def test_options_that_do_nothing_in_a_mode_are_named_not_ignored(capsys):
     assert "note: --limit has no effect here (--dataset smd)" in err
     assert "note: --windows has no effect here (--dataset smd)" in err
     assert "unknown detector 'nosuch'" in err
+
+
+def test_meta_train_that_diverges_stops_with_the_reason_and_writes_nothing(tmp_path, capsys):
+    # It used to write a checkpoint of NaN weights, report success, and leave the error to the daemon's start.
+    import math
+    csv = tmp_path / "pump.csv"
+    csv.write_text("timestamp,value\n" + "\n".join(f"{1700000000 + 60 * t},{math.sin(t / 5):.4f}" for t in range(120)))
+    out = tmp_path / "init.pt"
+    assert main(["meta-train", "--data", str(csv), "--out", str(out), "--algorithm", "fomaml", "--iterations", "5",
+                 "--tasks-per-batch", "2", "--warmup", "32", "--query", "16", "--inner-steps", "2", "--hidden", "4",
+                 "--inner-lr", "1e30", "--quiet"]) == 2
+    assert "meta-training diverged at iteration 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_meta_train_on_series_that_move_only_at_their_end_is_refused_not_a_hang(tmp_path, capsys):
+    csv = tmp_path / "flat.csv"
+    csv.write_text("timestamp,value\n" + "\n".join(f"{1700000000 + 60 * t},{1.0 if t == 119 else 0.0}"
+                                                 for t in range(120)))
+    assert main(["meta-train", "--data", str(csv), "--out", str(tmp_path / "init.pt"), "--iterations", "1",
+                 "--tasks-per-batch", "2", "--warmup", "32", "--query", "16", "--hidden", "4", "--quiet"]) == 2
+    assert "no series has a window of 32 values that is not flat" in capsys.readouterr().err
