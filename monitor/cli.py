@@ -463,11 +463,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             table = harness.markdown_nab(run.scores, detectors)
         else:
             run = harness.evaluate_smd(detectors, data, machines, step)
-            table = harness.markdown_smd(run.scores, detectors)
+            table = harness.markdown_smd(run.scores, detectors, run.unlabelled)
     print(table)
     if args.report:
         written = harness.write_report(Path(args.report), args.dataset, run, detectors, table,
-                                       adaptation=not args.no_adaptation_plot, init_dir=init_dir)
+                                       adaptation=not args.no_adaptation_plot, init_dir=init_dir, data=data)
         print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
 

@@ -27,22 +27,22 @@ def data_dir() -> Path:
     return path
 
 
-def smd_path(machine: str, split: str = "train") -> Path:
-    return data_dir() / "smd" / split / f"machine-{machine}.txt.gz"
+def smd_path(machine: str, split: str = "train", root: Path | None = None) -> Path:
+    return (root or data_dir()) / "smd" / split / f"machine-{machine}.txt.gz"
 
 
-def load_smd(machine: str, split: str = "train") -> np.ndarray:
-    """[rows, 38] values of one SMD machine."""
-    return np.loadtxt(smd_path(machine, split), delimiter=",")
+def load_smd(machine: str, split: str = "train", root: Path | None = None) -> np.ndarray:
+    """[rows, 38] values of one SMD machine (from ``root``, else ``data_dir()``)."""
+    return np.loadtxt(smd_path(machine, split, root), delimiter=",")
 
 
 def load_smd_labels(machine: str) -> np.ndarray:
     return np.loadtxt(data_dir() / "smd" / "test_label" / f"machine-{machine}.txt", dtype=np.int8)
 
 
-def nab_files() -> list[Path]:
+def nab_files(root: Path | None = None) -> list[Path]:
     """Every NAB series, sorted by ``category/name.csv``."""
-    return sorted((data_dir() / "nab" / "data").glob("*/*.csv"))
+    return sorted(((root or data_dir()) / "nab" / "data").glob("*/*.csv"))
 
 
 def load_nab_values(path: Path) -> np.ndarray:
@@ -50,7 +50,7 @@ def load_nab_values(path: Path) -> np.ndarray:
 
 
 def held_out_tasks(n_smd: int, n_nab: int, support: int = 256, query: int = 128, seed: int = 0,
-                   with_sources: bool = False):
+                   with_sources: bool = False, root: Path | None = None):
     """Tasks from series no shipped initialization was trained on: the held-out SMD
     machines (train split) and every NAB series; returns scaled (support, query), and
     with ``with_sources`` the series each task came from ("smd/3", "nab/12")."""
@@ -62,21 +62,21 @@ def held_out_tasks(n_smd: int, n_nab: int, support: int = 256, query: int = 128,
 
     parts = []
     if n_smd:
-        smd = [col for m in SMD_HELD_OUT for col in load_smd(m).T]
+        smd = [col for m in SMD_HELD_OUT for col in load_smd(m, root=root).T]
         support_, query_, index = TaskSampler(smd, support, query, Normalization(), seed).sample_with_sources(n_smd)
         parts.append((support_, query_, np.array([f"smd/{i}" for i in index])))
     if n_nab:
-        nab = [load_nab_values(p) for p in nab_files()]
+        nab = [load_nab_values(p) for p in nab_files(root)]
         support_, query_, index = TaskSampler(nab, support, query, Normalization(), seed + 1).sample_with_sources(n_nab)
         parts.append((support_, query_, np.array([f"nab/{i}" for i in index])))
     tasks = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return (*tasks, np.concatenate([p[2] for p in parts])) if with_sources else tasks
 
 
-def meta_train_tasks(n: int, support: int = 256, query: int = 128, seed: int = 0):
+def meta_train_tasks(n: int, support: int = 256, query: int = 128, seed: int = 0, root: Path | None = None):
     """Validation tasks from the meta-training machines (for tuning baselines, never the test)."""
     from monitor.meta import TaskSampler
     from monitor.normalize import Normalization
 
-    smd = [col for m in SMD_META_TRAIN for col in load_smd(m).T]
+    smd = [col for m in SMD_META_TRAIN for col in load_smd(m, root=root).T]
     return TaskSampler(smd, support, query, Normalization(), seed + 1000).sample(n)

@@ -97,3 +97,73 @@ def test_plot_threshold_curves_draws_a_panel_per_profile(tmp_path, monkeypatch):
     assert [ax.get_title() for ax in axes] == ["standard", "reward_low_FP"]
     assert [len(ax.get_lines()) for ax in axes] == [3, 2]  # the curves and the mark
     assert axes[0].get_xscale() == "log"
+
+
+def test_baselines_skip_gaps_and_rank_a_spike_beside_a_constant_channel():
+    # A NaN once blinded zscore and pad-hw for the rest of the series, and River's PAD scored a
+    # constant channel 1.0 on every reading: the spike then tied with everything.
+    import numpy as np
+
+    from monitor.evaluation.detectors import BASELINES
+
+    rng = np.random.default_rng(0)
+    values = np.column_stack([np.sin(np.arange(600) / 10) + rng.normal(0, 0.05, 600), np.full(600, 3.0)])
+    values[300, 0] = np.nan
+    values[500, 0] += 4.0
+    for name in ("zscore", "pad-hw", "novelty"):
+        scores = BASELINES[name].score(values, 0)
+        assert np.isfinite(scores).all(), name
+        assert int(scores.argmax()) == 500, name
+        assert len(np.unique(scores[400:])) > 100 or name == "novelty", name  # a ranking, not a flag
+
+
+def _smd_layout(root, labels_by_machine):
+    import gzip
+
+    import numpy as np
+    rng = np.random.default_rng(1)
+    for split in ("train", "test", "test_label"):
+        (root / "smd" / split).mkdir(parents=True, exist_ok=True)
+    for machine, labels in labels_by_machine.items():
+        for split, n in (("train", 300), ("test", len(labels))):
+            values = rng.normal(0, 1, (n, 2))
+            if split == "test":
+                values[np.flatnonzero(labels), 0] += 8.0
+            with gzip.open(root / "smd" / split / f"machine-{machine}.txt.gz", "wt") as f:
+                np.savetxt(f, values, delimiter=",", fmt="%.4f")
+        np.savetxt(root / "smd" / "test_label" / f"machine-{machine}.txt", labels, fmt="%d")
+
+
+def test_a_machine_without_labelled_anomalies_is_left_out_of_the_means(tmp_path, capsys):
+    # It used to add an F1 of 0 to every detector's mean and make the AUPRC NaN (and the JSON invalid).
+    import numpy as np
+    labels = np.zeros(400, dtype=int)
+    labels[200:205] = 1
+    _smd_layout(tmp_path / "data", {"9-1": labels, "9-2": np.zeros(400, dtype=int)})
+
+    def table(machines):
+        assert main(["evaluate", "--dataset", "smd", "--data", str(tmp_path / "data"), "--machines", *machines,
+                     "--detectors", "zscore", "--quiet", "--report", str(tmp_path / "r"), "--no-adaptation-plot"]) == 0
+        return capsys.readouterr().out
+
+    both, alone = table(["9-2", "9-1"]), table(["9-1"])
+    row = next(line for line in both.splitlines() if line.startswith("| zscore |"))
+    assert row == next(line for line in alone.splitlines() if line.startswith("| zscore |"))
+    assert "nan" not in row and "machine 9-2" in both
+    numbers = json.loads((tmp_path / "r" / "smd.json").read_text(), parse_constant=lambda c: 1 / 0)
+    assert numbers["zscore"]["auprc"] > 0
+    assert main(["evaluate", "--dataset", "smd", "--data", str(tmp_path / "data"), "--machines", "9-2",
+                 "--detectors", "zscore", "--quiet"]) == 2
+    assert "no labelled anomaly" in capsys.readouterr().err
+
+
+def test_a_nab_series_too_short_to_score_is_a_clear_error(tmp_path, capsys):
+    nab = tmp_path / "nab"
+    (nab / "data" / "x").mkdir(parents=True)
+    (nab / "labels").mkdir()
+    (nab / "data" / "x" / "one.csv").write_text("timestamp,value\n2020-01-01 00:00:00,1.0\n")
+    (nab / "labels" / "w.json").write_text(json.dumps({"x/one.csv": []}))
+    assert main(["evaluate", "--dataset", "nab", "--data", str(tmp_path), "--windows", "w.json",
+                 "--detectors", "zscore", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "one.csv" in err and "Traceback" not in err

@@ -78,3 +78,15 @@ def test_the_best_threshold_may_be_the_highest_score_of_a_long_series():
 def test_scores_that_are_not_finite_are_refused():
     with pytest.raises(ValueError, match="finite"):
         evaluate_scores(np.array([0.1, np.nan, 0.3]), np.array([0, 1, 0]))
+
+
+def test_pa_k_adjusts_a_segment_only_above_k_percent_flagged():
+    # One point of a five-point segment is exactly 20% flagged: adjusted for K = 0, not for K = 20
+    # (Kim et al.: strictly more than K%).  The negatives make flagging everything a poor threshold.
+    scores = np.r_[0.9, np.full(4, 0.1), np.full(50, 0.1)]
+    labels = np.r_[np.ones(5, dtype=int), np.zeros(50, dtype=int)]
+    assert point_adjust((scores >= 0.9).astype(int), labels, k=20).tolist() == (scores >= 0.9).astype(int).tolist()
+    report = evaluate_scores(scores, labels)
+    assert report.pa_k_f1[0] == 1.0
+    assert report.pa_k_f1[20] == pytest.approx(2 / 6)  # one true positive of five, no false one
+    assert report.pa_k_f1[40] == pytest.approx(2 / 6)

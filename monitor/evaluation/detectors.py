@@ -5,9 +5,12 @@ baselines are what people would otherwise pick, run on the same rows:
 
 * ``zscore``        rolling z-score of each channel (River ``Rolling(Var)``), max over channels
 * ``hst``           River ``HalfSpaceTrees`` behind a ``MinMaxScaler``, all channels as features
-* ``pad-hw``        River ``PredictiveAnomalyDetection`` around ``HoltWinters``, max over channels
+* ``pad-hw``        River ``PredictiveAnomalyDetection`` around ``HoltWinters`` (its squared error over
+                    its threshold, uncapped: ``ErrorRatioPAD``), max over channels
 * ``novelty``       how far a value lies beyond the range of its channel's last 4,000 values, as a
                     share of it, max over channels: a detector of new extremes, nothing else
+
+Every detector skips a channel's non-finite values (gaps), as the pipeline does.
 """
 from __future__ import annotations
 
@@ -78,7 +81,9 @@ def _zscore(values: np.ndarray, _skip: int, window: int = 100) -> np.ndarray:
     for t, row in enumerate(values.tolist()):
         worst = 0.0
         for var, mean, x in zip(rolls, means, row):
-            if t >= 10:  # a spread from fewer values means little
+            if not math.isfinite(x):  # a gap: one NaN in River's rolling sums would blind the channel for good
+                continue
+            if var.n >= 10:  # a spread from fewer values means little
                 std = math.sqrt(max(var.get(), 0.0))
                 if std > 0:
                     worst = max(worst, abs(x - mean.get()) / std)
@@ -92,20 +97,55 @@ def _hst(values: np.ndarray, _skip: int) -> np.ndarray:
     model = preprocessing.MinMaxScaler() | anomaly.HalfSpaceTrees(n_trees=25, height=10, window_size=250, seed=42)
     out = np.zeros(len(values))
     for t, row in enumerate(values.tolist()):
-        x = {j: v for j, v in enumerate(row)}
-        out[t] = model.score_one(x)
-        model.learn_one(x)
+        x = {j: v for j, v in enumerate(row) if math.isfinite(v)}
+        if x:
+            out[t] = model.score_one(x)
+            model.learn_one(x)
     return out
 
 
+class ErrorRatioPAD(anomaly.PredictiveAnomalyDetection):
+    """River's ``PredictiveAnomalyDetection`` scoring the squared error as a multiple of its threshold.
+
+    River's own ``score_one`` caps the score at 1.0, so every error past the threshold ties with
+    every other, and one corpus-wide threshold must flag all of them or none; and a channel whose
+    errors are all zero (a constant one) scores 1.0 on every reading, since 0 >= 0.  Here a zero
+    error scores 0, the ratio is not capped, and it counts only once the threshold has seen 10
+    errors (the first one after the warm-up has a threshold of 0); the model, its threshold and
+    their updates are River's.
+
+    >>> pad = ErrorRatioPAD(time_series.HoltWinters(alpha=0.3, beta=0.1), horizon=1, warmup_period=5)
+    >>> scores = []
+    >>> for y in [2.0] * 30 + [9.0]:
+    ...     scores.append(pad.score_one(None, y) if pad.iter >= 2 else 0.0)  # Holt-Winters needs two values
+    ...     pad.learn_one(None, y)
+    >>> scores[-2], scores[-1] > 1000  # River's own: 1.0 and 1.0
+    (0.0, True)
+    """
+
+    def score_one(self, x: dict | None, y: float) -> float:
+        squared_error = (self.predictive_model.forecast(self.horizon)[0] - y) ** 2
+        threshold = self.dynamic_mae.get() + self.n_std * math.sqrt(self.dynamic_se_variance.get())
+        if self.iter < self.warmup_period:
+            return 0.0
+        seen = self.dynamic_mae.n
+        self.dynamic_mae.update(squared_error)
+        self.dynamic_se_variance.update(squared_error)
+        if seen < 10 or squared_error == 0:
+            return 0.0
+        return squared_error / max(threshold, 1e-12)
+
+
 def _pad_holt_winters(values: np.ndarray, _skip: int) -> np.ndarray:
-    models = [anomaly.PredictiveAnomalyDetection(time_series.HoltWinters(alpha=0.3, beta=0.1), horizon=1,
-                                                  n_std=3.0, warmup_period=50) for _ in range(values.shape[1])]
+    models = [ErrorRatioPAD(time_series.HoltWinters(alpha=0.3, beta=0.1), horizon=1, n_std=3.0, warmup_period=50)
+              for _ in range(values.shape[1])]
     out = np.zeros(len(values))
     for t, row in enumerate(values.tolist()):
         worst = 0.0
         for model, y in zip(models, row):
-            if t >= 2:  # Holt-Winters forecasts only after it has seen values
+            if not math.isfinite(y):  # a gap: a NaN would stay in Holt-Winters' level for good
+                continue
+            if model.iter >= 2:  # Holt-Winters forecasts only after it has seen values
                 worst = max(worst, model.score_one(None, y))
             model.learn_one(None, y)
         out[t] = worst

@@ -7,9 +7,10 @@ on its test split (``point_metrics.py``); metrics are averaged over machines.
 """
 from __future__ import annotations
 
+import sys
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -129,9 +130,19 @@ def nab_corpus(data_dir: Path, windows_file: str = "combined_windows.json", limi
     names = sorted(windows)[:limit] if limit else sorted(windows)
     series = []
     for name in names:
-        rows = np.genfromtxt(data_dir / "nab" / "data" / name, delimiter=",", skip_header=1, dtype=str)
-        ts = np.array([parse_timestamp(t) for t in rows[:, 0]])
-        series.append((name, ts, rows[:, 1].astype(np.float64)))
+        path = data_dir / "nab" / "data" / name
+        try:
+            rows = np.genfromtxt(path, delimiter=",", skip_header=1, dtype=str, ndmin=2)
+            if rows.shape[0] < 2 or rows.shape[1] < 2:
+                raise ValueError(f"{rows.shape[0]} rows of {rows.shape[1] if rows.size else 0} columns; "
+                                 f"a series is timestamp,value rows under a header")
+            ts = np.array([parse_timestamp(t) for t in rows[:, 0]])
+            values = rows[:, 1].astype(np.float64)
+        except FileNotFoundError:
+            raise FileFormatError(f"{path}: no such file (it is named in the label file)") from None
+        except ValueError as exc:
+            raise FileFormatError(f"{path}: {str(exc)[:200]}") from None
+        series.append((name, ts, values))
     return series, windows
 
 
@@ -183,6 +194,9 @@ class SmdRun:
     scores: dict[str, dict[str, float]]                     # detector -> metric -> mean over machines
     raw: dict[str, dict[str, np.ndarray]]                   # detector -> machine -> per-row score
     labels: dict[str, np.ndarray]                           # machine -> test labels
+    # machines whose test split has no labelled anomaly: scored, but left out of the means, where
+    # they would add an F1 of 0 that says nothing and an undefined AUPRC
+    unlabelled: list[str] = field(default_factory=list)
 
 
 def evaluate_smd(detectors: Sequence[Detector], data_dir: Path, machines: Sequence[str] = SMD_HELD_OUT,
@@ -196,14 +210,19 @@ def evaluate_smd(detectors: Sequence[Detector], data_dir: Path, machines: Sequen
             raise FileFormatError(f"machine-{m}: train {train.shape}, test {test.shape} and {len(labels)} labels "
                                   f"do not fit together (same columns, a label per test row, >= {WARMUP} train rows)")
         data[m] = (np.concatenate([train[-WARMUP:], test]), labels)
-    run = SmdRun({}, {}, {m: labels for m, (_, labels) in data.items()})
+    unlabelled = [m for m, (_, labels) in data.items() if not labels.any()]
+    if len(unlabelled) == len(data):
+        raise ValueError(f"no labelled anomaly in the test split of machine {', '.join(unlabelled)}: "
+                         f"nothing to score against")
+    run = SmdRun({}, {}, {m: labels for m, (_, labels) in data.items()}, unlabelled)
     for det in detectors:
         reports: list[DetectionReport] = []
         run.raw[det.name] = {}
         for m, (values, labels) in data.items():
             scores = det.score(values, WARMUP)[WARMUP:]
             run.raw[det.name][m] = scores
-            reports.append(evaluate_scores(scores, labels))
+            if m not in unlabelled:
+                reports.append(evaluate_scores(scores, labels))
             if progress:
                 progress(f"{det.name}: machine-{m}")
         run.scores[det.name] = _mean_report(reports)
@@ -225,6 +244,21 @@ def _mean_report(reports: list[DetectionReport]) -> dict[str, float]:
     return {k: float(np.mean([asdict(r)[k] for r in reports])) for k in keys}
 
 
+def _finite_or_none(value):
+    """``value`` with every non-finite float (NaN, an infinite threshold) as None.
+
+    >>> _finite_or_none({"threshold": float("inf"), "scores": [0.5, float("nan")]})
+    {'threshold': None, 'scores': [0.5, None]}
+    """
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def markdown_nab(results: dict[str, dict[str, CorpusScore]], detectors: Sequence[Detector]) -> str:
     """Normalized NAB scores (null detector 0, perfect 100), threshold per profile over the corpus."""
     lines = ["| detector | standard | reward_low_FP | reward_low_FN | notes |", "|---|---|---|---|---|"]
@@ -234,21 +268,26 @@ def markdown_nab(results: dict[str, dict[str, CorpusScore]], detectors: Sequence
     return "\n".join(lines)
 
 
-def markdown_smd(results: dict[str, dict[str, float]], detectors: Sequence[Detector]) -> str:
+def markdown_smd(results: dict[str, dict[str, float]], detectors: Sequence[Detector],
+                 unlabelled: Sequence[str] = ()) -> str:
     lines = ["| detector | point-wise F1 | event-wise F1 | PA%K AUC | PA F1 (inflated) | AUPRC |",
              "|---|---|---|---|---|---|"]
     for det in detectors:
         r = results[det.name]
         lines.append(f"| {det.name} | {r['pointwise_f1']:.3f} | {r['event_f1']:.3f} | {r['pa_k_auc']:.3f} | "
                      f"{r['pa_f1']:.3f} | {r['auprc']:.3f} |")
+    if unlabelled:
+        lines.append(f"\nLeft out of the means, with no labelled anomaly in their test split: machine "
+                     f"{', '.join(unlabelled)}.")
     return "\n".join(lines)
 
 
 def write_report(out: Path, dataset: str, run, detectors: Sequence[Detector], table: str,
-                 adaptation: bool = True, init_dir: Path | None = None) -> list[Path]:
+                 adaptation: bool = True, init_dir: Path | None = None, data: Path | None = None) -> list[Path]:
     """The table (Markdown), the numbers (JSON) and the figures; returns the files written.
 
-    The adaptation figure adds pooled pre-training when ``init_dir`` holds ``pooled.pt``.
+    The adaptation figure reads SMD's and NAB's series from ``data`` (as the tables do) and adds
+    pooled pre-training when ``init_dir`` holds ``pooled.pt``.
     """
     import json
 
@@ -265,24 +304,29 @@ def write_report(out: Path, dataset: str, run, detectors: Sequence[Detector], ta
         written.append(path)
     else:
         numbers = run.scores
-        machine = next(iter(run.labels))
+        machine = next(m for m in run.labels if m not in run.unlabelled)
         from monitor.evaluation.point_metrics import precision_recall_curve
         curves = {d: precision_recall_curve(run.raw[d][machine], run.labels[machine]) for d in run.raw}
         path = out / "smd_pr.png"
         plots.plot_pr_curves(path, curves, f"SMD machine-{machine}: point-wise precision-recall")
         written.append(path)
-    written[1].write_text(json.dumps(numbers, indent=1, default=str))
+    # strict JSON: a threshold that flags nothing is Infinity, which many parsers refuse
+    written[1].write_text(json.dumps(_finite_or_none(numbers), indent=1, default=str, allow_nan=False))
     if adaptation:
         pooled = init_dir / "pooled.pt" if init_dir is not None else None
-        written.append(adaptation_figure(out / "adaptation.png",
-                                         Initialization.load(pooled) if pooled and pooled.exists() else None))
+        try:
+            written.append(adaptation_figure(out / "adaptation.png",
+                                             Initialization.load(pooled) if pooled and pooled.exists() else None, data))
+        except (OSError, ValueError) as exc:  # a data folder of another layout: the report stands without it
+            print(f"skipped the adaptation figure: it draws on SMD's held-out machines and NAB's series "
+                  f"({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
     return written
 
 
 ADAPT_KS = (0, 1, 2, 5, 10, 50)
 
 
-def adaptation_figure(path: Path, pooled: Initialization | None = None) -> Path:
+def adaptation_figure(path: Path, pooled: Initialization | None = None, data: Path | None = None) -> Path:
     """Query MSE against K on held-out tasks: the shipped meta-initialization against
     random initialization and, if given, pooled pre-training (their step sizes picked
     per K on training-machine tasks)."""
@@ -292,8 +336,8 @@ def adaptation_figure(path: Path, pooled: Initialization | None = None) -> Path:
     meta = Initialization.default()
     random = Initialization.random(meta.spec, seed=0)
     # the tasks of benchmarks/adaptation.py's table, so the figure and the table agree
-    support, query = held_out_tasks(96, 96, seed=0)
-    val_support, val_query = meta_train_tasks(64, seed=0)
+    support, query = held_out_tasks(96, 96, seed=0, root=data)
+    val_support, val_query = meta_train_tasks(64, seed=0, root=data)
 
     def tuned(init: Initialization) -> list[float]:
         return [adaptation_mse(init, support, query, k, best_lr(init, val_support, val_query, k) if k else None)
