@@ -44,6 +44,7 @@ from monitor.config import Config, StateConfig  # noqa: E402
 from monitor.daemon import Daemon  # noqa: E402
 
 WARMUP = 16
+POLL_RECORDS = 10_000  # the daemon's kafka.max_poll_records here
 
 
 def produce(bootstrap: str, topic: str, devices: int, rounds: range, rate: float | None = None) -> int:
@@ -85,7 +86,7 @@ def forewarn_rate(bootstrap: str, topic: str, group: str, warm: int, total: int,
            # the poll interval allows a checkpoint of every device between two polls
            "FOREWARN_KAFKA_GROUP_ID": group, "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "30000",
            "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000", "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
-           "FOREWARN_KAFKA_MAX_POLL_RECORDS": "10000", "FOREWARN_METRICS_HOST": "127.0.0.1",
+           "FOREWARN_KAFKA_MAX_POLL_RECORDS": str(POLL_RECORDS), "FOREWARN_METRICS_HOST": "127.0.0.1",
            "FOREWARN_METRICS_PORT": "0", "FOREWARN_DETECTOR_WARMUP": str(WARMUP),
            "FOREWARN_DETECTOR_ADAPT_STEPS": "0", "FOREWARN_LOG_LEVEL": "WARNING",
            "FOREWARN_STATE_STORE": args.state,
@@ -116,6 +117,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.devices * args.live_readings < 5 * POLL_RECORDS:  # a rate over a poll or two measures nothing
+        parser.error(f"too few live records to measure: --devices x --live-readings must be at least "
+                     f"{5 * POLL_RECORDS:,} (five of the daemon's polls of {POLL_RECORDS:,})")
     tune_runtime(threads=2)
     with EmbeddedBroker() as broker:
         topic = "bench"

@@ -283,7 +283,7 @@ class KafkaSinks:
             self.producer = KafkaProducer(bootstrap_servers=cfg.bootstrap_servers.split(","),
                                           client_id=f"{cfg.client_id}-sink", acks="all", linger_ms=5,
                                           retries=2**31 - 1, delivery_timeout_ms=cfg.delivery_timeout_ms,
-                                          **cfg.security())
+                                          compression_type=cfg.compression_type or None, **cfg.security())
 
     def ensure_topics(self) -> list[str]:
         """Create the configured output topics that do not exist yet (the broker's default

@@ -420,7 +420,8 @@ def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
     kafka = Config.load(args.config).kafka
     servers = (args.bootstrap_servers or kafka.bootstrap_servers).split(",")
     source = FileSource(args.input, args.format, batch_size=1000)
-    producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=10, **kafka.security())
+    producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=10,
+                             compression_type=kafka.compression_type or None, **kafka.security())
     try:
         with _progress(not args.quiet, unit=" readings", desc=f"publish {source.path.name}") as bar:
             sent, bad = publish_recording(source.batches(), producer, args.topic, args.speed, bar.update)
@@ -645,14 +646,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "machines, warmed on the tail of their train split, scored on their test split.")
     p.add_argument("--dataset", choices=("nab", "smd"), required=True)
     p.add_argument("--data", metavar="DIR", default=None,
-                   help="folder holding nab/ and smd/ (default: $FOREWARN_DATA or ../shared/data)")
+                   help="folder holding nab/ and smd/ (default: $FOREWARN_DATA, else shared/data beside "
+                        "the checkout the package runs from)")
     p.add_argument("--detectors", nargs="+", default=["forewarn", "meta-no-adapt", "lstm-scratch", "zscore", "hst", "pad-hw"],
                    help="detectors to run (default: %(default)s; also pooled, novelty, forewarn-fomaml, "
                         "forewarn-reptile, forewarn-maml and the forewarn-* option variants, such as "
                         "forewarn-calibrated-novelty; an unknown name lists them all)")
     p.add_argument("--init-dir", metavar="DIR", default=None,
                    help="where pooled.pt, fomaml.pt, reptile.pt, maml.pt are "
-                        "(default: benchmarks/artifacts of the checkout)")
+                        "(default: benchmarks/artifacts of the checkout the package runs from, "
+                        "i.e. an editable install)")
     p.add_argument("--limit", type=_positive_int, default=None, help="NAB: only the first N labelled series")
     p.add_argument("--windows", default="combined_windows.json", help="NAB label file (default: %(default)s)")
     p.add_argument("--machines", nargs="+", default=None, help="SMD machines (default: the held-out 2-4 2-5 2-7 2-8)")

@@ -61,6 +61,8 @@ class KafkaConfig:
     anomalies_topic: str = _setting("", "topic for anomaly events, keyed by device ('' = none)")
     dead_letter_topic: str = _setting("", "topic for bad records with their reason ('' = none)")
     scores_topic: str = _setting("", "topic for every reading's score, keyed by device ('' = none)")
+    compression_type: str = _setting("", "compression of the output topics: gzip, lz4, snappy or zstd ('' = none; "
+                                         "the input may use any of them)")
     auto_offset_reset: str = _setting("earliest", "where a group without committed offsets starts: earliest|latest")
     max_poll_records: int = _setting(5000, "records per poll, i.e. the largest pipeline batch")
     poll_timeout_ms: int = _setting(500, "how long one poll waits for records")
@@ -90,6 +92,9 @@ class KafkaConfig:
         if self.sasl_mechanism == "OAUTHBEARER":
             raise ConfigError("kafka.sasl_mechanism: OAUTHBEARER needs a token-provider object, which the "
                               "configuration cannot give")
+        if self.compression_type not in COMPRESSION_TYPES:
+            raise ConfigError(f"kafka.compression_type: unknown {self.compression_type!r} "
+                              f"(one of {', '.join(c for c in COMPRESSION_TYPES if c)}, or '' for none)")
         if self.sasl_mechanism not in SASL_MECHANISMS:  # kafka-python would fail to bootstrap, saying less
             raise ConfigError(f"kafka.sasl_mechanism: unknown {self.sasl_mechanism!r} "
                               f"(one of {', '.join(m for m in SASL_MECHANISMS if m)}, or '' for none)")
@@ -407,6 +412,7 @@ SECTIONS = ("kafka", "detector", "metrics", "state", "log")
 # from the environment (GSSAPI: the Kerberos ticket cache; AWS_MSK_IAM: the AWS credential chain).
 # OAUTHBEARER needs a token-provider object, which a configuration file cannot give.
 SASL_MECHANISMS = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "AWS_MSK_IAM")
+COMPRESSION_TYPES = ("", "gzip", "lz4", "snappy", "zstd")  # kafka-python's, with their codecs installed
 KAFKA_REQUEST_TIMEOUT_MS = 30_000  # kafka-python's consumer default, which Forewarn keeps (tested)
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 

@@ -121,3 +121,35 @@ def test_malformed_messages_never_stop_the_daemon(broker):
         assert harness.daemon.healthy()
     finally:
         harness.close()
+
+
+def test_readings_compressed_by_their_producers_are_scored_and_outputs_compressed(broker):
+    # Producers often compress (lz4, zstd): without the codecs kafka-python fails the poll, and the
+    # daemon would exit at every restart.  The outputs here are compressed too.
+    from kafka import KafkaProducer
+    broker.create_topics({"zip-sensors": 1, "zip-scores": 1})
+    codecs = ("gzip", "lz4", "snappy", "zstd")
+    for codec in codecs:
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, compression_type=codec)
+        for t in range(20):
+            producer.send("zip-sensors", key=codec.encode(),
+                          value=json.dumps({"device": codec, "ts": t, "value": float(t % 5)}).encode())
+        producer.close()
+    env = {**FAST_GROUP, "FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": "zip-sensors",
+           "FOREWARN_KAFKA_GROUP_ID": "zip", "FOREWARN_KAFKA_SCORES_TOPIC": "zip-scores",
+           "FOREWARN_KAFKA_COMPRESSION_TYPE": "zstd", "FOREWARN_METRICS_HOST": "127.0.0.1",
+           "FOREWARN_METRICS_PORT": str(free_port()), "FOREWARN_DETECTOR_WARMUP": "16"}
+    daemon = Daemon(Config.load(environ=env), registry=CollectorRegistry())
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: daemon.records >= 80, 90, what="every reading processed")
+    finally:
+        daemon.stop()
+        thread.join(30)
+    assert daemon.pipeline.counts["scored"] == 4 * (20 - 16) and not daemon.pipeline.bad_counts
+    reader = KafkaConsumer("zip-scores", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
+                           consumer_timeout_ms=3000)
+    devices = sorted({json.loads(r.value)["device"] for r in reader})
+    reader.close()
+    assert devices == sorted(codecs)
