@@ -92,7 +92,7 @@ class EmbeddedBroker:
 
     def end_offsets(self, topic: str) -> dict[int, int]:
         """Partition -> the offset the next record of ``topic`` will get."""
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap)
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
         try:
             partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
             return {tp.partition: end for tp, end in consumer.end_offsets(partitions).items()}

@@ -296,17 +296,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         outcome: dict = {}
 
         def finish_when_consumed() -> None:
-            out, _ = publisher.communicate()
-            outcome["code"] = publisher.returncode
-            published = int(out.split()[1]) if publisher.returncode == 0 and out.startswith("published") else 0
-            outcome["published"] = published
-            # done when every partition is processed up to its end: a count of records would
-            # also count those that a lost partition delivers again, and stop short
-            ends = broker.end_offsets("sensors") if published else {}
-            while not daemon.stopping.is_set() and any(daemon.processed_offsets().get(p, 0) < end
-                                                       for p, end in ends.items()):
-                time.sleep(0.2)
-            daemon.stop()
+            try:
+                out, _ = publisher.communicate()
+                outcome["code"] = publisher.returncode
+                published = int(out.split()[1]) if publisher.returncode == 0 and out.startswith("published") else 0
+                outcome["published"] = published
+                # done when every partition is processed up to its end: a count of records would
+                # also count those that a lost partition delivers again, and stop short
+                ends = broker.end_offsets("sensors") if published else {}
+                records, changed = daemon.records, time.monotonic()
+                while not daemon.stopping.is_set() and any(daemon.processed_offsets().get(p, 0) < end
+                                                           for p, end in ends.items()):
+                    if daemon.records != records:
+                        records, changed = daemon.records, time.monotonic()
+                    elif time.monotonic() - changed > 30:
+                        # a partition lost and assigned again after its last commit shows no processed
+                        # offset until a new record comes, and none will: nothing is left to read
+                        break
+                    time.sleep(0.2)
+            except Exception as exc:  # the broker gone, say: stop the daemon rather than leave it running
+                outcome["error"] = exc
+            finally:
+                daemon.stop()
 
         watcher = threading.Thread(target=finish_when_consumed, daemon=True)
         watcher.start()
@@ -315,6 +326,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         watcher.join(5)
         if outcome.get("code"):
             print(f"forewarn: error: replay-to-kafka failed (exit {outcome['code']})", file=sys.stderr)
+            return 1
+        if "error" in outcome:
+            print(f"forewarn: error: the demo could not follow the replay: {outcome['error']}", file=sys.stderr)
             return 1
         elapsed = time.perf_counter() - started
         counts = daemon.pipeline.counts

@@ -15,6 +15,7 @@ Every detector skips a channel's non-finite values (gaps), as the pipeline does.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -133,7 +134,9 @@ class ErrorRatioPAD(anomaly.PredictiveAnomalyDetection):
         self.dynamic_se_variance.update(squared_error)
         if seen < 10 or squared_error == 0:
             return 0.0
-        return squared_error / max(threshold, 1e-12)
+        # a channel flat until now has a threshold of ~0, so its first change scores very high, as
+        # PAD's own threshold judges it; finite, so that an error past float range still ranks
+        return min(squared_error / max(threshold, 1e-12), sys.float_info.max)
 
 
 def _pad_holt_winters(values: np.ndarray, _skip: int) -> np.ndarray:
