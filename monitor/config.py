@@ -7,6 +7,7 @@ are errors at start, naming the key.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 import re
@@ -98,6 +99,7 @@ class KafkaConfig:
         if self.sasl_mechanism not in SASL_MECHANISMS:  # kafka-python would fail to bootstrap, saying less
             raise ConfigError(f"kafka.sasl_mechanism: unknown {self.sasl_mechanism!r} "
                               f"(one of {', '.join(m for m in SASL_MECHANISMS if m)}, or '' for none)")
+        self._validate_security()
         for name in ("topic", "anomalies_topic", "dead_letter_topic", "scores_topic"):
             check_topic_name(f"kafka.{name}", getattr(self, name))
         # an output read back as input loops: each dead letter is read as a new bad record, forever
@@ -118,6 +120,40 @@ class KafkaConfig:
         if self.delivery_timeout_ms < MIN_DELIVERY_TIMEOUT_MS:  # kafka-python refuses less
             raise ConfigError(f"kafka.delivery_timeout_ms must be >= {MIN_DELIVERY_TIMEOUT_MS} "
                               "(the producers' request timeout plus linger)")
+
+    def _validate_security(self) -> None:
+        """What kafka-python would only find at the first connection, where it logs and retries for
+        good: the daemon would never be ready, and say why only in the client library's log.
+
+        >>> KafkaConfig(security_protocol="SASL_SSL", sasl_mechanism="PLAIN").validate()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        monitor.config.ConfigError: kafka.sasl_mechanism PLAIN needs kafka.sasl_plain_username and ...
+        """
+        protocol, mechanism = self.security_protocol, self.sasl_mechanism
+        sasl = protocol.startswith("SASL_")
+        if sasl and not mechanism:
+            raise ConfigError(f"kafka.security_protocol {protocol} needs kafka.sasl_mechanism "
+                              f"({', '.join(m for m in SASL_MECHANISMS if m)})")
+        if mechanism and not sasl:
+            raise ConfigError(f"kafka.sasl_mechanism {mechanism} is used only with kafka.security_protocol "
+                              f"SASL_PLAINTEXT or SASL_SSL, not {protocol}: it would be ignored")
+        if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and not (
+                self.sasl_plain_username and self.sasl_plain_password):
+            raise ConfigError(f"kafka.sasl_mechanism {mechanism} needs kafka.sasl_plain_username and "
+                              f"kafka.sasl_plain_password (FOREWARN_KAFKA_SASL_PLAIN_PASSWORD for the password)")
+        needs = {"GSSAPI": "gssapi", "AWS_MSK_IAM": "botocore"}.get(mechanism)
+        if needs and importlib.util.find_spec(needs) is None:
+            raise ConfigError(f"kafka.sasl_mechanism {mechanism} needs the {needs} package: pip install {needs}")
+        if mechanism == "AWS_MSK_IAM" and protocol != "SASL_SSL":
+            raise ConfigError("kafka.sasl_mechanism AWS_MSK_IAM needs kafka.security_protocol SASL_SSL")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path and protocol not in ("SSL", "SASL_SSL"):
+                raise ConfigError(f"kafka.{name} is used only with kafka.security_protocol SSL or SASL_SSL, "
+                                  f"not {protocol}: it would be ignored")
+            if path and not Path(path).is_file():
+                raise ConfigError(f"kafka.{name}: no such file {path!r}")
 
     def security(self) -> dict[str, Any]:
         """The security settings kafka-python takes, passed through as given."""

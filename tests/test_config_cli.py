@@ -7,9 +7,13 @@ from monitor.config import Config, ConfigError
 def test_toml_then_environment(tmp_path):
     path = tmp_path / "forewarn.toml"
     path.write_text('[kafka]\ntopic = "plant"\nmax_poll_records = 100\n[detector]\nthreshold = 0.99\n')
-    cfg = Config.load(path, environ={"FOREWARN_KAFKA_MAX_POLL_RECORDS": "250", "FOREWARN_KAFKA_SASL_MECHANISM": "PLAIN"})
+    cfg = Config.load(path, environ={"FOREWARN_KAFKA_MAX_POLL_RECORDS": "250", "FOREWARN_KAFKA_SECURITY_PROTOCOL":
+                                     "SASL_SSL", "FOREWARN_KAFKA_SASL_MECHANISM": "PLAIN",
+                                     "FOREWARN_KAFKA_SASL_PLAIN_USERNAME": "mon",
+                                     "FOREWARN_KAFKA_SASL_PLAIN_PASSWORD": "pw"})
     assert (cfg.kafka.topic, cfg.kafka.max_poll_records, cfg.detector.threshold) == ("plant", 250, 0.99)
-    assert cfg.kafka.security() == {"security_protocol": "PLAINTEXT", "sasl_mechanism": "PLAIN"}
+    assert cfg.kafka.security() == {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
+                                    "sasl_plain_username": "mon", "sasl_plain_password": "pw"}
 
 
 @pytest.mark.parametrize("toml, message", [
@@ -39,6 +43,18 @@ def test_toml_then_environment(tmp_path):
     ("[state]\nchangelog_topic = 'sensors'\n", "the state changelog topic 'sensors' is also kafka.topic"),
     ("[kafka]\ntopic = 'plant 1'\n", "kafka.topic: 'plant 1' is not a legal Kafka topic name"),
     ("[kafka]\nsasl_mechanism = 'SCRAM'\n", "kafka.sasl_mechanism: unknown 'SCRAM'"),
+    # each of these passed, and kafka-python failed only at the first connection, logging and
+    # retrying for good: the daemon was never ready, and said why only in the client's log
+    ("[kafka]\nsecurity_protocol = 'SASL_SSL'\n", "kafka.security_protocol SASL_SSL needs kafka.sasl_mechanism"),
+    ("[kafka]\nsasl_mechanism = 'PLAIN'\nsasl_plain_username = 'u'\nsasl_plain_password = 'p'\n",
+     "kafka.sasl_mechanism PLAIN is used only with kafka.security_protocol SASL_PLAINTEXT or SASL_SSL"),
+    ("[kafka]\nsecurity_protocol = 'SASL_SSL'\nsasl_mechanism = 'SCRAM-SHA-512'\nsasl_plain_username = 'u'\n",
+     "kafka.sasl_mechanism SCRAM-SHA-512 needs kafka.sasl_plain_username and kafka.sasl_plain_password"),
+    ("[kafka]\nsecurity_protocol = 'SASL_PLAINTEXT'\nsasl_mechanism = 'GSSAPI'\n",
+     "kafka.sasl_mechanism GSSAPI needs the gssapi package"),
+    ("[kafka]\nsecurity_protocol = 'SSL'\nssl_cafile = '/nonexistent/ca.pem'\n",
+     "kafka.ssl_cafile: no such file '/nonexistent/ca.pem'"),
+    ("[kafka]\nssl_cafile = '/etc/hostname'\n", "kafka.ssl_cafile is used only with kafka.security_protocol SSL"),
     ("[kafka]\nfetch_max_wait_ms = 400000\n", "kafka.fetch_max_wait_ms \\(400000\\) must be below"),
     # SQLite takes both, for a database gone when the daemon stops
     ("[state]\nstore = 'local'\nlocal_path = ''\n", "state.local_path must name a file"),

@@ -23,7 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from monitor.cli import build_parser
-from monitor.config import Config, MetricsConfig
+from monitor.config import Config, ConfigError, MetricsConfig
 from monitor.metrics import (
     REFERENCE_BEGIN,
     REFERENCE_END,
@@ -371,7 +371,10 @@ def test_kubernetes_deployment_matches_the_daemon(tmp_path):
     assert volume["configMap"]["name"] == configmap["metadata"]["name"]
     toml = configmap["data"][args.config.rsplit("/", 1)[1]]
     (tmp_path / "forewarn.toml").write_text(toml)
-    cfg = Config.load(tmp_path / "forewarn.toml", environ={})
+    secret_env = {"FOREWARN_KAFKA_SASL_PLAIN_USERNAME": "u", "FOREWARN_KAFKA_SASL_PLAIN_PASSWORD": "p"}
+    with pytest.raises(ConfigError, match="needs kafka.sasl_plain_username"):  # the Secret is needed
+        Config.load(tmp_path / "forewarn.toml", environ={})
+    cfg = Config.load(tmp_path / "forewarn.toml", environ=secret_env)
     assert cfg.metrics.port == PORT and cfg.kafka.security_protocol.startswith("SASL")
     assert not {"sasl_plain_username", "sasl_plain_password"} & set(tomllib.loads(toml)["kafka"]), "use the Secret"
 
@@ -380,9 +383,7 @@ def test_kubernetes_deployment_matches_the_daemon(tmp_path):
     assert set(env) == {"FOREWARN_KAFKA_SASL_PLAIN_USERNAME", "FOREWARN_KAFKA_SASL_PLAIN_PASSWORD"}
     for ref in env.values():
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
-    with_secret = Config.load(tmp_path / "forewarn.toml", environ={
-        "FOREWARN_KAFKA_SASL_PLAIN_USERNAME": "u", "FOREWARN_KAFKA_SASL_PLAIN_PASSWORD": "p"})
-    assert with_secret.kafka.security()["sasl_plain_password"] == "p"
+    assert cfg.kafka.security()["sasl_plain_password"] == "p"
 
     # the Service and the ServiceMonitor reach the metrics port
     assert service["spec"]["selector"].items() <= labels.items()
