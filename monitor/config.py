@@ -122,8 +122,8 @@ class KafkaConfig:
                               "(the producers' request timeout plus linger)")
 
     def _validate_security(self) -> None:
-        """What kafka-python would only find at the first connection, where it logs and retries for
-        good: the daemon would never be ready, and say why only in the client library's log.
+        """What kafka-python would otherwise find only when it connects, after the daemon has
+        started, and report in its own log rather than as a configuration error.
 
         >>> KafkaConfig(security_protocol="SASL_SSL", sasl_mechanism="PLAIN").validate()  # doctest: +ELLIPSIS
         Traceback (most recent call last):
