@@ -9,11 +9,12 @@ from a state that matches the committed offsets.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -22,7 +23,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError,
 from kafka.structs import OffsetAndMetadata
 
 from monitor.config import KafkaConfig
-from monitor.readings import BadRecord, MessageFormat, Reading, Score, parse_message
+from monitor.readings import BadRecord, MessageFormat, Reading, Score, excerpt, parse_message
 
 log = logging.getLogger("forewarn.kafka")
 
@@ -53,6 +54,49 @@ class PolledBatch:
     offset_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # id(reading) -> (partition, offset)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to commit
     records: int = 0
+    messages: dict = field(default_factory=dict)  # TopicPartition -> the poll's records, by offset
+
+    def with_raw(self, bad: list[BadRecord]) -> list[BadRecord]:
+        """``bad`` with the message each came from where it lacks it: the pipeline's rejections
+        (a duplicate timestamp, say) name only their reading's source, and the input topic's
+        retention may delete it before anyone reads the dead letter.
+
+        >>> from collections import namedtuple
+        >>> from monitor.readings import BadReason
+        >>> Record = namedtuple("Record", "offset value")
+        >>> batch = PolledBatch(messages={TopicPartition("sensors", 1): [Record(41, b'{"a": 1}'), Record(43, b"x")]})
+        >>> late = BadRecord(BadReason.DUPLICATE_TIMESTAMP, "ts 5 after 5", ref=record_ref("sensors", 1, 41))
+        >>> [b.raw for b in batch.with_raw([late])]
+        ['{"a": 1}']
+        """
+        out = []
+        for b in bad:
+            if b.raw is None:
+                raw = self._raw(b.ref)
+                if raw is not None:
+                    b = replace(b, raw=raw)
+            out.append(b)
+        return out
+
+    def _raw(self, ref: str) -> str | None:
+        where, _, offset = ref.rpartition("@")
+        topic, _, partition = where.rpartition("/")
+        try:
+            messages = self.messages.get(TopicPartition(topic, int(partition)))
+            wanted = int(offset)
+        except ValueError:
+            return None
+        if not messages:
+            return None
+        i = bisect.bisect_left(messages, wanted, key=lambda m: m.offset)
+        if i < len(messages) and messages[i].offset == wanted:
+            return excerpt(messages[i].value or b"")
+        return None
+
+
+def record_ref(topic: str, partition: int, offset: int) -> str:
+    """Where a record came from, as errors and dead letters name it: ``sensors/3@1042``."""
+    return f"{topic}/{partition}@{offset}"
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -135,9 +179,10 @@ class KafkaSource:
     def poll(self) -> PolledBatch:
         batch = PolledBatch()
         records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records)
+        batch.messages = records
         for tp, messages in records.items():
             for m in messages:
-                ref = f"{tp.topic}/{tp.partition}@{m.offset}"
+                ref = f"{tp.topic}/{tp.partition}@{m.offset}"  # record_ref's form, inline: once per record
                 parsed = parse_message(m.value or b"", self.message_format, ref)
                 batch.bad.extend(parsed.bad)
                 if parsed.reading is not None:

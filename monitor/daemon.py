@@ -509,7 +509,7 @@ class Daemon:
         self._last_seen.update(dict.fromkeys(batch.partition_of, self._newest_seen))
         readings = self._skip_covered(batch) if self._covered else batch.readings
         result = self.pipeline.feed(readings)
-        bad = batch.bad + result.bad
+        bad = batch.bad + batch.with_raw(result.bad)
         sent = sinks.send_scores(result.scores)
         sinks.send_dead_letters(bad)
         self._flushed(sinks)  # raises if the broker did not take them: then nothing is committed

@@ -220,7 +220,7 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     ['missing_timestamp']
     """
     def rejected(reason: BadReason, detail: str) -> Parsed:
-        return Parsed(None, [BadRecord(reason, detail, ref, _excerpt(raw))])
+        return Parsed(None, [BadRecord(reason, detail, ref, excerpt(raw))])
 
     try:
         # decode first: json.loads on bytes sniffs the encoding, which costs more than decoding
@@ -272,17 +272,17 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
             continue
         if not 0 < len(channel) <= max_name:
             bad.append(BadRecord(BadReason.BAD_CHANNEL, f"device {device!r}: channel name of {len(channel)} "
-                                 f"characters, expected 1 to {max_name}: {channel[:40]!r}", ref, _excerpt(raw)))
+                                 f"characters, expected 1 to {max_name}: {channel[:40]!r}", ref, excerpt(raw)))
             continue
         if not encodes_as_utf8(channel):
             bad.append(BadRecord(BadReason.BAD_CHANNEL, f"device {device!r}: channel name {channel[:40]!r} is not "
-                                 "valid Unicode (a lone surrogate)", ref, _excerpt(raw)))
+                                 "valid Unicode (a lone surrogate)", ref, excerpt(raw)))
             continue
         value, reason, detail = check_value(raw_value, max_abs)
         if reason is None:
             values[channel] = value
         else:
-            bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: {detail}", ref, _excerpt(raw)))
+            bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: {detail}", ref, excerpt(raw)))
     return Parsed(Reading(device, ts, values, ref) if values else None, bad)
 
 
@@ -303,6 +303,7 @@ def encodes_as_utf8(text: str) -> bool:
     return True
 
 
-def _excerpt(raw: bytes | str) -> str:
+def excerpt(raw: bytes | str) -> str:
+    """A record as the dead letters keep it: text, cut to 500 characters."""
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, (bytes, bytearray)) else raw
     return text[:500]

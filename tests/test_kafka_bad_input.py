@@ -153,3 +153,29 @@ def test_readings_compressed_by_their_producers_are_scored_and_outputs_compresse
     devices = sorted({json.loads(r.value)["device"] for r in reader})
     reader.close()
     assert devices == sorted(codecs)
+
+
+def test_a_reading_the_pipeline_rejects_reaches_the_dead_letters_with_its_message(broker):
+    # A duplicate or out-of-order timestamp is found past parsing: its dead letter named only the
+    # source offset, which the input topic's retention may delete before anyone looks.
+    broker.create_topics({"late-sensors": 1, "late-dead": 1})
+    messages = [json.dumps({"device": "p1", "ts": ts, "value": 1.0}).encode() for ts in (1, 2, 2, 1, 3)]
+    publish(broker.bootstrap, "late-sensors", [(b"p1", m) for m in messages])
+    env = {**FAST_GROUP, "FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": "late-sensors",
+           "FOREWARN_KAFKA_GROUP_ID": "late", "FOREWARN_KAFKA_DEAD_LETTER_TOPIC": "late-dead",
+           "FOREWARN_METRICS_HOST": "127.0.0.1", "FOREWARN_METRICS_PORT": str(free_port())}
+    daemon = Daemon(Config.load(environ=env), registry=CollectorRegistry())
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: daemon.records >= len(messages), 90, what="every record processed")
+    finally:
+        daemon.stop()
+        thread.join(30)
+    reader = KafkaConsumer("late-dead", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
+                           consumer_timeout_ms=3000)
+    letters = [json.loads(r.value) for r in reader]
+    reader.close()
+    assert [(d["reason"], d["source"], d["raw"]) for d in letters] == [
+        ("duplicate_timestamp", "late-sensors/0@2", messages[2].decode()),
+        ("out_of_order_timestamp", "late-sensors/0@3", messages[3].decode())]
