@@ -232,6 +232,19 @@ class KafkaSource:
     def resume(self, partitions) -> None:
         self.consumer.resume(*[tp for tp in partitions if tp in self.consumer.assignment()])
 
+    def in_group(self) -> bool:
+        """Whether this member may still speak for its partitions, as far as it can tell: the
+        group stable with it in it, its heartbeats answered within the session timeout and its
+        last poll within the rebalance timeout.  A member dropped while it was busy or paused
+        (a batch past kafka.max_poll_interval_ms, a frozen VM) believes it holds its partitions
+        until its next poll; state it writes then lands after the new owner's."""
+        coordinator = getattr(self.consumer, "_coordinator", None)  # kafka-python's, not public
+        heartbeat = getattr(coordinator, "heartbeat", None)
+        if heartbeat is None:  # another kafka-python: cannot tell, so as before
+            return True
+        return (coordinator.generation_if_stable() is not None and not coordinator.need_rejoin()
+                and not heartbeat.session_timeout_expired() and not heartbeat.poll_timeout_expired())
+
     def connected(self) -> bool:
         """Whether the group coordinator is known and its connection is up.
 

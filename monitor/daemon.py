@@ -38,6 +38,11 @@ from monitor.state import StateCodec, StateError
 log = logging.getLogger("forewarn.daemon")
 
 
+def _in_group(source) -> bool:
+    """``source.in_group()``; without a source (not consuming yet) nothing speaks for a group."""
+    return source is None or source.in_group()
+
+
 def _offset_on(covered: tuple[int, int] | None, partition: int | None) -> int:
     """The input offset a restored state covers on this partition (-1: none).  Offsets of
     another partition say nothing: a device moves when the input topic gains partitions."""
@@ -230,6 +235,7 @@ class Daemon:
         self._processed: dict[int, int] = {}     # partition -> next offset, processed and delivered
         self._partition_of: dict[str, int] = {}  # device -> the partition it arrives on
         self._round: _CheckpointRound | None = None
+        self._out_of_group_logged = -math.inf
         self._to_restore: set = set()            # assigned partitions whose devices are not restored yet
         # restored device -> (input partition, offset) its state covers: offsets of one partition only
         self._covered: dict[str, tuple[int, int]] = {}
@@ -347,6 +353,9 @@ class Daemon:
         if not idle:
             return
         if self.store is not None and not self._abandoned:
+            if not _in_group(self.source):  # its tombstones would delete the new owner's snapshots
+                self._note_out_of_group()
+                return
             try:
                 for device in idle:
                     for home in {self._partition_of.get(device), self._old_home.get(device)} - {None}:
@@ -660,6 +669,13 @@ class Daemon:
         """Write the next ``limit`` devices of the round (all if None); when none are
         left, make them durable and commit the round's offsets."""
         round_ = self._round
+        if self.store is not None and not _in_group(source):
+            # dropped from the group (a batch past the rebalance timeout, a paused process): the
+            # partitions' new owner may have checkpointed already, and these older snapshots would
+            # land after its own and be restored. The round waits for the next poll, whose
+            # rebalance takes the departed partitions out of it.
+            self._note_out_of_group()
+            return
         if round_.todo:
             chunk = round_.todo[:limit]  # a copy, also of the whole (None): the todo is cut below
             del round_.todo[:len(chunk)]
@@ -692,6 +708,14 @@ class Daemon:
             self.metrics.checkpoints.inc()
             self.metrics.checkpoint_duration.observe(time.perf_counter() - round_.started)
             log.debug("checkpoint", extra=_fields(devices_written=round_.written))
+
+    def _note_out_of_group(self) -> None:
+        now = time.monotonic()
+        if now - self._out_of_group_logged >= 60.0:
+            self._out_of_group_logged = now
+            log.warning("not in the consumer group any more: device state is not written until the next "
+                        "poll rejoins it (a batch or a pause outlasted kafka.max_poll_interval_ms or the "
+                        "session timeout)")
 
     def _checkpoint_now(self, source) -> None:
         """Finish any round in progress, then checkpoint everything processed since."""

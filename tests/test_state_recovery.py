@@ -574,6 +574,9 @@ def test_a_checkpoint_stuck_on_a_full_buffer_is_finished_before_any_later_commit
         def commit(self, offsets):
             events.append(("commit", {tp.partition: o for tp, o in offsets.items()}))
 
+        def in_group(self):
+            return True
+
     daemon.store, source = FullForA(":memory:"), Source()
     daemon._process(_batch("a", 0, list(range(0, 10)), 0), source, _Sinks())   # interval 0: checkpoint
     daemon._process(_batch("b", 0, list(range(10, 20)), 0), source, _Sinks())
@@ -772,3 +775,51 @@ def test_a_wait_for_the_changelog_s_partitions_given_up_is_done_again_on_the_ret
     for _ in range(2):
         with pytest.raises(KafkaTimeoutError):
             store.ensure_partitions(2)
+
+
+def test_a_member_dropped_during_a_long_batch_writes_no_state_until_it_rejoins(broker):
+    """A batch that outlasts kafka.max_poll_interval_ms (a slow adaptation, a paused VM) gets the
+    member dropped from the group while it works; the partitions' next owner may checkpoint at
+    once. Snapshots written after the batch, before the next poll, would land after the new
+    owner's and be restored: device state going back by everything in between."""
+    import threading
+    import time
+
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+    from tests.kafka_support import FAST_GROUP
+
+    topic, scores, group = "zombie-sensors", "zombie-scores", "zombie"
+    broker.create_topics({topic: 1, scores: 1})
+    env = {**FAST_GROUP, **_env(broker, topic, group, 0, scores, FOREWARN_KAFKA_MAX_POLL_RECORDS="100")}
+    daemon = Daemon(Config.load(environ=env))
+    events: list[tuple[str, float]] = []
+    feed, write, on_assign = daemon.pipeline.feed, daemon._write_states, daemon._on_assign
+
+    def stalling_feed(readings):
+        if any(r.ts == 150 for r in readings) and not any(e == "stall over" for e, _ in events):
+            time.sleep(6.0)  # twice the rebalance timeout of FAST_GROUP
+            events.append(("stall over", time.monotonic()))
+        return feed(readings)
+
+    def recording_write(devices):
+        events.append(("write", time.monotonic()))
+        return write(devices)
+
+    def recording_assign(partitions):
+        events.append(("assigned", time.monotonic()))
+        return on_assign(partitions)
+
+    daemon.pipeline.feed, daemon._write_states, daemon._on_assign = stalling_feed, recording_write, recording_assign
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        publish(broker.bootstrap, topic, _messages(range(200)))
+        wait_for(_all_committed(broker, group, topic, 200 * DEVICES), 120, what="everything committed")
+    finally:
+        daemon.stop()
+        thread.join(60)
+    names = [e for e, _ in events]
+    after_stall = names[names.index("stall over") + 1:]
+    assert "write" in after_stall and "assigned" in after_stall  # it did rejoin and checkpoint again
+    assert after_stall.index("assigned") < after_stall.index("write"), names
