@@ -59,6 +59,8 @@ class LocalStore:
     ([(0, 'pump-7', b'state')], [])
     """
 
+    shared = False  # other instances cannot read it: for a group of one
+
     def __init__(self, path: str | Path) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +118,8 @@ class ChangelogStore:
     ...         store.close()
     [(1, 'pump-7', b'state of pump-7')]
     """
+
+    shared = True  # any instance of the group restores any partition
 
     RECORD_OVERHEAD = 4096  # key, headers and batch framing around a snapshot, generously
     # How long a put may wait for room in the producer's buffer (full only while the broker

@@ -756,7 +756,13 @@ class Daemon:
         # checkpoint does not cover (what a state does cover is skipped: ``_skip_covered``)
         committed_at = source.rewind(partitions)
         # the input topic may have grown since the changelog was made; its partitions must follow
-        self.store.ensure_partitions(max([source.partitions_for_topic()] + [tp.partition + 1 for tp in partitions]))
+        total = source.partitions_for_topic()
+        self.store.ensure_partitions(max([total] + [tp.partition + 1 for tp in partitions]))
+        if not self.store.shared and len(self._assigned) < total:
+            log.error("state.store = local keeps device state in this instance's file, but another member of the "
+                      "group holds partitions of the topic: a device that moves between instances re-warms "
+                      "there, and restores a stale snapshot when it comes back (state.store = changelog shares "
+                      "it)", extra=_fields(assigned=len(self._assigned), partitions=total))
         for partition, device, data in self.store.load((tp.partition for tp in partitions), self._still_alive):
             try:
                 states.append((partition, self.codec.decode(data)))

@@ -823,3 +823,37 @@ def test_a_member_dropped_during_a_long_batch_writes_no_state_until_it_rejoins(b
     after_stall = names[names.index("stall over") + 1:]
     assert "write" in after_stall and "assigned" in after_stall  # it did rejoin and checkpoint again
     assert after_stall.index("assigned") < after_stall.index("write"), names
+
+
+def test_a_local_store_in_a_group_of_several_says_so(caplog):
+    """The local file is this instance's alone: a device moving to another member re-warms there
+    and, when it comes back, restores the stale snapshot left here. Nothing said so."""
+    import logging
+
+    from kafka import TopicPartition
+
+    from connectors.state_store import LocalStore
+
+    class Source:
+        def rewind(self, partitions):
+            return {tp: 0 for tp in partitions}
+
+        def partitions_for_topic(self):
+            return 4
+
+        def resume(self, partitions):
+            pass
+
+    def restore(assigned):
+        daemon = _idle_daemon()
+        daemon.store = LocalStore(":memory:")
+        daemon._assigned = {TopicPartition("t", p) for p in assigned}
+        daemon._to_restore = set(daemon._assigned)
+        with caplog.at_level(logging.ERROR, logger="forewarn.daemon"):
+            caplog.clear()
+            daemon._restore_partitions(Source())
+        return [r.getMessage() for r in caplog.records]
+
+    assert restore(range(4)) == []
+    (message,) = restore([0, 2])
+    assert message.startswith("state.store = local keeps device state in this instance's file")
