@@ -158,6 +158,9 @@ class KafkaSource:
         self.on_revoke = on_revoke
         self.on_assign = on_assign
         self._delivered: dict[TopicPartition, int] = {}  # processed and delivered, not yet committed
+        # this member's own clocks for in_group: kafka-python resets its heartbeat timers when it
+        # finds the coordinator again, before it learns that the group has dropped the member
+        self._polled_at = self._joined_at = time.monotonic()
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers.split(","),
             group_id=cfg.group_id,
@@ -178,6 +181,7 @@ class KafkaSource:
 
     def poll(self) -> PolledBatch:
         batch = PolledBatch()
+        self._polled_at = time.monotonic()
         records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records)
         batch.messages = records
         for tp, messages in records.items():
@@ -234,16 +238,29 @@ class KafkaSource:
 
     def in_group(self) -> bool:
         """Whether this member may still speak for its partitions, as far as it can tell: the
-        group stable with it in it, its heartbeats answered within the session timeout and its
-        last poll within the rebalance timeout.  A member dropped while it was busy or paused
-        (a batch past kafka.max_poll_interval_ms, a frozen VM) believes it holds its partitions
-        until its next poll; state it writes then lands after the new owner's."""
+        group stable with it in it and its session alive (``session_alive``).  A member dropped
+        while it was busy or paused (a batch past kafka.max_poll_interval_ms, a frozen VM)
+        believes it holds its partitions until its next poll; state it writes then lands after
+        the new owner's."""
         coordinator = getattr(self.consumer, "_coordinator", None)  # kafka-python's, not public
-        heartbeat = getattr(coordinator, "heartbeat", None)
-        if heartbeat is None:  # another kafka-python: cannot tell, so as before
+        try:
+            stable = coordinator is None or coordinator.generation_if_stable() is not None
+        except AttributeError:  # another kafka-python: cannot tell, so as before
+            stable = True
+        return stable and self.session_alive()
+
+    def session_alive(self) -> bool:
+        """This member's session by its own clocks: a heartbeat answered within the session
+        timeout of the last one or of the join, and a poll within the rebalance timeout.  Also
+        right inside a rebalance, where the group is not stable but the partitions still ours."""
+        now = time.monotonic()
+        if now - self._polled_at > self.cfg.max_poll_interval_ms / 1000:
+            return False
+        heartbeat = getattr(getattr(self.consumer, "_coordinator", None), "heartbeat", None)
+        answered = getattr(heartbeat, "last_receive", None)
+        if answered is None:  # another kafka-python: the poll clock alone
             return True
-        return (coordinator.generation_if_stable() is not None and not coordinator.need_rejoin()
-                and not heartbeat.session_timeout_expired() and not heartbeat.poll_timeout_expired())
+        return now - max(answered, self._joined_at) <= self.cfg.session_timeout_ms / 1000
 
     def connected(self) -> bool:
         """Whether the group coordinator is known and its connection is up.
@@ -282,6 +299,7 @@ class KafkaSource:
             self.on_revoke(partitions, lost)
 
     def _assigned(self, partitions: set[TopicPartition]) -> None:
+        self._joined_at = time.monotonic()
         if self.on_assign:
             self.on_assign(partitions)
 

@@ -376,6 +376,11 @@ class Daemon:
         restores from its last checkpoint and replays from the committed offset.  Not
         after a batch was given up mid-way: its devices have learned readings whose
         outputs were not delivered, and the last checkpoint is the consistent state."""
+        if self.source is not None and not self.source.session_alive():
+            # dropped while busy or paused, and only now rejoining (or closing): the partitions'
+            # new owner may have checkpointed since, and these states would land after its own
+            self._note_out_of_group()
+            return
         unwritten = set(self._round.todo) & devices if self._round else set()
         todo = list(unwritten | self.pipeline.take_changed(devices))
         deadline = time.monotonic() + self.config.kafka.session_timeout_ms / 2000
@@ -713,9 +718,9 @@ class Daemon:
         now = time.monotonic()
         if now - self._out_of_group_logged >= 60.0:
             self._out_of_group_logged = now
-            log.warning("not in the consumer group any more: device state is not written until the next "
-                        "poll rejoins it (a batch or a pause outlasted kafka.max_poll_interval_ms or the "
-                        "session timeout)")
+            log.warning("this member is rebalancing or out of the consumer group (a batch or a pause past "
+                        "kafka.max_poll_interval_ms or the session timeout drops it): device state is written "
+                        "once the next poll has rejoined")
 
     def _checkpoint_now(self, source) -> None:
         """Finish any round in progress, then checkpoint everything processed since."""

@@ -857,3 +857,29 @@ def test_a_local_store_in_a_group_of_several_says_so(caplog):
     assert restore(range(4)) == []
     (message,) = restore([0, 2])
     assert message.startswith("state.store = local keeps device state in this instance's file")
+
+
+def test_a_member_paused_past_its_session_is_out_of_the_group_by_its_own_clocks():
+    """After a pause (a frozen VM, SIGSTOP) kafka-python finds the coordinator again and resets its
+    heartbeat timers before a heartbeat tells it the group dropped it: its own timeout checks then
+    read fresh. The member's own clocks, the last heartbeat answered and the last poll, do not."""
+    import time
+    from types import SimpleNamespace
+
+    from connectors.kafka import KafkaSource
+    from monitor.config import KafkaConfig
+
+    now = time.monotonic()
+    heartbeat = SimpleNamespace(last_receive=now - 20.0, last_reset=now,
+                                session_timeout_expired=lambda: False, poll_timeout_expired=lambda: False)
+    source = KafkaSource.__new__(KafkaSource)  # no broker: only the membership judgement
+    source.cfg = KafkaConfig(max_poll_interval_ms=3000, session_timeout_ms=3000, heartbeat_interval_ms=500)
+    source.consumer = SimpleNamespace(_coordinator=SimpleNamespace(generation_if_stable=lambda: 7, heartbeat=heartbeat))
+    source._polled_at, source._joined_at = now, now - 30.0
+    assert not source.in_group() and not source.session_alive()
+    heartbeat.last_receive = now - 0.5  # answered: a healthy member
+    assert source.in_group()
+    source._polled_at = now - 10.0      # a batch past the rebalance timeout
+    assert not source.in_group()
+    source._polled_at, source.consumer._coordinator.generation_if_stable = now, lambda: None  # rejoining
+    assert not source.in_group() and source.session_alive()  # its revoke may still save state
