@@ -99,7 +99,7 @@ class TaskSampler:
         self.skipped = len(series) - len(self.series)
         if not self.series:
             raise ValueError(f"no series with at least {need} values that is not constant")
-        if not any(_has_moving_support(s, support, query) for s in self.series):  # sample would draw forever
+        if not any(_moves_before_last_query(s, query) for s in self.series):  # sample would draw forever
             raise ValueError(f"no series has a window of {support} values that is not flat followed by {query} "
                              f"more: every one moves only in its last values")
         self.support, self.query = support, query
@@ -135,14 +135,14 @@ class TaskSampler:
         return scaled[:, : self.support], scaled[:, self.support:]
 
 
-def _has_moving_support(series: np.ndarray, support: int, query: int) -> bool:
-    """Whether some window's first ``support`` values are not all equal.
+def _moves_before_last_query(series: np.ndarray, query: int) -> bool:
+    """Whether some window's support is not flat (for a series at least one window long): the
+    supports together cover every value before the last query, and a change among them lies
+    inside some support.
 
-    >>> _has_moving_support(np.r_[np.zeros(300), 1.0], support=64, query=16)  # it moves only in a query
+    >>> _moves_before_last_query(np.r_[np.zeros(300), 1.0], query=16)  # it moves only in a query
     False
     """
-    # every support together covers the values before the last query; any change among them
-    # lies inside some support
     covered = series[:len(series) - query]
     return bool((covered[1:] != covered[:-1]).any())
 

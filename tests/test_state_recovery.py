@@ -366,6 +366,22 @@ def test_devices_silent_for_the_idle_timeout_are_forgotten_with_their_state_and_
     assert returned and all(s["score"] is None for s in returned)  # warming afresh, not the old model
 
 
+class _RestoreSource:
+    """What ``Daemon._restore_partitions`` asks of a source: every partition committed at one offset."""
+
+    def __init__(self, committed: int, partitions: int) -> None:
+        self.committed, self.partitions = committed, partitions
+
+    def rewind(self, partitions):
+        return {tp: self.committed for tp in partitions}
+
+    def partitions_for_topic(self):
+        return self.partitions
+
+    def resume(self, partitions):
+        pass
+
+
 def _idle_daemon(**env):
     from prometheus_client import CollectorRegistry
 
@@ -626,20 +642,10 @@ def test_a_restore_keeps_each_device_s_idle_clock():
     saver._write_states(["quiet", "busy"])
     store.flush()
 
-    class Source:
-        def rewind(self, partitions):
-            return {tp: 40 for tp in partitions}
-
-        def partitions_for_topic(self):
-            return 1
-
-        def resume(self, partitions):
-            pass
-
     restored = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
     restored.store = store
     restored._to_restore = {TopicPartition("t", 0)}
-    restored._restore_partitions(Source())
+    restored._restore_partitions(_RestoreSource(committed=40, partitions=1))
     assert restored._last_seen["busy"] - restored._last_seen["quiet"] == pytest.approx(100.0, abs=0.01)
     restored._newest_seen = restored._last_seen["busy"]
     restored._forget_idle(60.0)
@@ -834,16 +840,6 @@ def test_a_local_store_in_a_group_of_several_says_so():
 
     from connectors.state_store import LocalStore
 
-    class Source:
-        def rewind(self, partitions):
-            return {tp: 0 for tp in partitions}
-
-        def partitions_for_topic(self):
-            return 4
-
-        def resume(self, partitions):
-            pass
-
     class Errors(logging.Handler):  # on the logger itself: the CLI's set-up stops propagation to caplog
         def __init__(self):
             super().__init__(logging.ERROR)
@@ -860,7 +856,7 @@ def test_a_local_store_in_a_group_of_several_says_so():
         errors, logger = Errors(), logging.getLogger("forewarn.daemon")
         logger.addHandler(errors)
         try:
-            daemon._restore_partitions(Source())
+            daemon._restore_partitions(_RestoreSource(committed=0, partitions=4))
         finally:
             logger.removeHandler(errors)
         return errors.messages
