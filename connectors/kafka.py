@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from kafka.errors import (KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, UnknownTopicOrPartitionError,
+                          for_code)
 from kafka.structs import OffsetAndMetadata
 
 from monitor.config import KafkaConfig
@@ -279,6 +280,21 @@ class KafkaSource:
     def partitions_for_topic(self) -> int:
         return len(self.consumer.partitions_for_topic(self.cfg.topic) or ()) or 1
 
+    def partitions_now(self, timeout_ms: int = 2000) -> int:
+        """The input topic's partitions as the broker has them now.  The consumer's own
+        metadata is refreshed every metadata_max_age_ms (5 minutes): a member that did not
+        lead the rebalance learns of new partitions late."""
+        admin = admin_client(self.cfg, timeout_ms)
+        try:
+            topic = admin.describe_topics([self.cfg.topic])[0]
+        finally:
+            admin.close()
+        if topic["error_code"]:
+            raise for_code(topic["error_code"])(f"input topic {self.cfg.topic!r}")
+        if not topic["partitions"]:
+            raise UnknownTopicOrPartitionError(f"input topic {self.cfg.topic!r} has no partitions")
+        return len(topic["partitions"])
+
     def lag(self) -> dict[TopicPartition, int]:
         """Records behind the partition end, per assigned partition (from the consumer's own view)."""
         parts = self.assignment()
@@ -512,9 +528,10 @@ def wait_flushed(producer: KafkaProducer, on_wait: Callable[[float], None] | Non
                 on_wait(time.monotonic() - started)
 
 
-def admin_client(cfg: KafkaConfig) -> KafkaAdminClient:
+def admin_client(cfg: KafkaConfig, timeout_ms: int = 30_000) -> KafkaAdminClient:
+    """An admin client; ``timeout_ms`` bounds its bootstrap and each request."""
     return KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers.split(","), client_id=f"{cfg.client_id}-admin",
-                            **cfg.security())
+                            bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms, **cfg.security())
 
 
 def _raise_failed(futures) -> None:

@@ -101,6 +101,14 @@ class LocalStore:
         self.db.close()
 
 
+def _newest(device: str, copies: dict[int, tuple[int, bytes | None]]) -> tuple[int, str, bytes]:
+    """The newest snapshot of a device among the partitions holding one.  A tombstone deletes
+    its own partition's copy only: the old partition's next owner forgetting an idle copy of a
+    device that moved must not delete the copy it moved to."""
+    _, partition, data = max((t, p, v) for p, (t, v) in copies.items() if v is not None)
+    return partition, device, data
+
+
 class ChangelogStore:
     """Snapshots on a compacted Kafka topic, partition for partition with the input topic.
 
@@ -271,9 +279,9 @@ class ChangelogStore:
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
             ends = consumer.end_offsets(tps)
-            # device -> (record time, partition, snapshot): a device whose key moved when the input
-            # topic grew may have a snapshot on two partitions until the old one is deleted
-            latest: dict[str, tuple[int, int, bytes | None]] = {}
+            # device -> partition -> (record time, snapshot or None for a tombstone): a device whose
+            # key moved when the input topic grew may have a snapshot on two partitions
+            latest: dict[str, dict[int, tuple[int, bytes | None]]] = {}
             remaining = {tp for tp in tps if ends[tp] > consumer.position(tp)}
             moved = time.monotonic()
             while remaining:
@@ -283,17 +291,14 @@ class ChangelogStore:
                     moved = time.monotonic()
                     for r in records:
                         if r.key is not None:
-                            device = r.key.decode()
-                            held = latest.get(device)
-                            if held is None or held[1] == tp.partition or r.timestamp > held[0] \
-                                    or (r.timestamp == held[0] and r.value is not None):
-                                latest[device] = (r.timestamp, tp.partition, r.value)
+                            latest.setdefault(r.key.decode(), {})[tp.partition] = (r.timestamp, r.value)
                 for tp in list(remaining):
                     if consumer.position(tp) >= ends[tp]:
                         remaining.discard(tp)
                 if on_progress is not None:
                     on_progress()
-            return [(p, d, v) for d, (_, p, v) in latest.items() if v is not None]
+            return [_newest(device, copies) for device, copies in latest.items()
+                    if any(v is not None for _, v in copies.values())]
         finally:
             consumer.close()
 

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
+from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, UnknownTopicOrPartitionError
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from connectors.partitioners import moved_by_growth
 from monitor.checkpoint import Initialization
 from monitor.config import Config
 from monitor.metrics import Metrics
@@ -242,6 +243,8 @@ class Daemon:
         self._too_large: set[str] = set()         # devices whose snapshot was too large, already logged
         self._moves_logged = -math.inf            # when devices moving between partitions were last logged
         self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
+        self._topic_partitions = 0                # the input topic's partitions at the last assignment
+        self._copy_to: dict[str, int] = {}         # device the topic's growth moves -> its new partition
         self._last_seen: dict[str, float] = {}    # device -> monotonic time of its newest record here
         self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
         self._last_checkpoint = time.monotonic()
@@ -335,6 +338,7 @@ class Daemon:
             self._covered.pop(device, None)
             self._last_seen.pop(device, None)
             self._old_home.pop(device, None)
+            self._copy_to.pop(device, None)
         self.metrics.forget_devices(devices)
         dropped = self.pipeline.drop_devices(devices)
         # now, not at the next batch: a member left without partitions gets none, and fleet
@@ -381,9 +385,10 @@ class Daemon:
             # new owner may have checkpointed since, and these states would land after its own
             self._note_out_of_group()
             return
-        unwritten = set(self._round.todo) & devices if self._round else set()
-        todo = list(unwritten | self.pipeline.take_changed(devices))
         deadline = time.monotonic() + self.config.kafka.session_timeout_ms / 2000
+        self._copy_to = self._moved_by_growth(devices)
+        unwritten = set(self._round.todo) & devices if self._round else set()
+        todo = list(unwritten | self.pipeline.take_changed(devices) | set(self._copy_to))
         step = self.config.state.checkpoint_batch
         written = 0
         try:
@@ -407,6 +412,40 @@ class Daemon:
         if todo:
             log.warning("state write on revoke cut short; the rest restore from their last checkpoint",
                         extra=_fields(written=written, not_written=len(todo)))
+
+    def _moved_by_growth(self, devices: set[str]) -> dict[str, int]:
+        """The devices whose key the input topic's growth moves to another partition, with that
+        partition: their state is written there too, where whoever is assigned it next restores
+        it.  A rebalance follows every growth, and all members write their states before any
+        restores (kafka-python's rebalances revoke every partition first), so the copy is in
+        place in time.  A copy, not a move: producers learn of the new partitions on their own
+        metadata refresh, before or after this rebalance, and until then the device's readings
+        still arrive on its old partition, whose next owner continues it from the old snapshot."""
+        before = self._topic_partitions
+        if not devices or not before or self.source is None or not self.source.connected():
+            return {}  # with the broker away the states cannot be written either
+        try:
+            after = self.source.partitions_now()
+            if after <= before:
+                return {}
+            self.store.ensure_partitions(after)  # the new partitions' snapshots go to changelog partitions
+        except Exception as exc:  # noqa: BLE001  if it grew, moved devices re-warm where they arrive
+            log.warning("the input topic's partitions could not be counted on revoke; if it has grown, the "
+                        "devices whose key moved re-warm where they arrive",
+                        extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+            return {}
+        placed = {d: self._partition_of[d] for d in devices if d in self._partition_of}
+        partitioner, moves = moved_by_growth(placed, before, after)
+        if partitioner is None:
+            log.warning("the input topic grew, but its devices are not where murmur2 (kafka-python, Java) or crc32 "
+                        "(librdkafka) puts their keys: devices whose key moved re-warm where they arrive",
+                        extra=_fields(partitions_before=before, partitions_after=after, devices=len(placed)))
+            return {}
+        self._topic_partitions = after
+        log.info("the input topic grew: the state of the devices whose key moved is copied to their new "
+                 "partitions", extra=_fields(partitions_before=before, partitions_after=after,
+                                            partitioner=partitioner, devices_moved=len(moves), devices=len(placed)))
+        return moves
 
     def _on_assign(self, partitions) -> None:
         self._assigned = set(partitions)
@@ -457,6 +496,7 @@ class Daemon:
             log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
                                                 bootstrap=cfg.kafka.bootstrap_servers,
                                                 init=self.init.info.get("algorithm", "?")))
+            self._check_input_topic(source)
             self._loop(source, sinks)
             if (self._pending or self._round) and self._broker_reachable:
                 self._checkpoint_now(source)
@@ -489,6 +529,21 @@ class Daemon:
                     self.server.stop()
         log.info("stopped", extra=_fields(batches=self.batches, **{k: v for k, v in self.pipeline.counts.items()}))
         return 0
+
+    def _check_input_topic(self, source) -> None:
+        """Say at once when the input topic is missing: the group then waits, with nothing
+        assigned and not ready, which otherwise shows only as a silent daemon."""
+        try:
+            partitions = source.partitions_now()
+        except UnknownTopicOrPartitionError:
+            log.warning("the input topic does not exist: until it does the daemon has no partitions and is not "
+                        "ready. A broker that creates topics on request makes it now, with its default partition "
+                        "count; otherwise create it, or set kafka.topic to the right one",
+                        extra=_fields(topic=self.config.kafka.topic))
+        except KafkaError as exc:  # not authorized to describe it, the broker slow: the loop says more
+            log.debug("input topic not described", extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+        else:
+            log.info("input topic", extra=_fields(topic=self.config.kafka.topic, partitions=partitions))
 
     def _loop(self, source, sinks) -> None:
         interval = self.config.state.checkpoint_interval_s
@@ -631,8 +686,13 @@ class Daemon:
             if old_home is not None and old_home != partition_of[device]:
                 self.store.delete(old_home, device)  # before the new snapshot is restored from elsewhere
             self._old_home.pop(device, None)  # after: a delete that found no room is retried with the round
+        for state in states:
+            state.partition = partition_of[state.device]
         for state, data in zip(states, self.codec.encode_many(states)):
-            self.store.put(partition_of[state.device], state.device, data)
+            self.store.put(state.partition, state.device, data)
+            copy_to = self._copy_to.pop(state.device, None)
+            if copy_to is not None:  # its offset stays one of its old partition's
+                self.store.put(copy_to, state.device, data)
         self._note_dropped()
         return len(devices)
 
@@ -761,8 +821,9 @@ class Daemon:
         # checkpoint does not cover (what a state does cover is skipped: ``_skip_covered``)
         committed_at = source.rewind(partitions)
         # the input topic may have grown since the changelog was made; its partitions must follow
-        total = source.partitions_for_topic()
-        self.store.ensure_partitions(max([total] + [tp.partition + 1 for tp in partitions]))
+        total = max([source.partitions_for_topic()] + [tp.partition + 1 for tp in partitions])
+        self._topic_partitions = total
+        self.store.ensure_partitions(total)
         if not self.store.shared and len(self._assigned) < total:
             log.error("state.store = local keeps device state in this instance's file, but another member of the "
                       "group holds partitions of the topic: a device that moves between instances re-warms "
@@ -774,26 +835,29 @@ class Daemon:
             except StateError as exc:
                 failed += 1
                 log.warning("device state not restored; it re-warms", extra=_fields(device=device, reason=str(exc)))
-        ends = self._ends_of_uncommitted(source, committed_at, states)  # before anything is imported: may raise
+        # the input partition each state's offset is on: where it is stored, but for a copy
+        # handed over when the topic grew (``_moved_by_growth``), which covers its old one
+        covers = [(s.partition if s.partition is not None else partition, s) for partition, s in states]
+        ends = self._ends_of_uncommitted(source, committed_at, covers)  # before anything is imported: may raise
         by_device = {s.device: s for _, s in states}
         streams = self.pipeline.import_devices(by_device.values())
         now = time.monotonic()
         # a partition made again: every state on it covers offsets of the old one, not only
         # those past the new end (a device that went quiet early covers a smaller offset)
-        remade = {partition for partition, s in states if s.offset > ends.get(partition, math.inf)}
+        remade = {partition for partition, s in covers if s.offset > ends.get(partition, math.inf)}
         # the idle clock goes on from the newest record each snapshot saw, measured against the
         # newest of them (as idleness is against the newest record of any device: a fleet that
         # was down as a whole, or this instance, ages no device)
         newest = max((s.seen for _, s in states if s.seen is not None), default=None)
-        for partition, s in states:
+        for (partition, s), (covered, _) in zip(states, covers):
             self._partition_of[s.device] = partition
             self._last_seen[s.device] = now - (newest - s.seen if s.seen is not None else 0.0)
-            if partition in remade:
-                self._covered[s.device] = (partition, -1)  # nothing here; a move still deletes it there
+            if covered in remade:
+                self._covered[s.device] = (covered, -1)  # nothing here; a move still deletes it there
             elif s.offset >= 0:
-                self._covered[s.device] = (partition, s.offset)
+                self._covered[s.device] = (covered, s.offset)
         if remade:
-            devices = [s.device for partition, s in states if partition in remade]
+            devices = [s.device for partition, s in covers if partition in remade]
             # rewritten at the next checkpoint, before its commit: once the partition has a committed
             # offset, the old offsets in their snapshots would be believed again
             self.pipeline.mark_changed(devices)

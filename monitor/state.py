@@ -114,6 +114,9 @@ class DeviceState:
     # Unix time of the device's newest record where it was saved, so that a restore does not
     # restart its idle clock (detector.idle_timeout_s); None in snapshots from before it
     seen: float | None = None
+    # the input partition ``offset`` is on; None: the one the snapshot is stored for (a copy
+    # handed to the partition a device moves to when the topic grows covers its old one)
+    partition: int | None = None
 
 
 def fingerprint(init: Initialization) -> int:
@@ -167,6 +170,8 @@ class StateCodec:
                 header["peaks"] = state.peaks
             if state.seen is not None:
                 header["seen"] = state.seen
+            if state.partition is not None:
+                header["partition"] = state.partition
             blobs = []
             for s in state.streams:
                 entry = {"channel": s.channel, "stage": s.stage, "last_ts": s.last_ts}
@@ -228,6 +233,9 @@ class StateCodec:
         seen = header.get("seen")
         if seen is not None and not _finite_numbers([seen]):
             raise StateError("state record: bad time of the newest record")
+        partition = header.get("partition")
+        if partition is not None and (not isinstance(partition, int) or isinstance(partition, bool) or partition < 0):
+            raise StateError("state record: bad partition of its offset")
         for e in header["streams"]:
             s = StreamState(e["channel"], e["stage"], e["last_ts"])
             # checksummed but still unusable (a writer bug, an edited record): refused here, so
@@ -278,7 +286,7 @@ class StateCodec:
             streams.append(s)
         if pos != len(blob):
             raise StateError("state record: trailing bytes")
-        return DeviceState(device, covered, streams, peaks, seen)
+        return DeviceState(device, covered, streams, peaks, seen, partition)
 
 
 def _finite_numbers(values: list) -> bool:

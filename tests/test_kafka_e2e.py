@@ -170,3 +170,19 @@ def test_missing_output_topics_are_created_at_start_not_found_missing_at_the_fir
     described = admin.describe_topics(["out-anomalies", "out-dead"])
     admin.close()
     assert all(t["error_code"] == 0 and t["partitions"] for t in described)
+
+
+def test_a_missing_input_topic_is_named_at_start(broker, tmp_path):
+    """Tansu creates it when the consumer group asks for it, as a broker with topic creation
+    on request does, so the daemon is soon ready here; elsewhere it waits, not ready."""
+    port, log = free_port(), tmp_path / "absent.log"
+    daemon = start_daemon({"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": "absent",
+                           "FOREWARN_KAFKA_GROUP_ID": "absent", "FOREWARN_METRICS_HOST": "127.0.0.1",
+                           "FOREWARN_METRICS_PORT": str(port), "FOREWARN_STATE_STORE": "none"}, log)
+    try:
+        wait_for(lambda: "the input topic does not exist" in log.read_text(), 120, what="the warning")
+        assert "topic=absent" in log.read_text()
+        assert daemon.poll() is None  # not exited
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0

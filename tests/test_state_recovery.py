@@ -890,3 +890,99 @@ def test_a_member_paused_past_its_session_is_out_of_the_group_by_its_own_clocks(
     assert not source.in_group()
     source._polled_at, source.consumer._coordinator.generation_if_stable = now, lambda: None  # rejoining
     assert not source.in_group() and source.session_alive()  # its revoke may still save state
+
+
+class _GrownSource:
+    """A member's view of an input topic that has grown: the broker asked afresh (the real
+    ``KafkaSource.partitions_now``), or a given count."""
+
+    from connectors.kafka import KafkaSource
+    partitions_now = KafkaSource.partitions_now
+
+    def __init__(self, cfg=None, count: int | None = None) -> None:
+        self.cfg = cfg
+        if count is not None:
+            self.partitions_now = lambda: count
+
+    def session_alive(self):
+        return True
+
+    def connected(self):
+        return True
+
+
+def test_devices_whose_key_the_topic_s_growth_moves_continue_live_where_they_now_arrive(broker):
+    """The input topic grew from 1 partition to 2: the devices whose key now lands on
+    partition 1 (murmur2, as the producers place them) are handed over in the rebalance that
+    follows. Their owner copies their state to partition 1 of the changelog on revoke, and
+    another instance assigned partition 1 restores them live and scores their readings there
+    (their state's offset is one of partition 0). The copy on partition 0 stays until the
+    device's first snapshot on partition 1, for the readings producers still send there
+    until they learn of the new partition."""
+    from kafka import TopicPartition
+    from kafka.partitioner.default import murmur2
+
+    from connectors.state_store import ChangelogStore
+    from monitor.config import KafkaConfig
+    topic, cfg = "grow-sensors", KafkaConfig(bootstrap_servers=broker.bootstrap, topic="grow-sensors")
+    broker.create_topics({topic: 2})  # Tansu cannot add partitions: made with the count it grew to
+    devices = [f"pump-{i}" for i in range(8)]
+    moving = {d for d in devices if (murmur2(d.encode()) & 0x7FFFFFFF) % 2 == 1}
+    assert len(moving) >= 2 and moving != set(devices)
+    store = ChangelogStore(cfg, "grow-state")
+    try:
+        store.ensure_partitions(2)
+        old = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+        old.store, old.source = store, _GrownSource(cfg)
+        for i, d in enumerate(devices):  # all on partition 0, the topic's only one until it grew
+            old._process(_batch(d, 0, list(range(40 * i, 40 * i + 40)), 0), None, _Sinks())
+        old._topic_partitions = 1
+        old._on_revoke({TopicPartition(topic, 0)})
+        assert {d for _, d, _ in store.load([1])} == moving
+        assert {d for _, d, _ in store.load([0])} == set(devices)
+
+        new = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+        new.store, results = store, []
+        new.on_result = results.append
+        new._to_restore = {TopicPartition(topic, 1)}
+        new._restore_partitions(_RestoreSource(committed=0, partitions=2))
+        assert new.pipeline.streams_by_state() == {"warming": 0, "adapting": 0, "live": len(moving)}
+        assert new._covered == {d: (0, 40 * len(devices)) for d in moving}  # offsets of partition 0
+        mover, other = sorted(moving)[:2]
+        new._process(_batch(mover, 1, list(range(0, 5)), 40), None, _Sinks())
+        assert [s.score is not None for s in results[0].scores] == [True] * 5
+        new._write_states(new.pipeline.take_changed())
+        store.flush()
+        assert mover not in {d for _, d, _ in store.load([0])}  # it arrives on 1 now: the old copy goes
+        # the old partition's next owner forgetting its idle copy deletes that copy, not the new one
+        store.delete(0, other)
+        store.flush()
+        assert {d: p for p, d, _ in store.load([0, 1])}[other] == 1
+    finally:
+        store.close()
+
+
+def test_a_fleet_not_placed_by_a_known_partitioner_is_not_moved_when_the_topic_grows():
+    """Producers with a partitioner of their own: where a device goes next cannot be told, so
+    nothing is moved (each re-warms where it arrives), and the log says why."""
+    import logging
+
+    from kafka import TopicPartition
+
+    from connectors.state_store import LocalStore
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store, daemon.source = LocalStore(":memory:"), _GrownSource(count=4)
+    # where neither murmur2 nor crc32 puts these keys among 2 partitions, or 4
+    for i, (d, p) in enumerate({"pump-0": 1, "pump-3": 1, "pump-4": 0}.items()):
+        daemon._process(_batch(d, p, list(range(40 * i, 40 * i + 40)), 0), None, _Sinks())
+    daemon._topic_partitions = 2
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("forewarn.daemon").addHandler(handler)
+    try:
+        daemon._on_revoke({TopicPartition("t", 0), TopicPartition("t", 1)})
+    finally:
+        logging.getLogger("forewarn.daemon").removeHandler(handler)
+    assert sorted((p, d) for p, d, _ in daemon.store.load(range(4))) == [(0, "pump-4"), (1, "pump-0"), (1, "pump-3")]
+    assert any("not where murmur2" in r.getMessage() for r in records)
