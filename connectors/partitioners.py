@@ -25,16 +25,21 @@ KEY_HASHES: dict[str, Callable[[bytes], int]] = {
 }
 
 
-def moved_by_growth(placed: dict[str, int], before: int, after: int,
-                    explained: float = 0.95) -> tuple[str | None, dict[str, int]]:
+def moved_by_growth(placed: dict[str, int], before: int, after: int, partitioner: str = "auto",
+                    explained: float = 0.95) -> tuple[str, dict[str, int]]:
     """The partitioner that placed these devices, and the devices the topic's growth moves.
 
     ``placed`` maps each device to the partition it arrives on; ``before`` and ``after``
-    are the topic's partition counts.  A partitioner explains a device that is on its
-    partition under either count (it may have arrived on its new one already); the first
-    that explains at least ``explained`` of them is taken (murmur2 when both do, as from a
-    single partition, where every key is on partition 0).  Returns its name and each moving
-    device's new partition; ``(None, {})`` when no partitioner explains the devices.
+    are the topic's partition counts.  A device moves if it is where the partitioner put it
+    among ``before`` partitions, and would not be among ``after`` (one elsewhere is not its
+    own: a stale copy of a device that moved away earlier, say).  ``partitioner`` names the
+    producers' (a key of ``KEY_HASHES``), or is "auto": then a partitioner explains a device
+    that is on its
+    partition under either count (it may have arrived on its new one already), and the one
+    that explains at least ``explained`` of them is taken, if the other does not too.
+    Returns its name and each moving device's new partition; "unknown" or "ambiguous",
+    and no moves, when neither or both explain the devices (both do after a single
+    partition, where every key is on partition 0, or for a few devices by chance).
 
     >>> from kafka.partitioner.default import murmur2
     >>> fleet = {f"pump-{i}": (murmur2(f"pump-{i}".encode()) & 0x7FFFFFFF) % 2 for i in range(6)}
@@ -43,12 +48,17 @@ def moved_by_growth(placed: dict[str, int], before: int, after: int,
     >>> moved_by_growth(fleet, 2, 4)  # to its partition mod 4: the same, or 2 more
     ('murmur2', {'pump-0': 2, 'pump-1': 3, 'pump-2': 3})
     >>> moved_by_growth({"pump-0": 1, "pump-3": 1, "pump-4": 0}, 2, 4)  # where neither would put them
-    (None, {})
+    ('unknown', {})
+    >>> moved_by_growth({"pump-0": 0, "pump-1": 0}, 1, 2)  # from one partition: any hash fits
+    ('ambiguous', {})
+    >>> moved_by_growth({"pump-0": 0, "pump-1": 0}, 1, 2, partitioner="murmur2")
+    ('murmur2', {'pump-1': 1})
     """
     if after <= before or not placed:
-        return None, {}
-    for name, key_hash in KEY_HASHES.items():
-        moves, fits = {}, 0
+        return partitioner, {}
+    found = {}
+    for name in (KEY_HASHES if partitioner == "auto" else (partitioner,)):
+        key_hash, moves, fits = KEY_HASHES[name], {}, 0
         for device, partition in placed.items():
             h = key_hash(device.encode())
             home = h % after
@@ -57,6 +67,10 @@ def moved_by_growth(placed: dict[str, int], before: int, after: int,
             elif partition == h % before:
                 fits += 1
                 moves[device] = home
-        if fits >= explained * len(placed):
+        if partitioner != "auto":
             return name, moves
-    return None, {}
+        if fits >= explained * len(placed):
+            found[name] = moves
+    if len(found) == 1:
+        return next(iter(found.items()))
+    return ("ambiguous" if found else "unknown"), {}

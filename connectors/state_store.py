@@ -13,6 +13,7 @@ given partitions hold.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -71,7 +72,7 @@ class LocalStore:
         except sqlite3.Error as exc:  # a directory, another kind of file, no permission
             raise StoreError(f"state file {str(path)!r} (state.local_path): {exc}") from None
 
-    def ensure_partitions(self, needed: int) -> None:
+    def ensure_partitions(self, needed: int, deadline: float | None = None) -> None:
         """Any number of partitions fits one table."""
 
     def put(self, partition: int, device: str, data: bytes) -> None:
@@ -151,13 +152,15 @@ class ChangelogStore:
         self._snapshots: list[tuple[str, int, int, object]] = []  # (device, partition, bytes, future)
         self._dropped: list[tuple[str, int]] = []                   # (device, bytes) refused as too large
 
-    def ensure_partitions(self, needed: int) -> None:
+    def ensure_partitions(self, needed: int, deadline: float | None = None) -> None:
         """Make sure the changelog has at least ``needed`` partitions (the input topic's):
         create it, or grow it, or refuse with what to do.  Snapshots of input partition p
-        go to changelog partition p, so fewer would fail every write and restore."""
+        go to changelog partition p, so fewer would fail every write and restore.
+        ``deadline`` (a monotonic time) bounds the broker's requests and waits."""
         if needed <= self._partitions:
             return
-        admin = admin_client(self.cfg)
+        timeout_s = 30.0 if deadline is None else max(0.001, deadline - time.monotonic())
+        admin = admin_client(self.cfg, int(timeout_s * 1000))
         try:
             have = self._partition_count(admin)
             if have is None:
@@ -169,7 +172,7 @@ class ChangelogStore:
                     log.info("created changelog topic", extra={"fields": {"topic": self.topic, "partitions": needed}})
                     have = needed
                 except TopicAlreadyExistsError:  # another instance was quicker
-                    have = self._partition_count(admin, settle=True) or 0
+                    have = self._partition_count(admin, settle=True, deadline=deadline) or 0
                 except (IncompatibleBrokerVersion, UnsupportedVersionError) as exc:
                     raise StoreError(f"creating changelog topic {self.topic!r}: the broker does not take "
                                      f"replication {self.replication} ({type(exc).__name__}); set "
@@ -180,7 +183,7 @@ class ChangelogStore:
                     log.info("grew changelog topic", extra={"fields": {"topic": self.topic, "partitions": needed}})
                     have = needed
                 except Exception as exc:  # noqa: BLE001  another instance may have grown it meanwhile
-                    have = self._partition_count(admin, settle=True) or have
+                    have = self._partition_count(admin, settle=True, deadline=deadline) or have
                     if have < needed:
                         raise StoreError(
                             f"changelog topic {self.topic!r} has {have} partition(s) but the input topic has "
@@ -191,16 +194,16 @@ class ChangelogStore:
             admin.close()
         # now, while the broker is known to be up: the first put during an outage would
         # otherwise block on the topic's metadata for max_block_ms
-        self._await_partitions(have)
+        self._await_partitions(have, deadline)
         self._partitions = have  # after: a wait given up is done again when the restore is retried
 
-    def _await_partitions(self, needed: int) -> None:
+    def _await_partitions(self, needed: int, deadline: float | None = None) -> None:
         """Wait until the producer knows ``needed`` partitions of the changelog.  kafka-python
         answers ``partitions_for`` from its metadata cache, refreshed every metadata_max_age_ms
         (5 minutes): after the topic grew, a put to a new partition would raise ValueError
         until then.  Raises KafkaTimeoutError (retriable: the restore is tried again) past
-        ``MAX_BLOCK_MS``."""
-        deadline = time.monotonic() + self.MAX_BLOCK_MS / 1000
+        ``MAX_BLOCK_MS`` (or ``deadline``, a monotonic time, if sooner)."""
+        deadline = min(time.monotonic() + self.MAX_BLOCK_MS / 1000, deadline or math.inf)
         while len(self.producer.partitions_for(self.topic) or ()) < needed:
             if time.monotonic() > deadline:
                 raise KafkaTimeoutError(f"changelog {self.topic}: the producer does not see its {needed} "
@@ -212,11 +215,14 @@ class ChangelogStore:
                 pass
             time.sleep(0.1)
 
-    def _partition_count(self, admin, settle: bool = False) -> int | None:
+    def _partition_count(self, admin, settle: bool = False, deadline: float | None = None) -> int | None:
         """Partitions of the changelog (None: no such topic).  ``settle``: a topic another
-        instance has just created may show its partitions only after a moment."""
+        instance has just created may show its partitions only after a moment (waited for
+        until ``deadline``, a monotonic time, at most)."""
         for attempt in range(10 if settle else 1):
             if attempt:
+                if deadline is not None and time.monotonic() + 0.5 > deadline:
+                    break
                 time.sleep(0.5)
             topic = admin.describe_topics([self.topic])[0]
             if topic["error_code"] != UnknownTopicOrPartitionError.errno and topic["partitions"]:
@@ -226,7 +232,8 @@ class ChangelogStore:
     def put(self, partition: int, device: str, data: bytes) -> None:
         """Queue a snapshot.  One larger than ``max_snapshot_bytes``, or than the topic
         takes (a changelog made before with the broker's default limit), is replaced by a
-        tombstone, so that no older snapshot of the device is restored: see ``take_dropped``."""
+        tombstone, so that no older snapshot of the device on that partition is restored: see
+        ``take_dropped``."""
         if len(data) > self.max_snapshot_bytes:
             self._drop(partition, device, len(data))
             return

@@ -65,6 +65,9 @@ class KafkaConfig:
     compression_type: str = _setting("", "compression of the output topics: gzip, lz4, snappy or zstd ('' = none; "
                                          "the input may use any of them)")
     auto_offset_reset: str = _setting("earliest", "where a group without committed offsets starts: earliest|latest")
+    producer_partitioner: str = _setting("auto", "how producers place device keys, for moving device state when the "
+                                                 "topic grows: murmur2 (Java, kafka-python), crc32 (librdkafka), "
+                                                 "auto (told by where the devices are) or none (they re-warm)")
     max_poll_records: int = _setting(5000, "records per poll, i.e. the largest pipeline batch")
     poll_timeout_ms: int = _setting(500, "how long one poll waits for records")
     fetch_max_wait_ms: int = _setting(100, "how long the broker may hold a fetch for more data (latency vs. batching)")
@@ -88,6 +91,9 @@ class KafkaConfig:
             raise ConfigError("kafka.topic must not be empty")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError(f"kafka.auto_offset_reset must be earliest or latest, got {self.auto_offset_reset!r}")
+        if self.producer_partitioner not in ("auto", "murmur2", "crc32", "none"):
+            raise ConfigError("kafka.producer_partitioner must be auto, murmur2, crc32 or none, got "
+                              f"{self.producer_partitioner!r}")
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             raise ConfigError(f"kafka.security_protocol: unknown {self.security_protocol!r}")
         if self.sasl_mechanism == "OAUTHBEARER":

@@ -52,6 +52,11 @@ def _offset_on(covered: tuple[int, int] | None, partition: int | None) -> int:
     return covered[1]
 
 
+def _ms_left(deadline: float, cap_ms: int) -> int:
+    """Milliseconds until ``deadline`` (a monotonic time), at most ``cap_ms``, at least 1."""
+    return max(1, min(cap_ms, int((deadline - time.monotonic()) * 1000)))
+
+
 class _RevokeDeadline(Exception):
     """The state written on revoke was not acknowledged in the time a rebalance allows."""
 
@@ -244,7 +249,7 @@ class Daemon:
         self._moves_logged = -math.inf            # when devices moving between partitions were last logged
         self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
         self._topic_partitions = 0                # the input topic's partitions at the last assignment
-        self._copy_to: dict[str, int] = {}         # device the topic's growth moves -> its new partition
+        self._left: set[str] = set()              # restored devices whose old partition's copy is due for deletion
         self._last_seen: dict[str, float] = {}    # device -> monotonic time of its newest record here
         self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
         self._last_checkpoint = time.monotonic()
@@ -325,9 +330,10 @@ class Daemon:
             except KeyError:  # never exported
                 pass
         self._assigned -= partitions
-        log.info("partitions lost" if lost else "partitions revoked",
-                 extra=_fields(partitions=sorted(tp.partition for tp in partitions),
-                               devices_dropped=len(gone), streams_dropped=dropped))
+        if partitions or gone:  # kafka-python revokes nothing before the first join
+            log.info("partitions lost" if lost else "partitions revoked",
+                     extra=_fields(partitions=sorted(tp.partition for tp in partitions),
+                                   devices_dropped=len(gone), streams_dropped=dropped))
 
     def _drop_devices(self, devices: set[str]) -> int:
         """Forget these devices here (pipeline, score series, bookkeeping); returns streams dropped."""
@@ -338,7 +344,7 @@ class Daemon:
             self._covered.pop(device, None)
             self._last_seen.pop(device, None)
             self._old_home.pop(device, None)
-            self._copy_to.pop(device, None)
+            self._left.discard(device)
         self.metrics.forget_devices(devices)
         dropped = self.pipeline.drop_devices(devices)
         # now, not at the next batch: a member left without partitions gets none, and fleet
@@ -386,15 +392,22 @@ class Daemon:
             self._note_out_of_group()
             return
         deadline = time.monotonic() + self.config.kafka.session_timeout_ms / 2000
-        self._copy_to = self._moved_by_growth(devices)
         unwritten = set(self._round.todo) & devices if self._round else set()
-        todo = list(unwritten | self.pipeline.take_changed(devices) | set(self._copy_to))
+        todo = list(unwritten | self.pipeline.take_changed(devices))
         step = self.config.state.checkpoint_batch
         written = 0
         try:
             while todo and time.monotonic() < deadline:
                 chunk, todo = todo[:step], todo[step:]
                 written += self._write_states(chunk)
+            if not todo:  # then, with the time left, the copies for a grown topic
+                moves = list(self._moved_by_growth(devices, deadline).items())
+                while moves and time.monotonic() < deadline:
+                    chunk, moves = moves[:step], moves[step:]
+                    self._write_copies(dict(chunk))
+                if moves:
+                    log.warning("state copies for the grown topic cut short by the revoke's time; those "
+                                "devices re-warm where they now arrive", extra=_fields(not_copied=len(moves)))
             self._flushed(self.store, give_up_at=deadline + 1.0)
         except _RevokeDeadline:
             # The writes may still land, even after the next owner's first checkpoint: a later
@@ -413,38 +426,51 @@ class Daemon:
             log.warning("state write on revoke cut short; the rest restore from their last checkpoint",
                         extra=_fields(written=written, not_written=len(todo)))
 
-    def _moved_by_growth(self, devices: set[str]) -> dict[str, int]:
+    def _moved_by_growth(self, devices: set[str], deadline: float) -> dict[str, int]:
         """The devices whose key the input topic's growth moves to another partition, with that
-        partition: their state is written there too, where whoever is assigned it next restores
-        it.  A rebalance follows every growth, and all members write their states before any
-        restores (kafka-python's rebalances revoke every partition first), so the copy is in
-        place in time.  A copy, not a move: producers learn of the new partitions on their own
-        metadata refresh, before or after this rebalance, and until then the device's readings
-        still arrive on its old partition, whose next owner continues it from the old snapshot."""
-        before = self._topic_partitions
-        if not devices or not before or self.source is None or not self.source.connected():
-            return {}  # with the broker away the states cannot be written either
+        partition: a copy of their state is written there (``_write_copies``), where whoever is
+        assigned it next restores it.  A rebalance follows every growth, and all members write
+        their states before any restores (kafka-python's rebalances revoke every partition
+        first), so the copy is in place in time.  A copy, not a move: producers learn of the
+        new partitions on their own metadata refresh, before or after this rebalance, and until
+        then a device's readings still arrive on its old partition, whose next owner continues
+        it from the old snapshot."""
+        before, partitioner = self._topic_partitions, self.config.kafka.producer_partitioner
+        if not devices or not before or partitioner == "none" or self.source is None:
+            return {}
+        if not self.source.connected():
+            log.debug("broker unreachable on revoke: the input topic's partitions not counted")
+            return {}
         try:
-            after = self.source.partitions_now()
-            if after <= before:
-                return {}
-            self.store.ensure_partitions(after)  # the new partitions' snapshots go to changelog partitions
+            after = self.source.partitions_now(timeout_ms=_ms_left(deadline, 2000))
         except Exception as exc:  # noqa: BLE001  if it grew, moved devices re-warm where they arrive
             log.warning("the input topic's partitions could not be counted on revoke; if it has grown, the "
                         "devices whose key moved re-warm where they arrive",
                         extra=_fields(error=f"{type(exc).__name__}: {exc}"))
             return {}
-        placed = {d: self._partition_of[d] for d in devices if d in self._partition_of}
-        partitioner, moves = moved_by_growth(placed, before, after)
-        if partitioner is None:
-            log.warning("the input topic grew, but its devices are not where murmur2 (kafka-python, Java) or crc32 "
-                        "(librdkafka) puts their keys: devices whose key moved re-warm where they arrive",
-                        extra=_fields(partitions_before=before, partitions_after=after, devices=len(placed)))
+        if after <= before:
             return {}
+        placed = {d: self._partition_of[d] for d in devices if d in self._partition_of}
+        found, moves = moved_by_growth(placed, before, after, partitioner)
+        if found in ("unknown", "ambiguous"):
+            log.warning("the input topic grew, but how its producers place device keys cannot be told "
+                        "(kafka.producer_partitioner = auto): the devices whose key moved re-warm where they "
+                        "arrive; set it to murmur2 (Java, kafka-python) or crc32 (librdkafka) to move their state",
+                        extra=_fields(partitions_before=before, partitions_after=after, devices=len(placed),
+                                      placement=found))
+            return {}
+        if moves:
+            try:  # the copies for the new partitions go to their changelog partitions
+                self.store.ensure_partitions(after, deadline)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("the input topic grew, but the changelog could not follow in time: the devices "
+                            "whose key moved re-warm where they arrive", extra=_fields(
+                                partitions_after=after, error=f"{type(exc).__name__}: {exc}"))
+                return {}
         self._topic_partitions = after
         log.info("the input topic grew: the state of the devices whose key moved is copied to their new "
                  "partitions", extra=_fields(partitions_before=before, partitions_after=after,
-                                            partitioner=partitioner, devices_moved=len(moves), devices=len(placed)))
+                                            partitioner=found, devices_moved=len(moves), devices=len(placed)))
         return moves
 
     def _on_assign(self, partitions) -> None:
@@ -647,7 +673,8 @@ class Daemon:
                         skipped += 1
                         continue
                     del covered[r.device]  # past what its state covers
-                else:  # its snapshot lies on a partition it no longer arrives on: delete it there later
+                elif r.device not in self._left:  # its snapshot lies on a partition it no longer arrives
+                    self._left.add(r.device)       # on: deleted there at its next write, once
                     self._old_home[r.device] = covered_at[0]
             kept.append(r)
         if skipped:
@@ -667,11 +694,10 @@ class Daemon:
         log.info("state store: changelog", extra=_fields(topic=topic))
         return ChangelogStore(self.config.kafka, topic, st.changelog_replication, st.max_snapshot_bytes)
 
-    def _write_states(self, devices) -> int:
-        """Snapshots of these devices to the store (not yet flushed), each naming the
-        input offset it covers: everything processed on its partition so far."""
+    def _export(self, devices: list[str]) -> list:
+        """The states of these devices, each naming the input offset it covers: everything
+        processed on its partition so far."""
         partition_of, processed, restored = self._partition_of, self._processed, self._covered
-        devices = [d for d in devices if d in partition_of]
         # a restored device nothing new has reached yet still covers what its snapshot did
         covered = {d: max(processed.get(partition_of[d], -1), _offset_on(restored.get(d), partition_of[d]))
                    for d in devices}
@@ -681,20 +707,32 @@ class Daemon:
             seen = self._last_seen.get(state.device)
             if seen is not None:
                 state.seen = seen + wall_minus_mono
+        return states
+
+    def _write_states(self, devices) -> int:
+        """Snapshots of these devices to the store (not yet flushed)."""
+        partition_of = self._partition_of
+        devices = [d for d in devices if d in partition_of]
+        states = self._export(devices)
         for device in devices:
             old_home = self._old_home.get(device)
             if old_home is not None and old_home != partition_of[device]:
                 self.store.delete(old_home, device)  # before the new snapshot is restored from elsewhere
             self._old_home.pop(device, None)  # after: a delete that found no room is retried with the round
-        for state in states:
-            state.partition = partition_of[state.device]
         for state, data in zip(states, self.codec.encode_many(states)):
-            self.store.put(state.partition, state.device, data)
-            copy_to = self._copy_to.pop(state.device, None)
-            if copy_to is not None:  # its offset stays one of its old partition's
-                self.store.put(copy_to, state.device, data)
+            self.store.put(partition_of[state.device], state.device, data)
         self._note_dropped()
         return len(devices)
+
+    def _write_copies(self, moves: dict[str, int]) -> None:
+        """A copy of each device's state to the partition the topic's growth moves it to,
+        covering its old partition's offsets (``DeviceState.moved_from``)."""
+        devices = [d for d in moves if d in self._partition_of]
+        states = [replace(s, offset=-1, moved_from=(self._partition_of[s.device], s.offset))
+                  for s in self._export(devices)]
+        for state, data in zip(states, self.codec.encode_many(states)):
+            self.store.put(moves[state.device], state.device, data)
+        self._note_dropped()
 
     def _note_dropped(self) -> None:
         """Count and log (once per device) the snapshots the store found too large."""
@@ -797,6 +835,15 @@ class Daemon:
 
     RESTORE_RETRY_S = 5.0
 
+    def _count_partitions(self, source) -> int:
+        """The input topic's partitions, from the broker: the consumer's metadata may be minutes
+        old, and a count too low would make the next revoke take a growth for new."""
+        try:
+            return source.partitions_now()
+        except Exception as exc:  # noqa: BLE001  the broker slow: the consumer's count, never lower than known
+            log.debug("partitions not counted by the broker", extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+            return max(source.partitions_for_topic(), self._topic_partitions)
+
     def _restore(self, source) -> None:
         """Restore the devices of newly assigned partitions; while the broker is away, leave
         them paused and try again a little later."""
@@ -821,7 +868,7 @@ class Daemon:
         # checkpoint does not cover (what a state does cover is skipped: ``_skip_covered``)
         committed_at = source.rewind(partitions)
         # the input topic may have grown since the changelog was made; its partitions must follow
-        total = max([source.partitions_for_topic()] + [tp.partition + 1 for tp in partitions])
+        total = max([self._count_partitions(source)] + [tp.partition + 1 for tp in partitions])
         self._topic_partitions = total
         self.store.ensure_partitions(total)
         if not self.store.shared and len(self._assigned) < total:
@@ -835,29 +882,29 @@ class Daemon:
             except StateError as exc:
                 failed += 1
                 log.warning("device state not restored; it re-warms", extra=_fields(device=device, reason=str(exc)))
-        # the input partition each state's offset is on: where it is stored, but for a copy
-        # handed over when the topic grew (``_moved_by_growth``), which covers its old one
-        covers = [(s.partition if s.partition is not None else partition, s) for partition, s in states]
+        # the input partition and offset each state covers: on the partition it is stored for,
+        # but for a copy handed over when the topic grew, which covers its old partition
+        covers = [s.moved_from or (partition, s.offset) for partition, s in states]
         ends = self._ends_of_uncommitted(source, committed_at, covers)  # before anything is imported: may raise
         by_device = {s.device: s for _, s in states}
         streams = self.pipeline.import_devices(by_device.values())
         now = time.monotonic()
         # a partition made again: every state on it covers offsets of the old one, not only
         # those past the new end (a device that went quiet early covers a smaller offset)
-        remade = {partition for partition, s in covers if s.offset > ends.get(partition, math.inf)}
+        remade = {partition for partition, offset in covers if offset > ends.get(partition, math.inf)}
         # the idle clock goes on from the newest record each snapshot saw, measured against the
         # newest of them (as idleness is against the newest record of any device: a fleet that
         # was down as a whole, or this instance, ages no device)
         newest = max((s.seen for _, s in states if s.seen is not None), default=None)
-        for (partition, s), (covered, _) in zip(states, covers):
+        for (partition, s), (covered, offset) in zip(states, covers):
             self._partition_of[s.device] = partition
             self._last_seen[s.device] = now - (newest - s.seen if s.seen is not None else 0.0)
             if covered in remade:
                 self._covered[s.device] = (covered, -1)  # nothing here; a move still deletes it there
-            elif s.offset >= 0:
-                self._covered[s.device] = (covered, s.offset)
+            elif offset >= 0:
+                self._covered[s.device] = (covered, offset)
         if remade:
-            devices = [s.device for partition, s in covers if partition in remade]
+            devices = [s.device for (_, s), (covered, _) in zip(states, covers) if covered in remade]
             # rewritten at the next checkpoint, before its commit: once the partition has a committed
             # offset, the old offsets in their snapshots would be believed again
             self.pipeline.mark_changed(devices)
@@ -876,9 +923,9 @@ class Daemon:
                                                  seconds=round(time.perf_counter() - started, 3)))
 
     @staticmethod
-    def _ends_of_uncommitted(source, committed_at, states) -> dict[int, int]:
+    def _ends_of_uncommitted(source, committed_at, covers) -> dict[int, int]:
         """End offsets of the partitions without a committed offset that states cover offsets
-        on.  A partition loses its committed offsets when the topic is deleted (or the group
+        on (``covers``: (partition, offset) of each).  A partition loses its committed offsets when the topic is deleted (or the group
         idles past offsets.retention.minutes): made again, its offsets restart from 0, and a
         state covering offset 5,000 of the old one would silently skip its first 5,000
         readings.  An offset beyond the end tells the two apart.  A partition with a committed
@@ -887,7 +934,7 @@ class Daemon:
         not asked: Tansu reports an end that lags within a record batch, which after offsets
         expire can make a state look past the end (its readings are then scored again)."""
         uncommitted = {tp.partition: tp for tp, committed in committed_at.items() if committed is None}
-        wanted = {uncommitted[p] for p, s in states if p in uncommitted and s.offset >= 0}
+        wanted = {uncommitted[p] for p, offset in covers if p in uncommitted and offset >= 0}
         if not wanted:
             return {}
         return {tp.partition: end for tp, end in source.end_offsets(wanted).items()}

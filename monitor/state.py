@@ -114,9 +114,10 @@ class DeviceState:
     # Unix time of the device's newest record where it was saved, so that a restore does not
     # restart its idle clock (detector.idle_timeout_s); None in snapshots from before it
     seen: float | None = None
-    # the input partition ``offset`` is on; None: the one the snapshot is stored for (a copy
-    # handed to the partition a device moves to when the topic grows covers its old one)
-    partition: int | None = None
+    # a copy handed to the partition its device moves to when the input topic grows: the
+    # (partition, offset) it covers on the old one; ``offset`` is then -1, so that a version
+    # before this field replays the new partition rather than skip readings it never saw
+    moved_from: tuple[int, int] | None = None
 
 
 def fingerprint(init: Initialization) -> int:
@@ -170,8 +171,8 @@ class StateCodec:
                 header["peaks"] = state.peaks
             if state.seen is not None:
                 header["seen"] = state.seen
-            if state.partition is not None:
-                header["partition"] = state.partition
+            if state.moved_from is not None:
+                header["moved_from"] = list(state.moved_from)
             blobs = []
             for s in state.streams:
                 entry = {"channel": s.channel, "stage": s.stage, "last_ts": s.last_ts}
@@ -233,9 +234,13 @@ class StateCodec:
         seen = header.get("seen")
         if seen is not None and not _finite_numbers([seen]):
             raise StateError("state record: bad time of the newest record")
-        partition = header.get("partition")
-        if partition is not None and (not isinstance(partition, int) or isinstance(partition, bool) or partition < 0):
-            raise StateError("state record: bad partition of its offset")
+        moved_from = header.get("moved_from")
+        if moved_from is not None:
+            if not (isinstance(moved_from, list) and len(moved_from) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in moved_from)
+                    and moved_from[0] >= 0 and moved_from[1] >= -1):
+                raise StateError("state record: bad partition and offset it moved from")
+            moved_from = (moved_from[0], moved_from[1])
         for e in header["streams"]:
             s = StreamState(e["channel"], e["stage"], e["last_ts"])
             # checksummed but still unusable (a writer bug, an edited record): refused here, so
@@ -286,7 +291,7 @@ class StateCodec:
             streams.append(s)
         if pos != len(blob):
             raise StateError("state record: trailing bytes")
-        return DeviceState(device, covered, streams, peaks, seen, partition)
+        return DeviceState(device, covered, streams, peaks, seen, moved_from)
 
 
 def _finite_numbers(values: list) -> bool:

@@ -774,7 +774,7 @@ def test_a_wait_for_the_changelog_s_partitions_given_up_is_done_again_on_the_ret
         def partitions_for(self, topic):
             return {0}
 
-    monkeypatch.setattr(state_store, "admin_client", lambda cfg: Admin())
+    monkeypatch.setattr(state_store, "admin_client", lambda cfg, timeout_ms=30_000: Admin())
     monkeypatch.setattr(state_store.ChangelogStore, "MAX_BLOCK_MS", 300)
     store = state_store.ChangelogStore.__new__(state_store.ChangelogStore)
     store.cfg, store.topic, store._partitions, store.producer = None, "t-state", 1, Producer()
@@ -894,15 +894,16 @@ def test_a_member_paused_past_its_session_is_out_of_the_group_by_its_own_clocks(
 
 class _GrownSource:
     """A member's view of an input topic that has grown: the broker asked afresh (the real
-    ``KafkaSource.partitions_now``), or a given count."""
+    ``KafkaSource.partitions_now``), or a given count; the consumer's own metadata, which may
+    be minutes old, says ``cached``."""
 
     from connectors.kafka import KafkaSource
     partitions_now = KafkaSource.partitions_now
 
-    def __init__(self, cfg=None, count: int | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg=None, count: int | None = None, cached: int = 1) -> None:
+        self.cfg, self.cached = cfg, cached
         if count is not None:
-            self.partitions_now = lambda: count
+            self.partitions_now = lambda timeout_ms=2000: count
 
     def session_alive(self):
         return True
@@ -910,56 +911,111 @@ class _GrownSource:
     def connected(self):
         return True
 
+    def partitions_for_topic(self):
+        return self.cached
+
+    def rewind(self, partitions):
+        return {tp: 0 for tp in partitions}
+
+    def resume(self, partitions):
+        pass
+
 
 def test_devices_whose_key_the_topic_s_growth_moves_continue_live_where_they_now_arrive(broker):
-    """The input topic grew from 1 partition to 2: the devices whose key now lands on
-    partition 1 (murmur2, as the producers place them) are handed over in the rebalance that
-    follows. Their owner copies their state to partition 1 of the changelog on revoke, and
-    another instance assigned partition 1 restores them live and scores their readings there
-    (their state's offset is one of partition 0). The copy on partition 0 stays until the
-    device's first snapshot on partition 1, for the readings producers still send there
-    until they learn of the new partition."""
+    """The input topic grew from 2 partitions to 4: the devices whose key now lands on
+    partition 2 or 3 (murmur2, as the producers place them, told by where the devices are)
+    are handed over in the rebalance that follows. Their owner copies their state to the new
+    partition of the changelog on revoke, and another instance assigned it restores them live
+    and scores their readings there. The copy on the old partition stays until the device's
+    first snapshot on the new one, for the readings producers still send there until they
+    learn of the new partitions, and is deleted then, once. A later rebalance does not copy
+    the old partition's frozen copy back over the live one, even where the consumer's
+    metadata still counts 2 partitions."""
     from kafka import TopicPartition
     from kafka.partitioner.default import murmur2
 
     from connectors.state_store import ChangelogStore
     from monitor.config import KafkaConfig
     topic, cfg = "grow-sensors", KafkaConfig(bootstrap_servers=broker.bootstrap, topic="grow-sensors")
-    broker.create_topics({topic: 2})  # Tansu cannot add partitions: made with the count it grew to
-    devices = [f"pump-{i}" for i in range(8)]
-    moving = {d for d in devices if (murmur2(d.encode()) & 0x7FFFFFFF) % 2 == 1}
-    assert len(moving) >= 2 and moving != set(devices)
+    broker.create_topics({topic: 4})  # Tansu cannot add partitions: made with the count it grew to
+    key_hash = {d: murmur2(d.encode()) & 0x7FFFFFFF for d in (f"pump-{i}" for i in range(12))}
+    moving = {d: h % 4 for d, h in key_hash.items() if h % 4 != h % 2}
+    assert len(moving) >= 2 and len(moving) < len(key_hash)
     store = ChangelogStore(cfg, "grow-state")
+    deletes, delete = [], store.delete
+    store.delete = lambda partition, device: (deletes.append((partition, device)), delete(partition, device))
     try:
-        store.ensure_partitions(2)
+        store.ensure_partitions(4)
         old = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
-        old.store, old.source = store, _GrownSource(cfg)
-        for i, d in enumerate(devices):  # all on partition 0, the topic's only one until it grew
-            old._process(_batch(d, 0, list(range(40 * i, 40 * i + 40)), 0), None, _Sinks())
-        old._topic_partitions = 1
-        old._on_revoke({TopicPartition(topic, 0)})
-        assert {d for _, d, _ in store.load([1])} == moving
-        assert {d for _, d, _ in store.load([0])} == set(devices)
+        old.store, old.source = store, _GrownSource(cfg, cached=2)
+        ends = {0: 0, 1: 0}
+        for d, h in key_hash.items():  # each on its partition among the 2 the topic had
+            old._process(_batch(d, h % 2, list(range(ends[h % 2], ends[h % 2] + 40)), 0), None, _Sinks())
+            ends[h % 2] += 40
+        old._topic_partitions = 2
+        old._on_revoke({TopicPartition(topic, 0), TopicPartition(topic, 1)})
+        copies = {(p, d): old.codec.decode(data) for p, d, data in store.load([2, 3])}
+        assert set(copies) == {(p, d) for d, p in moving.items()}
+        assert {d for _, d, _ in store.load([0, 1])} == set(key_hash)
+        # a version before the copies reads offset -1 and replays the new partition rather than skip on it
+        assert all(s.offset == -1 and s.moved_from == (key_hash[d] % 2, ends[key_hash[d] % 2])
+                   for (_, d), s in copies.items())
 
         new = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
-        new.store, results = store, []
+        new.store, new.source, results = store, _GrownSource(cfg, cached=2), []
         new.on_result = results.append
-        new._to_restore = {TopicPartition(topic, 1)}
-        new._restore_partitions(_RestoreSource(committed=0, partitions=2))
+        new._to_restore = {TopicPartition(topic, 2), TopicPartition(topic, 3)}
+        new._restore_partitions(new.source)
+        assert new._topic_partitions == 4
         assert new.pipeline.streams_by_state() == {"warming": 0, "adapting": 0, "live": len(moving)}
-        assert new._covered == {d: (0, 40 * len(devices)) for d in moving}  # offsets of partition 0
+        assert new._covered == {d: (key_hash[d] % 2, ends[key_hash[d] % 2]) for d in moving}  # old partitions'
         mover, other = sorted(moving)[:2]
-        new._process(_batch(mover, 1, list(range(0, 5)), 40), None, _Sinks())
-        assert [s.score is not None for s in results[0].scores] == [True] * 5
-        new._write_states(new.pipeline.take_changed())
+        for batch in range(3):
+            offsets = list(range(5 * batch, 5 * batch + 5))
+            new._process(_batch(mover, moving[mover], offsets, 40 + 5 * batch), None, _Sinks())
+            new._write_states(new.pipeline.take_changed())
+            store.flush()
+        assert all(s.score is not None for r in results for s in r.scores)
+        assert deletes == [(key_hash[mover] % 2, mover)]  # the old copy, once: not at every checkpoint
+        assert mover not in {d for _, d, _ in store.load([0, 1])}
+        live = {d: data for _, d, data in store.load([2, 3])}[mover]
+
+        # the old instance gets its partitions again, its consumer still counting 2: it holds the
+        # copies left there (frozen: their readings go to the new partitions) and must not take
+        # its next rebalance for a growth and copy them over the live states
+        old._to_restore = {TopicPartition(topic, 0), TopicPartition(topic, 1)}
+        old._restore_partitions(old.source)
+        assert old._topic_partitions == 4
+        old._on_revoke({TopicPartition(topic, 0), TopicPartition(topic, 1)})
+        assert {d: data for _, d, data in store.load([2, 3])}[mover] == live
+        # the old partition's next owner forgetting its frozen copy deletes that copy only
+        store.delete(key_hash[other] % 2, other)
         store.flush()
-        assert mover not in {d for _, d, _ in store.load([0])}  # it arrives on 1 now: the old copy goes
-        # the old partition's next owner forgetting its idle copy deletes that copy, not the new one
-        store.delete(0, other)
-        store.flush()
-        assert {d: p for p, d, _ in store.load([0, 1])}[other] == 1
+        assert {d: p for p, d, _ in store.load(range(4))}[other] == moving[other]
     finally:
         store.close()
+
+
+def test_from_a_single_partition_the_producers_partitioner_is_taken_from_the_settings():
+    """Every key is on partition 0 of a single partition, whatever its hash: the placement
+    cannot tell murmur2 from crc32, and kafka.producer_partitioner says which."""
+    from kafka import TopicPartition
+
+    from connectors.partitioners import KEY_HASHES
+    from connectors.state_store import LocalStore
+    devices = [f"pump-{i}" for i in range(6)]
+    for partitioner in ("auto", "crc32"):
+        daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16", FOREWARN_KAFKA_PRODUCER_PARTITIONER=partitioner)
+        daemon.store, daemon.source = LocalStore(":memory:"), _GrownSource(count=3)
+        for i, d in enumerate(devices):
+            daemon._process(_batch(d, 0, list(range(40 * i, 40 * i + 40)), 0), None, _Sinks())
+        daemon._topic_partitions = 1
+        daemon._on_revoke({TopicPartition("t", 0)})
+        placed = {d: p for p, d, _ in daemon.store.load(range(3))}  # one row per device in a local store
+        if partitioner == "auto":
+            assert placed == dict.fromkeys(devices, 0)
+        else:
+            assert placed == {d: KEY_HASHES["crc32"](d.encode()) % 3 for d in devices} != dict.fromkeys(devices, 0)
 
 
 def test_a_fleet_not_placed_by_a_known_partitioner_is_not_moved_when_the_topic_grows():
@@ -985,4 +1041,4 @@ def test_a_fleet_not_placed_by_a_known_partitioner_is_not_moved_when_the_topic_g
     finally:
         logging.getLogger("forewarn.daemon").removeHandler(handler)
     assert sorted((p, d) for p, d, _ in daemon.store.load(range(4))) == [(0, "pump-4"), (1, "pump-0"), (1, "pump-3")]
-    assert any("not where murmur2" in r.getMessage() for r in records)
+    assert any("cannot be told" in r.getMessage() and r.fields["placement"] == "unknown" for r in records)
