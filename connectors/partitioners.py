@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from typing import NamedTuple
 
 from kafka.partitioner.default import murmur2
 
@@ -25,37 +26,49 @@ KEY_HASHES: dict[str, Callable[[bytes], int]] = {
 }
 
 
+class Growth(NamedTuple):
+    """What a topic's growth does to a set of devices: see ``moved_by_growth``.
+
+    >>> partitioner, moves, explained = moved_by_growth({"pump-0": 0, "pump-1": 0}, 1, 2, "murmur2")
+    >>> partitioner, moves, explained
+    ('murmur2', {'pump-1': 1}, 1.0)
+    """
+
+    partitioner: str            # a key of KEY_HASHES, or "unknown" / "ambiguous"
+    moves: dict[str, int]       # device -> the partition it moves to
+    explained: float            # the share of the judged devices where the partitioner puts them
+
+
 def moved_by_growth(placed: dict[str, int], before: int, after: int, partitioner: str = "auto",
-                    explained: float = 0.95) -> tuple[str, dict[str, int]]:
+                    judged: set[str] | None = None, enough: float = 0.95) -> Growth:
     """The partitioner that placed these devices, and the devices the topic's growth moves.
 
     ``placed`` maps each device to the partition it arrives on; ``before`` and ``after``
     are the topic's partition counts.  A device moves if it is where the partitioner put it
     among ``before`` partitions, and would not be among ``after`` (one elsewhere is not its
-    own: a stale copy of a device that moved away earlier, say).  ``partitioner`` names the
-    producers' (a key of ``KEY_HASHES``), or is "auto": then a partitioner explains a device
-    that is on its
-    partition under either count (it may have arrived on its new one already), and the one
-    that explains at least ``explained`` of them is taken, if the other does not too.
-    Returns its name and each moving device's new partition; "unknown" or "ambiguous",
-    and no moves, when neither or both explain the devices (both do after a single
-    partition, where every key is on partition 0, or for a few devices by chance).
+    own: a stale copy of a device that moved away earlier, say).  A partitioner explains a
+    device that is on its partition under either count (it may have arrived on its new one
+    already); only the devices in ``judged`` (default: all) count, so that such stale
+    copies do not.  ``partitioner`` names the producers' (a key of ``KEY_HASHES``), or is
+    "auto": then the one that explains at least ``enough`` of the devices is taken, if the
+    other does not too; "unknown" or "ambiguous", and no moves, when neither or both do
+    (both do after a single partition, where every key is on partition 0, or for a few
+    devices by chance).
 
     >>> from kafka.partitioner.default import murmur2
     >>> fleet = {f"pump-{i}": (murmur2(f"pump-{i}".encode()) & 0x7FFFFFFF) % 2 for i in range(6)}
     >>> fleet
     {'pump-0': 0, 'pump-1': 1, 'pump-2': 1, 'pump-3': 0, 'pump-4': 1, 'pump-5': 1}
     >>> moved_by_growth(fleet, 2, 4)  # to its partition mod 4: the same, or 2 more
-    ('murmur2', {'pump-0': 2, 'pump-1': 3, 'pump-2': 3})
-    >>> moved_by_growth({"pump-0": 1, "pump-3": 1, "pump-4": 0}, 2, 4)  # where neither would put them
-    ('unknown', {})
-    >>> moved_by_growth({"pump-0": 0, "pump-1": 0}, 1, 2)  # from one partition: any hash fits
-    ('ambiguous', {})
-    >>> moved_by_growth({"pump-0": 0, "pump-1": 0}, 1, 2, partitioner="murmur2")
-    ('murmur2', {'pump-1': 1})
+    Growth(partitioner='murmur2', moves={'pump-0': 2, 'pump-1': 3, 'pump-2': 3}, explained=1.0)
+    >>> moved_by_growth({"pump-0": 1, "pump-3": 1, "pump-4": 0}, 2, 4).partitioner  # where neither puts them
+    'unknown'
+    >>> moved_by_growth({"pump-0": 0, "pump-1": 0}, 1, 2).partitioner  # from one partition any hash fits
+    'ambiguous'
+    >>> moved_by_growth({"pump-0": 0, "pump-1": 0}, 1, 2, partitioner="murmur2").moves
+    {'pump-1': 1}
     """
-    if after <= before or not placed:
-        return partitioner, {}
+    judged = set(placed) if judged is None else judged & set(placed)
     found = {}
     for name in (KEY_HASHES if partitioner == "auto" else (partitioner,)):
         key_hash, moves, fits = KEY_HASHES[name], {}, 0
@@ -63,14 +76,16 @@ def moved_by_growth(placed: dict[str, int], before: int, after: int, partitioner
             h = key_hash(device.encode())
             home = h % after
             if partition == home:
-                fits += 1
+                fits += device in judged
             elif partition == h % before:
-                fits += 1
-                moves[device] = home
+                fits += device in judged
+                if after > before:
+                    moves[device] = home
+        share = fits / len(judged) if judged else 1.0
         if partitioner != "auto":
-            return name, moves
-        if fits >= explained * len(placed):
-            found[name] = moves
+            return Growth(name, moves, share)
+        if share >= enough:
+            found[name] = Growth(name, moves, share)
     if len(found) == 1:
-        return next(iter(found.items()))
-    return ("ambiguous" if found else "unknown"), {}
+        return next(iter(found.values()))
+    return Growth("ambiguous" if found else "unknown", {}, 0.0)

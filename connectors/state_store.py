@@ -159,7 +159,8 @@ class ChangelogStore:
         ``deadline`` (a monotonic time) bounds the broker's requests and waits."""
         if needed <= self._partitions:
             return
-        timeout_s = 30.0 if deadline is None else max(0.001, deadline - time.monotonic())
+        # a third of the time left to each of the admin client's start and its two requests
+        timeout_s = 30.0 if deadline is None else max(0.001, (deadline - time.monotonic()) / 3)
         admin = admin_client(self.cfg, int(timeout_s * 1000))
         try:
             have = self._partition_count(admin)

@@ -250,6 +250,7 @@ class Daemon:
         self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
         self._topic_partitions = 0                # the input topic's partitions at the last assignment
         self._left: set[str] = set()              # restored devices whose old partition's copy is due for deletion
+        self._untouched: set[str] = set()         # restored devices no reading has reached since
         self._last_seen: dict[str, float] = {}    # device -> monotonic time of its newest record here
         self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
         self._last_checkpoint = time.monotonic()
@@ -345,6 +346,7 @@ class Daemon:
             self._last_seen.pop(device, None)
             self._old_home.pop(device, None)
             self._left.discard(device)
+            self._untouched.discard(device)
         self.metrics.forget_devices(devices)
         dropped = self.pipeline.drop_devices(devices)
         # now, not at the next batch: a member left without partitions gets none, and fleet
@@ -423,7 +425,8 @@ class Daemon:
             log.warning("state write on revoke failed", exc_info=True)
             return
         if todo:
-            log.warning("state write on revoke cut short; the rest restore from their last checkpoint",
+            log.warning("state write on revoke cut short; the rest restore from their last checkpoint (and if "
+                        "the input topic has grown, the devices whose key moved re-warm where they arrive)",
                         extra=_fields(written=written, not_written=len(todo)))
 
     def _moved_by_growth(self, devices: set[str], deadline: float) -> dict[str, int]:
@@ -451,7 +454,10 @@ class Daemon:
         if after <= before:
             return {}
         placed = {d: self._partition_of[d] for d in devices if d in self._partition_of}
-        found, moves = moved_by_growth(placed, before, after, partitioner)
+        # devices restored here that nothing has reached since may be copies a device left behind
+        # at an earlier growth, where no partitioner puts them: not evidence of the producers'
+        judged = set(placed) - self._untouched or None
+        found, moves, explained = moved_by_growth(placed, before, after, partitioner, judged)
         if found in ("unknown", "ambiguous"):
             log.warning("the input topic grew, but how its producers place device keys cannot be told "
                         "(kafka.producer_partitioner = auto): the devices whose key moved re-warm where they "
@@ -459,6 +465,10 @@ class Daemon:
                         extra=_fields(partitions_before=before, partitions_after=after, devices=len(placed),
                                       placement=found))
             return {}
+        if explained < 0.95:  # named in the settings, yet not where it would put them
+            log.warning("kafka.producer_partitioner does not put most of this member's devices where they are: "
+                        "their state may be copied to partitions they never arrive on", extra=_fields(
+                            partitioner=found, explained=round(explained, 3), devices=len(placed)))
         if moves:
             try:  # the copies for the new partitions go to their changelog partitions
                 self.store.ensure_partitions(after, deadline)
@@ -600,6 +610,8 @@ class Daemon:
         self._batch_started = True
         self._note_moves(batch.partition_of)
         self._partition_of.update(batch.partition_of)
+        if self._untouched:
+            self._untouched.difference_update(batch.partition_of)
         self._newest_seen = time.monotonic()
         self._last_seen.update(dict.fromkeys(batch.partition_of, self._newest_seen))
         readings = self._skip_covered(batch) if self._covered else batch.readings
@@ -835,14 +847,16 @@ class Daemon:
 
     RESTORE_RETRY_S = 5.0
 
-    def _count_partitions(self, source) -> int:
-        """The input topic's partitions, from the broker: the consumer's metadata may be minutes
-        old, and a count too low would make the next revoke take a growth for new."""
+    def _count_partitions(self, source) -> tuple[int, bool]:
+        """The input topic's partitions, and whether the broker said so.  The consumer's own
+        count may be minutes old, and one too low would make the next revoke take a growth
+        for new and copy old states over live ones: it is not trusted for that."""
         try:
-            return source.partitions_now()
-        except Exception as exc:  # noqa: BLE001  the broker slow: the consumer's count, never lower than known
-            log.debug("partitions not counted by the broker", extra=_fields(error=f"{type(exc).__name__}: {exc}"))
-            return max(source.partitions_for_topic(), self._topic_partitions)
+            return source.partitions_now(), True
+        except KafkaError as exc:  # the broker slow, or not letting this member describe the topic
+            log.warning("the input topic's partitions not counted by the broker: the next rebalance does not "
+                        "look for a growth of it", extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+            return source.partitions_for_topic(), False
 
     def _restore(self, source) -> None:
         """Restore the devices of newly assigned partitions; while the broker is away, leave
@@ -868,8 +882,9 @@ class Daemon:
         # checkpoint does not cover (what a state does cover is skipped: ``_skip_covered``)
         committed_at = source.rewind(partitions)
         # the input topic may have grown since the changelog was made; its partitions must follow
-        total = max([self._count_partitions(source)] + [tp.partition + 1 for tp in partitions])
-        self._topic_partitions = total
+        counted, trusted = self._count_partitions(source)
+        total = max([counted] + [tp.partition + 1 for tp in partitions])
+        self._topic_partitions = total if trusted else 0
         self.store.ensure_partitions(total)
         if not self.store.shared and len(self._assigned) < total:
             log.error("state.store = local keeps device state in this instance's file, but another member of the "
@@ -896,8 +911,12 @@ class Daemon:
         # newest of them (as idleness is against the newest record of any device: a fleet that
         # was down as a whole, or this instance, ages no device)
         newest = max((s.seen for _, s in states if s.seen is not None), default=None)
+        held = {tp.partition for tp in self._assigned}
         for (partition, s), (covered, offset) in zip(states, covers):
-            self._partition_of[s.device] = partition
+            # a copy whose old partition is held here too: its readings arrive there until the
+            # producers learn of the new partitions, and it is placed there, as it was
+            self._partition_of[s.device] = covered if s.moved_from and covered in held else partition
+            self._untouched.add(s.device)
             self._last_seen[s.device] = now - (newest - s.seen if s.seen is not None else 0.0)
             if covered in remade:
                 self._covered[s.device] = (covered, -1)  # nothing here; a move still deletes it there

@@ -378,6 +378,9 @@ class _RestoreSource:
     def partitions_for_topic(self):
         return self.partitions
 
+    def partitions_now(self, timeout_ms=2000):
+        return self.partitions
+
     def resume(self, partitions):
         pass
 
@@ -529,7 +532,7 @@ def test_every_state_on_a_remade_partition_covers_nothing_and_is_written_again()
             assert set(partitions) == {remade}  # a committed partition is not asked
             return {remade: 3000}
 
-        def partitions_for_topic(self):
+        def partitions_now(self, timeout_ms=2000):
             return 2
 
         def resume(self, partitions):
@@ -960,6 +963,12 @@ def test_devices_whose_key_the_topic_s_growth_moves_continue_live_where_they_now
         # a version before the copies reads offset -1 and replays the new partition rather than skip on it
         assert all(s.offset == -1 and s.moved_from == (key_hash[d] % 2, ends[key_hash[d] % 2])
                    for (_, d), s in copies.items())
+        # one instance holding every partition keeps each device where its readings still arrive
+        both = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+        both.store, both._assigned = store, {TopicPartition(topic, p) for p in range(4)}
+        both._to_restore = set(both._assigned)
+        both._restore_partitions(_GrownSource(cfg, cached=4))
+        assert both._partition_of == {d: h % 2 for d, h in key_hash.items()}
 
         new = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
         new.store, new.source, results = store, _GrownSource(cfg, cached=2), []
@@ -1042,3 +1051,57 @@ def test_a_fleet_not_placed_by_a_known_partitioner_is_not_moved_when_the_topic_g
         logging.getLogger("forewarn.daemon").removeHandler(handler)
     assert sorted((p, d) for p, d, _ in daemon.store.load(range(4))) == [(0, "pump-4"), (1, "pump-0"), (1, "pump-3")]
     assert any("cannot be told" in r.getMessage() and r.fields["placement"] == "unknown" for r in records)
+
+
+def test_a_partition_count_the_broker_did_not_give_is_not_trusted_to_find_a_growth():
+    """The consumer's own count may be minutes old: taken for the topic's, the next rebalance
+    would see a growth that was handled already and copy a frozen state over the live one."""
+    from kafka import TopicPartition
+    from kafka.errors import KafkaTimeoutError
+    from kafka.partitioner.default import murmur2
+
+    from connectors.state_store import LocalStore
+    device = next(f"pump-{i}" for i in range(20) if (murmur2(f"pump-{i}".encode()) & 0x7FFFFFFF) % 2 == 1)
+    saver = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    saver.store = store = LocalStore(":memory:")
+    saver._process(_batch(device, 0, list(range(40)), 0), None, _Sinks())
+    saver._write_states([device])
+
+    class Unanswered(_GrownSource):
+        def partitions_now(self, timeout_ms=2000):
+            raise KafkaTimeoutError("no answer")
+
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store, daemon._to_restore = store, {TopicPartition("t", 0)}
+    daemon._restore_partitions(Unanswered(cached=1))  # the topic has 2 partitions, the consumer says 1
+    assert daemon._topic_partitions == 0
+    daemon.source = _GrownSource(count=2)
+    daemon._on_revoke({TopicPartition("t", 0)})
+    assert [p for p, d, _ in store.load(range(2))] == [0]  # not copied to partition 1
+
+
+def test_copies_left_behind_by_an_earlier_growth_do_not_hide_the_partitioner_at_the_next():
+    """Devices restored here that nothing has reached since (copies left on their old partition
+    when the topic grew before, at neither home now) are no evidence of where producers put keys."""
+    from kafka import TopicPartition
+    from kafka.partitioner.default import murmur2
+
+    from connectors.state_store import LocalStore
+    key_hash = {d: murmur2(d.encode()) & 0x7FFFFFFF for d in (f"pump-{i}" for i in range(16))}
+    left, live = list(key_hash)[:8], list(key_hash)[8:]
+    saver = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    saver.store = store = LocalStore(":memory:")
+    for i, d in enumerate(left):  # saved on the partition murmur2 does not put them on among 2
+        saver._process(_batch(d, 1 - key_hash[d] % 2, list(range(40 * i, 40 * i + 40)), 0), None, _Sinks())
+    saver._write_states(left)
+
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store, daemon._to_restore = store, {TopicPartition("t", 0), TopicPartition("t", 1)}
+    daemon._restore_partitions(_GrownSource(count=2, cached=2))
+    for i, d in enumerate(live):
+        daemon._process(_batch(d, key_hash[d] % 2, list(range(1000 + 40 * i, 1040 + 40 * i)), 0), None, _Sinks())
+    daemon.source = _GrownSource(count=4)
+    daemon._on_revoke({TopicPartition("t", 0), TopicPartition("t", 1)})
+    placed = {d: p for p, d, _ in store.load(range(4))}  # one row per device in a local store
+    assert {d: placed[d] for d in live} == {d: key_hash[d] % 4 for d in live}
+    assert {d: placed[d] for d in left} == {d: 1 - key_hash[d] % 2 for d in left}  # not moved
