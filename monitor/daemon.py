@@ -944,8 +944,9 @@ class Daemon:
     @staticmethod
     def _ends_of_uncommitted(source, committed_at, covers) -> dict[int, int]:
         """End offsets of the partitions without a committed offset that states cover offsets
-        on (``covers``: (partition, offset) of each).  A partition loses its committed offsets when the topic is deleted (or the group
-        idles past offsets.retention.minutes): made again, its offsets restart from 0, and a
+        on (``covers``: the (partition, offset) of each).  A partition loses its committed
+        offsets when the topic is deleted (or the group idles past
+        offsets.retention.minutes): made again, its offsets restart from 0, and a
         state covering offset 5,000 of the old one would silently skip its first 5,000
         readings.  An offset beyond the end tells the two apart.  A partition with a committed
         offset is the one the states were made on (deleting a topic deletes its committed

@@ -5,7 +5,8 @@ last timestamp; while warming, the buffered values; once live, the adapted
 weights, the LSTM state, the normalizer, the pending forecast and the score
 statistics; with only new peaks counting, the device's recent peak surprises.
 It also carries the input offset it covers, so a restore knows which
-re-delivered readings it has already seen.
+re-delivered readings it has already seen (a copy handed to the partition its
+device moves to when the input topic grows covers an offset of the old one).
 
 Encoding (version 1)::
 
