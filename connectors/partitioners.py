@@ -44,9 +44,9 @@ def moved_by_growth(placed: dict[str, int], before: int, after: int, partitioner
     """The partitioner that placed these devices, and the devices the topic's growth moves.
 
     ``placed`` maps each device to the partition it arrives on; ``before`` and ``after``
-    are the topic's partition counts.  A device moves if it is where the partitioner put it
-    among ``before`` partitions, and would not be among ``after`` (one elsewhere is not its
-    own: a stale copy of a device that moved away earlier, say).  A partitioner explains a
+    are the topic's partition counts (after > before).  A device moves if it is where the
+    partitioner put it among ``before`` partitions, and would not be among ``after`` (one
+    elsewhere is not its own: a stale copy of a device that moved away earlier, say).  A partitioner explains a
     device that is on its partition under either count (it may have arrived on its new one
     already); only the devices in ``judged`` (default: all) count, so that such stale
     copies do not.  ``partitioner`` names the producers' (a key of ``KEY_HASHES``), or is
@@ -68,6 +68,8 @@ def moved_by_growth(placed: dict[str, int], before: int, after: int, partitioner
     >>> moved_by_growth({"pump-0": 0, "pump-1": 0}, 1, 2, partitioner="murmur2").moves
     {'pump-1': 1}
     """
+    if after <= before:
+        raise ValueError(f"a growth: {after} partitions must be more than {before}")
     judged = set(placed) if judged is None else judged & set(placed)
     found = {}
     for name in (KEY_HASHES if partitioner == "auto" else (partitioner,)):
@@ -79,8 +81,7 @@ def moved_by_growth(placed: dict[str, int], before: int, after: int, partitioner
                 fits += device in judged
             elif partition == h % before:
                 fits += device in judged
-                if after > before:
-                    moves[device] = home
+                moves[device] = home
         share = fits / len(judged) if judged else 1.0
         if partitioner != "auto":
             return Growth(name, moves, share)

@@ -739,9 +739,8 @@ class Daemon:
     def _write_copies(self, moves: dict[str, int]) -> None:
         """A copy of each device's state to the partition the topic's growth moves it to,
         covering its old partition's offsets (``DeviceState.moved_from``)."""
-        devices = [d for d in moves if d in self._partition_of]
         states = [replace(s, offset=-1, moved_from=(self._partition_of[s.device], s.offset))
-                  for s in self._export(devices)]
+                  for s in self._export(list(moves))]
         for state, data in zip(states, self.codec.encode_many(states)):
             self.store.put(moves[state.device], state.device, data)
         self._note_dropped()
