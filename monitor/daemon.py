@@ -931,6 +931,8 @@ class Daemon:
                         "and are scored, not skipped as seen", extra=_fields(
                             partitions=sorted(remade), devices=len(devices),
                             end_offsets={p: ends[p] for p in sorted(remade)}))
+        wall_minus_mono = time.time() - time.monotonic()
+        self.metrics.restore_devices({d: self._last_seen[d] + wall_minus_mono for d in by_device})
         self.metrics.restored.inc(streams)
         self.metrics.restore_failures.inc(failed)
         self.metrics.set_streams(self.pipeline.streams_by_state())

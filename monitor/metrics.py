@@ -28,8 +28,8 @@ ADAPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 class DeviceGauges:
     """The per-device gauges: each exported device's latest score and surprise, when it was
-    last flagged and how many of its latest readings in a row were, read from a dict at
-    scrape time.
+    last flagged, how many of its latest readings in a row were, and when it last sent a
+    reading, read from a dict at scrape time.
 
     A labelled ``Gauge`` would take two locked ``set`` calls per reading; the pipeline scores
     far more readings than Prometheus scrapes, so the loop only writes a dict (under one lock
@@ -37,9 +37,12 @@ class DeviceGauges:
 
     >>> from prometheus_client import generate_latest
     >>> gauges = DeviceGauges(CollectorRegistry())
-    >>> gauges.latest["pump-1"] = [0.5, 0.3, None, 0]
+    >>> gauges.latest["pump-1"] = [0.5, 0.3, None, 0, 1700000000.0]
+    >>> gauges.latest["pump-2"] = [None, None, None, 0, 1700000060.0]  # warming: no score yet
     >>> [line for line in generate_latest(gauges.registry).decode().splitlines() if not line.startswith("#")]
-    ['forewarn_anomaly_score{device="pump-1"} 0.5', 'forewarn_anomaly_surprise{device="pump-1"} 0.3']
+    ['forewarn_anomaly_score{device="pump-1"} 0.5', 'forewarn_anomaly_surprise{device="pump-1"} 0.3', \
+'forewarn_device_last_reading_timestamp_seconds{device="pump-1"} 1.7e+09', \
+'forewarn_device_last_reading_timestamp_seconds{device="pump-2"} 1.70000006e+09']
     """
 
     LABELS = ("device",)
@@ -59,12 +62,18 @@ class DeviceGauges:
         "forewarn_device_consecutive_anomalous_readings": "Readings in a row, up to the device's latest, that "
                                                           "were flagged (exported devices whose latest reading "
                                                           "is flagged)",
+        # a sensor that goes quiet is a fault of its own, which no score shows: its gauges hold
+        "forewarn_device_last_reading_timestamp_seconds": "Unix time this instance last took a reading of the "
+                                                          "device; a device restored from saved state counts from "
+                                                          "its snapshot's, not counting the time no device sent "
+                                                          "anything (the clock of detector.idle_timeout_s)",
     }
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.lock = threading.Lock()
-        # device -> [score, surprise, unix time of its latest flag or None, flagged readings in a row]
+        # device -> [score, surprise (both None while it warms), unix time of its latest flag or
+        # None, flagged readings in a row, unix time of its latest reading]
         self.latest: dict[str, list] = {}
         registry.register(self)
 
@@ -75,14 +84,16 @@ class DeviceGauges:
         with self.lock:
             latest = [(device, tuple(row)) for device, row in self.latest.items()]
         families = self.describe()
-        score, surprise, flagged, in_a_row = families
-        for device, (s, sp, at, run) in latest:
-            score.add_metric((device,), s)
-            surprise.add_metric((device,), sp)
+        score, surprise, flagged, in_a_row, last_reading = families
+        for device, (s, sp, at, run, seen) in latest:
+            if s is not None:
+                score.add_metric((device,), s)
+                surprise.add_metric((device,), sp)
             if at is not None:
                 flagged.add_metric((device,), at)
             if run:
                 in_a_row.add_metric((device,), run)
+            last_reading.add_metric((device,), seen)
         return families
 
 
@@ -110,7 +121,7 @@ class Metrics:
         r = registry
         self.devices = DeviceGauges(registry=r)
         self.not_exported = Gauge("forewarn_score_devices_not_exported",
-                                  "Devices whose score and surprise gauges are left out by the max_devices cap",
+                                  "Devices left out of the per-device gauges (score, surprise, ...) by the max_devices cap",
                                   registry=r)
         self.anomalies = Counter("forewarn_anomalies_total", "Readings flagged as anomalous", registry=r)
         self.readings = Counter("forewarn_readings_total", "Readings processed (accepted by the pipeline)", registry=r)
@@ -184,27 +195,21 @@ class Metrics:
     def observe_scores(self, scores: Iterable[Score]) -> None:
         newest = flagged_at = None
         n = scored = anomalies = 0
-        exported, room = self.devices.latest, self.max_devices
+        now = float(round(time.time()))  # whole seconds: a shorter sample, and a second is precise enough
         with self.devices.lock:
             for s in scores:
                 n += 1
+                latest = self.devices.latest.get(s.device)
+                if latest is None:
+                    latest = self._export_row(s.device, now)
+                else:
+                    latest[4] = now
                 if s.score is None:
                     continue
                 scored += 1
-                surprise = s.surprise if s.surprise is not None else score_surprise(s)
-                latest = exported.get(s.device)
-                if latest is None:
-                    if len(exported) < room:
-                        latest = exported[s.device] = [s.score, surprise, None, 0]
-                        if s.device in self._not_exported:  # a slot freed up for it
-                            self._not_exported.discard(s.device)
-                            self.not_exported.set(len(self._not_exported))
-                    elif s.device not in self._not_exported:
-                        self._not_exported.add(s.device)
-                        self.not_exported.set(len(self._not_exported))
-                else:
+                if latest is not None:
                     latest[0] = s.score
-                    latest[1] = surprise
+                    latest[1] = s.surprise if s.surprise is not None else score_surprise(s)
                 if s.anomaly:
                     anomalies += 1
                     if latest is not None:
@@ -219,6 +224,27 @@ class Metrics:
         self.anomalies.inc(anomalies)
         if newest is not None:
             self.last_processed.set(newest)
+
+    def _export_row(self, device: str, seen: float) -> list | None:
+        """A new device's row of gauges, or None (counted) past the ``max_devices`` cap."""
+        if len(self.devices.latest) < self.max_devices:
+            if device in self._not_exported:  # a slot freed up for it
+                self._not_exported.discard(device)
+                self.not_exported.set(len(self._not_exported))
+            self.devices.latest[device] = row = [None, None, None, 0, seen]
+            return row
+        if device not in self._not_exported:
+            self._not_exported.add(device)
+            self.not_exported.set(len(self._not_exported))
+        return None
+
+    def restore_devices(self, last_reading: dict[str, float]) -> None:
+        """Export restored devices before their next reading, each with the Unix time of its
+        latest one: a sensor that went quiet before a restart or a move still shows as quiet."""
+        with self.devices.lock:
+            for device, seen in last_reading.items():
+                if device not in self.devices.latest:
+                    self._export_row(device, float(round(seen)))
 
     def forget_devices(self, devices: Iterable[str]) -> None:
         """Stop exporting devices this instance no longer owns."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import time
 
 import pytest
 
@@ -650,9 +651,17 @@ def test_a_restore_keeps_each_device_s_idle_clock():
     restored._to_restore = {TopicPartition("t", 0)}
     restored._restore_partitions(_RestoreSource(committed=40, partitions=1))
     assert restored._last_seen["busy"] - restored._last_seen["quiet"] == pytest.approx(100.0, abs=0.01)
+    # a sensor quiet since before the restart is exported as quiet, by the same clock
+    last_reading = {d: restored.registry.get_sample_value("forewarn_device_last_reading_timestamp_seconds",
+                                                          {"device": d}) for d in ("quiet", "busy")}
+    assert last_reading["busy"] - last_reading["quiet"] == pytest.approx(100.0, abs=0.01)
+    assert last_reading["busy"] == pytest.approx(time.time(), abs=60.0)
+    assert restored.registry.get_sample_value("forewarn_anomaly_score", {"device": "busy"}) is None  # none yet
     restored._newest_seen = restored._last_seen["busy"]
     restored._forget_idle(60.0)
     assert set(restored._last_seen) == {"busy"}
+    assert restored.registry.get_sample_value("forewarn_device_last_reading_timestamp_seconds",
+                                              {"device": "quiet"}) is None
 
 
 def test_a_live_device_whose_key_moves_has_its_old_snapshot_deleted(broker):
