@@ -21,7 +21,7 @@ import math
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -31,6 +31,7 @@ from monitor.readings import (BadReason, BadRecord, MessageFormat, Reading, Scor
                               encodes_as_utf8, parse_message, parse_timestamp)
 
 FORMATS = ("nab", "wide", "jsonl")
+_BLANK = " \t\r\n"  # what a blank line holds; other white space is a record, and a bad one
 _TIMESTAMP_COLUMNS = ("timestamp", "ts", "time", "datetime", "date")
 # what a directory given as data holds that is a recording (NAB's label .json files are not)
 DATA_SUFFIXES = (".csv", ".txt", ".jsonl", ".ndjson")
@@ -66,6 +67,18 @@ class Batch:
 
     readings: list[Reading] = field(default_factory=list)
     bad: list[BadRecord] = field(default_factory=list)
+    raw: dict[str, str] = field(default_factory=dict)  # each reading's record, by its ref
+
+    def with_raw(self, bad: list[BadRecord]) -> list[BadRecord]:
+        """``bad`` with the record each came from where it lacks it: the pipeline's rejections
+        (a duplicate timestamp, say) name only their reading's line.
+
+        >>> batch = Batch([Reading("pump-7", 5.0, {"temp": 71.2}, "line 2")], raw={"line 2": "5,71.2"})
+        >>> late = BadRecord(BadReason.DUPLICATE_TIMESTAMP, "ts 5 after 5", "line 2")
+        >>> [b.raw for b in batch.with_raw([late])]
+        ['5,71.2']
+        """
+        return [b if b.raw is not None or b.ref not in self.raw else replace(b, raw=self.raw[b.ref]) for b in bad]
 
 
 def device_name(path: str | Path) -> str:
@@ -111,7 +124,7 @@ def detect_format(path: str | Path) -> str:
         return "jsonl"
     with open_text(path) as f:
         try:
-            first = f.readline().strip().lower()
+            first = next((line.strip().lower() for line in f if line.strip()), "")
         except (EOFError, zlib.error) as exc:  # a cut or damaged .gz
             raise FileFormatError(f"{path}: truncated or corrupt compressed data ({exc})") from None
         except OSError as exc:
@@ -158,10 +171,11 @@ class FileSource:
         n = 0
         error = None
         try:
-            for reading, bad in records():
+            for reading, bad, raw in records():
                 n += 1
                 if reading is not None:
                     batch.readings.append(reading)
+                    batch.raw[reading.ref] = raw
                 batch.bad.extend(bad)
                 if len(batch.readings) + len(batch.bad) >= self.batch_size:
                     yield batch
@@ -175,39 +189,56 @@ class FileSource:
         if error is not None:
             raise error
 
+    def check(self) -> None:
+        """Read the start of the file: one that cannot be read at all (not CSV, a bad header, not
+        gzip) raises ``FileFormatError`` now, before anything is written for it."""
+        batches = self.batches()
+        try:
+            next(batches, None)
+        finally:
+            batches.close()
+
     def readings(self) -> Iterator[Reading]:
         for batch in self.batches():
             yield from batch.readings
 
     # ---- jsonl -------------------------------------------------------------
-    def _jsonl_records(self) -> Iterator[tuple[Reading | None, list[BadRecord]]]:
+    def _jsonl_records(self) -> Iterator[tuple[Reading | None, list[BadRecord], str]]:
         with open_text(self.path) as f:
             for number, line in enumerate(f, start=1):
-                if not line.strip():
+                if not line.strip(_BLANK):  # other white space (a form feed, U+2028) is a bad record
                     continue
                 line = line.rstrip("\r\n")
                 if not encodes_as_utf8(line):
-                    yield None, [_not_utf8(line, f"line {number}")]
+                    yield None, [_not_utf8(line, f"line {number}")], line
                     continue
                 parsed = parse_message(line, self.message_format, ref=f"line {number}")
-                yield parsed.reading, parsed.bad
+                yield parsed.reading, parsed.bad, line[:500]
 
     # ---- csv (nab and wide) -----------------------------------------------------
-    def _csv_records(self) -> Iterator[tuple[Reading | None, list[BadRecord]]]:
+    def _csv_records(self) -> Iterator[tuple[Reading | None, list[BadRecord], str]]:
         max_abs = self.message_format.max_abs_value
         with open_text(self.path) as f:
             lines = _Lines(f)
             rows = csv.reader(lines)
-            try:
-                first = next(rows, None)
-            except csv.Error as exc:
-                raise FileFormatError(f"{self.path}: line 1: not CSV ({exc})") from None
+            first: list[str] | None = []
+            while first is not None and _blank(first):  # blank lines before the header
+                lines.start_row()
+                try:
+                    first = next(rows, None)
+                except csv.Error as exc:
+                    raise FileFormatError(f"{self.path}: line {lines.row_start}: not CSV ({exc})") from None
             if first is None:
                 raise FileFormatError(f"{self.path}: empty file, expected a CSV header or data")
+            first_line = lines.row_start
+            at = f"line {first_line}"
+            if lines.spanned:  # a quote left open would swallow the lines after it into one name
+                raise FileFormatError(f"{self.path}: {at}: a quoted cell runs over the lines after it (a quote "
+                                      "left open, or a line break in a name)")
             joined = ",".join(first)
             if not encodes_as_utf8(joined):  # channel names, or the first row of a headerless file: neither is guessed
-                raise FileFormatError(f"{self.path}: line 1: not valid UTF-8: {_as_bytes_escaped(joined)[:80]!r}")
-            header, ts_col, pending = self._header(first)
+                raise FileFormatError(f"{self.path}: {at}: not valid UTF-8: '{_as_bytes_escaped(joined)[:80]}'")
+            header, ts_col, pending = self._header(first, at)
             width = len(header) + (ts_col is not None)
             row_number = -1  # a headerless file's timestamps: every non-blank row after the header takes one
             stream = rows if pending is None else _chain([pending], rows)
@@ -220,40 +251,40 @@ class FileSource:
                 except csv.Error as exc:
                     row_number += 1
                     line, raw = lines.reject_row()  # the lines after its first are read again
-                    yield None, [BadRecord(BadReason.MALFORMED, f"not CSV ({exc})", f"line {line}", raw)]
+                    yield None, [BadRecord(BadReason.MALFORMED, f"not CSV ({exc})", f"line {line}", raw)], raw
                     continue
-                line = lines.row_start or 1  # 1: the first row, read before, was data (headerless)
+                line = lines.row_start or first_line  # none read: the first row, read before, was data
                 if lines.spanned and any("\n" in cell.strip() or "\r" in cell.strip() for cell in row):
                     # a quote left open swallows the lines after it as one cell: only the line it
                     # is on is bad, and the next one is read again as a row of its own
                     row_number += 1
                     line, raw = lines.reject_row()
                     yield None, [BadRecord(BadReason.MALFORMED, "a quoted cell left open runs over the lines "
-                                           "after it", f"line {line}", raw)]
+                                           "after it", f"line {line}", raw)], raw
                     continue
-                if not row or (len(row) == 1 and not row[0].strip()):
+                if _blank(row):
                     continue
                 row_number += 1
                 ref = f"line {line}"
                 raw = ",".join(row)
                 if not encodes_as_utf8(raw):
-                    yield None, [_not_utf8(raw, ref)]
+                    yield None, [_not_utf8(raw, ref)], raw
                     continue
                 raw = raw[:500]
                 if len(row) != width:
-                    yield None, [BadRecord(BadReason.MALFORMED, f"expected {width} fields, got {len(row)}", ref, raw)]
+                    yield None, [BadRecord(BadReason.MALFORMED, f"expected {width} fields, got {len(row)}", ref, raw)], raw
                     continue
                 if ts_col is None:
                     ts = float(row_number)
                 else:
                     cell = _number_or_text(row[ts_col])
                     if cell is None:
-                        yield None, [BadRecord(BadReason.MISSING_TIMESTAMP, "empty timestamp cell", ref, raw)]
+                        yield None, [BadRecord(BadReason.MISSING_TIMESTAMP, "empty timestamp cell", ref, raw)], raw
                         continue
                     try:
                         ts = parse_timestamp(cell)
                     except ValueError as exc:
-                        yield None, [BadRecord(BadReason.BAD_TIMESTAMP, str(exc), ref, raw)]
+                        yield None, [BadRecord(BadReason.BAD_TIMESTAMP, str(exc), ref, raw)], raw
                         continue
                 values: dict[str, float] = {}
                 bad: list[BadRecord] = []
@@ -266,14 +297,14 @@ class FileSource:
                         if reason is BadReason.NON_NUMERIC_VALUE:
                             detail = f"{text.strip()[:40]!r} is not a number"
                         bad.append(BadRecord(reason, f"device {self.device!r} channel {channel!r}: {detail}", ref, raw))
-                yield (Reading(self.device, ts, values, ref) if values else None), bad
+                yield (Reading(self.device, ts, values, ref) if values else None), bad, raw
 
-    def _header(self, first: list[str]) -> tuple[list[str], int | None, list[str] | None]:
-        """Channel names, the timestamp column, and the first row if it was data."""
+    def _header(self, first: list[str], at: str) -> tuple[list[str], int | None, list[str] | None]:
+        """Channel names, the timestamp column, and the first row if it was data (``at``: its line)."""
         cells = [c.strip() for c in first]
         if self.format == "nab":
             if [c.lower() for c in cells] != ["timestamp", "value"]:
-                raise FileFormatError(f"{self.path}: line 1: a nab file starts with 'timestamp,value', got {','.join(cells)[:80]!r}")
+                raise FileFormatError(f"{self.path}: {at}: a nab file starts with 'timestamp,value', got {','.join(cells)[:80]!r}")
             return ["value"], 0, None
         kinds = [_number_or_text(c) for c in cells]
         numbers = [c for c, k in zip(cells, kinds) if isinstance(k, float)]
@@ -282,16 +313,16 @@ class FileSource:
             return [f"c{i}" for i in range(len(cells))], None, first
         if numbers:  # a data row with a bad cell, or a header with numbers: either way, a guess
             raise FileFormatError(
-                f"{self.path}: line 1: neither a header (it holds numbers: {numbers[:3]}) nor a data row "
+                f"{self.path}: {at}: neither a header (it holds numbers: {numbers[:3]}) nor a data row "
                 f"(it holds {texts[:3]}); a headerless file starts with numbers only")
         lowered = [c.lower() for c in cells]
         ts_col = next((lowered.index(n) for n in _TIMESTAMP_COLUMNS if n in lowered), None)
         channels = [c for i, c in enumerate(cells) if i != ts_col]
         if not channels or any(not c for c in channels) or len(set(channels)) != len(channels):
-            raise FileFormatError(f"{self.path}: line 1: channel names must be non-empty and unique, got {','.join(cells)[:80]!r}")
+            raise FileFormatError(f"{self.path}: {at}: channel names must be non-empty and unique, got {','.join(cells)[:80]!r}")
         longest = max(channels, key=len)
         if len(longest) > self.message_format.max_name_length:  # as a message's channel names are
-            raise FileFormatError(f"{self.path}: line 1: channel name of {len(longest)} characters, more than "
+            raise FileFormatError(f"{self.path}: {at}: channel name of {len(longest)} characters, more than "
                                   f"{self.message_format.max_name_length}: {longest[:40]!r}...")
         return channels, ts_col, None
 
@@ -338,6 +369,11 @@ class _Lines:
         number, line = self._row[0]
         self._row = []
         return number, line.rstrip("\r\n")[:500]
+
+
+def _blank(row: list[str]) -> bool:
+    """A blank line, as ``csv.reader`` gives it."""
+    return not row or (len(row) == 1 and not row[0].strip(_BLANK))
 
 
 def _chain(first: list, rest: Iterator) -> Iterator:

@@ -91,7 +91,7 @@ def replay(source: FileSource, pipeline: Pipeline, out_csv=None, dead_letter=Non
             result = pipeline.feed(batch.readings)
             bad_log.add(result.bad)
             if dlq:
-                dlq.write(batch.bad + result.bad)
+                dlq.write(batch.bad + batch.with_raw(result.bad))
             if writer:
                 writer.write(result.scores)
             if on_scores:
@@ -133,6 +133,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     init = _load_init(args.init)
     pipeline = Pipeline(init, _pipeline_config(args, init))
     source = FileSource(args.input, args.format, batch_size=args.batch_size)
+    source.check()  # a file that cannot be read at all leaves no output behind
     # each output is written beside its name and renamed when complete: a file under the
     # name given is always whole, and a stopped run says where its part went
     targets = {p: _partial_path(p) for p in (args.out, args.dead_letter) if p}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -130,6 +131,40 @@ class MessageFormat:
 MAX_TIMESTAMP = 1e11
 
 
+# The ISO 8601 forms taken, the same on every Python version (``datetime.fromisoformat``
+# takes more on 3.11 than on 3.10, basic forms like "20240101" among them, and cuts fractions
+# to microseconds): a date, or a date and a time to the minute, second or any fraction of it,
+# with "Z" or an offset.
+_ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)(?:[Tt ](\d\d):(\d\d)(?::(\d\d)([.,]\d+)?)?"
+                       r"(?:([Zz])|([+-])(\d\d)(?::?(\d\d))?)?)?")
+
+
+def _iso_seconds(raw: str) -> float:
+    """Epoch seconds of an ISO 8601 date or date and time; naive means UTC.
+
+    >>> _iso_seconds("2023-11-14T22:13:20.5Z"), _iso_seconds("2023-11-14 23:13:20.25+0100")
+    (1700000000.5, 1700000000.25)
+    >>> _iso_seconds("20231114")
+    Traceback (most recent call last):
+    ...
+    ValueError: not ISO 8601 (YYYY-MM-DD[THH:MM[:SS[.f]][Z|+HH:MM]]) or epoch seconds: '20231114'
+    """
+    m = _ISO_8601.fullmatch(raw.strip())
+    try:
+        if m is None:
+            raise ValueError
+        year, month, day, hour, minute, second, fraction, _, sign, off_h, off_m = m.groups()
+        at = datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0),
+                      tzinfo=timezone.utc)
+        offset = 0 if sign is None else (1 if sign == "+" else -1) * (int(off_h) * 3600 + int(off_m or 0) * 60)
+        if abs(offset) >= 86400:
+            raise ValueError
+    except ValueError:
+        raise ValueError("not ISO 8601 (YYYY-MM-DD[THH:MM[:SS[.f]][Z|+HH:MM]]) or epoch seconds: "
+                         f"{raw[:40]!r}") from None
+    return at.timestamp() - offset + (float("0." + fraction[1:]) if fraction else 0.0)
+
+
 def parse_timestamp(raw: object) -> float:
     """Epoch seconds from a JSON number or an ISO 8601 string (naive means UTC).
 
@@ -150,16 +185,7 @@ def parse_timestamp(raw: object) -> float:
         except OverflowError:  # an integer beyond float range: judged by the range check below
             ts = math.inf if raw > 0 else -math.inf
     elif isinstance(raw, str):
-        text = raw.strip()
-        if text[-1:] in ("Z", "z"):  # Python 3.10's fromisoformat does not take the "Z" suffix
-            text = text[:-1] + "+00:00"
-        try:
-            parsed = datetime.fromisoformat(text)
-        except ValueError:
-            raise ValueError(f"not ISO 8601 or epoch seconds: {raw[:40]!r}") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
-        ts = parsed.timestamp()
+        ts = _iso_seconds(raw)
     else:
         raise ValueError(f"a {type(raw).__name__} is not a timestamp")
     if math.isnan(ts) or (math.isinf(ts) and isinstance(raw, float)):
@@ -211,6 +237,21 @@ class Parsed:
     bad: list[BadRecord] = field(default_factory=list)
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """An object whose names are unique: with two of one name, a JSON parser keeps the last
+    and drops the other without a word (which device, which value?)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the name {twice[:40]!r} appears twice in one object")
+    return obj
+
+
+# built once: json.loads with a hook would build a decoder per message
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: str = "") -> Parsed:
     """Parse one JSON reading message; bad channels are rejected, good ones kept.
 
@@ -218,13 +259,15 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     {'a': 1.5}
     >>> [b.reason.value for b in parse_message('{"device": "p1", "value": 2}').bad]
     ['missing_timestamp']
+    >>> [b.detail for b in parse_message('{"device": "p1", "device": "p2", "ts": 5, "value": 2}').bad]
+    ["invalid JSON (the name 'device' appears twice in one object)"]
     """
     def rejected(reason: BadReason, detail: str) -> Parsed:
         return Parsed(None, [BadRecord(reason, detail, ref, excerpt(raw))])
 
     try:
         # decode first: json.loads on bytes sniffs the encoding, which costs more than decoding
-        msg = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
+        msg = _DECODER.decode(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         return rejected(BadReason.MALFORMED, f"invalid JSON ({exc})")
     if type(msg) is not dict:
@@ -258,6 +301,8 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
         raw_values = msg[fmt.values]
         if not isinstance(raw_values, dict) or not raw_values:
             return rejected(BadReason.MISSING_VALUE, f"{fmt.values!r} must be a non-empty object")
+        if fmt.value in msg:
+            return rejected(BadReason.MALFORMED, f"both {fmt.values!r} and {fmt.value!r}: one of them, not both")
     elif fmt.value in msg:
         raw_values = {fmt.value: msg[fmt.value]}
     else:

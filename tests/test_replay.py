@@ -339,7 +339,7 @@ def test_bytes_that_are_not_utf8_are_bad_records_not_a_guessed_name(tmp_path, ca
     assert len(batch.readings) == 3 and [str(b) for b in batch.bad] == ["line 5: malformed: not valid UTF-8"]
     wide = tmp_path / "wide.csv"
     wide.write_bytes(b"timestamp,temp\xb0C\n1,2.0\n")
-    with pytest.raises(FileFormatError, match=r"wide.csv: line 1: not valid UTF-8: 'timestamp,temp\\\\xb0C'"):
+    with pytest.raises(FileFormatError, match=r"wide.csv: line 1: not valid UTF-8: 'timestamp,temp\\xb0C'"):
         list(FileSource(wide).batches())
     bom = tmp_path / "bom.jsonl"  # a byte-order mark is still no part of the first line
     bom.write_bytes(b"\xef\xbb\xbf" + good[0] + b"\n")
@@ -502,3 +502,74 @@ def test_a_file_whose_name_is_no_device_name_is_refused_naming_it(tmp_path):
     long.write_text("timestamp," + "c" * 300 + "\n1,2.0\n")
     with pytest.raises(FileFormatError, match="channel name of 300 characters, more than 256"):
         list(FileSource(long, "wide").batches())
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2023-11-14T22:13:20Z", 1700000000.0),
+    ("2023-11-14t22:13:20z", 1700000000.0),
+    ("2023-11-14T22:13:20.5Z", 1700000000.5),        # refused by Python 3.10's fromisoformat
+    ("2023-11-14T22:13:20.123456789Z", 1700000000.123456789),  # cut to microseconds by 3.11's
+    ("2023-11-14T22:13:20,25Z", 1700000000.25),
+    ("2023-11-14 23:13:20+01:00", 1700000000.0),
+    ("2023-11-14 23:13:20+0100", 1700000000.0),       # refused by 3.10's
+    ("2023-11-14T17:13:20-05", 1700000000.0),
+    ("2023-11-14 22:13", 1699999980.0),
+    ("2023-11-14", 1699920000.0),
+    (" 2023-11-14 22:13:20 ", 1700000000.0),
+])
+def test_iso_timestamps_are_read_the_same_on_every_python_version(text, expected):
+    from monitor.readings import parse_timestamp
+    assert parse_timestamp(text) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("text", ["20231114", "2023-W46-2", "2023-318", "20231114T221320Z",  # taken by 3.11's
+                                  "2023-02-30", "2023-11-14T24:00", "2023-11-14T22:13:20+24:00", "1700000000",
+                                  "2023-11-14Z", "", "yesterday"])
+def test_other_timestamp_strings_are_refused_with_the_forms_taken(text):
+    from monitor.readings import parse_message
+    bad, = parse_message(json.dumps({"device": "p", "ts": text, "value": 1.0})).bad
+    assert bad.reason.value == "bad_timestamp" and "YYYY-MM-DD" in bad.detail
+
+
+def test_a_header_whose_quote_is_left_open_is_refused_and_no_output_is_left_behind(tmp_path, capsys):
+    """The open quote would swallow the data lines after it into one channel name."""
+    path = tmp_path / "pump.csv"
+    path.write_text('ts,"temp\n1,2\n3,4"\n5,6\n7,8\n')
+    out, dlq = tmp_path / "scores.csv", tmp_path / "dead.jsonl"
+    code, _, err = _run(["replay", str(path), "--out", str(out), "--dead-letter", str(dlq), "--quiet"], capsys)
+    assert code == 2 and "pump.csv: line 1: a quoted cell runs over the lines after it" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pump.csv"]  # no output, whole or partial
+    path.write_text('\nts,temp,"pres\nsure"\n1,2,3\n')  # closed, but a line break in a name
+    with pytest.raises(FileFormatError, match="line 2: a quoted cell runs over the lines after it"):
+        list(FileSource(path).batches())
+
+
+def test_blank_lines_before_a_header_are_skipped_and_lines_keep_their_numbers(tmp_path):
+    path = tmp_path / "pump.csv"
+    path.write_text("\n\ntimestamp,value\n" + "\n".join(_nab_rows(3)) + "\n2024-01-01 01:00:00,oops\n")
+    batch, = FileSource(path).batches()
+    assert len(batch.readings) == 3 and [b.ref for b in batch.bad] == ["line 7"]
+    fleet = tmp_path / "fleet.txt"  # a JSONL file by its first line that is not blank
+    fleet.write_text("\n" + _good("p1", 1, temp=1.0) + "\n")
+    assert FileSource(fleet).format == "jsonl"
+
+
+def test_every_dead_letter_of_a_replay_carries_its_record(tmp_path, capsys):
+    """The pipeline's rejections (duplicate and out-of-order timestamps) name only a line; the
+    dead letter keeps the record, as on Kafka, so that the values are not lost."""
+    lines = [_good("p1", t, temp=float(t % 5)) for t in range(40)]
+    lines[20] = _good("p1", 18, temp=99.0)                                      # out of order
+    lines.append('{"device": "p1", "device": "p2", "ts": 50, "value": 1.0}')    # which device?
+    lines.append('{"device": "p1", "ts": 51, "values": {"a": 1.0}, "value": 2.0}')
+    lines.append("\f")                                                          # not a blank line
+    path = tmp_path / "fleet.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    dlq = tmp_path / "dead.jsonl"
+    code, _, err = _run(["replay", str(path), "--warmup", "16", "--dead-letter", str(dlq), "--quiet"], capsys)
+    assert code == 0, err
+    dead = {d["ref"]: d for d in map(json.loads, dlq.read_text().splitlines())}
+    assert dead["line 21"]["reason"] == "out_of_order_timestamp" and dead["line 21"]["raw"] == lines[20]
+    assert "'device' appears twice" in dead["line 41"]["detail"]
+    assert dead["line 42"]["reason"] == "malformed" and "both 'values' and 'value'" in dead["line 42"]["detail"]
+    assert dead["line 43"]["reason"] == "malformed"
+    assert all(d["raw"] for d in dead.values())
