@@ -932,7 +932,8 @@ class Daemon:
                             partitions=sorted(remade), devices=len(devices),
                             end_offsets={p: ends[p] for p in sorted(remade)}))
         wall_minus_mono = time.time() - time.monotonic()
-        self.metrics.restore_devices({d: self._last_seen[d] + wall_minus_mono for d in by_device})
+        self.metrics.restore_devices({d: self._last_seen[d] + wall_minus_mono for d, s in by_device.items()
+                                      if any(stream.stage == "live" for stream in s.streams)})
         self.metrics.restored.inc(streams)
         self.metrics.restore_failures.inc(failed)
         self.metrics.set_streams(self.pipeline.streams_by_state())

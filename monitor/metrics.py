@@ -38,7 +38,7 @@ class DeviceGauges:
     >>> from prometheus_client import generate_latest
     >>> gauges = DeviceGauges(CollectorRegistry())
     >>> gauges.latest["pump-1"] = [0.5, 0.3, None, 0, 1700000000.0]
-    >>> gauges.latest["pump-2"] = [None, None, None, 0, 1700000060.0]  # warming: no score yet
+    >>> gauges.latest["pump-2"] = [None, None, None, 0, 1700000060.0]  # restored: no score here yet
     >>> [line for line in generate_latest(gauges.registry).decode().splitlines() if not line.startswith("#")]
     ['forewarn_anomaly_score{device="pump-1"} 0.5', 'forewarn_anomaly_surprise{device="pump-1"} 0.3', \
 'forewarn_device_last_reading_timestamp_seconds{device="pump-1"} 1.7e+09', \
@@ -72,8 +72,8 @@ class DeviceGauges:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.lock = threading.Lock()
-        # device -> [score, surprise (both None while it warms), unix time of its latest flag or
-        # None, flagged readings in a row, unix time of its latest reading]
+        # device -> [score, surprise (both None until its first score here: restored), unix time
+        # of its latest flag or None, flagged readings in a row, unix time of its latest reading]
         self.latest: dict[str, list] = {}
         registry.register(self)
 
@@ -200,12 +200,12 @@ class Metrics:
             for s in scores:
                 n += 1
                 latest = self.devices.latest.get(s.device)
+                if latest is not None:
+                    latest[4] = now
+                if s.score is None:  # a device is exported once scored: one that never gets past its
+                    continue         # warm-up (a mistyped id, say) takes no slot and raises no alert
                 if latest is None:
                     latest = self._export_row(s.device, now)
-                else:
-                    latest[4] = now
-                if s.score is None:
-                    continue
                 scored += 1
                 if latest is not None:
                     latest[0] = s.score
@@ -239,7 +239,7 @@ class Metrics:
         return None
 
     def restore_devices(self, last_reading: dict[str, float]) -> None:
-        """Export restored devices before their next reading, each with the Unix time of its
+        """Export restored live devices before their next reading, each with the Unix time of its
         latest one: a sensor that went quiet before a restart or a move still shows as quiet."""
         with self.devices.lock:
             for device, seen in last_reading.items():

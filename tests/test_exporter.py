@@ -42,27 +42,29 @@ def test_a_device_left_out_of_the_score_series_stops_counting_once_it_gets_one()
     assert 'forewarn_anomaly_score{device="b"} 0.6' in text
 
 
-def test_each_device_s_latest_reading_time_is_exported_from_its_first_reading_on():
-    """What ForewarnDeviceSilent reads: a sensor that stops while it warms up, or before a
-    restart, is as quiet as one that stops once scored."""
+def test_each_scored_or_restored_device_s_latest_reading_time_is_exported():
+    """What ForewarnDeviceSilent reads: a sensor that stops before a restart is as quiet as one
+    that stops after; one that never got past its warm-up (a mistyped id) is not exported."""
     metrics = Metrics(CollectorRegistry(), max_devices=2)
     before = time.time() - 1.0  # exported in whole seconds
-    metrics.observe_scores([Score("warming", 1.0, None, False), Score("live", 1.0, 0.5, False)])
+    metrics.observe_scores([Score("typo", 1.0, None, False), Score("live", 1.0, 0.5, False),
+                            Score("other", 1.0, 0.5, False)])
     text = generate_latest(metrics.registry).decode()
-    for device in ("warming", "live"):
+    for device in ("live", "other"):
         seen = metric_value(text, f'forewarn_device_last_reading_timestamp_seconds{{device="{device}"}}')
         assert before <= seen <= time.time() + 1.0
-    assert 'forewarn_anomaly_score{device="warming"}' not in text  # no score before it is live
+    assert 'device="typo"' not in text and metric_value(text, "forewarn_score_devices_not_exported") == 0
     metrics.restore_devices({"restored": before - 3600.0, "live": before - 3600.0})  # no room; live is here
     text = generate_latest(metrics.registry).decode()
     assert 'device="restored"' not in text and metric_value(text, "forewarn_score_devices_not_exported") == 1
     assert metric_value(text, 'forewarn_device_last_reading_timestamp_seconds{device="live"}') >= before
-    metrics.forget_devices(["warming"])
+    metrics.forget_devices(["other"])
     metrics.restore_devices({"restored": before - 3600.0})  # the freed slot
     text = generate_latest(metrics.registry).decode()
     assert metric_value(text, 'forewarn_device_last_reading_timestamp_seconds{device="restored"}') == round(before - 3600.0)
     assert metric_value(text, "forewarn_score_devices_not_exported") == 0
-    metrics.observe_scores([Score("restored", 2.0, 0.4, False)])
+    assert 'forewarn_anomaly_score{device="restored"}' not in text  # not scored here yet
+    metrics.observe_scores([Score("restored", 2.0, None, False)])  # a channel of it warming still counts
     assert metric_value(generate_latest(metrics.registry).decode(),
                         'forewarn_device_last_reading_timestamp_seconds{device="restored"}') >= before
 
