@@ -7,6 +7,7 @@ unpickles arbitrary objects.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -116,7 +117,7 @@ class Initialization:
         except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
             size = Path(path).stat().st_size if Path(path).is_file() else None
             what = "an empty file" if size == 0 else f"truncated, corrupt or another kind of file: " \
-                f"{type(exc).__name__}{': ' + str(exc)[:120] if str(exc) else ''}"
+                f"{type(exc).__name__}{': ' + _gist(str(exc)) if str(exc) else ''}"
             raise CheckpointError(f"{path}: not a Forewarn initialization ({what})") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise CheckpointError(f"{path}: not a Forewarn initialization (format tag missing)")
@@ -168,3 +169,16 @@ class Initialization:
         """The initialization shipped in the package (meta-trained on SMD, see the README)."""
         with resources.as_file(resources.files("monitor.data") / DEFAULT_INIT) as path:
             return cls.load(path)
+
+
+def _gist(message: str) -> str:
+    """What a ``torch.load`` error says about the file, without its advice to load it unsafely.
+
+    >>> _gist("Weights only load failed. In PyTorch 2.6, ... WeightsUnpickler error: \\n\\nUnsupported operand 103\\n\\nCheck")
+    'Unsupported operand 103'
+    >>> _gist("invalid load key, 'x'.")
+    "invalid load key, 'x'."
+    """
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n\n|$)", message, re.S)
+    text = (found.group(1) if found else message).strip().splitlines()[0]
+    return text if len(text) <= 160 else text[:160].rsplit(" ", 1)[0] + " ..."

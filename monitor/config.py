@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -40,6 +41,10 @@ def _setting(default: Any, help: str) -> Any:
 
 
 MIN_DELIVERY_TIMEOUT_MS = 30_005  # kafka-python's request_timeout_ms (30 s) + our linger_ms (5)
+# the loop turns, and sees a stop, only between polls: a longer wait gains nothing fetch_max_wait_ms
+# does not give, and would hold a SIGTERM past a pod's grace period
+MAX_POLL_TIMEOUT_MS = 10_000
+MAX_WARMUP = 16_384
 
 
 @dataclass
@@ -69,7 +74,9 @@ class KafkaConfig:
                                                  "topic grows: murmur2 (Java, kafka-python), crc32 (librdkafka), "
                                                  "auto (told by where the devices are) or none (they re-warm)")
     max_poll_records: int = _setting(5000, "records per poll, i.e. the largest pipeline batch")
-    poll_timeout_ms: int = _setting(500, "how long one poll waits for records")
+    poll_timeout_ms: int = _setting(500, "how long one poll waits for records; a stop waits for it too "
+                                         f"(at most {MAX_POLL_TIMEOUT_MS:,}, and under half of "
+                                         "metrics.healthy_after_s)")
     fetch_max_wait_ms: int = _setting(100, "how long the broker may hold a fetch for more data (latency vs. batching)")
     max_poll_interval_ms: int = _setting(300000, "rebalance timeout; a group join waits this long (keep small in tests)")
     session_timeout_ms: int = _setting(10000, "consumer session timeout")
@@ -85,10 +92,14 @@ class KafkaConfig:
     ssl_keyfile: str = _setting("", "client key for SSL")
 
     def validate(self) -> None:
-        if not self.bootstrap_servers.strip():
-            raise ConfigError("kafka.bootstrap_servers must not be empty")
+        servers = [s.strip() for s in self.bootstrap_servers.split(",")]
+        if not any(servers) or not all(servers):
+            raise ConfigError(f"kafka.bootstrap_servers must be a comma-separated host:port list with no empty "
+                              f"entry, got {self.bootstrap_servers!r}")
         if not self.topic:
             raise ConfigError("kafka.topic must not be empty")
+        if not self.group_id.strip():  # Kafka refuses an empty group id; the changelog would be "-state"
+            raise ConfigError("kafka.group_id must not be empty")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError(f"kafka.auto_offset_reset must be earliest or latest, got {self.auto_offset_reset!r}")
         if self.producer_partitioner not in ("auto", "murmur2", "crc32", "none"):
@@ -117,6 +128,9 @@ class KafkaConfig:
                      "heartbeat_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"kafka.{name} must be >= 1")
+        if self.poll_timeout_ms > MAX_POLL_TIMEOUT_MS:
+            raise ConfigError(f"kafka.poll_timeout_ms ({self.poll_timeout_ms}) must be <= {MAX_POLL_TIMEOUT_MS}: "
+                              "a stop waits for the poll under way")
         if self.fetch_max_wait_ms >= KAFKA_REQUEST_TIMEOUT_MS:  # kafka-python refuses it later, less clearly
             raise ConfigError(f"kafka.fetch_max_wait_ms ({self.fetch_max_wait_ms}) must be below the consumer's "
                               f"request timeout ({KAFKA_REQUEST_TIMEOUT_MS} ms)")
@@ -186,7 +200,8 @@ class DetectorConfig:
     """
 
     init: str = _setting("", "initialization checkpoint ('' = the one shipped in the package)")
-    warmup: int = _setting(256, "readings a stream buffers before it is adapted and scored")
+    warmup: int = _setting(256, "readings a stream buffers before it is adapted and scored (16 to 16,384; "
+                                "adapting a stream takes memory in proportion, ~0.55 MB at 256)")
     adapt_steps: int = _setting(-1, "inner steps of fast adaptation (-1 = the initialization's)")
     threshold: float = _setting(0.999, "score at or above which a reading is an anomaly")
     alarm_surprise: float = _setting(0.0, "the same threshold as a surprise, -log10 of the tail probability "
@@ -256,8 +271,8 @@ class DetectorConfig:
                               f"({self.alarm_surprise}) both set the alarm level: set one of them")
         # PipelineConfig checks these too, but building one imports torch, which reading a
         # configuration (forewarn config --print, the daemon's start-up errors) should not need
-        if self.warmup < 16:
-            raise ConfigError("detector.warmup must be >= 16")
+        if not 16 <= self.warmup <= MAX_WARMUP:  # past it, one slice of adapt_batch streams would take many GB
+            raise ConfigError(f"detector.warmup must be in 16..{MAX_WARMUP}, got {self.warmup}")
         if self.drift_threshold < 0 or self.drift_window < 16:
             raise ConfigError("detector.drift_threshold must be >= 0 and detector.drift_window >= 16")
         if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:
@@ -316,7 +331,8 @@ class StateConfig:
                                                    "device re-warms after a restart)")
     local_path: str = _setting("forewarn-state.db", "state file of the local store")
     checkpoint_interval_s: float = _setting(30.0, "seconds between checkpoints (state written, then offsets "
-                                                  "committed); ~0.15 ms per changed device each time")
+                                                  "committed; 0 = after every batch); ~0.15 ms per changed "
+                                                  "device each time")
     checkpoint_batch: int = _setting(1000, "device snapshots written per loop turn while a checkpoint is under way "
                                            "(~0.15 ms each; bounds the pause a checkpoint adds to scoring)")
 
@@ -378,6 +394,11 @@ class Config:
     def validate(self) -> "Config":
         for section in (self.kafka, self.detector, self.metrics, self.state, self.log):
             section.validate()
+        if self.kafka.poll_timeout_ms >= self.metrics.healthy_after_s * 1000 / 2:
+            # an idle topic's loop turns once per poll: /healthz would fail between turns
+            raise ConfigError(f"kafka.poll_timeout_ms ({self.kafka.poll_timeout_ms}) must be under half of "
+                              f"metrics.healthy_after_s ({self.metrics.healthy_after_s:g} s), or /healthz fails "
+                              "on an idle topic while it waits")
         if self.state.store == "changelog":
             changelog = self.state.changelog_topic or f"{self.kafka.group_id}-state"
             taken = {self.kafka.topic: "kafka.topic", self.kafka.anomalies_topic: "kafka.anomalies_topic",
@@ -402,15 +423,22 @@ class Config:
         cfg = cls()
         if path is not None:
             try:
-                data = tomllib.loads(Path(path).read_text())
+                data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
             except FileNotFoundError:
                 raise ConfigError(f"{path}: no such configuration file") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{path}: not UTF-8 text, as TOML must be ({exc.reason} at byte {exc.start})") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{path}: not valid TOML ({exc})") from None
             for section_name, values in data.items():
-                section = getattr(cfg, section_name, None)
-                if section is None or not isinstance(values, dict):
-                    raise ConfigError(f"{path}: unknown section [{section_name}]")
+                if not isinstance(values, dict):
+                    home = [s for s in SECTIONS if section_name in {f.name for f in fields(getattr(cfg, s))}]
+                    raise ConfigError(f"{path}: {section_name} = ... at the top level: settings go in their "
+                                      "section" + (f", here under [{home[0]}]" if len(home) == 1 else
+                                                   f" ({', '.join(SECTIONS)})"))
+                if section_name not in SECTIONS:
+                    raise ConfigError(f"{path}: unknown section [{section_name}] (sections: {', '.join(SECTIONS)})")
+                section = getattr(cfg, section_name)
                 for key, value in values.items():
                     _assign(section, section_name, key, value, f"{path}: {section_name}.{key}")
         env = os.environ if environ is None else environ
@@ -424,10 +452,13 @@ class Config:
                     _assign(section, section_name, f.name, _from_text(env[var], f.type, var), var)
         # a misspelt override would otherwise be ignored in silence, like an unknown key in the file
         prefixes = tuple(f"FOREWARN_{name.upper()}_" for name in SECTIONS)
-        unknown = sorted(v for v in env if (v.startswith(prefixes) and v not in known) or _misspelt_section(v, known))
+        unknown = sorted(v for v in env if (v.startswith(prefixes) and v not in known) or _misspelt_section(v, known)
+                         or _meant(v, known))
         if unknown:
+            meant = [f"{v} for {_meant(v, known)}" for v in unknown if _meant(v, known)]
             raise ConfigError(f"unknown setting in the environment: {', '.join(unknown)} "
-                              "(`forewarn config --print` lists every setting and its variable)"
+                              + (f"(did you mean: {'; '.join(meant)}? " if meant else "(")
+                              + "`forewarn config --print` lists every setting and its variable)"
                               + _service_link_hint({v: env[v] for v in unknown}))
         return cfg.validate()
 
@@ -478,6 +509,36 @@ def _misspelt_section(var: str, known: set[str]) -> bool:
         return False
     return any(f"FOREWARN_{name.upper()}_{rest.upper()}" in known
                for name in difflib.get_close_matches(head.lower(), SECTIONS, n=1, cutoff=0.75))
+# what Kubernetes sets for a Service named forewarn(-...): FOREWARN_SERVICE_HOST, FOREWARN_PORT,
+# FOREWARN_PORT_9108_TCP_ADDR, ...; never a setting, whatever its name resembles
+_SERVICE_LINK = re.compile(r"FOREWARN(_[A-Z0-9_]+)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)"
+                           r"(_ADDR|_PORT|_PROTO)?)?)")
+
+
+def _meant(var: str, known: set[str]) -> str | None:
+    """The setting's variable a ``FOREWARN_`` variable spells without its section or without an
+    underscore (``FOREWARN_BOOTSTRAP_SERVERS``, ``FOREWARN_LOGLEVEL``), if there is one.
+
+    >>> known = {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS", "FOREWARN_LOG_LEVEL", "FOREWARN_METRICS_PORT"}
+    >>> _meant("FOREWARN_BOOTSTRAP_SERVERS", known), _meant("FOREWARN_LOGLEVEL", known)
+    ('FOREWARN_KAFKA_BOOTSTRAP_SERVERS', 'FOREWARN_LOG_LEVEL')
+    >>> _meant("FOREWARN_PORT", known), _meant("FOREWARN_DATA", known)  # a service link; not a setting
+    (None, None)
+    """
+    if not var.startswith("FOREWARN_") or var in known or _SERVICE_LINK.fullmatch(var):
+        return None
+    spelt = var[len("FOREWARN_"):].replace("_", "").lower()
+    by_full, by_key = {}, {}
+    for name in known:
+        section, _, key = name[len("FOREWARN_"):].partition("_")
+        by_full[(section + key).replace("_", "").lower()] = name
+        by_key.setdefault(key.replace("_", "").lower(), []).append(name)
+    if spelt in by_full:
+        return by_full[spelt]
+    candidates = by_key.get(spelt, [])
+    return candidates[0] if len(candidates) == 1 else None
+
+
 _TYPES = {"str": str, "int": int, "float": float}
 
 
@@ -503,6 +564,9 @@ def _from_text(text: str, type_name: str, var: str) -> Any:
     if kind is str:
         return text
     try:
+        # int() and float() also take " 128 ", "1_28" and other scripts' digits: a typo, never a setting
+        if text != text.strip() or "_" in text or not text.isascii():
+            raise ValueError
         return kind(text)
     except ValueError:
         raise ConfigError(f"{var}: expected {_NAMES[kind]}, got {text!r}" + _service_link_hint({var: text})) from None
@@ -518,6 +582,13 @@ def _service_link_hint(variables: dict[str, str]) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    r"""A value as TOML writes it, so that ``forewarn config --print`` reads back as it was.
+
+    >>> text = 'a "quoted" back\\slash and a\nline break'
+    >>> tomllib.loads("v = " + _toml_value(text))["v"] == text
+    True
+    """
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # a JSON string is a TOML basic string, escapes and all, but for DEL, which TOML wants escaped
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(value)

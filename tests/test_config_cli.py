@@ -59,6 +59,16 @@ def test_toml_then_environment(tmp_path):
     # SQLite takes both, for a database gone when the daemon stops
     ("[state]\nstore = 'local'\nlocal_path = ''\n", "state.local_path must name a file"),
     ("[state]\nstore = 'local'\nlocal_path = ':memory:'\n", "state.local_path must name a file"),
+    # each of these passed, and failed later: a refused join, a 30 s bootstrap, a start-up that never ends
+    ("[kafka]\ngroup_id = ''\n", "kafka.group_id must not be empty"),
+    ("[kafka]\nbootstrap_servers = ' , '\n", "kafka.bootstrap_servers must be a comma-separated host:port list"),
+    ("[kafka]\nbootstrap_servers = 'a:9092,'\n", "no empty entry"),
+    ("[detector]\nwarmup = 100000000000\n", "detector.warmup must be in 16..16384"),
+    # a stop waits for the poll under way; an idle loop turns once per poll, and /healthz between
+    ("[kafka]\npoll_timeout_ms = 60000\n", "kafka.poll_timeout_ms \\(60000\\) must be <= 10000"),
+    ("[kafka]\npoll_timeout_ms = 8000\n[metrics]\nhealthy_after_s = 5\n",
+     "kafka.poll_timeout_ms \\(8000\\) must be under half of metrics.healthy_after_s"),
+    ("topic = 'plant'\n", "topic = ... at the top level: settings go in their section, here under [kafka]"),
 ])
 def test_invalid_configuration_is_rejected_with_the_key(tmp_path, toml, message):
     path = tmp_path / "bad.toml"
@@ -72,11 +82,21 @@ def test_invalid_configuration_is_rejected_with_the_key(tmp_path, toml, message)
     ({"FOREWARN_DETECTOR_ONLINE_LR_SCALE": "nan"}, "FOREWARN_DETECTOR_ONLINE_LR_SCALE: expected a finite number"),
     ({"FOREWARN_METRIC_PORT": "9200"}, "unknown setting in the environment: FOREWARN_METRIC_PORT"),  # a section
     ({"FOREWARN_DETECTORS_WARMUP": "64"}, "unknown setting in the environment: FOREWARN_DETECTORS_WARMUP"),
+    # a setting spelt without its section, or without an underscore, was ignored in silence
+    ({"FOREWARN_BOOTSTRAP_SERVERS": "kafka:9092"},
+     "did you mean: FOREWARN_BOOTSTRAP_SERVERS for FOREWARN_KAFKA_BOOTSTRAP_SERVERS"),
+    ({"FOREWARN_KAFKATOPIC": "plant"}, "FOREWARN_KAFKATOPIC for FOREWARN_KAFKA_TOPIC"),
+    ({"FOREWARN_LOGLEVEL": "DEBUG"}, "FOREWARN_LOGLEVEL for FOREWARN_LOG_LEVEL"),
+    ({"FOREWARN_GROUP_ID": "plant"}, "FOREWARN_GROUP_ID for FOREWARN_KAFKA_GROUP_ID"),
+    # int() takes all of these; none is what anyone meant to type
+    ({"FOREWARN_DETECTOR_WARMUP": " 128 "}, "FOREWARN_DETECTOR_WARMUP: expected an integer"),
+    ({"FOREWARN_DETECTOR_WARMUP": "1_28"}, "FOREWARN_DETECTOR_WARMUP: expected an integer"),
+    ({"FOREWARN_DETECTOR_WARMUP": "\u0661\u0662\u0668"}, "FOREWARN_DETECTOR_WARMUP: expected an integer"),
 ])
 def test_invalid_environment_is_rejected_with_the_variable(environ, message):
     with pytest.raises(ConfigError, match=message):
         Config.load(environ=environ)
-    Config.load(environ={"FOREWARN_HOME": "/srv"})  # not a setting's prefix: none of ours
+    Config.load(environ={"FOREWARN_HOME": "/srv", "FOREWARN_DATA": "/data"})  # not settings: none of ours
     # what Kubernetes sets for a Service named forewarn
     Config.load(environ={"FOREWARN_SERVICE_HOST": "10.0.0.7", "FOREWARN_SERVICE_PORT": "9108",
                          "FOREWARN_PORT": "tcp://10.0.0.7:9108", "FOREWARN_PORT_9108_TCP_PORT": "9108"})
@@ -119,6 +139,23 @@ def test_config_print_and_run_help_show_every_setting(capsys, monkeypatch):
         for name in vars(getattr(Config(), section)):
             assert f"{name} = " in printed and f"{name} = " in help_text
     assert "secret" not in printed and "# sasl_plain_password = (set; not shown)" in printed
+
+
+def test_config_print_reads_back_as_the_same_configuration(tmp_path, capsys, monkeypatch):
+    """A value with a line break, a quote or a backslash is written escaped, as TOML wants."""
+    monkeypatch.setenv("FOREWARN_KAFKA_CLIENT_ID", 'fw "1"\\\nb')
+    assert main(["config", "--print"]) == 0
+    saved = tmp_path / "forewarn.toml"
+    saved.write_text(capsys.readouterr().out)
+    monkeypatch.delenv("FOREWARN_KAFKA_CLIENT_ID")
+    assert Config.load(saved, environ={}).kafka.client_id == 'fw "1"\\\nb'
+
+
+def test_a_configuration_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("[kafka]\nclient_id = 'gr\u00fcn'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text"):
+        Config.load(path, environ={})
 
 
 def test_a_configuration_saved_from_config_print_holds_no_stand_in_for_the_password(tmp_path, capsys,
