@@ -167,7 +167,8 @@ def test_the_device_alert_compares_surprises_with_the_exported_alarm_level():
     `for:` alone cannot tell a lasting anomaly from one flagged reading of a slowly reporting device."""
     device = next(r for r in load_rules() if r.get("alert") == "ForewarnDeviceAnomaly")
     assert metric_names(device["expr"]) == {"forewarn_anomaly_surprise", "forewarn_anomaly_alarm_surprise",
-                                            "forewarn_device_consecutive_anomalous_readings"}
+                                            "forewarn_device_consecutive_anomalous_readings",
+                                            "forewarn_device_last_reading_timestamp_seconds"}  # frozen copies out
     assert device["for"]
 
 
