@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -134,6 +135,31 @@ def _fields(**kwargs) -> dict:
     return {"fields": kwargs}
 
 
+def _error_text(exc: BaseException) -> str:
+    """``Type: message``, the type named once: kafka-python's errors already begin with it."""
+    name, text = type(exc).__name__, str(exc)
+    if not text or text == name:
+        return name
+    return text if text.startswith(f"{name}: ") else f"{name}: {text}"
+
+
+class _OncePerMinute:
+    """Which of a stream of repeated events deserve a warning: the first of each kind a minute.
+    A client (a port scan, a broken scraper) can repeat a failure hundreds of times a second."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the server's request threads share it
+        self._last: dict[str, float] = {}
+
+    def __call__(self, kind: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -math.inf) < 60.0:
+                return False
+            self._last[kind] = now
+            return True
+
+
 class _QuietHandler(WSGIRequestHandler):
     timeout = 10.0  # seconds: a client that stops sending mid-request lets go of its thread
 
@@ -147,10 +173,65 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
 
+    def __init__(self, *args, **kwargs) -> None:
+        self.warn_once = _OncePerMinute()
+        super().__init__(*args, **kwargs)
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver's own prints a traceback to stderr, outside the JSON logs, for every
+        # client that connects and then sends nothing until the handler's timeout
+        exc = sys.exc_info()[1]
+        client = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        if isinstance(exc, (TimeoutError, ConnectionError)):  # resets, broken pipes: the client's doing
+            log.debug("HTTP client timed out or went away", extra=_fields(client=client, error=_error_text(exc)))
+        elif self.warn_once(type(exc).__name__):
+            log.warning("HTTP request failed (the same error again within a minute is logged at debug)",
+                        extra=_fields(client=client, error=_error_text(exc)))
+        else:
+            log.debug("HTTP request failed", extra=_fields(client=client, error=_error_text(exc)))
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        # "::" then takes IPv4 clients too (as IPv4-mapped addresses), whatever the
+        # system's net.ipv6.bindv6only says: probes and scrapers may come over either
+        try:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except (AttributeError, OSError):  # a system without dual-stack sockets: IPv6 alone
+            pass
+        super().server_bind()
+
+
+def _server_class(host: str, port: int) -> type[_ThreadingServer]:
+    """IPv4 unless the host has only IPv6 addresses ("::", "::1", an AAAA-only name): a name
+    with both, "localhost" say, stays on IPv4 as before."""
+    if not host:  # WSGIServer's "" is IPv4's any address
+        return _ThreadingServer
+    families = {info[0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}
+    return _ThreadingServer if socket.AF_INET in families or socket.AF_INET6 not in families else _ThreadingServer6
+
+
+class MetricsServerError(OSError):
+    """The metrics server could not listen where it was told: the address and settings named.
+
+    >>> blocker = socket.socket()
+    >>> blocker.bind(("127.0.0.1", 0))
+    >>> blocker.listen()
+    >>> try:
+    ...     HealthServer("127.0.0.1", blocker.getsockname()[1], CollectorRegistry(), lambda: True, lambda: True)
+    ... except MetricsServerError as e:
+    ...     print(str(e).replace(str(blocker.getsockname()[1]), "PORT"))
+    cannot serve metrics on 127.0.0.1:PORT (metrics.host, metrics.port): Address already in use
+    >>> blocker.close()
+    """
+
 
 class HealthServer:
     """``/metrics``, ``/healthz`` (the loop turned recently) and ``/readyz`` (partitions
-    assigned, initialization loaded) on one port, in a background thread.
+    assigned, initialization loaded) on one port, in a background thread.  ``host`` may be
+    IPv4 or IPv6 ("::" serves both); HEAD is answered as GET, without the body.
 
     >>> from urllib.error import HTTPError
     >>> from urllib.request import ProxyHandler, build_opener
@@ -172,8 +253,9 @@ class HealthServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  healthy: Callable[[], bool], ready: Callable[[], bool]) -> None:
         metrics_app = make_wsgi_app(registry)
+        warn_once = _OncePerMinute()
 
-        def app(environ, start_response):
+        def respond(environ, start_response):
             path = environ.get("PATH_INFO", "")
             if path in ("/healthz", "/readyz"):
                 ok = healthy() if path == "/healthz" else ready()
@@ -184,8 +266,40 @@ class HealthServer:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]
 
-        self.server: WSGIServer = make_server(host, port, app, server_class=_ThreadingServer,
-                                              handler_class=_QuietHandler)
+        def app(environ, start_response):
+            head = environ.get("REQUEST_METHOD") == "HEAD"
+            if head:  # prometheus_client's app refuses HEAD: it is asked for GET, and its body dropped
+                environ = {**environ, "REQUEST_METHOD": "GET"}
+            answer: list = []
+
+            def keep(status, headers, exc_info=None):  # sent below, once the body is known
+                answer[:] = [status, list(headers)]
+
+            try:
+                body = b"".join(respond(environ, keep))
+            except Exception as exc:  # noqa: BLE001  wsgiref would print a traceback to stderr
+                fields = _fields(path=environ.get("PATH_INFO", ""), error=_error_text(exc))
+                if warn_once(type(exc).__name__):
+                    log.warning("HTTP request failed (the same error again within a minute is logged at debug)",
+                                extra=fields)
+                else:
+                    log.debug("HTTP request failed", extra=fields)
+                answer[:] = ["500 Internal Server Error", [("Content-Type", "text/plain")]]
+                body = b"internal error\n"
+            status, headers = answer
+            if head and not any(name.lower() == "content-length" for name, _ in headers):
+                headers.append(("Content-Length", str(len(body))))  # what GET sends; wsgiref would say 0
+            start_response(status, headers)
+            return [] if head else [body]
+
+        host = host.strip("[]")  # "[::1]", as in a URL, is "::1"
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self.server: WSGIServer = make_server(host, port, app, server_class=_server_class(host, port),
+                                                  handler_class=_QuietHandler)
+        except OSError as exc:  # in use, not an address of this machine, a name that does not resolve
+            raise MetricsServerError(f"cannot serve metrics on {where} (metrics.host, metrics.port): "
+                                     f"{exc.strerror or exc}") from None
         self.port = self.server.server_port
         self.thread = threading.Thread(target=self.server.serve_forever, name="forewarn-http", daemon=True)
 
@@ -195,6 +309,76 @@ class HealthServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _StartUp:
+    """The daemon's start-up on a thread of its own, so that a stop is not held up by it.
+
+    kafka-python's client constructors block until a broker answers (30 s for one that never
+    does), and a signal handler can only set a flag: on the main thread, a SIGTERM would wait
+    them out.  What the start-up opens it hands over through ``keep``; once given up
+    (``give_up``), whatever it opens after is closed on this thread, when its constructor
+    returns, and what it had opened is the caller's to close.
+    """
+
+    def __init__(self, target: Callable[["_StartUp"], None]) -> None:
+        self.opened: dict = {}           # name -> client, opened and handed over
+        self.step = "the start-up"       # what it waits for now, for the logs
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._given_up = False
+        self._thread = threading.Thread(target=self._run, args=(target,), name="forewarn-start-up", daemon=True)
+        self._thread.start()
+
+    def _run(self, target) -> None:
+        try:
+            target(self)
+        except _GivenUp:
+            pass
+        except BaseException as exc:  # noqa: BLE001  raised again on the waiting thread
+            if self._given_up:  # a client closed under it, or the bootstrap it no longer waits for
+                log.debug("start-up given up", extra=_fields(error=_error_text(exc)))
+            else:
+                self.error = exc
+        finally:
+            self.done.set()
+
+    def at(self, step: str) -> None:
+        """Now waiting for ``step``; raises ``_GivenUp`` once given up, so that nothing more is done."""
+        if self._given_up:
+            raise _GivenUp
+        self.step = step
+
+    def keep(self, name: str, step: str, make: Callable[[], object]):
+        """``make()``, the client handed over as ``name``; raises ``_GivenUp`` once given up."""
+        self.at(step)
+        client = make()
+        with self._lock:
+            if not self._given_up:
+                self.opened[name] = client
+                return client
+        if client is not None:
+            log.debug("closing a client opened after the start-up was given up", extra=_fields(client=name))
+            client.close()
+        raise _GivenUp
+
+    def handed_over(self) -> tuple:
+        """The state store, the source and the sinks, those not opened (yet) None."""
+        with self._lock:
+            return tuple(self.opened.get(name) for name in ("store", "source", "sinks"))
+
+    def give_up(self) -> bool:
+        """Stop handing over clients; False if it had finished already (then all are handed over)."""
+        with self._lock:
+            if self.done.is_set() and self.error is None:
+                return False
+            self._given_up = True
+            return True
+
+
+class _GivenUp(Exception):
+    """The start-up was given up (a stop): what it opens now is closed, not handed over."""
 
 
 class Daemon:
@@ -227,6 +411,7 @@ class Daemon:
         self.metrics.describe_state(config.state.store, config.state.checkpoint_interval_s)
         self.on_result = on_result
         self.stopping = threading.Event()
+        self._looping = False  # the main loop has begun: a stop finishes its batch; before, it ends the start-up
         self._last_turn = time.monotonic()
         self._assigned: set = set()
         self.server: HealthServer | None = None
@@ -307,7 +492,7 @@ class Daemon:
 
     def stop(self, *_args) -> None:
         if not self.stopping.is_set():
-            log.info("stopping: finishing the current batch")
+            log.info("stopping: finishing the current batch" if self._looping else "stopping: ending the start-up")
         self.stopping.set()
 
     # ---- rebalancing ------------------------------------------------------------
@@ -449,7 +634,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001  if it grew, moved devices re-warm where they arrive
             log.warning("the input topic's partitions could not be counted on revoke; if it has grown, the "
                         "devices whose key moved re-warm where they arrive",
-                        extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+                        extra=_fields(error=_error_text(exc)))
             return {}
         if after <= before:
             return {}
@@ -475,7 +660,7 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001
                 log.warning("the input topic grew, but the changelog could not follow in time: the devices "
                             "whose key moved re-warm where they arrive", extra=_fields(
-                                partitions_after=after, error=f"{type(exc).__name__}: {exc}"))
+                                partitions_after=after, error=_error_text(exc)))
                 return {}
         self._topic_partitions = after
         log.info("the input topic grew: the state of the devices whose key moved is copied to their new "
@@ -510,29 +695,32 @@ class Daemon:
         return dict(self._processed)
 
     # ---- the loop -----------------------------------------------------------------
-    def run(self) -> int:
-        from connectors.kafka import KafkaSinks, KafkaSource
+    # While the start-up waits for the brokers, a warning this often: kafka-python's clients
+    # wait up to 30 s each, silently, for a broker that may never answer.
+    STARTUP_WARN_S = 10.0
 
+    def run(self) -> int:
         cfg = self.config
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         self.server = HealthServer(cfg.metrics.host, cfg.metrics.port, self.registry, self.healthy, self.ready)
         self.server.start()
-        log.info("serving metrics", extra=_fields(port=self.server.port, path="/metrics"))
-        self._prime()
-        source = sinks = None
+        log.info("serving metrics", extra=_fields(host=cfg.metrics.host, port=self.server.port, path="/metrics"))
+        source = sinks = startup = None
         try:
-            self.store = self._open_store()  # first: a local state file that cannot be opened fails at once
-            self.source = source = KafkaSource(cfg.kafka, on_revoke=self._on_revoke, on_assign=self._on_assign)
-            sinks = KafkaSinks(cfg.kafka)
-            created = sinks.ensure_topics()
-            if created:
-                log.info("created output topics", extra=_fields(topics=created))
-            log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
-                                                bootstrap=cfg.kafka.bootstrap_servers,
-                                                init=self.init.info.get("algorithm", "?")))
-            self._check_input_topic(source)
+            startup = _StartUp(self._connect)
+            if not self.stopping.is_set():
+                self._prime()  # meanwhile the clients connect
+            started = self._started(startup)
+            self.store, source, sinks = startup.handed_over()
+            if not started:
+                log.info("stopped before starting: the start-up was given up, nothing was consumed or committed",
+                         extra=_fields(waiting_for=startup.step,
+                                       closing=sorted(k for k, v in startup.opened.items() if v is not None)))
+                return 0
+            self.source = source
+            self._looping = True
             self._loop(source, sinks)
             if (self._pending or self._round) and self._broker_reachable:
                 self._checkpoint_now(source)
@@ -545,12 +733,14 @@ class Daemon:
             if self._batch_started or self._pending or self._round:
                 log.error("exiting on an error: the batch in hand is not committed and its devices' state is not "
                           "saved, so a restart replays it from the last checkpoint",
-                          extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+                          extra=_fields(error=_error_text(exc)))
             else:  # nothing processed yet: a start-up failure (configuration, broker, state file)
                 log.error("exiting on an error before any batch was processed",
-                          extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+                          extra=_fields(error=_error_text(exc)))
             raise
         finally:
+            if startup is not None and startup.give_up():  # left on an error here (priming, say)
+                self.store, source, sinks = startup.handed_over()
             log.info("closing consumer and producer")
             try:
                 if source is not None:
@@ -566,6 +756,46 @@ class Daemon:
         log.info("stopped", extra=_fields(batches=self.batches, **{k: v for k, v in self.pipeline.counts.items()}))
         return 0
 
+    def _connect(self, startup: _StartUp) -> None:
+        """The blocking part of the start-up, on ``startup``'s thread: each client's constructor
+        waits for the brokers (kafka-python's bootstrap, 30 s), and the topics are looked up."""
+        from connectors.kafka import KafkaSinks, KafkaSource
+
+        cfg = self.config
+        log.info("connecting to the brokers: a stop now ends the start-up at once",
+                 extra=_fields(bootstrap=cfg.kafka.bootstrap_servers))
+        # first: a local state file that cannot be opened fails at once
+        startup.keep("store", "the state store", self._open_store)
+        source = startup.keep("source", "the consumer", lambda: KafkaSource(
+            cfg.kafka, on_revoke=self._on_revoke, on_assign=self._on_assign))
+        sinks = startup.keep("sinks", "the output producer", lambda: KafkaSinks(cfg.kafka))
+        startup.at("the output topics")
+        created = sinks.ensure_topics()
+        if created:
+            log.info("created output topics", extra=_fields(topics=created))
+        log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
+                                            bootstrap=cfg.kafka.bootstrap_servers,
+                                            init=self.init.info.get("algorithm", "?")))
+        startup.at("the input topic")
+        self._check_input_topic(source)
+
+    def _started(self, startup: _StartUp) -> bool:
+        """Wait for the start-up to finish (raising what it failed of), or for a stop: False
+        then, the start-up given up, its clients opened so far in ``startup.opened``."""
+        began = warned = time.monotonic()
+        while not startup.done.wait(0.1):
+            if self.stopping.is_set():
+                return not startup.give_up()
+            if time.monotonic() - warned >= self.STARTUP_WARN_S:
+                warned = time.monotonic()
+                log.warning("still starting: waiting for the brokers (not ready meanwhile; a stop ends the "
+                            "start-up at once)", extra=_fields(waiting_for=startup.step,
+                                                              seconds=round(warned - began, 1),
+                                                              bootstrap=self.config.kafka.bootstrap_servers))
+        if startup.error is not None:
+            raise startup.error
+        return True
+
     def _check_input_topic(self, source) -> None:
         """Say at once when the input topic is missing: the group then waits, with nothing
         assigned and not ready, which otherwise shows only as a silent daemon."""
@@ -577,7 +807,7 @@ class Daemon:
                         "count; otherwise create it, or set kafka.topic to the right one",
                         extra=_fields(topic=self.config.kafka.topic))
         except KafkaError as exc:  # not authorized to describe it, the broker slow: the loop says more
-            log.debug("input topic not described", extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+            log.debug("input topic not described", extra=_fields(error=_error_text(exc)))
         else:
             log.info("input topic", extra=_fields(topic=self.config.kafka.topic, partitions=partitions))
 
@@ -854,7 +1084,7 @@ class Daemon:
             return source.partitions_now(), True
         except KafkaError as exc:  # the broker slow, or not letting this member describe the topic
             log.warning("the input topic's partitions not counted by the broker: the next rebalance does not "
-                        "look for a growth of it", extra=_fields(error=f"{type(exc).__name__}: {exc}"))
+                        "look for a growth of it", extra=_fields(error=_error_text(exc)))
             return source.partitions_for_topic(), False
 
     def _restore(self, source) -> None:
@@ -869,7 +1099,7 @@ class Daemon:
                 raise
             self._restore_retry_at = time.monotonic() + self.RESTORE_RETRY_S
             log.warning("state restore failed, the broker away or slow; the partitions stay paused and the "
-                        "restore is tried again", extra=_fields(error=f"{type(exc).__name__}: {exc}",
+                        "restore is tried again", extra=_fields(error=_error_text(exc),
                                                                 retry_in_s=self.RESTORE_RETRY_S))
 
     def _restore_partitions(self, source) -> None:

@@ -1,4 +1,5 @@
 """The HTTP endpoints and the metrics that describe what this instance holds."""
+import logging
 import math
 import socket
 import time
@@ -7,10 +8,10 @@ import pytest
 import torch
 from kafka.errors import CommitFailedError
 from kafka.structs import TopicPartition
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from monitor.config import Config
-from monitor.daemon import Daemon, HealthServer, _CheckpointRound
+from monitor.daemon import Daemon, HealthServer, _CheckpointRound, _QuietHandler
 from monitor.metrics import Metrics
 from monitor.readings import Reading, Score
 from monitor.scoring import ScoringConfig
@@ -28,6 +29,128 @@ def test_an_idle_client_does_not_hold_the_probes_of_everyone_else():
         assert http_get(f"{base}/readyz", timeout=30)[0] == 200
     finally:
         idle.close()
+        server.stop()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_the_server_listens_on_ipv6_hosts_and_stays_ipv4_by_default():
+    """metrics.host "::" or "::1" was refused ("Address family for hostname not supported");
+    "::" takes IPv4 clients too, so a probe on either address family reaches it."""
+    for host, reached, not_reached in (("::", ["[::1]", "127.0.0.1"], []), ("::1", ["[::1]"], ["127.0.0.1"]),
+                                       ("[::1]", ["[::1]"], []), ("0.0.0.0", ["127.0.0.1"], ["[::1]"])):
+        server = HealthServer(host, 0, CollectorRegistry(), lambda: True, lambda: True)
+        server.start()
+        try:
+            for address in reached:
+                assert http_get(f"http://{address}:{server.port}/healthz", timeout=30) == (200, "ok\n"), (host, address)
+            for address in not_reached:
+                assert http_get(f"http://{address}:{server.port}/healthz", timeout=30)[0] == 0, (host, address)
+        finally:
+            server.stop()
+    assert Config().metrics.host == "0.0.0.0"
+
+
+class _Records(logging.Handler):
+    """On the daemon's logger itself: the CLI's logging set-up stops propagation to caplog."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def daemon_log():
+    logger, handler = logging.getLogger("forewarn.daemon"), _Records()
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    yield handler.records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """Send ``request``, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    return data
+
+
+def test_idle_and_failing_clients_are_logged_quietly_and_never_as_a_traceback(monkeypatch, capfd, daemon_log):
+    """An idle connection printed socketserver's traceback to stderr at its timeout, outside the
+    JSON logs (300 of them, ~5,000 lines): now a debug line, and other errors a warning line."""
+    monkeypatch.setattr(_QuietHandler, "timeout", 0.2)
+    server = HealthServer("127.0.0.1", 0, CollectorRegistry(), lambda: True, lambda: True)
+    server.start()
+    try:
+        assert _exchange(server.port, b"") == b""  # said nothing: closed at the handler's timeout
+        assert _exchange(server.port, b"GET /metr") == b""  # stopped mid-line
+        timeouts = [r for r in daemon_log if "timed out or went away" in r.getMessage()]
+        assert len(timeouts) == 2 and all(r.levelno == logging.DEBUG for r in timeouts)
+        assert "TimeoutError" in timeouts[0].fields["error"]
+
+        def broken(self):
+            raise RuntimeError("handler broke")
+        monkeypatch.setattr(_QuietHandler, "handle", broken)
+        daemon_log.clear()
+        for _ in range(3):
+            _exchange(server.port, b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert [r.levelno for r in daemon_log] == [logging.WARNING, logging.DEBUG, logging.DEBUG]  # once a minute
+        assert daemon_log[0].fields["error"] == "RuntimeError: handler broke"
+    finally:
+        server.stop()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err
+
+
+def test_an_endpoint_that_raises_answers_500_with_a_warning_not_a_traceback(capfd, daemon_log):
+    def healthy():
+        raise ValueError("no clock")
+    server = HealthServer("127.0.0.1", 0, CollectorRegistry(), healthy, lambda: True)
+    server.start()
+    try:
+        assert http_get(f"http://127.0.0.1:{server.port}/healthz", timeout=30)[0] == 500
+        assert http_get(f"http://127.0.0.1:{server.port}/readyz", timeout=30)[0] == 200
+    finally:
+        server.stop()
+    warnings = [r for r in daemon_log if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].fields["error"] == "ValueError: no clock"
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_head_is_answered_as_get_without_the_body_on_every_path():
+    """HEAD /healthz, /readyz and a 404 sent their body (HTTP forbids it); HEAD /metrics was 405."""
+    registry = CollectorRegistry()
+    Counter("forewarn_example", "something to export", registry=registry).inc()
+    server = HealthServer("127.0.0.1", 0, registry, lambda: True, lambda: False)
+    server.start()
+    try:
+        for path, status in (("/healthz", b"200"), ("/readyz", b"503"), ("/metrics", b"200"), ("/", b"200"),
+                             ("/nowhere", b"404")):
+            got = _exchange(server.port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            head = _exchange(server.port, f"HEAD {path} HTTP/1.0\r\n\r\n".encode())
+            get_headers, _, get_body = got.partition(b"\r\n\r\n")
+            head_headers, _, head_body = head.partition(b"\r\n\r\n")
+            assert head_headers.split(b" ")[1] == get_headers.split(b" ")[1] == status, path
+            assert head_body == b"" and get_body, path
+            assert f"Content-Length: {len(get_body)}".encode() in head_headers.split(b"\r\n"), path
+            assert b"Content-Type" in head_headers, path
+    finally:
         server.stop()
 
 

@@ -1,0 +1,87 @@
+"""``forewarn run``'s start-up: errors that name what to fix, and a stop that does not wait for it."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from kafka.errors import KafkaTimeoutError
+
+from connectors.tansu import free_port
+from monitor.daemon import _error_text
+from tests.kafka_support import ROOT, wait_for
+
+# kafka-python's clients wait this long for a first broker (30 s by default): far longer than
+# the test waits, so that an exit at all shows the stop ended the start-up, not the bootstrap
+_RUN_WITH_A_LONG_BOOTSTRAP = """
+import sys
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+for client in (KafkaAdminClient, KafkaConsumer, KafkaProducer):
+    client.DEFAULT_CONFIG["bootstrap_timeout_ms"] = 600_000
+from monitor.daemon import Daemon
+Daemon.STARTUP_WARN_S = 0.5  # the warning that the start-up waits, soon
+from monitor.cli import main
+sys.exit(main(["--threads", "1", "run"]))
+"""
+
+
+def _run(env: dict[str, str], log_path, script: str | None = None) -> subprocess.Popen:
+    full = {**os.environ, "FOREWARN_LOG_FORMAT": "text", "FOREWARN_METRICS_HOST": "127.0.0.1",
+            "FOREWARN_METRICS_PORT": "0", **env}
+    command = ["-c", script] if script else ["-m", "monitor.cli", "--threads", "1", "run"]
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, *command], cwd=ROOT, env=full, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_while_the_brokers_do_not_answer_ends_the_start_up_cleanly(tmp_path, stop):
+    """It waited out kafka-python's bootstrap (30 s), then exited 2 on its timeout, though
+    ``forewarn run --help`` promises a stop at once with the broker unreachable."""
+    log_path = tmp_path / "daemon.log"
+    daemon = _run({"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # nothing listens there
+                   "FOREWARN_STATE_STORE": "local", "FOREWARN_STATE_LOCAL_PATH": str(tmp_path / "state.db")},
+                  log_path, _RUN_WITH_A_LONG_BOOTSTRAP)
+    try:
+        # the state file is open, and the consumer's constructor waits for a broker
+        wait_for(lambda: "waiting_for=the consumer" in log_path.read_text(), 120, what="the start-up waiting")
+        daemon.send_signal(stop)
+        code = daemon.wait(120)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    text = log_path.read_text()
+    assert code == 0, text
+    assert "connecting to the brokers" in text and "still starting: waiting for the brokers" in text
+    assert "stopped before starting" in text and "closing=['store']" in text, text
+    assert "ERROR" not in text and "exiting on an error" not in text, text
+
+
+def test_a_metrics_port_in_use_names_the_address_and_the_settings(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = _run({"FOREWARN_METRICS_PORT": str(port)}, tmp_path / "daemon.log")
+        assert daemon.wait(120) == 2
+    assert (f"forewarn: error: cannot serve metrics on 127.0.0.1:{port} (metrics.host, metrics.port): "
+            "Address already in use") in (tmp_path / "daemon.log").read_text()
+
+
+def test_a_metrics_host_that_does_not_resolve_names_the_address_and_the_settings(tmp_path):
+    daemon = _run({"FOREWARN_METRICS_HOST": "no-such-host.invalid", "FOREWARN_METRICS_PORT": "9108"},
+                  tmp_path / "daemon.log")
+    assert daemon.wait(120) == 2
+    assert ("forewarn: error: cannot serve metrics on no-such-host.invalid:9108 (metrics.host, metrics.port): "
+            in (tmp_path / "daemon.log").read_text())
+
+
+def test_an_error_s_type_is_named_once():
+    """kafka-python's errors begin with their type's name: the log said
+    "KafkaTimeoutError: KafkaTimeoutError: Unable to bootstrap"."""
+    assert _error_text(KafkaTimeoutError("Unable to bootstrap")) == "KafkaTimeoutError: Unable to bootstrap"
+    assert _error_text(KafkaTimeoutError()) == "KafkaTimeoutError"
+    assert _error_text(ValueError("bad")) == "ValueError: bad"
+    assert _error_text(TimeoutError()) == "TimeoutError"
