@@ -450,16 +450,98 @@ def reading_message(reading: Reading) -> bytes:
     return json.dumps({"device": reading.device, "ts": reading.ts, "values": reading.values}).encode()
 
 
+# A broker that has acknowledged nothing for this long while readings wait is taken as lost:
+# a healthy one answers in milliseconds, and the producer's own retries would hide an outage
+# for its delivery timeout (120 s) before a send failed.
+PUBLISH_STALL_S = 10.0
+# The longest one reading may be held back for its recorded pace: beyond it the speed is a
+# mistake (a wait of years; past ~292 years time.sleep overflows).
+MAX_PACE_WAIT_S = 7 * 86400.0
+PUBLISH_TICK_S = 0.5  # progress, and the broker's answers, are looked at this often while pacing
+
+
+class PublishError(KafkaError):
+    """Publishing stopped before the end of the recording because the broker did not take
+    the readings; ``sent`` readings had been handed to the producer, ``acknowledged`` of them
+    acknowledged.
+
+    >>> err = PublishError("the broker acknowledged nothing for 10 s", sent=120, acknowledged=80)
+    >>> str(err), err.sent - err.acknowledged  # without kafka-python's class-name prefix
+    ('the broker acknowledged nothing for 10 s', 40)
+    >>> isinstance(err, KafkaError)  # where it is not caught, the CLI reports it as other Kafka errors
+    True
+    """
+
+    def __init__(self, message: str, sent: int, acknowledged: int) -> None:
+        super().__init__(message)
+        self.sent, self.acknowledged = sent, acknowledged
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PaceError(ValueError):
+    """The recorded pace at the speed asked for would hold a reading back for an absurd time
+    (longer than ``MAX_PACE_WAIT_S``); ``sent`` readings had been sent before it.
+
+    >>> err = PaceError("the recorded pace at speed 1e-300 would hold the reading ...", sent=1)
+    >>> isinstance(err, ValueError), err.sent  # a setting to change, as the CLI reports ValueError
+    (True, 1)
+    """
+
+    def __init__(self, message: str, sent: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class _Acknowledgements:
+    """Counts what the broker answered, from the producer's IO thread."""
+
+    def __init__(self) -> None:
+        self.acknowledged = 0
+        self.error: BaseException | None = None
+        self.answered_at = time.monotonic()
+
+    def ok(self, _metadata) -> None:
+        self.acknowledged += 1
+        self.answered_at = time.monotonic()
+
+    def failed(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+
+
 def publish_recording(batches, producer: KafkaProducer, topic: str, speed: float | None = None,
-                      on_progress: Callable[[int], None] | None = None) -> tuple[int, list[BadRecord]]:
+                      on_progress: Callable[[int], None] | None = None,
+                      stall_s: float = PUBLISH_STALL_S) -> tuple[int, list[BadRecord]]:
     """Publish readings keyed by device; ``speed`` scales the recorded pace (None = as fast as possible).
 
-    Returns the number published and the file's bad records (which are not sent).
+    Returns the number published (all acknowledged) and the file's bad records (which are
+    not sent).  ``on_progress(n)`` is told of readings sent at least every ``PUBLISH_TICK_S``
+    while they go out.  Raises ``PublishError`` as soon as a send fails or the broker has
+    acknowledged nothing for ``stall_s`` while readings wait, and ``PaceError`` before a wait
+    longer than ``MAX_PACE_WAIT_S``.
     """
     sent = 0
     bad: list[BadRecord] = []
+    acks = _Acknowledgements()
     first_ts = started = None
-    futures = []
+    unreported = 0
+    reported_at = waiting_since = time.monotonic()
+
+    def check(now: float) -> None:
+        nonlocal unreported, reported_at
+        if acks.error is not None:
+            raise PublishError(f"the broker did not acknowledge a reading ({_described(acks.error)})",
+                               sent, acks.acknowledged)
+        if acks.acknowledged < sent and now - max(acks.answered_at, waiting_since) > stall_s:
+            raise PublishError(f"the broker acknowledged nothing for {stall_s:g} s with "
+                               f"{sent - acks.acknowledged} readings waiting: is it down or unreachable?",
+                               sent, acks.acknowledged)
+        if on_progress and unreported and now - reported_at >= PUBLISH_TICK_S:
+            on_progress(unreported)
+            unreported, reported_at = 0, now
+
     for batch in batches:
         bad.extend(batch.bad)
         for reading in batch.readings:
@@ -467,33 +549,55 @@ def publish_recording(batches, producer: KafkaProducer, topic: str, speed: float
                 if first_ts is None:
                     first_ts, started = reading.ts, time.monotonic()
                 due = started + (reading.ts - first_ts) / speed
-                delay = due - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            futures.append(producer.send(topic, key=reading.device.encode(), value=reading_message(reading)))
+                now = time.monotonic()
+                if due - now > MAX_PACE_WAIT_S:  # inf too: a speed of 1e-300 makes one
+                    raise PaceError(f"the recorded pace at speed {speed:g} would hold the reading at ts "
+                                    f"{reading.ts:.0f} back for {due - now:.3g} s ({(due - now) / 86400:.3g} days), "
+                                    f"past the limit of {MAX_PACE_WAIT_S / 86400:g} days for one wait", sent)
+                while now < due:  # in steps, so that progress shows and a lost broker is noticed
+                    check(now)
+                    time.sleep(min(due - now, PUBLISH_TICK_S))
+                    now = time.monotonic()
+            now = time.monotonic()
+            if acks.acknowledged == sent:  # nothing was waiting: the broker's silence starts now
+                waiting_since = now
+            try:
+                future = producer.send(topic, key=reading.device.encode(), value=reading_message(reading))
+            except KafkaTimeoutError as exc:  # its buffer full, or the topic's metadata not coming
+                raise PublishError(f"the producer did not take a reading ({_described(exc)})", sent,
+                                   acks.acknowledged) from None
+            future.add_callback(acks.ok)
+            future.add_errback(acks.failed)
             sent += 1
-        if on_progress:
-            on_progress(len(batch.readings))
-        if len(futures) > 10_000:
-            flush_acknowledged(producer, futures)
-            futures = []
-    flush_acknowledged(producer, futures)
+            unreported += 1
+            check(now)
+    if on_progress and unreported:
+        on_progress(unreported)
+    wait_flushed(producer, lambda _seconds: check(time.monotonic()))
+    check(time.monotonic())
     return sent, bad
 
 
-def close_producer(producer: KafkaProducer) -> None:
+def _described(exc: BaseException) -> str:
+    text = str(exc)  # kafka-python's errors already start with their name
+    name = type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+def close_producer(producer: KafkaProducer,
+                   dropped: str = "they were not committed and are processed again after a restart") -> None:
     """Close, waiting at most ``CLOSE_TIMEOUT_S`` for acknowledgements.
 
     kafka-python's ``close(timeout)`` raises instead of giving up when records are still
     unacknowledged; those were never committed, so they are dropped here (through the
-    sender's own force-close) and processed again after a restart.
+    sender's own force-close) and processed again after a restart.  ``dropped`` says in
+    the warning what becomes of them, for a caller whose records are not the daemon's.
     """
     try:
         producer.close(timeout=CLOSE_TIMEOUT_S)
         return
     except KafkaTimeoutError:
-        log.warning("closing a producer with unacknowledged records: they were not committed and are "
-                    "processed again after a restart")
+        log.warning("closing a producer with unacknowledged records: %s", dropped)
     sender = getattr(producer, "_sender", None)
     if sender is not None:
         sender.force_close()  # aborts the pending batches, so close no longer waits on them

@@ -5,6 +5,8 @@ import argparse
 import gc
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -53,7 +55,7 @@ def _load_init(path: str | None) -> Initialization:
 
 def _pipeline_config(args: argparse.Namespace, init: Initialization) -> PipelineConfig:
     adapt = init.adapt
-    if args.adapt_steps is not None:
+    if args.adapt_steps is not None and args.adapt_steps >= 0:  # -1: the initialization's, as detector.adapt_steps
         adapt = replace(adapt, steps=args.adapt_steps)
     return DetectorConfig(warmup=args.warmup, threshold=args.threshold, alarm_surprise=args.alarm_surprise,
                           calibration_fading=args.calibration_fading,
@@ -237,7 +239,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _note_unused([("--speed", args.speed is not None), ("--metrics-port", args.metrics_port != 0)],
                      "--offline: no Kafka, no /metrics")
         return _offline_demo(args)
-    import subprocess
     import threading
 
     from connectors.tansu import EmbeddedBroker
@@ -293,8 +294,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         replay_cmd = [sys.executable, "-m", "monitor.cli", "replay-to-kafka", str(csv_path), "--topic", "sensors",
                       "--bootstrap-servers", broker.bootstrap, "--quiet"]
         replay_cmd += ["--max"] if args.speed is None else ["--speed", str(args.speed)]
-        publisher = subprocess.Popen(replay_cmd, stdout=subprocess.PIPE, text=True)
         outcome: dict = {}
+        publisher: subprocess.Popen | None = None
 
         def finish_when_consumed() -> None:
             try:
@@ -315,30 +316,71 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         # offset until a new record comes, and none will: nothing is left to read
                         break
                     time.sleep(0.2)
+                outcome["consumed"] = bool(published) and not daemon.stopping.is_set()
             except Exception as exc:  # the broker gone, say: stop the daemon rather than leave it running
                 outcome["error"] = exc
             finally:
                 daemon.stop()
 
+        # run() makes daemon.stop its SIGINT and SIGTERM handler: this one also keeps the signal, so that a
+        # demo stopped before the replay was consumed is told from one that finished
+        signals: list[int] = []
+
+        def stop_on_signal(signum: int | None = None, _frame=None) -> None:
+            if signum is not None:
+                signals.append(signum)
+            Daemon.stop(daemon)
+        daemon.stop = stop_on_signal
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         watcher = threading.Thread(target=finish_when_consumed, daemon=True)
-        watcher.start()
         started = time.perf_counter()
-        daemon.run()
-        watcher.join(5)
+        try:
+            publisher = subprocess.Popen(replay_cmd, stdout=subprocess.PIPE, text=True)
+            watcher.start()
+            daemon.run()
+        finally:
+            # whatever ended the run (done, a signal, a start-up error), the publisher goes with it
+            daemon.stop()
+            if publisher is not None:
+                _end_process(publisher)
+            if watcher.is_alive():
+                watcher.join(10)
+            if threading.current_thread() is threading.main_thread():
+                for s, handler in handlers.items():
+                    signal.signal(s, handler)
+        elapsed = time.perf_counter() - started
+        counts = daemon.pipeline.counts
+        if signals and not outcome.get("consumed"):
+            print(f"forewarn: interrupted after {elapsed:.1f} s, before the replay was consumed "
+                  f"({counts['scored']} readings scored, {counts['anomalies']} anomalies): no comparison "
+                  "with the labelled windows", file=sys.stderr)
+            return 128 + signals[0]  # as a shell reports a process its signal stopped: 130 for SIGINT
         if outcome.get("code"):
             print(f"forewarn: error: replay-to-kafka failed (exit {outcome['code']})", file=sys.stderr)
             return 1
         if "error" in outcome:
             print(f"forewarn: error: the demo could not follow the replay: {outcome['error']}", file=sys.stderr)
             return 1
-        elapsed = time.perf_counter() - started
-        counts = daemon.pipeline.counts
         print(f"\n{outcome.get('published', 0)} readings through Kafka in {elapsed:.1f} s; "
               f"scored {counts['scored']}, anomalies {counts['anomalies']} (also on topic 'forewarn-anomalies'); "
               f"bad records {sum(daemon.pipeline.bad_counts.values())} (on 'forewarn-dead-letter')")
         print(f"Metrics were served at http://127.0.0.1:{daemon.server.port}/metrics")
         _report_windows(flagged, windows_path, counts["scored"], _alarm_level(args))
     return 0
+
+
+def _end_process(process, grace_s: float = 5.0) -> None:
+    """Terminate a child process if it still runs and reap it; killed if it does not stop within ``grace_s``."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:  # beyond a kill's reach (a stuck disk, say): not ours to wait on
+            pass
 
 
 @contextmanager
@@ -430,18 +472,29 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
-    from connectors.kafka import publish_recording
+    from connectors.kafka import PUBLISH_STALL_S, PaceError, PublishError, close_producer, publish_recording
     from monitor.config import Config
     kafka = Config.load(args.config).kafka
     servers = (args.bootstrap_servers or kafka.bootstrap_servers).split(",")
     source = FileSource(args.input, args.format, batch_size=1000)
+    # a send that blocks (the buffer full, the topic's metadata not coming) gives up when a
+    # stalled broker would be reported anyway, not after kafka-python's 60 s
     producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=10,
+                             max_block_ms=int(PUBLISH_STALL_S * 1000),
                              compression_type=kafka.compression_type or None, **kafka.security())
     try:
         with _progress(not args.quiet, unit=" readings", desc=f"publish {source.path.name}") as bar:
             sent, bad = publish_recording(source.batches(), producer, args.topic, args.speed, bar.update)
+    except PaceError as exc:
+        print(f"forewarn: error: {exc}: give a larger --speed ({exc.sent} published before it)", file=sys.stderr)
+        return 2
+    except PublishError as exc:
+        print(f"forewarn: error: publishing to {args.topic} stopped: {exc} ({exc.acknowledged} of the "
+              f"{exc.sent} readings sent were acknowledged)", file=sys.stderr)
+        return 1
     finally:
-        producer.close()
+        # bounded: kafka-python's own close waits as long as the broker stays away
+        close_producer(producer, "they may not have reached the topic")
     for b in bad[:SHOWN_BAD_RECORDS]:
         print(f"warning: not published: {b}", file=sys.stderr)
     print(f"published {sent} readings to {args.topic}; {len(bad)} bad records not published")
@@ -519,6 +572,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _adapt_steps(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for the initialization's, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
@@ -551,8 +611,9 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", metavar="FILE", help="initialization checkpoint (default: the one shipped in the package)")
     p.add_argument("--warmup", type=_positive_int, default=256, metavar="W",
                    help="readings a stream buffers before it is adapted and scored (default: 256)")
-    p.add_argument("--adapt-steps", type=int, default=None, metavar="K",
-                   help="inner gradient steps of fast adaptation (default: the initialization's, 10 for the shipped one)")
+    p.add_argument("--adapt-steps", type=_adapt_steps, default=None, metavar="K",
+                   help="inner gradient steps of fast adaptation, as detector.adapt_steps (default: -1 = the "
+                        "initialization's, 10 for the shipped one)")
     alarm = p.add_mutually_exclusive_group()
     alarm.add_argument("--threshold", type=_probability, default=ScoringConfig().threshold,
                        help="score at or above which a reading is an anomaly (default: %(default)s)")

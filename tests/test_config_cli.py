@@ -193,6 +193,21 @@ def test_detector_options_reach_the_pipeline_from_the_environment_and_the_replay
     assert default.channel_combination == Config().detector.channel_combination == "joint"
 
 
+def test_adapt_steps_minus_one_is_the_initialization_s_for_replay_as_for_the_daemon_and_the_demo(capsys):
+    from monitor.checkpoint import Initialization
+    from monitor.cli import _pipeline_config, build_parser
+    init = Initialization.default()
+    assert Config().detector.adapt_steps == -1  # the daemon's default, "the initialization's"
+    for given, steps in (("-1", init.adapt.steps), ("0", 0), ("3", 3)):
+        args = build_parser().parse_args(["replay", "in.csv", "--adapt-steps", given])
+        assert _pipeline_config(args, init).adapt.steps == steps
+    for command in (["replay", "in.csv"], ["demo"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--adapt-steps", "-2"])
+        assert "argument --adapt-steps: must be >= 0, or -1 for the initialization's, got -2" in \
+            capsys.readouterr().err
+
+
 def test_meta_train_refuses_a_starting_checkpoint_of_another_size_before_reading_data(tmp_path, capsys):
     from monitor.checkpoint import Initialization
     from monitor.forecaster import LSTMSpec

@@ -6,15 +6,17 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 import urllib.parse
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from connectors.tansu import free_port
+from connectors.tansu import EmbeddedBroker, free_port
 from monitor.readings import parse_timestamp
-from tests.kafka_support import (ROOT, assert_warmed_once, committed_offsets, http_get, metric_value, read_topic,
-                                 start_daemon, start_prometheus, stop_daemon_and_prometheus, wait_for)
+from tests.kafka_support import (ROOT, BrokerLink, assert_warmed_once, committed_offsets, http_get, metric_value,
+                                 read_topic, start_daemon, start_prometheus, stop_daemon_and_prometheus, wait_for)
 
 BUNDLED = ROOT / "monitor" / "data" / "nab" / "machine_temperature_system_failure.csv"
 # NAB's labelled window around the machine's catastrophic failure
@@ -186,3 +188,39 @@ def test_a_missing_input_topic_is_named_at_start(broker, tmp_path):
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(60) == 0
+
+
+def test_replay_to_kafka_with_the_broker_lost_fails_soon_and_an_interrupt_exits_soon(tmp_path):
+    """Before, sends were checked every 10,000 records: a lost broker went unnoticed for minutes
+    and kafka-python's unbounded close held a Ctrl-C for as long as the broker stayed away."""
+    link_port = free_port()
+    lost = EmbeddedBroker(advertised_port=link_port)
+    link = BrokerLink(link_port, lost.port)
+    recording = tmp_path / "pump.csv"
+    # 5-minute readings at --speed 3000: ten a second, for far longer than the test runs
+    start = parse_timestamp("2024-01-01T00:00:00Z")
+    recording.write_text("timestamp,value\n" + "".join(
+        f"{datetime.fromtimestamp(start + 300 * i, tz=timezone.utc):%Y-%m-%d %H:%M:%S},{i % 17}.5\n"
+        for i in range(20_000)))
+    with lost:
+        lost.create_topics({"lost-a": 1, "lost-b": 1})
+        left, interrupted = (_replay_to_kafka(recording, lost, topic, "--speed", "3000")
+                             for topic in ("lost-a", "lost-b"))
+        try:
+            wait_for(lambda: all(sum(lost.end_offsets(t).values()) for t in ("lost-a", "lost-b")), 60,
+                     what="both publishing")
+            link.cut()
+            time.sleep(1)  # so that readings sent into the outage wait unacknowledged when the interrupt comes
+            interrupted.send_signal(signal.SIGINT)
+            _, err = interrupted.communicate(timeout=60)
+            assert interrupted.returncode == 130 and "forewarn: interrupted" in err, err
+            _, err = left.communicate(timeout=90)
+            assert left.returncode == 1, err
+            assert "publishing to lost-a stopped: the broker acknowledged nothing for 10 s" in err, err
+            assert "Traceback" not in err
+        finally:
+            for p in (left, interrupted):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            link.close()

@@ -431,6 +431,20 @@ def test_pace_and_port_flags_are_checked_when_parsed(capsys, args, message):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+class _Acknowledged:
+    """A send's future, acknowledged at once."""
+
+    def failed(self) -> bool:
+        return False
+
+    def add_callback(self, fn, *args):
+        fn(*args, None)
+        return self
+
+    def add_errback(self, fn, *args):
+        return self
+
+
 class _Producer:
     """Takes what replay-to-kafka publishes, without a broker."""
 
@@ -441,8 +455,7 @@ class _Producer:
 
     def send(self, topic, key, value):
         self.sent.append((topic, key, value))
-        future = type("Future", (), {"failed": lambda self: False})()
-        return future
+        return _Acknowledged()
 
     def flush(self, timeout=None) -> None:
         pass
@@ -461,6 +474,31 @@ def test_replay_to_kafka_of_a_recording_with_no_reading_fails_as_replay_does(tmp
     path.write_text("timestamp,value\n" + "\n".join(_nab_rows(5)) + "\n")
     code, out, err = _run(["replay-to-kafka", str(path), "--topic", "t", "--quiet"], capsys)
     assert code == 0 and out.startswith("published 5 readings") and len(_Producer.sent) == 5
+
+
+def test_replay_to_kafka_refuses_a_pace_that_would_wait_for_ever_without_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("kafka.KafkaProducer", _Producer)
+    monkeypatch.setattr(_Producer, "sent", [])
+    path = tmp_path / "sensor.csv"
+    path.write_text("timestamp,value\n" + "\n".join(_nab_rows(5)) + "\n")
+    # a minute between readings is 6e301 s at this speed: time.sleep overflowed on it
+    code, out, err = _run(["replay-to-kafka", str(path), "--topic", "t", "--quiet", "--speed", "1e-300"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "at speed 1e-300 would hold the reading" in err and "give a larger --speed (1 published before it)" in err
+    assert len(_Producer.sent) == 1  # the first reading is due at once
+
+
+def test_replay_to_kafka_shows_progress_between_readings_at_a_slow_pace(tmp_path, monkeypatch):
+    from connectors.kafka import publish_recording
+    monkeypatch.setattr(_Producer, "sent", [])
+    path = tmp_path / "sensor.csv"
+    path.write_text("timestamp,value\n" + "\n".join(_nab_rows(12)) + "\n")
+    seen: list[int] = []  # readings sent when progress was reported
+    # a minute a reading at --speed 300 is 0.2 s: 2.2 s in all, in one batch of the file
+    sent, _ = publish_recording(FileSource(path, "nab").batches(), _Producer(), "t", 300,
+                                lambda n: seen.append(len(_Producer.sent)))
+    assert sent == 12 and seen[-1] == 12
+    assert any(n < 12 for n in seen), "progress was reported only once the batch was done"
 
 
 def test_demo_without_a_broker_is_a_clear_error(capsys, monkeypatch):
