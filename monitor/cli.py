@@ -322,16 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             finally:
                 daemon.stop()
 
-        # run() makes daemon.stop its SIGINT and SIGTERM handler: this one also keeps the signal, so that a
-        # demo stopped before the replay was consumed is told from one that finished
-        signals: list[int] = []
-
-        def stop_on_signal(signum: int | None = None, _frame=None) -> None:
-            if signum is not None:
-                signals.append(signum)
-            Daemon.stop(daemon)
-        daemon.stop = stop_on_signal
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # run() takes them
         watcher = threading.Thread(target=finish_when_consumed, daemon=True)
         started = time.perf_counter()
         try:
@@ -350,11 +341,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     signal.signal(s, handler)
         elapsed = time.perf_counter() - started
         counts = daemon.pipeline.counts
-        if signals and not outcome.get("consumed"):
+        if daemon.stopped_by is not None and not outcome.get("consumed"):
             print(f"forewarn: interrupted after {elapsed:.1f} s, before the replay was consumed "
                   f"({counts['scored']} readings scored, {counts['anomalies']} anomalies): no comparison "
                   "with the labelled windows", file=sys.stderr)
-            return 128 + signals[0]  # as a shell reports a process its signal stopped: 130 for SIGINT
+            return 128 + daemon.stopped_by  # as a shell reports a process its signal stopped: 130 for SIGINT
         if outcome.get("code"):
             print(f"forewarn: error: replay-to-kafka failed (exit {outcome['code']})", file=sys.stderr)
             return 1

@@ -411,6 +411,7 @@ class Daemon:
         self.metrics.describe_state(config.state.store, config.state.checkpoint_interval_s)
         self.on_result = on_result
         self.stopping = threading.Event()
+        self.stopped_by: int | None = None  # the signal that stopped it, if one did
         self._looping = False  # the main loop has begun: a stop finishes its batch; before, it ends the start-up
         self._last_turn = time.monotonic()
         self._assigned: set = set()
@@ -490,7 +491,10 @@ class Daemon:
         self._waiting_on_broker = True
         self.ready()
 
-    def stop(self, *_args) -> None:
+    def stop(self, signum: int | None = None, _frame=None) -> None:
+        """Stop; as a signal handler, ``signum`` is kept in ``stopped_by``."""
+        if signum is not None and self.stopped_by is None:
+            self.stopped_by = signum
         if not self.stopping.is_set():
             log.info("stopping: finishing the current batch" if self._looping else "stopping: ending the start-up")
         self.stopping.set()
