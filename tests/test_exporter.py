@@ -73,12 +73,16 @@ class _Records(logging.Handler):
 @pytest.fixture
 def daemon_log():
     logger, handler = logging.getLogger("forewarn.daemon"), _Records()
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.DEBUG)
     logger.addHandler(handler)
+    # not up to the handler an earlier test's CLI run left on "forewarn", on a stderr since closed:
+    # its "--- Logging error ---" traceback would be taken for the server's
+    logger.propagate = False
     yield handler.records
     logger.removeHandler(handler)
     logger.setLevel(level)
+    logger.propagate = propagate
 
 
 def _exchange(port: int, request: bytes) -> bytes:
