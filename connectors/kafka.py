@@ -532,7 +532,7 @@ def publish_recording(batches, producer: KafkaProducer, topic: str, speed: float
     def check(now: float) -> None:
         nonlocal unreported, reported_at
         if acks.error is not None:
-            raise PublishError(f"the broker did not acknowledge a reading ({_described(acks.error)})",
+            raise PublishError(f"the broker did not acknowledge a reading ({error_text(acks.error)})",
                                sent, acks.acknowledged)
         if acks.acknowledged < sent and now - max(acks.answered_at, waiting_since) > stall_s:
             raise PublishError(f"the broker acknowledged nothing for {stall_s:g} s with "
@@ -564,7 +564,7 @@ def publish_recording(batches, producer: KafkaProducer, topic: str, speed: float
             try:
                 future = producer.send(topic, key=reading.device.encode(), value=reading_message(reading))
             except KafkaTimeoutError as exc:  # its buffer full, or the topic's metadata not coming
-                raise PublishError(f"the producer did not take a reading ({_described(exc)})", sent,
+                raise PublishError(f"the producer did not take a reading ({error_text(exc)})", sent,
                                    acks.acknowledged) from None
             future.add_callback(acks.ok)
             future.add_errback(acks.failed)
@@ -578,10 +578,16 @@ def publish_recording(batches, producer: KafkaProducer, topic: str, speed: float
     return sent, bad
 
 
-def _described(exc: BaseException) -> str:
-    text = str(exc)  # kafka-python's errors already start with their name
-    name = type(exc).__name__
-    return text if text.startswith(name) else f"{name}: {text}"
+def error_text(exc: BaseException) -> str:
+    """``Type: message``, the type named once: kafka-python's errors already begin with it.
+
+    >>> error_text(KafkaTimeoutError("Unable to bootstrap")), error_text(ValueError("bad")), error_text(TimeoutError())
+    ('KafkaTimeoutError: Unable to bootstrap', 'ValueError: bad', 'TimeoutError')
+    """
+    name, text = type(exc).__name__, str(exc)
+    if not text or text == name:
+        return name
+    return text if text.startswith(f"{name}: ") else f"{name}: {text}"
 
 
 def close_producer(producer: KafkaProducer,

@@ -29,6 +29,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, UnknownTopicOrPartitionError
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from connectors.kafka import error_text
 from connectors.partitioners import moved_by_growth
 from monitor.checkpoint import Initialization
 from monitor.config import Config
@@ -135,14 +136,6 @@ def _fields(**kwargs) -> dict:
     return {"fields": kwargs}
 
 
-def _error_text(exc: BaseException) -> str:
-    """``Type: message``, the type named once: kafka-python's errors already begin with it."""
-    name, text = type(exc).__name__, str(exc)
-    if not text or text == name:
-        return name
-    return text if text.startswith(f"{name}: ") else f"{name}: {text}"
-
-
 class _OncePerMinute:
     """Which of a stream of repeated events deserve a warning: the first of each kind a minute.
     A client (a port scan, a broken scraper) can repeat a failure hundreds of times a second."""
@@ -183,12 +176,12 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
         exc = sys.exc_info()[1]
         client = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         if isinstance(exc, (TimeoutError, ConnectionError)):  # resets, broken pipes: the client's doing
-            log.debug("HTTP client timed out or went away", extra=_fields(client=client, error=_error_text(exc)))
+            log.debug("HTTP client timed out or went away", extra=_fields(client=client, error=error_text(exc)))
         elif self.warn_once(type(exc).__name__):
             log.warning("HTTP request failed (the same error again within a minute is logged at debug)",
-                        extra=_fields(client=client, error=_error_text(exc)))
+                        extra=_fields(client=client, error=error_text(exc)))
         else:
-            log.debug("HTTP request failed", extra=_fields(client=client, error=_error_text(exc)))
+            log.debug("HTTP request failed", extra=_fields(client=client, error=error_text(exc)))
 
 
 class _ThreadingServer6(_ThreadingServer):
@@ -278,7 +271,7 @@ class HealthServer:
             try:
                 body = b"".join(respond(environ, keep))
             except Exception as exc:  # noqa: BLE001  wsgiref would print a traceback to stderr
-                fields = _fields(path=environ.get("PATH_INFO", ""), error=_error_text(exc))
+                fields = _fields(path=environ.get("PATH_INFO", ""), error=error_text(exc))
                 if warn_once(type(exc).__name__):
                     log.warning("HTTP request failed (the same error again within a minute is logged at debug)",
                                 extra=fields)
@@ -338,7 +331,7 @@ class _StartUp:
             pass
         except BaseException as exc:  # noqa: BLE001  raised again on the waiting thread
             if self._given_up:  # a client closed under it, or the bootstrap it no longer waits for
-                log.debug("start-up given up", extra=_fields(error=_error_text(exc)))
+                log.debug("start-up given up", extra=_fields(error=error_text(exc)))
             else:
                 self.error = exc
         finally:
@@ -638,7 +631,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001  if it grew, moved devices re-warm where they arrive
             log.warning("the input topic's partitions could not be counted on revoke; if it has grown, the "
                         "devices whose key moved re-warm where they arrive",
-                        extra=_fields(error=_error_text(exc)))
+                        extra=_fields(error=error_text(exc)))
             return {}
         if after <= before:
             return {}
@@ -664,7 +657,7 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001
                 log.warning("the input topic grew, but the changelog could not follow in time: the devices "
                             "whose key moved re-warm where they arrive", extra=_fields(
-                                partitions_after=after, error=_error_text(exc)))
+                                partitions_after=after, error=error_text(exc)))
                 return {}
         self._topic_partitions = after
         log.info("the input topic grew: the state of the devices whose key moved is copied to their new "
@@ -737,10 +730,10 @@ class Daemon:
             if self._batch_started or self._pending or self._round:
                 log.error("exiting on an error: the batch in hand is not committed and its devices' state is not "
                           "saved, so a restart replays it from the last checkpoint",
-                          extra=_fields(error=_error_text(exc)))
+                          extra=_fields(error=error_text(exc)))
             else:  # nothing processed yet: a start-up failure (configuration, broker, state file)
                 log.error("exiting on an error before any batch was processed",
-                          extra=_fields(error=_error_text(exc)))
+                          extra=_fields(error=error_text(exc)))
             raise
         finally:
             if startup is not None and startup.give_up():  # left on an error here (priming, say)
@@ -811,7 +804,7 @@ class Daemon:
                         "count; otherwise create it, or set kafka.topic to the right one",
                         extra=_fields(topic=self.config.kafka.topic))
         except KafkaError as exc:  # not authorized to describe it, the broker slow: the loop says more
-            log.debug("input topic not described", extra=_fields(error=_error_text(exc)))
+            log.debug("input topic not described", extra=_fields(error=error_text(exc)))
         else:
             log.info("input topic", extra=_fields(topic=self.config.kafka.topic, partitions=partitions))
 
@@ -1088,7 +1081,7 @@ class Daemon:
             return source.partitions_now(), True
         except KafkaError as exc:  # the broker slow, or not letting this member describe the topic
             log.warning("the input topic's partitions not counted by the broker: the next rebalance does not "
-                        "look for a growth of it", extra=_fields(error=_error_text(exc)))
+                        "look for a growth of it", extra=_fields(error=error_text(exc)))
             return source.partitions_for_topic(), False
 
     def _restore(self, source) -> None:
@@ -1103,7 +1096,7 @@ class Daemon:
                 raise
             self._restore_retry_at = time.monotonic() + self.RESTORE_RETRY_S
             log.warning("state restore failed, the broker away or slow; the partitions stay paused and the "
-                        "restore is tried again", extra=_fields(error=_error_text(exc),
+                        "restore is tried again", extra=_fields(error=error_text(exc),
                                                                 retry_in_s=self.RESTORE_RETRY_S))
 
     def _restore_partitions(self, source) -> None:

@@ -9,7 +9,7 @@ import pytest
 from kafka.errors import KafkaTimeoutError
 
 from connectors.tansu import free_port
-from monitor.daemon import _error_text
+from connectors.kafka import error_text
 from tests.kafka_support import ROOT, wait_for
 
 # kafka-python's clients wait this long for a first broker (30 s by default): far longer than
@@ -81,7 +81,7 @@ def test_a_metrics_host_that_does_not_resolve_names_the_address_and_the_settings
 def test_an_error_s_type_is_named_once():
     """kafka-python's errors begin with their type's name: the log said
     "KafkaTimeoutError: KafkaTimeoutError: Unable to bootstrap"."""
-    assert _error_text(KafkaTimeoutError("Unable to bootstrap")) == "KafkaTimeoutError: Unable to bootstrap"
-    assert _error_text(KafkaTimeoutError()) == "KafkaTimeoutError"
-    assert _error_text(ValueError("bad")) == "ValueError: bad"
-    assert _error_text(TimeoutError()) == "TimeoutError"
+    assert error_text(KafkaTimeoutError("Unable to bootstrap")) == "KafkaTimeoutError: Unable to bootstrap"
+    assert error_text(KafkaTimeoutError()) == "KafkaTimeoutError"
+    assert error_text(ValueError("bad")) == "ValueError: bad"
+    assert error_text(TimeoutError()) == "TimeoutError"
