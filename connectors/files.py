@@ -122,9 +122,12 @@ def detect_format(path: str | Path) -> str:
     name = Path(path).name.removesuffix(".gz")
     if name.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"
+    if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+        raise FileFormatError(f"{path}: not a regular file (a pipe?): give its format, since guessing it "
+                              "would read lines the replay then misses")
     with open_text(path) as f:
         try:
-            first = next((line.strip().lower() for line in f if line.strip()), "")
+            first = next((line.strip().lower() for line in f if line.strip(_BLANK)), "")
         except (EOFError, zlib.error) as exc:  # a cut or damaged .gz
             raise FileFormatError(f"{path}: truncated or corrupt compressed data ({exc})") from None
         except OSError as exc:
@@ -188,15 +191,6 @@ class FileSource:
             yield batch
         if error is not None:
             raise error
-
-    def check(self) -> None:
-        """Read the start of the file: one that cannot be read at all (not CSV, a bad header, not
-        gzip) raises ``FileFormatError`` now, before anything is written for it."""
-        batches = self.batches()
-        try:
-            next(batches, None)
-        finally:
-            batches.close()
 
     def readings(self) -> Iterator[Reading]:
         for batch in self.batches():

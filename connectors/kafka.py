@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -495,16 +496,19 @@ class PaceError(ValueError):
 
 
 class _Acknowledgements:
-    """Counts what the broker answered, from the producer's IO thread."""
+    """Counts what the broker answered: on the producer's IO thread, or on the sending one
+    when a future is done before its callback is added, so both may count at once."""
 
     def __init__(self) -> None:
         self.acknowledged = 0
         self.error: BaseException | None = None
         self.answered_at = time.monotonic()
+        self._lock = threading.Lock()
 
     def ok(self, _metadata) -> None:
-        self.acknowledged += 1
-        self.answered_at = time.monotonic()
+        with self._lock:  # += is not atomic across threads: a lost count would look like a stall
+            self.acknowledged += 1
+            self.answered_at = time.monotonic()
 
     def failed(self, exc: BaseException) -> None:
         if self.error is None:

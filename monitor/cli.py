@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import gc
 import math
 import os
@@ -80,15 +81,16 @@ class _BadRecordLog:
 
 
 def replay(source: FileSource, pipeline: Pipeline, out_csv=None, dead_letter=None,
-           progress: bool = True, on_scores=None) -> dict:
-    """Feed a recording through ``pipeline``; returns the summary."""
+           progress: bool = True, on_scores=None, batches=None) -> dict:
+    """Feed a recording through ``pipeline``; returns the summary.  ``batches``: the source's,
+    where some were read already (the source may be a pipe, read once)."""
     writer = ScoreCsvWriter(out_csv) if out_csv is not None else None
     dlq = DeadLetterWriter(dead_letter) if dead_letter is not None else None
     bad_log = _BadRecordLog()
     started = time.perf_counter()
     n = 0
     with _progress(progress, unit=" readings", desc=f"replay {source.path.name}") as bar:
-        for batch in source.batches():
+        for batch in source.batches() if batches is None else batches:
             bad_log.add(batch.bad)
             result = pipeline.feed(batch.readings)
             bad_log.add(result.bad)
@@ -135,7 +137,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     init = _load_init(args.init)
     pipeline = Pipeline(init, _pipeline_config(args, init))
     source = FileSource(args.input, args.format, batch_size=args.batch_size)
-    source.check()  # a file that cannot be read at all leaves no output behind
+    # the first batch before any output is opened: a file that cannot be read at all leaves
+    # none behind; and kept, not read again, for a pipe can be read only once
+    batches = source.batches()
+    first = next(batches, None)
+    batches = itertools.chain([] if first is None else [first], batches)
     # each output is written beside its name and renamed when complete: a file under the
     # name given is always whole, and a stopped run says where its part went
     targets = {p: _partial_path(p) for p in (args.out, args.dead_letter) if p}
@@ -150,7 +156,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise
     complete = False
     try:
-        summary = replay(source, pipeline, out, dlq, progress=not args.quiet)
+        summary = replay(source, pipeline, out, dlq, progress=not args.quiet, batches=batches)
         complete = True
     finally:
         for f in (out, dlq):

@@ -13,6 +13,7 @@ from the state store, and resumed; readings a restored state already covers
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -136,21 +137,26 @@ def _fields(**kwargs) -> dict:
     return {"fields": kwargs}
 
 
-class _OncePerMinute:
-    """Which of a stream of repeated events deserve a warning: the first of each kind a minute.
-    A client (a port scan, a broken scraper) can repeat a failure hundreds of times a second."""
+class _RequestErrors:
+    """Logs failed HTTP requests: the first of each kind of error a minute as a warning, the
+    rest at debug. A client (a port scan, a broken scraper) can repeat a failure hundreds of
+    times a second, and the server's request threads share one of these."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # the server's request threads share it
+        self._lock = threading.Lock()
         self._last: dict[str, float] = {}
 
-    def __call__(self, kind: str) -> bool:
-        now = time.monotonic()
+    def log(self, exc: BaseException, **fields) -> None:
+        now, kind = time.monotonic(), type(exc).__name__
         with self._lock:
-            if now - self._last.get(kind, -math.inf) < 60.0:
-                return False
-            self._last[kind] = now
-            return True
+            first = now - self._last.get(kind, -math.inf) >= 60.0
+            if first:
+                self._last[kind] = now
+        extra = _fields(**fields, error=error_text(exc))
+        if first:
+            log.warning("HTTP request failed (the same error again within a minute is logged at debug)", extra=extra)
+        else:
+            log.debug("HTTP request failed", extra=extra)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -166,8 +172,8 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        self.warn_once = _OncePerMinute()
+    def __init__(self, *args, errors: _RequestErrors, **kwargs) -> None:
+        self.errors = errors
         super().__init__(*args, **kwargs)
 
     def handle_error(self, request, client_address) -> None:
@@ -177,11 +183,8 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
         client = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         if isinstance(exc, (TimeoutError, ConnectionError)):  # resets, broken pipes: the client's doing
             log.debug("HTTP client timed out or went away", extra=_fields(client=client, error=error_text(exc)))
-        elif self.warn_once(type(exc).__name__):
-            log.warning("HTTP request failed (the same error again within a minute is logged at debug)",
-                        extra=_fields(client=client, error=error_text(exc)))
         else:
-            log.debug("HTTP request failed", extra=_fields(client=client, error=error_text(exc)))
+            self.errors.log(exc, client=client)
 
 
 class _ThreadingServer6(_ThreadingServer):
@@ -246,7 +249,7 @@ class HealthServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  healthy: Callable[[], bool], ready: Callable[[], bool]) -> None:
         metrics_app = make_wsgi_app(registry)
-        warn_once = _OncePerMinute()
+        errors = _RequestErrors()
 
         def respond(environ, start_response):
             path = environ.get("PATH_INFO", "")
@@ -271,12 +274,7 @@ class HealthServer:
             try:
                 body = b"".join(respond(environ, keep))
             except Exception as exc:  # noqa: BLE001  wsgiref would print a traceback to stderr
-                fields = _fields(path=environ.get("PATH_INFO", ""), error=error_text(exc))
-                if warn_once(type(exc).__name__):
-                    log.warning("HTTP request failed (the same error again within a minute is logged at debug)",
-                                extra=fields)
-                else:
-                    log.debug("HTTP request failed", extra=fields)
+                errors.log(exc, path=environ.get("PATH_INFO", ""))
                 answer[:] = ["500 Internal Server Error", [("Content-Type", "text/plain")]]
                 body = b"internal error\n"
             status, headers = answer
@@ -288,7 +286,8 @@ class HealthServer:
         host = host.strip("[]")  # "[::1]", as in a URL, is "::1"
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            self.server: WSGIServer = make_server(host, port, app, server_class=_server_class(host, port),
+            server_class = functools.partial(_server_class(host, port), errors=errors)  # one log for both
+            self.server: WSGIServer = make_server(host, port, app, server_class=server_class,
                                                   handler_class=_QuietHandler)
         except OSError as exc:  # in use, not an address of this machine, a name that does not resolve
             raise MetricsServerError(f"cannot serve metrics on {where} (metrics.host, metrics.port): "
@@ -736,7 +735,8 @@ class Daemon:
                           extra=_fields(error=error_text(exc)))
             raise
         finally:
-            if startup is not None and startup.give_up():  # left on an error here (priming, say)
+            if startup is not None:  # whatever it opened, finished or not (left on an error in priming, say)
+                startup.give_up()
                 self.store, source, sinks = startup.handed_over()
             log.info("closing consumer and producer")
             try:
@@ -759,7 +759,7 @@ class Daemon:
         from connectors.kafka import KafkaSinks, KafkaSource
 
         cfg = self.config
-        log.info("connecting to the brokers: a stop now ends the start-up at once",
+        log.info("connecting to the brokers: a stop now ends the start-up",
                  extra=_fields(bootstrap=cfg.kafka.bootstrap_servers))
         # first: a local state file that cannot be opened fails at once
         startup.keep("store", "the state store", self._open_store)
@@ -770,10 +770,10 @@ class Daemon:
         created = sinks.ensure_topics()
         if created:
             log.info("created output topics", extra=_fields(topics=created))
+        startup.at("the input topic")  # given up meanwhile: not "consuming"
         log.info("consuming", extra=_fields(topic=cfg.kafka.topic, group=cfg.kafka.group_id,
                                             bootstrap=cfg.kafka.bootstrap_servers,
                                             init=self.init.info.get("algorithm", "?")))
-        startup.at("the input topic")
         self._check_input_topic(source)
 
     def _started(self, startup: _StartUp) -> bool:

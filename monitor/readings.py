@@ -136,7 +136,7 @@ MAX_TIMESTAMP = 1e11
 # to microseconds): a date, or a date and a time to the minute, second or any fraction of it,
 # with "Z" or an offset.
 _ISO_8601 = re.compile(r"(\d{4})-(\d\d)-(\d\d)(?:[Tt ](\d\d):(\d\d)(?::(\d\d)([.,]\d+)?)?"
-                       r"(?:([Zz])|([+-])(\d\d)(?::?(\d\d))?)?)?")
+                       r"(?:([Zz])|([+-])(\d\d)(?::?(\d\d))?)?)?", re.ASCII)  # ASCII: no other scripts' digits
 
 
 def _iso_seconds(raw: str) -> float:
@@ -156,9 +156,9 @@ def _iso_seconds(raw: str) -> float:
         year, month, day, hour, minute, second, fraction, _, sign, off_h, off_m = m.groups()
         at = datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0),
                       tzinfo=timezone.utc)
-        offset = 0 if sign is None else (1 if sign == "+" else -1) * (int(off_h) * 3600 + int(off_m or 0) * 60)
-        if abs(offset) >= 86400:
+        if sign is not None and (int(off_h) > 23 or int(off_m or 0) > 59):
             raise ValueError
+        offset = 0 if sign is None else (1 if sign == "+" else -1) * (int(off_h) * 3600 + int(off_m or 0) * 60)
     except ValueError:
         raise ValueError("not ISO 8601 (YYYY-MM-DD[THH:MM[:SS[.f]][Z|+HH:MM]]) or epoch seconds: "
                          f"{raw[:40]!r}") from None

@@ -85,3 +85,38 @@ def test_an_error_s_type_is_named_once():
     assert error_text(KafkaTimeoutError()) == "KafkaTimeoutError"
     assert error_text(ValueError("bad")) == "ValueError: bad"
     assert error_text(TimeoutError()) == "TimeoutError"
+
+
+def test_clients_opened_before_a_failure_in_priming_are_closed(monkeypatch):
+    """The clients connect on their own thread while torch primes on the main one: priming that
+    fails after they are all open must still close them."""
+    from prometheus_client import CollectorRegistry
+
+    from monitor.config import Config
+    from monitor.daemon import Daemon
+
+    class Client:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    clients = {name: Client() for name in ("store", "source", "sinks")}
+    daemon = Daemon(Config.load(environ={"FOREWARN_METRICS_HOST": "127.0.0.1", "FOREWARN_METRICS_PORT": "0"}),
+                    registry=CollectorRegistry())
+    connected = []
+
+    def connect(startup):
+        for name, client in clients.items():
+            startup.keep(name, name, lambda c=client: c)
+        connected.append(startup)
+
+    def prime():
+        wait_for(lambda: connected and connected[0].done.is_set(), timeout=60)  # the start-up is done
+        raise RuntimeError("torch broke")
+
+    monkeypatch.setattr(daemon, "_connect", connect)
+    monkeypatch.setattr(daemon, "_prime", prime)
+    with pytest.raises(RuntimeError, match="torch broke"):
+        daemon.run()
+    assert {name: c.closed for name, c in clients.items()} == {"store": True, "source": True, "sinks": True}

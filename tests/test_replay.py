@@ -562,7 +562,8 @@ def test_iso_timestamps_are_read_the_same_on_every_python_version(text, expected
 
 @pytest.mark.parametrize("text", ["20231114", "2023-W46-2", "2023-318", "20231114T221320Z",  # taken by 3.11's
                                   "2023-02-30", "2023-11-14T24:00", "2023-11-14T22:13:20+24:00", "1700000000",
-                                  "2023-11-14Z", "", "yesterday"])
+                                  "2023-11-14Z", "", "yesterday", "2023-11-14T22:13:20+00:99",
+                                  "\u0662\u0660\u0662\u0663-11-14"])  # other scripts' digits
 def test_other_timestamp_strings_are_refused_with_the_forms_taken(text):
     from monitor.readings import parse_message
     bad, = parse_message(json.dumps({"device": "p", "ts": text, "value": 1.0})).bad
@@ -611,3 +612,25 @@ def test_every_dead_letter_of_a_replay_carries_its_record(tmp_path, capsys):
     assert dead["line 42"]["reason"] == "malformed" and "both 'values' and 'value'" in dead["line 42"]["detail"]
     assert dead["line 43"]["reason"] == "malformed"
     assert all(d["raw"] for d in dead.values())
+
+
+def test_a_recording_from_a_pipe_is_replayed_whole(tmp_path, capsys):
+    """Read once: its first batch, read before the outputs are opened, is not read again."""
+    import threading
+    lines = [_good(f"p{t % 3}", t // 3, temp=float(t % 7)) for t in range(3000)]
+    fifo = tmp_path / "readings"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    out = tmp_path / "scores.csv"
+    code, _, err = _run(["replay", str(fifo), "--format", "jsonl", "--warmup", "16", "--out", str(out),
+                         "--quiet"], capsys)
+    writer.join(30)
+    assert code == 0, err
+    assert len(_rows(out)) == 3000
+    with pytest.raises(FileFormatError, match="not a regular file .a pipe..: give its format"):
+        FileSource(fifo)
