@@ -423,6 +423,11 @@ class Daemon:
         self._to_restore: set = set()            # assigned partitions whose devices are not restored yet
         # restored device -> (input partition, offset) its state covers: offsets of one partition only
         self._covered: dict[str, tuple[int, int]] = {}
+        # restored device whose partition was taken for remade -> the newest timestamp its state
+        # has seen: a reading no newer is one it has seen (the old topic replayed into the new
+        # one, or Tansu's end offsets lagging the true end), skipped rather than rejected as out
+        # of order into the dead letters
+        self._seen_until: dict[str, float] = {}
         self._too_large: set[str] = set()         # devices whose snapshot was too large, already logged
         self._moves_logged = -math.inf            # when devices moving between partitions were last logged
         self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
@@ -524,6 +529,7 @@ class Daemon:
         for device in devices:
             self._partition_of.pop(device, None)
             self._covered.pop(device, None)
+            self._seen_until.pop(device, None)
             self._last_seen.pop(device, None)
             self._old_home.pop(device, None)
             self._left.discard(device)
@@ -841,7 +847,7 @@ class Daemon:
             self._untouched.difference_update(batch.partition_of)
         self._newest_seen = time.monotonic()
         self._last_seen.update(dict.fromkeys(batch.partition_of, self._newest_seen))
-        readings = self._skip_covered(batch) if self._covered else batch.readings
+        readings = self._skip_covered(batch) if self._covered or self._seen_until else batch.readings
         result = self.pipeline.feed(readings)
         bad = batch.bad + batch.with_raw(result.bad)
         sent = sinks.send_scores(result.scores)
@@ -899,11 +905,18 @@ class Daemon:
 
     def _skip_covered(self, batch) -> list:
         """Drop re-delivered readings that a restored state already covers: those of its own
-        partition before its offset.  A device whose key moved (the input topic grew) may
-        arrive on two partitions at once; the other partition's readings are not covered."""
+        partition before its offset, or, on a partition taken for remade, those no newer than
+        its state.  A device whose key moved (the input topic grew) may arrive on two
+        partitions at once; the other partition's readings are not covered."""
         kept, skipped = [], 0
-        covered, offset_of = self._covered, batch.offset_of
+        covered, offset_of, seen_until = self._covered, batch.offset_of, self._seen_until
         for r in batch.readings:
+            until = seen_until.get(r.device)
+            if until is not None:
+                if r.ts <= until:
+                    skipped += 1
+                    continue
+                del seen_until[r.device]  # newer than its state: the rest is new
             covered_at = covered.get(r.device)
             if covered_at is not None:
                 partition, offset = offset_of.get(id(r), (None, -1))
@@ -1146,6 +1159,9 @@ class Daemon:
             self._last_seen[s.device] = now - (newest - s.seen if s.seen is not None else 0.0)
             if covered in remade:
                 self._covered[s.device] = (covered, -1)  # nothing here; a move still deletes it there
+                seen = [st.last_ts for st in s.streams if st.last_ts is not None]
+                if seen:
+                    self._seen_until[s.device] = max(seen)
             elif offset >= 0:
                 self._covered[s.device] = (covered, offset)
         if remade:
@@ -1154,8 +1170,9 @@ class Daemon:
             # offset, the old offsets in their snapshots would be believed again
             self.pipeline.mark_changed(devices)
             log.warning("saved states cover offsets their input partition has not reached, and it has no "
-                        "committed offset: the input topic was deleted and made again, so its readings are new "
-                        "and are scored, not skipped as seen", extra=_fields(
+                        "committed offset: the input topic was deleted and made again, so its readings are "
+                        "scored from its start, but for those no newer than a device's state has seen, skipped as "
+                        "re-deliveries (an end offset the broker reports short looks the same)", extra=_fields(
                             partitions=sorted(remade), devices=len(devices),
                             end_offsets={p: ends[p] for p in sorted(remade)}))
         wall_minus_mono = time.time() - time.monotonic()
@@ -1180,8 +1197,10 @@ class Daemon:
         readings.  An offset beyond the end tells the two apart.  A partition with a committed
         offset is the one the states were made on (deleting a topic deletes its committed
         offsets, and the states of a remade one are rewritten before its first commit), and is
-        not asked: Tansu reports an end that lags within a record batch, which after offsets
-        expire can make a state look past the end (its readings are then scored again)."""
+        not asked: Tansu reports an end that lags within a record batch, which can make a state
+        look past the end where the partition has no commit yet (offsets expired, or a member
+        revoked again before its first checkpoint): its readings are then read again from the
+        start, and those its devices' states have seen are skipped by timestamp."""
         uncommitted = {tp.partition: tp for tp, committed in committed_at.items() if committed is None}
         wanted = {uncommitted[p] for p, offset in covers if p in uncommitted and offset >= 0}
         if not wanted:
