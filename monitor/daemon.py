@@ -423,10 +423,10 @@ class Daemon:
         self._to_restore: set = set()            # assigned partitions whose devices are not restored yet
         # restored device -> (input partition, offset) its state covers: offsets of one partition only
         self._covered: dict[str, tuple[int, int]] = {}
-        # restored device whose partition was taken for remade -> the newest timestamp its state
-        # has seen: a reading no newer is one it has seen (the old topic replayed into the new
-        # one, or Tansu's end offsets lagging the true end), skipped rather than rejected as out
-        # of order into the dead letters
+        # restored device whose state covers no offset (its partition taken for remade, or saved
+        # so after such a restore) -> the newest timestamp its state has seen: a reading no newer
+        # is one it has seen (the old topic replayed into the new one, or Tansu's end offsets
+        # lagging the true end), skipped rather than rejected as out of order into the dead letters
         self._seen_until: dict[str, float] = {}
         self._too_large: set[str] = set()         # devices whose snapshot was too large, already logged
         self._moves_logged = -math.inf            # when devices moving between partitions were last logged
@@ -1159,11 +1159,12 @@ class Daemon:
             self._last_seen[s.device] = now - (newest - s.seen if s.seen is not None else 0.0)
             if covered in remade:
                 self._covered[s.device] = (covered, -1)  # nothing here; a move still deletes it there
+            elif offset >= 0:
+                self._covered[s.device] = (covered, offset)
+            if covered in remade or offset < 0:  # no offset to go by (one saved after such a restore)
                 seen = [st.last_ts for st in s.streams if st.last_ts is not None]
                 if seen:
                     self._seen_until[s.device] = max(seen)
-            elif offset >= 0:
-                self._covered[s.device] = (covered, offset)
         if remade:
             devices = [s.device for (_, s), (covered, _) in zip(states, covers) if covered in remade]
             # rewritten at the next checkpoint, before its commit: once the partition has a committed
