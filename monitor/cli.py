@@ -653,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Replay a recording through the same pipeline the daemon uses. Scores go to "
                                    "--out as CSV (ts,device,score,anomaly,channel,surprise; score empty while a device "
                                    "warms up); a summary and the first bad records go to stderr.")
-    p.add_argument("input", help="recorded file (.gz is read directly)")
+    p.add_argument("input", help="recorded file (.gz is read directly; a pipe needs --format)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="nab: timestamp,value CSV; wide: one channel per column; jsonl: reading messages "
                         "(default: guessed from the name and first line)")
