@@ -100,16 +100,33 @@ class EmbeddedBroker:
             consumer.close()  # the broker waits for open connections when it stops
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            end_process(self.process)
 
     def __enter__(self) -> "EmbeddedBroker":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def end_process(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Terminate a child process if it still runs and reap it; killed if it does not stop within
+    ``grace_s``.
+
+    >>> import sys
+    >>> child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    >>> end_process(child)
+    >>> child.returncode is not None
+    True
+    """
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:  # beyond a kill's reach (a stuck disk, say): not ours to wait on
+            pass

@@ -247,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _offline_demo(args)
     import threading
 
-    from connectors.tansu import EmbeddedBroker
+    from connectors.tansu import EmbeddedBroker, end_process
     from monitor.config import Config
     from monitor.daemon import Daemon, setup_logging
 
@@ -339,7 +339,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             # whatever ended the run (done, a signal, a start-up error), the publisher goes with it
             daemon.stop()
             if publisher is not None:
-                _end_process(publisher)
+                end_process(publisher)
             if watcher.is_alive():
                 watcher.join(10)
             if threading.current_thread() is threading.main_thread():
@@ -364,20 +364,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"Metrics were served at http://127.0.0.1:{daemon.server.port}/metrics")
         _report_windows(flagged, windows_path, counts["scored"], _alarm_level(args))
     return 0
-
-
-def _end_process(process, grace_s: float = 5.0) -> None:
-    """Terminate a child process if it still runs and reap it; killed if it does not stop within ``grace_s``."""
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:  # beyond a kill's reach (a stuck disk, say): not ours to wait on
-            pass
 
 
 @contextmanager
