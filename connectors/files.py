@@ -94,7 +94,9 @@ def device_name(path: str | Path) -> str:
     return name
 
 
-def open_text(path: str | Path) -> IO[str]:
+def open_text(path: str | Path, newline: str = "") -> IO[str]:
+    """A recording as text; ``newline=""`` splits lines at CR, LF and CRLF, as CSV files
+    written anywhere end them, ``"\\n"`` at LF alone (JSON Lines: a CR there is white space)."""
     path = Path(path)
     if not path.exists():
         raise FileFormatError(f"{path}: no such file")
@@ -104,8 +106,9 @@ def open_text(path: str | Path) -> IO[str]:
     # surrogateescape: bytes that are not UTF-8 stay recognisable (encodes_as_utf8), so the record
     # holding them is refused; replacing them would make Latin-1 "pump-ä" and "pump-ö" one device
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="surrogateescape", newline="")
-    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="surrogateescape",
+                                newline=newline)
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
 
 
 def _not_utf8(text: str, ref: str) -> BadRecord:
@@ -198,7 +201,9 @@ class FileSource:
 
     # ---- jsonl -------------------------------------------------------------
     def _jsonl_records(self) -> Iterator[tuple[Reading | None, list[BadRecord], str]]:
-        with open_text(self.path) as f:
+        # lines end at LF alone: a lone CR is JSON's white space, and splitting there would
+        # make one good message two malformed ones
+        with open_text(self.path, newline="\n") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip(_BLANK):  # other white space (a form feed, U+2028) is a bad record
                     continue

@@ -114,13 +114,18 @@ class TextFormatter(logging.Formatter):
     ...                                 "args": (2,), "fields": {"partitions": [0, 1]}})
     >>> TextFormatter().format(record).split(" ", 2)[2]  # after the date and time
     'INFO forewarn.daemon: 2 partitions assigned partitions=[0, 1]'
+    >>> record.fields = {"device": "pump-7\\nERROR forged"}  # as it arrived in a message
+    >>> TextFormatter().format(record).split(" ", 2)[2]
+    "INFO forewarn.daemon: 2 partitions assigned device='pump-7\\\\nERROR forged'"
     """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        # a field from the input (a device name) with a newline or an escape could forge a line
+        extra = " ".join(f"{k}={v!r}" if isinstance(v, str) and not v.isprintable() else f"{k}={v}"
+                         for k, v in getattr(record, "fields", {}).items())
         return super().format(record) + (f" {extra}" if extra else "")
 
 

@@ -593,6 +593,17 @@ def test_blank_lines_before_a_header_are_skipped_and_lines_keep_their_numbers(tm
     assert FileSource(fleet).format == "jsonl"
 
 
+def test_a_jsonl_line_ends_at_lf_alone_where_a_cr_is_the_json_s_white_space(tmp_path):
+    """JSON Lines separates records by LF; a CR inside a line is white space between tokens
+    (a file edited on two systems), not a line break that would make two malformed records."""
+    path = tmp_path / "fleet.jsonl"
+    path.write_bytes(b'{"device": "p1", "ts": 1,\r"value": 1.5}\r\n{"device": "p1", "ts": 2, "value": 2.5}\r\n'
+                     b'{"device": "p1",\r "ts": 3\n')
+    batch, = FileSource(path).batches()
+    assert [(r.ts, r.values) for r in batch.readings] == [(1.0, {"value": 1.5}), (2.0, {"value": 2.5})]
+    assert [(b.ref, b.reason.value) for b in batch.bad] == [("line 3", "malformed")]  # numbered as an editor does
+
+
 def test_every_dead_letter_of_a_replay_carries_its_record(tmp_path, capsys):
     """The pipeline's rejections (duplicate and out-of-order timestamps) name only a line; the
     dead letter keeps the record, as on Kafka, so that the values are not lost."""
