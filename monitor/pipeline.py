@@ -28,7 +28,7 @@ import torch
 from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
 from monitor.forecaster import FleetForecaster, forecast_sequence
-from monitor.readings import BadReason, BadRecord, Reading, Score, check_value
+from monitor.readings import BadReason, BadRecord, Reading, Score, by_reason, check_value
 from monitor.scoring import (MAX_SURPRISE, NewPeaks, PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig,
                              joint_surprise, score_of)
 from monitor.state import DeviceState, StreamState
@@ -232,21 +232,23 @@ class Pipeline:
                     continue
             known = device in self._devices
             placed, first, entries = 0, None, None
+            rejected = None  # (reason, channel, detail): one bad record per reason, after the channels
             for channel, value in reading.values.items():
                 if type(value) is not float or not -math.inf < value < math.inf:
-                    value = self._library_value(device, channel, value, reading.ref, bad)
-                    if value is None:
+                    value, reason, detail = check_value(value, math.inf)  # as the sources judge theirs
+                    if reason is not None:
+                        rejected = (rejected or []) + [(reason, channel, detail)]
                         continue
                 stream = streams.get((device, channel))
                 if stream is None:
-                    stream = self._new_stream(device, channel, known, reading, bad)
+                    stream, detail = self._new_stream(device, channel, known)
                     if stream is None:
+                        rejected = (rejected or []) + [(BadReason.STREAM_LIMIT, channel, detail)]
                         continue
                 last = stream.last_ts
                 if last is not None and ts <= last:
                     reason = BadReason.DUPLICATE_TIMESTAMP if ts == last else BadReason.OUT_OF_ORDER_TIMESTAMP
-                    bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: ts {ts!r} after {last!r}",
-                                         reading.ref))
+                    rejected = (rejected or []) + [(reason, channel, f"ts {ts!r} after {last!r}")]
                     continue
                 stream.last_ts = ts
                 if placed == 0:
@@ -256,6 +258,8 @@ class Pipeline:
                 else:
                     entries.append((i, stream, value))
                 placed += 1
+            if rejected:
+                bad.extend(by_reason(device, rejected, reading.ref))
             if placed == 1:  # the common case, inline: the stream's next round
                 key = id(first[1])
                 k = next_round.get(key, 0)
@@ -286,15 +290,6 @@ class Pipeline:
         bad.append(BadRecord(BadReason.BAD_TIMESTAMP, f"device {reading.device!r}: ts {str(reading.ts)[:40]!r} "
                              "is not a finite number", reading.ref))
         return None
-
-    @staticmethod
-    def _library_value(device: str, channel: str, value: object, ref: str, bad: list[BadRecord]) -> float | None:
-        """A value as the sources would pass it (a finite float), judged as they judge theirs
-        (``check_value``, without their range limit), or None and a bad record."""
-        checked, reason, detail = check_value(value, math.inf)
-        if reason is not None:
-            bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: {detail}", ref))
-        return checked
 
     def _advance(self, rounds, results) -> tuple[int, float]:
         """Score live streams round by round and buffer warming ones; adapt those whose window
@@ -391,24 +386,19 @@ class Pipeline:
         self.counts["scored"] += n_scored
         self.counts["anomalies"] += n_anomalies
 
-    def _new_stream(self, device: str, channel: str, device_known: bool, reading: Reading,
-                    bad: list[BadRecord]) -> _Stream | None:
+    def _new_stream(self, device: str, channel: str, device_known: bool) -> tuple[_Stream | None, str]:
+        """A new warming stream, or None and why not (``stream_limit``)."""
         if len(self._streams) >= self.config.max_streams:
-            bad.append(BadRecord(BadReason.STREAM_LIMIT,
-                                 f"device {device!r} channel {channel!r}: already {self.config.max_streams} streams",
-                                 reading.ref))
-            return None
+            return None, f"already {self.config.max_streams} streams"
         if len(self._devices.get(device, ())) >= self.config.max_channels:
-            bad.append(BadRecord(BadReason.STREAM_LIMIT, f"device {device!r} channel {channel!r}: the device "
-                                 f"already has {self.config.max_channels} channels", reading.ref))
-            return None
+            return None, f"the device already has {self.config.max_channels} channels"
         if device_known:
             self.counts["late_channel"] += 1
         stream = self._make_stream(device, channel)
         self._streams[(device, channel)] = stream
         self._devices.setdefault(device, []).append(stream)
         self._state_counts[Lifecycle.WARMING] += 1
-        return stream
+        return stream, ""
 
     def _make_stream(self, device: str, channel: str) -> _Stream:
         """A new stream, warming, with the scoring and drift objects the configuration asks for."""

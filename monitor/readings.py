@@ -308,7 +308,7 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     else:
         return rejected(BadReason.MISSING_VALUE, f"neither {fmt.values!r} nor {fmt.value!r} present")
     values: dict[str, float] = {}
-    bad: list[BadRecord] = []
+    rejected: list[tuple[BadReason, str, str]] = []
     max_abs = fmt.max_abs_value
     for channel, raw_value in raw_values.items():
         if type(raw_value) is float and -max_abs <= raw_value <= max_abs and 0 < len(channel) <= max_name \
@@ -316,19 +316,54 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
             values[channel] = raw_value  # the common case: finite, in range, a sane name
             continue
         if not 0 < len(channel) <= max_name:
-            bad.append(BadRecord(BadReason.BAD_CHANNEL, f"device {device!r}: channel name of {len(channel)} "
-                                 f"characters, expected 1 to {max_name}: {channel[:40]!r}", ref, excerpt(raw)))
+            rejected.append((BadReason.BAD_CHANNEL, channel[:40], f"a name of {len(channel)} characters, "
+                                                                  f"expected 1 to {max_name}"))
             continue
         if not encodes_as_utf8(channel):
-            bad.append(BadRecord(BadReason.BAD_CHANNEL, f"device {device!r}: channel name {channel[:40]!r} is not "
-                                 "valid Unicode (a lone surrogate)", ref, excerpt(raw)))
+            rejected.append((BadReason.BAD_CHANNEL, channel[:40], "a name that is not valid Unicode (a lone "
+                                                                  "surrogate)"))
             continue
         value, reason, detail = check_value(raw_value, max_abs)
         if reason is None:
             values[channel] = value
         else:
-            bad.append(BadRecord(reason, f"device {device!r} channel {channel!r}: {detail}", ref, excerpt(raw)))
+            rejected.append((reason, channel, detail))
+    bad = by_reason(device, rejected, ref, excerpt(raw)) if rejected else []
     return Parsed(Reading(device, ts, values, ref) if values else None, bad)
+
+
+def by_reason(device: str, rejected: list[tuple[BadReason, str, str]], ref: str = "",
+              raw: str | None = None) -> list[BadRecord]:
+    """One bad record per reason for the channels of one reading, from ``(reason, channel,
+    detail)``: a message of forty channels sent twice, or all NaN, is one dead letter
+    carrying it, not forty copies of it, and counts once against the bad-record rate.
+
+    >>> by_reason("p1", [(BadReason.NON_FINITE_VALUE, "a", "nan")])[0].detail
+    "device 'p1' channel 'a': nan"
+    >>> [b.detail for b in by_reason("p1", [(BadReason.DUPLICATE_TIMESTAMP, c, "ts 5.0 after 5.0") for c in "abcdefg"])]
+    ["device 'p1' channels 'a', 'b', 'c', 'd', 'e' and 2 more: ts 5.0 after 5.0"]
+    >>> [str(b) for b in by_reason("p1", [(BadReason.NON_NUMERIC_VALUE, "a", "'x' is a str, not a number"),
+    ...                                   (BadReason.NON_FINITE_VALUE, "b", "nan"),
+    ...                                   (BadReason.NON_NUMERIC_VALUE, "c", "[] is a list, not a number")])]
+    ["non_numeric_value: device 'p1' channels 'a': 'x' is a str, not a number; 'c': [] is a list, not a number", \
+"non_finite_value: device 'p1' channel 'b': nan"]
+    """
+    grouped: dict[BadReason, list[tuple[str, str]]] = {}
+    for reason, channel, detail in rejected:
+        grouped.setdefault(reason, []).append((channel, detail))
+    out = []
+    for reason, channels in grouped.items():
+        if len(channels) == 1:
+            (channel, detail), = channels
+            text = f"device {device!r} channel {channel!r}: {detail}"
+        else:
+            shown, more = channels[:5], f" and {len(channels) - 5} more" if len(channels) > 5 else ""
+            if len({detail for _, detail in channels}) == 1:
+                text = f"device {device!r} channels {', '.join(repr(c) for c, _ in shown)}{more}: {channels[0][1]}"
+            else:
+                text = f"device {device!r} channels {'; '.join(f'{c!r}: {d}' for c, d in shown)}{more and ';' + more}"
+        out.append(BadRecord(reason, text, ref, raw))
+    return out
 
 
 def encodes_as_utf8(text: str) -> bool:

@@ -9,7 +9,7 @@ from monitor.adapt import AdaptConfig
 from monitor.checkpoint import Initialization
 from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
-from monitor.readings import BadReason, Reading
+from monitor.readings import BadReason, Reading, parse_message
 from monitor.scoring import MAX_SURPRISE, ScoringConfig, joint_surprise
 
 
@@ -140,6 +140,26 @@ def test_duplicate_and_out_of_order_timestamps_are_rejected_per_stream(init):
     assert [b.reason for b in result.bad] == [BadReason.DUPLICATE_TIMESTAMP, BadReason.OUT_OF_ORDER_TIMESTAMP]
     assert [s.device for s in result.scores] == ["a", "b"]
     assert pipe.bad_counts[BadReason.DUPLICATE_TIMESTAMP] == 1
+
+
+def test_a_wide_message_refused_on_many_channels_is_one_bad_record_per_reason(init):
+    """A 40-channel message sent twice is one dead letter naming its channels, not forty copies
+    of the message, and counts once against the bad-record rate."""
+    pipe = Pipeline(init, PipelineConfig(warmup=32, max_channels=38))
+    wide = Reading("m", 5.0, {f"c{i}": float(i) for i in range(40)}, ref="sensors/0@7")
+    first = pipe.feed([wide])
+    again = pipe.feed([wide, Reading("m", 4.0, {"c0": 1.0, "c1": math.nan, "c2": "x", "c3": math.inf})])
+    assert [(b.reason, b.ref) for b in first.bad] == [(BadReason.STREAM_LIMIT, "sensors/0@7")]
+    assert first.bad[0].detail == "device 'm' channels 'c38', 'c39': the device already has 38 channels"
+    assert [b.reason for b in again.bad] == [BadReason.DUPLICATE_TIMESTAMP, BadReason.STREAM_LIMIT,
+                                             BadReason.OUT_OF_ORDER_TIMESTAMP, BadReason.NON_FINITE_VALUE,
+                                             BadReason.NON_NUMERIC_VALUE]
+    assert again.bad[0].detail == "device 'm' channels 'c0', 'c1', 'c2', 'c3', 'c4' and 33 more: ts 5.0 after 5.0"
+    assert again.bad[3].detail == "device 'm' channels 'c1': nan; 'c3': inf (Infinity, or a number beyond float range)"
+    assert pipe.bad_counts[BadReason.DUPLICATE_TIMESTAMP] == 1 and pipe.bad_counts[BadReason.STREAM_LIMIT] == 2
+    parsed = parse_message(json.dumps({"device": "m", "ts": 6, "values": {f"c{i}": None for i in range(40)}}))
+    assert [(b.reason, b.detail) for b in parsed.bad] == [
+        (BadReason.MISSING_VALUE, "device 'm' channels 'c0', 'c1', 'c2', 'c3', 'c4' and 35 more: null value")]
 
 
 def test_a_late_channel_warms_up_on_its_own(init):
