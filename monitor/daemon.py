@@ -954,9 +954,14 @@ class Daemon:
     def _export(self, devices: list[str]) -> list:
         """The states of these devices, each naming the input offset it covers: everything
         processed on its partition so far."""
-        partition_of, processed, restored = self._partition_of, self._processed, self._covered
-        # a restored device nothing new has reached yet still covers what its snapshot did
-        covered = {d: max(processed.get(partition_of[d], -1), _offset_on(restored.get(d), partition_of[d]))
+        partition_of, processed, restored, seen_until = self._partition_of, self._processed, self._covered, \
+            self._seen_until
+        # a restored device nothing new has reached yet still covers what its snapshot did; one
+        # restored covering no offset, nothing newer than its state read yet, still covers none:
+        # readings past the offset read so far may be older than its state, and a next owner
+        # told that offset would take them for new ones and reject them as out of order
+        covered = {d: -1 if d in seen_until else
+                   max(processed.get(partition_of[d], -1), _offset_on(restored.get(d), partition_of[d]))
                    for d in devices}
         states = self.pipeline.export_devices(devices, covered)
         wall_minus_mono = time.time() - time.monotonic()

@@ -554,6 +554,11 @@ def test_every_state_on_a_remade_partition_covers_nothing_and_is_written_again()
     assert daemon._seen_until == {"quiet": 19.0, "after": 19.0}
     result = daemon.pipeline.feed(kept_readings)
     assert not result.bad and len(result.scores) == 6  # taken, in order (still warming here)
+    # checkpointed now, with the partition read to offset 15: "busy" has read past its state and
+    # covers that offset; "quiet" has not, and still covers none, or its next owner would take
+    # the readings after 15 that its state has seen for new ones, and dead-letter them (chaos run)
+    daemon._processed[0] = 15
+    assert {s.device: s.offset for s in daemon._export(["quiet", "busy"])} == {"quiet": -1, "busy": 15}
 
 
 def _batch(device, partition, offsets, ts0):
