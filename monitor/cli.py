@@ -6,6 +6,7 @@ import itertools
 import gc
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from connectors.files import (DATA_SUFFIXES, FORMATS, DeadLetterWriter, FileForm
                               ScoreCsvWriter, read_series)
 from monitor.adapt import AdaptConfig
 from monitor.checkpoint import CheckpointError, Initialization
-from monitor.config import DetectorConfig
+from monitor.config import ConfigError, DetectorConfig
 from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import BadRecord, Score
@@ -58,12 +59,17 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
     adapt = init.adapt
     if args.adapt_steps is not None and args.adapt_steps >= 0:  # -1: the initialization's, as detector.adapt_steps
         adapt = replace(adapt, steps=args.adapt_steps)
-    return DetectorConfig(warmup=args.warmup, threshold=args.threshold, alarm_surprise=args.alarm_surprise,
-                          calibration_fading=args.calibration_fading,
-                          novelty_unit=args.novelty_unit, novelty_window=args.novelty_window,
-                          smoothing_span=args.smoothing_span, peak_window=args.peak_window,
-                          channel_combination=args.channel_combination, drift_threshold=args.drift_threshold,
-                          online_every=args.online_every).pipeline_config(adapt)
+    detector = DetectorConfig(warmup=args.warmup, threshold=args.threshold, alarm_surprise=args.alarm_surprise,
+                              calibration_fading=args.calibration_fading,
+                              novelty_unit=args.novelty_unit, novelty_window=args.novelty_window,
+                              smoothing_span=args.smoothing_span, peak_window=args.peak_window,
+                              channel_combination=args.channel_combination, drift_threshold=args.drift_threshold,
+                              online_every=args.online_every)
+    try:  # the daemon's bounds, named as the options that set them
+        detector.validate()
+    except ConfigError as exc:
+        raise ConfigError(re.sub(r"detector\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(exc))) from None
+    return detector.pipeline_config(adapt)
 
 
 class _BadRecordLog:
@@ -188,6 +194,10 @@ def _check_outputs(recording: str, out: str | None, dead_letter: str | None) -> 
             return True
         return pa.exists() and pb.exists() and os.path.samefile(pa, pb)  # hard links
     for flag, path in (("--out", out), ("--dead-letter", dead_letter)):
+        if path and Path(path).is_dir():
+            raise ValueError(f"{flag} {path}: is a directory; give a file name")
+        if path and not Path(path).parent.is_dir():
+            raise ValueError(f"{flag} {path}: no folder {Path(path).parent} to write it in")
         if path and same(path, recording):
             raise ValueError(f"{flag} {path} is the recording being replayed; give another file")
         partial = path and _partial_path(path)
@@ -497,11 +507,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         _note_unused([("--limit", args.limit is not None), ("--windows", args.windows != "combined_windows.json")],
                      "--dataset smd")
+    if args.report:
+        try:
+            import matplotlib  # noqa: F401  its figures: refused now, not after the scoring
+        except ImportError:
+            raise ValueError("--report draws its figures with matplotlib, which is not installed: "
+                             "pip install 'forewarn[eval]'") from None
     data = Path(args.data) if args.data else data_dir()
     init_dir = Path(args.init_dir) if args.init_dir else Path(__file__).resolve().parents[1] / "benchmarks" / "artifacts"
     detectors = harness.build_detectors(args.detectors, init_dir)
     if args.dataset == "nab":
-        n_series = len(json.loads((data / "nab" / "labels" / args.windows).read_text()))
+        windows = data / "nab" / "labels" / args.windows
+        if not windows.is_file():
+            raise FileFormatError(f"NAB's labelled windows not found at {windows} (--data names the folder "
+                                  "holding nab/data/ and nab/labels/; --windows the file in nab/labels/)")
+        n_series = len(json.loads(windows.read_text()))
         total = len(detectors) * min(n_series, args.limit or n_series)
     else:
         machines = args.machines or list(SMD_HELD_OUT)
@@ -524,14 +544,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# in a folder of recordings, files that are not one though their suffix says .txt or .csv
+_NOT_DATA = ("LICENSE", "LICENCE", "README", "COPYING", "NOTICE", "CHANGELOG", "CHANGES", "AUTHORS")
+
+
 def _expand_paths(paths: list[str]) -> list[Path]:
     """Files as given; from a directory, the recordings in it (``DATA_SUFFIXES``, optionally
-    .gz), so that READMEs and label files beside them are not read as data."""
+    .gz), so that READMEs and label files beside them are not read as data: neither a licence
+    or read-me file nor anything in a folder of labels (SMD's ``test_label/``).
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for name in ("train/m-1.txt", "test_label/m-1.txt", "LICENSE.txt", "notes.md"):
+    ...     (root / name).parent.mkdir(exist_ok=True)
+    ...     _ = (root / name).write_text("1\\n")
+    >>> [str(p.relative_to(root)) for p in _expand_paths([str(root)])]
+    ['train/m-1.txt']
+    """
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                              and f.name.removesuffix(".gz").endswith(DATA_SUFFIXES)))
+                              and f.name.removesuffix(".gz").endswith(DATA_SUFFIXES)
+                              and not f.name.upper().startswith(_NOT_DATA)
+                              and not any("label" in part.lower() for part in f.relative_to(p).parts[:-1])))
         else:
             out.append(p)
     if not out:
@@ -541,6 +577,11 @@ def _expand_paths(paths: list[str]) -> list[Path]:
 
 
 # ---- argument parsing --------------------------------------------------------------------
+def _recording(text: str) -> str:
+    """A recording's path; ``-``, as Unix tools take it, is standard input."""
+    return "/dev/stdin" if text == "-" else text
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -593,7 +634,7 @@ def _probability(text: str) -> float:
 def _detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", metavar="FILE", help="initialization checkpoint (default: the one shipped in the package)")
     p.add_argument("--warmup", type=_positive_int, default=256, metavar="W",
-                   help="readings a stream buffers before it is adapted and scored (default: 256)")
+                   help="readings a stream buffers before it is adapted and scored (16 to 16384; default: 256)")
     p.add_argument("--adapt-steps", type=_adapt_steps, default=None, metavar="K",
                    help="inner gradient steps of fast adaptation, as detector.adapt_steps (default: -1 = the "
                         "initialization's, 10 for the shipped one)")
@@ -639,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Replay a recording through the same pipeline the daemon uses. Scores go to "
                                    "--out as CSV (ts,device,score,anomaly,channel,surprise; score empty while a device "
                                    "warms up); a summary and the first bad records go to stderr.")
-    p.add_argument("input", help="recorded file (.gz is read directly; a pipe needs --format)")
+    p.add_argument("input", type=_recording, help="recorded file (.gz is read directly; - reads standard input; "
+                                                  "a pipe needs --format)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="nab: timestamp,value CSV; wide: one channel per column; jsonl: reading messages "
                         "(default: guessed from the name and first line)")
@@ -685,7 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay-to-kafka", help="publish a recording to a Kafka topic as reading messages",
                        description="Publish a recorded file (formats of 'replay') as JSON reading messages keyed "
                                    "by device, at the recorded pace scaled by --speed, or as fast as possible.")
-    p.add_argument("input", help="recorded file")
+    p.add_argument("input", type=_recording, help="recorded file (.gz is read directly; - reads standard input; "
+                                                  "a pipe needs --format)")
     p.add_argument("--topic", required=True, help="topic to publish to")
     p.add_argument("--bootstrap-servers", default=None,
                    help="host:port list (default: kafka.bootstrap_servers of the configuration)")
@@ -728,7 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("meta-train", help="learn an initialization from a corpus of recordings",
                        description="Meta-learn the initialization new streams start from. Every channel of every "
                                    "file is a series; each task is a warm-up window and the query after it.")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="recordings or folders of them")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="recordings or folders of them (a folder's .csv, .txt, .jsonl and .ndjson files, "
+                        "optionally .gz, but for licence and read-me files and folders of labels)")
     p.add_argument("--format", choices=FORMATS, default=None, help="format of the recordings (default: guessed)")
     p.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write")
     p.add_argument("--algorithm", choices=("reptile", "fomaml", "maml", "pooled"), default="fomaml",
@@ -765,7 +810,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (FileFormatError, CheckpointError, ValueError, OSError, KafkaError) as exc:
-        print(f"forewarn: error: {exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, KafkaError) and "bootstrap" in str(exc):
+            hint = (" (no broker answered at the addresses given: kafka.bootstrap_servers, or "
+                    "--bootstrap-servers for replay-to-kafka)")
+        print(f"forewarn: error: {exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("forewarn: interrupted", file=sys.stderr)

@@ -426,6 +426,10 @@ class Config:
                 data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
             except FileNotFoundError:
                 raise ConfigError(f"{path}: no such configuration file") from None
+            except IsADirectoryError:
+                raise ConfigError(f"{path}: is a directory, not a configuration file") from None
+            except PermissionError:
+                raise ConfigError(f"{path}: the configuration file cannot be read (permission denied)") from None
             except UnicodeDecodeError as exc:
                 raise ConfigError(f"{path}: not UTF-8 text, as TOML must be ({exc.reason} at byte {exc.start})") from None
             except tomllib.TOMLDecodeError as exc:
@@ -455,9 +459,9 @@ class Config:
         unknown = sorted(v for v in env if (v.startswith(prefixes) and v not in known) or _misspelt_section(v, known)
                          or _meant(v, known))
         if unknown:
-            meant = [f"{v} for {_meant(v, known)}" for v in unknown if _meant(v, known)]
+            meant = [f"{m} (not {v})" for v in unknown if (m := _suggestion(v, known))]
             raise ConfigError(f"unknown setting in the environment: {', '.join(unknown)} "
-                              + (f"(did you mean: {'; '.join(meant)}? " if meant else "(")
+                              + (f"(did you mean {'; '.join(meant)}? " if meant else "(")
                               + "`forewarn config --print` lists every setting and its variable)"
                               + _service_link_hint({v: env[v] for v in unknown}))
         return cfg.validate()
@@ -513,6 +517,8 @@ def _misspelt_section(var: str, known: set[str]) -> bool:
 # FOREWARN_PORT_9108_TCP_ADDR, ...; never a setting, whatever its name resembles
 _SERVICE_LINK = re.compile(r"FOREWARN(_[A-Z0-9_]+)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)"
                            r"(_ADDR|_PORT|_PROTO)?)?)")
+# of those, the ones no setting's misspelling could look like (FOREWARN_METRIC_PORT could)
+_SERVICE_ADDRESS = re.compile(r"FOREWARN(_[A-Z0-9_]+)?_SERVICE_(HOST|PORT(_[A-Z0-9_]+)?)")
 
 
 def _meant(var: str, known: set[str]) -> str | None:
@@ -537,6 +543,19 @@ def _meant(var: str, known: set[str]) -> str | None:
         return by_full[spelt]
     candidates = by_key.get(spelt, [])
     return candidates[0] if len(candidates) == 1 else None
+
+
+def _suggestion(var: str, known: set[str]) -> str | None:
+    """The setting's variable an unknown one most likely meant, if any.
+
+    >>> known = {"FOREWARN_KAFKA_TOPIC", "FOREWARN_METRICS_PORT", "FOREWARN_KAFKA_BOOTSTRAP_SERVERS"}
+    >>> [_suggestion(v, known) for v in ("FOREWARN_BOOTSTRAP_SERVERS", "FOREWARN_KAFKA_TOPICS", "FOREWARN_METRIC_PORT")]
+    ['FOREWARN_KAFKA_BOOTSTRAP_SERVERS', 'FOREWARN_KAFKA_TOPIC', 'FOREWARN_METRICS_PORT']
+    """
+    meant = _meant(var, known)
+    if meant is None and not _SERVICE_ADDRESS.fullmatch(var):
+        meant = next(iter(difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.85)), None)
+    return meant
 
 
 _TYPES = {"str": str, "int": int, "float": float}
@@ -574,7 +593,7 @@ def _from_text(text: str, type_name: str, var: str) -> Any:
 
 def _service_link_hint(variables: dict[str, str]) -> str:
     """Kubernetes gives a pod FOREWARN_METRICS_PORT=tcp://... for a Service named forewarn-metrics."""
-    links = [v for v, text in variables.items() if text.startswith(("tcp://", "udp://"))]
+    links = [v for v, text in variables.items() if text.startswith(("tcp://", "udp://")) or _SERVICE_ADDRESS.fullmatch(v)]
     if not links:
         return ""
     return (f"; {', '.join(links)} look like Kubernetes service links (from a Service whose name starts with "

@@ -23,7 +23,8 @@ def data_dir() -> Path:
     env = os.environ.get("FOREWARN_DATA")
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
     if not path.is_dir():
-        raise FileNotFoundError(f"benchmark data not found at {path}; set FOREWARN_DATA")
+        where = "where FOREWARN_DATA points" if env else "set FOREWARN_DATA to the folder holding nab/ and smd/"
+        raise FileNotFoundError(f"benchmark data not found at {path} ({where})")
     return path
 
 

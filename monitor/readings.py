@@ -175,7 +175,7 @@ def parse_timestamp(raw: object) -> float:
     >>> parse_timestamp(1700000000000)
     Traceback (most recent call last):
     ...
-    ValueError: 1700000000000 is past year 5000: epoch milliseconds? ts is in seconds
+    ValueError: 1700000000000 is past year 5138: epoch milliseconds? ts is in seconds
     """
     if isinstance(raw, bool):
         raise ValueError("a boolean is not a timestamp")
@@ -192,7 +192,7 @@ def parse_timestamp(raw: object) -> float:
         raise ValueError(f"non-finite timestamp {raw!r}")
     if not -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:
         hint = "" if isinstance(raw, str) else ": epoch milliseconds? ts is in seconds"
-        raise ValueError(f"{str(raw)[:40]} is {'past year 5000' if ts > 0 else 'before year -1200'}{hint}")
+        raise ValueError(f"{str(raw)[:40]} is {'past year 5138' if ts > 0 else 'before year -1199'}{hint}")
     return ts
 
 

@@ -84,10 +84,12 @@ def test_invalid_configuration_is_rejected_with_the_key(tmp_path, toml, message)
     ({"FOREWARN_DETECTORS_WARMUP": "64"}, "unknown setting in the environment: FOREWARN_DETECTORS_WARMUP"),
     # a setting spelt without its section, or without an underscore, was ignored in silence
     ({"FOREWARN_BOOTSTRAP_SERVERS": "kafka:9092"},
-     "did you mean: FOREWARN_BOOTSTRAP_SERVERS for FOREWARN_KAFKA_BOOTSTRAP_SERVERS"),
-    ({"FOREWARN_KAFKATOPIC": "plant"}, "FOREWARN_KAFKATOPIC for FOREWARN_KAFKA_TOPIC"),
-    ({"FOREWARN_LOGLEVEL": "DEBUG"}, "FOREWARN_LOGLEVEL for FOREWARN_LOG_LEVEL"),
-    ({"FOREWARN_GROUP_ID": "plant"}, "FOREWARN_GROUP_ID for FOREWARN_KAFKA_GROUP_ID"),
+     r"did you mean FOREWARN_KAFKA_BOOTSTRAP_SERVERS \(not FOREWARN_BOOTSTRAP_SERVERS\)\?"),
+    ({"FOREWARN_KAFKATOPIC": "plant"}, r"FOREWARN_KAFKA_TOPIC \(not FOREWARN_KAFKATOPIC\)"),
+    ({"FOREWARN_LOGLEVEL": "DEBUG"}, r"FOREWARN_LOG_LEVEL \(not FOREWARN_LOGLEVEL\)"),
+    ({"FOREWARN_GROUP_ID": "plant"}, r"FOREWARN_KAFKA_GROUP_ID \(not FOREWARN_GROUP_ID\)"),
+    ({"FOREWARN_KAFKA_TOPICS": "plant"}, r"FOREWARN_KAFKA_TOPIC \(not FOREWARN_KAFKA_TOPICS\)"),
+    ({"FOREWARN_METRIC_PORT": "9108"}, r"FOREWARN_METRICS_PORT \(not FOREWARN_METRIC_PORT\)"),
     # int() takes all of these; none is what anyone meant to type
     ({"FOREWARN_DETECTOR_WARMUP": " 128 "}, "FOREWARN_DETECTOR_WARMUP: expected an integer"),
     ({"FOREWARN_DETECTOR_WARMUP": "1_28"}, "FOREWARN_DETECTOR_WARMUP: expected an integer"),
@@ -287,3 +289,50 @@ def test_meta_train_on_series_that_move_only_at_their_end_is_refused_not_a_hang(
     assert main(["meta-train", "--data", str(csv), "--out", str(tmp_path / "init.pt"), "--iterations", "1",
                  "--tasks-per-batch", "2", "--warmup", "32", "--query", "16", "--hidden", "4", "--quiet"]) == 2
     assert "no series has a window of 32 values that is not flat" in capsys.readouterr().err
+
+
+def test_a_user_s_mistakes_on_the_command_line_are_named_not_given_as_an_errno(tmp_path, capsys, monkeypatch):
+    """Each is an exit 2 with a line that names the option and what is wrong, before any work."""
+    import sys
+
+    recording = tmp_path / "pump.csv"
+    recording.write_text("timestamp,value\n" + "".join(f"2024-01-01 00:{m:02d}:00,{m % 7}\n" for m in range(40)))
+    cases = [
+        (["replay", str(recording), "--out", str(tmp_path / "nowhere" / "x.csv")],
+         f"--out {tmp_path}/nowhere/x.csv: no folder {tmp_path}/nowhere to write it in"),
+        (["replay", str(recording), "--dead-letter", str(tmp_path)], f"--dead-letter {tmp_path}: is a directory"),
+        (["replay", str(recording), "--warmup", "20000"], "--warmup must be in 16..16384, got 20000"),
+        (["config", "--config", str(tmp_path)], f"{tmp_path}: is a directory, not a configuration file"),
+        (["evaluate", "--dataset", "nab", "--data", str(tmp_path)], "NAB's labelled windows not found at "),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pump.csv"]  # nothing written
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: refused before the scoring
+    assert main(["evaluate", "--dataset", "nab", "--data", str(tmp_path), "--report", str(tmp_path / "r")]) == 2
+    assert "--report draws its figures with matplotlib, which is not installed" in capsys.readouterr().err
+
+
+def test_an_unreachable_broker_is_named_as_the_setting_to_check(capsys, monkeypatch):
+    from kafka.errors import KafkaTimeoutError
+
+    import monitor.cli as cli
+
+    def unreachable(args):
+        raise KafkaTimeoutError("Unable to bootstrap from ['localhost:9']")
+    monkeypatch.setattr(cli, "cmd_config", unreachable)
+    assert main(["config"]) == 2
+    assert "no broker answered at the addresses given: kafka.bootstrap_servers" in capsys.readouterr().err
+
+
+def test_a_dash_replays_standard_input(tmp_path):
+    import subprocess
+    import sys
+
+    lines = "".join(f'{{"device": "p1", "ts": {t}, "value": {t % 5}.5}}\n' for t in range(40))
+    out = tmp_path / "scores.csv"
+    done = subprocess.run([sys.executable, "-m", "monitor.cli", "replay", "-", "--format", "jsonl", "--warmup",
+                           "16", "--out", str(out)], input=lines, text=True, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(out.read_text().splitlines()) == 41  # a header and every reading
