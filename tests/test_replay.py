@@ -413,7 +413,11 @@ def test_a_dead_letter_file_that_cannot_be_opened_leaves_no_partial_output(tmp_p
     out = tmp_path / "scores.csv"
     code, _, err = _run(["replay", str(data), "--out", str(out), "--dead-letter", str(tmp_path / "no" / "dead.jsonl"),
                          "--quiet"], capsys)
-    assert code == 2 and "No such file or directory" in err
+    assert code == 2 and f"no folder {tmp_path / 'no'} to write it in" in err  # said before anything is opened
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sensor.csv"]
+    code, _, err = _run(["replay", str(data), "--out", str(out), "--dead-letter", str(tmp_path / ("d" * 300)),
+                         "--quiet"], capsys)  # one the system refuses only when it is opened
+    assert code == 2 and "File name too long" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sensor.csv"]
 
 
