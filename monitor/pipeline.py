@@ -112,6 +112,15 @@ class _Stream:
         self.novelty = novelty
 
 
+def _with(rejected: list | None, entry: tuple) -> list:
+    """``rejected`` with ``entry`` appended, made on the first: most readings have none, and
+    one of thousands of refused channels must not copy the list each time."""
+    if rejected is None:
+        return [entry]
+    rejected.append(entry)
+    return rejected
+
+
 @dataclass
 class FeedResult:
     """Scores for the accepted readings of a batch, in input order, and the rejects.
@@ -237,18 +246,18 @@ class Pipeline:
                 if type(value) is not float or not -math.inf < value < math.inf:
                     value, reason, detail = check_value(value, math.inf)  # as the sources judge theirs
                     if reason is not None:
-                        rejected = (rejected or []) + [(reason, channel, detail)]
+                        rejected = _with(rejected, (reason, channel, detail))
                         continue
                 stream = streams.get((device, channel))
                 if stream is None:
                     stream, detail = self._new_stream(device, channel, known)
                     if stream is None:
-                        rejected = (rejected or []) + [(BadReason.STREAM_LIMIT, channel, detail)]
+                        rejected = _with(rejected, (BadReason.STREAM_LIMIT, channel, detail))
                         continue
                 last = stream.last_ts
                 if last is not None and ts <= last:
                     reason = BadReason.DUPLICATE_TIMESTAMP if ts == last else BadReason.OUT_OF_ORDER_TIMESTAMP
-                    rejected = (rejected or []) + [(reason, channel, f"ts {ts!r} after {last!r}")]
+                    rejected = _with(rejected, (reason, channel, f"ts {ts!r} after {last!r}"))
                     continue
                 stream.last_ts = ts
                 if placed == 0:
