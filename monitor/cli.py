@@ -265,11 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     flagged: list[Score] = []
 
     def show(result) -> None:
-        for s in result.scores:
-            if s.anomaly:
-                flagged.append(s)
-                print(f"anomaly  {_iso(s.ts)}  {s.device}/{s.channel}  surprise {s.surprise:.4g}  "
-                      f"value {s.value:.3f}  forecast {s.forecast:.3f}", flush=True)
+        _show_anomalies(result.scores, flagged)
 
     broker = EmbeddedBroker()
     try:
@@ -395,10 +391,19 @@ def _offline_demo(args: argparse.Namespace) -> int:
         print(f"Replaying the bundled NAB recording {csv_path.name} (MIT, see monitor/data/nab/README.md)",
               file=sys.stderr)
         summary = replay(FileSource(csv_path, "nab"), pipeline, progress=not args.quiet,
-                         on_scores=lambda scores: flagged.extend(s for s in scores if s.anomaly))
+                         on_scores=lambda scores: _show_anomalies(scores, flagged))
         print_summary(summary)
         _report_windows(flagged, windows_path, summary["scored"], _alarm_level(args))
     return 0
+
+
+def _show_anomalies(scores: list[Score], flagged: list[Score]) -> None:
+    """The demo's live lines: each flagged reading as it is found (kept in ``flagged``)."""
+    for s in scores:
+        if s.anomaly:
+            flagged.append(s)
+            print(f"anomaly  {_iso(s.ts)}  {s.device}/{s.channel}  surprise {s.surprise:.4g}  "
+                  f"value {s.value:.3f}  forecast {s.forecast:.3f}", flush=True)
 
 
 def _iso(ts: float) -> str:

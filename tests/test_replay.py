@@ -211,6 +211,9 @@ def test_offline_demo_replays_the_bundled_recording_against_its_labels(capsys):
     code, out, err = _run(["demo", "--offline", "--quiet"], capsys)
     assert code == 0
     assert "Labelled anomaly windows caught:" in out and "of 4" in out
+    live = [line for line in out.splitlines() if line.startswith("anomaly ")]  # as the Kafka demo prints them
+    assert live and out.index(live[-1]) < out.index("Labelled anomaly windows caught:")
+    assert int(re.search(r"outside labelled windows: \d+ of (\d+)", out)[1]) == len(live)
     assert "readings: 22683" in err  # 22,695 rows, 12 of them out of order or duplicate in NAB's own file
     assert "'out_of_order_timestamp': 11" in err
 
