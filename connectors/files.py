@@ -27,7 +27,7 @@ from typing import IO
 
 import numpy as np
 
-from monitor.readings import (BadReason, BadRecord, MessageFormat, Reading, Score, check_value,
+from monitor.readings import (BadReason, BadRecord, MessageFormat, Reading, Score, by_reason, check_value,
                               encodes_as_utf8, parse_message, parse_timestamp)
 
 FORMATS = ("nab", "wide", "jsonl")
@@ -286,7 +286,7 @@ class FileSource:
                         yield None, [BadRecord(BadReason.BAD_TIMESTAMP, str(exc), ref, raw)], raw
                         continue
                 values: dict[str, float] = {}
-                bad: list[BadRecord] = []
+                rejected: list[tuple[BadReason, str, str]] = []
                 fields = (v for i, v in enumerate(row) if i != ts_col)
                 for channel, text in zip(header, fields):
                     value, reason, detail = check_value(_number_or_text(text), max_abs)
@@ -295,7 +295,8 @@ class FileSource:
                     else:
                         if reason is BadReason.NON_NUMERIC_VALUE:
                             detail = f"{text.strip()[:40]!r} is not a number"
-                        bad.append(BadRecord(reason, f"device {self.device!r} channel {channel!r}: {detail}", ref, raw))
+                        rejected.append((reason, channel, detail))
+                bad = by_reason(self.device, rejected, ref, raw) if rejected else []
                 yield (Reading(self.device, ts, values, ref) if values else None), bad, raw
 
     def _header(self, first: list[str], at: str) -> tuple[list[str], int | None, list[str] | None]:

@@ -399,11 +399,14 @@ def _offline_demo(args: argparse.Namespace) -> int:
 
 def _show_anomalies(scores: list[Score], flagged: list[Score]) -> None:
     """The demo's live lines: each flagged reading as it is found (kept in ``flagged``)."""
+    from tqdm import tqdm
     for s in scores:
         if s.anomaly:
             flagged.append(s)
-            print(f"anomaly  {_iso(s.ts)}  {s.device}/{s.channel}  surprise {s.surprise:.4g}  "
-                  f"value {s.value:.3f}  forecast {s.forecast:.3f}", flush=True)
+            # tqdm.write: a progress bar on stderr is cleared first, not cut in two
+            tqdm.write(f"anomaly  {_iso(s.ts)}  {s.device}/{s.channel}  surprise {s.surprise:.4g}  "
+                       f"value {s.value:.3f}  forecast {s.forecast:.3f}", file=sys.stdout)
+            sys.stdout.flush()
 
 
 def _iso(ts: float) -> str:
@@ -517,7 +520,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401  its figures: refused now, not after the scoring
         except ImportError:
             raise ValueError("--report draws its figures with matplotlib, which is not installed: "
-                             "pip install 'forewarn[eval]'") from None
+                             "pip install 'matplotlib>=3.7' (in a checkout: pip install -e '.[eval]')") from None
     data = Path(args.data) if args.data else data_dir()
     init_dir = Path(args.init_dir) if args.init_dir else Path(__file__).resolve().parents[1] / "benchmarks" / "artifacts"
     detectors = harness.build_detectors(args.detectors, init_dir)
@@ -549,32 +552,47 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# in a folder of recordings, files that are not one though their suffix says .txt or .csv
-_NOT_DATA = ("LICENSE", "LICENCE", "README", "COPYING", "NOTICE", "CHANGELOG", "CHANGES", "AUTHORS")
+# in a folder of recordings, files that are not one though their suffix says .txt or .csv (by
+# their name before the first dot), and folders that hold labels, not readings (SMD's test_label/)
+_NOT_DATA = {"LICENSE", "LICENCE", "README", "COPYING", "NOTICE", "CHANGELOG", "CHANGES", "AUTHORS"}
+_LABEL_FOLDER = re.compile(r"(.*[_-])?labels?", re.IGNORECASE)
 
 
 def _expand_paths(paths: list[str]) -> list[Path]:
     """Files as given; from a directory, the recordings in it (``DATA_SUFFIXES``, optionally
     .gz), so that READMEs and label files beside them are not read as data: neither a licence
-    or read-me file nor anything in a folder of labels (SMD's ``test_label/``).
+    or read-me file nor anything in a folder of labels (``labels/``, ``test_label/``); those
+    are named on stderr.
 
-    >>> import tempfile
-    >>> root = Path(tempfile.mkdtemp())
-    >>> for name in ("train/m-1.txt", "test_label/m-1.txt", "LICENSE.txt", "notes.md"):
-    ...     (root / name).parent.mkdir(exist_ok=True)
-    ...     _ = (root / name).write_text("1\\n")
-    >>> [str(p.relative_to(root)) for p in _expand_paths([str(root)])]
-    ['train/m-1.txt']
+    >>> import contextlib, io, tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()) as said:
+    ...     root = Path(tmp)
+    ...     for name in ("train/m-1.txt", "test_label/m-1.txt", "LICENSE.txt", "unlabelled/m-2.txt", "notice_board.csv"):
+    ...         (root / name).parent.mkdir(exist_ok=True)
+    ...         _ = (root / name).write_text("1\\n")
+    ...     [str(p.relative_to(root)) for p in _expand_paths([tmp])]
+    ['notice_board.csv', 'train/m-1.txt', 'unlabelled/m-2.txt']
+    >>> said.getvalue().count("not read as recordings")
+    1
     """
     out: list[Path] = []
+    skipped: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                              and f.name.removesuffix(".gz").endswith(DATA_SUFFIXES)
-                              and not f.name.upper().startswith(_NOT_DATA)
-                              and not any("label" in part.lower() for part in f.relative_to(p).parts[:-1])))
+            for f in sorted(p.rglob("*")):
+                if not f.is_file() or f.name.startswith(".") or \
+                        not f.name.removesuffix(".gz").endswith(DATA_SUFFIXES):
+                    continue
+                if f.name.split(".")[0].upper() in _NOT_DATA or \
+                        any(_LABEL_FOLDER.fullmatch(part) for part in f.relative_to(p).parts[:-1]):
+                    skipped.append(f)
+                else:
+                    out.append(f)
         else:
             out.append(p)
+    if skipped:
+        print(f"note: {len(skipped)} files not read as recordings (licence, read-me or label files): "
+              + ", ".join(str(f) for f in skipped[:5]) + (" ..." if len(skipped) > 5 else ""), file=sys.stderr)
     if not out:
         raise FileFormatError(f"no data files in {' '.join(paths)} (recordings end in "
                               f"{', '.join(DATA_SUFFIXES)}, optionally .gz)")

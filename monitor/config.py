@@ -459,7 +459,8 @@ class Config:
         unknown = sorted(v for v in env if (v.startswith(prefixes) and v not in known) or _misspelt_section(v, known)
                          or _meant(v, known))
         if unknown:
-            meant = [f"{m} (not {v})" for v in unknown if (m := _suggestion(v, known))]
+            meant = [f"{m} (not {v})" for v in unknown  # a service link's address is no misspelling
+                     if not env[v].startswith(("tcp://", "udp://")) and (m := _suggestion(v, known))]
             raise ConfigError(f"unknown setting in the environment: {', '.join(unknown)} "
                               + (f"(did you mean {'; '.join(meant)}? " if meant else "(")
                               + "`forewarn config --print` lists every setting and its variable)"

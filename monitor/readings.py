@@ -332,6 +332,11 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     return Parsed(Reading(device, ts, values, ref) if values else None, bad)
 
 
+# a dead letter's detail names a message's refused channels up to this many characters (its raw
+# message is cut to 500, so the detail is where the names of a wide one survive)
+NAMES_SHOWN = 2000
+
+
 def by_reason(device: str, rejected: list[tuple[BadReason, str, str]], ref: str = "",
               raw: str | None = None) -> list[BadRecord]:
     """One bad record per reason for the channels of one reading, from ``(reason, channel,
@@ -340,8 +345,10 @@ def by_reason(device: str, rejected: list[tuple[BadReason, str, str]], ref: str 
 
     >>> by_reason("p1", [(BadReason.NON_FINITE_VALUE, "a", "nan")])[0].detail
     "device 'p1' channel 'a': nan"
-    >>> [b.detail for b in by_reason("p1", [(BadReason.DUPLICATE_TIMESTAMP, c, "ts 5.0 after 5.0") for c in "abcdefg"])]
-    ["device 'p1' channels 'a', 'b', 'c', 'd', 'e' and 2 more: ts 5.0 after 5.0"]
+    >>> [b.detail for b in by_reason("p1", [(BadReason.DUPLICATE_TIMESTAMP, c, "ts 5.0 after 5.0") for c in "abc"])]
+    ["device 'p1' channels 'a', 'b', 'c': ts 5.0 after 5.0"]
+    >>> by_reason("p1", [(BadReason.MISSING_VALUE, f"c{i}", "null value") for i in range(1000)])[0].detail[-40:]
+    " 'c262', 'c263' and 736 more: null value"
     >>> [str(b) for b in by_reason("p1", [(BadReason.NON_NUMERIC_VALUE, "a", "'x' is a str, not a number"),
     ...                                   (BadReason.NON_FINITE_VALUE, "b", "nan"),
     ...                                   (BadReason.NON_NUMERIC_VALUE, "c", "[] is a list, not a number")])]
@@ -357,11 +364,19 @@ def by_reason(device: str, rejected: list[tuple[BadReason, str, str]], ref: str 
             (channel, detail), = channels
             text = f"device {device!r} channel {channel!r}: {detail}"
         else:
-            shown, more = channels[:5], f" and {len(channels) - 5} more" if len(channels) > 5 else ""
-            if len({detail for _, detail in channels}) == 1:
-                text = f"device {device!r} channels {', '.join(repr(c) for c, _ in shown)}{more}: {channels[0][1]}"
+            same = len({detail for _, detail in channels}) == 1
+            parts, size = [], 0
+            for channel, detail in channels:  # as many as fit NAMES_SHOWN characters, at least one
+                part = repr(channel) if same else f"{channel!r}: {detail}"
+                if parts and size + len(part) > NAMES_SHOWN:
+                    break
+                parts.append(part)
+                size += len(part) + 2
+            more = f" and {len(channels) - len(parts)} more" if len(channels) > len(parts) else ""
+            if same:
+                text = f"device {device!r} channels {', '.join(parts)}{more}: {channels[0][1]}"
             else:
-                text = f"device {device!r} channels {'; '.join(f'{c!r}: {d}' for c, d in shown)}{more and ';' + more}"
+                text = f"device {device!r} channels {'; '.join(parts)}{more and ';' + more}"
         out.append(BadRecord(reason, text, ref, raw))
     return out
 

@@ -90,6 +90,8 @@ def test_invalid_configuration_is_rejected_with_the_key(tmp_path, toml, message)
     ({"FOREWARN_GROUP_ID": "plant"}, r"FOREWARN_KAFKA_GROUP_ID \(not FOREWARN_GROUP_ID\)"),
     ({"FOREWARN_KAFKA_TOPICS": "plant"}, r"FOREWARN_KAFKA_TOPIC \(not FOREWARN_KAFKA_TOPICS\)"),
     ({"FOREWARN_METRIC_PORT": "9108"}, r"FOREWARN_METRICS_PORT \(not FOREWARN_METRIC_PORT\)"),
+    # a Service named forewarn-state: a link's address, no misspelling of state.store to suggest
+    ({"FOREWARN_STATE_PORT": "tcp://10.0.0.1:9108"}, r"FOREWARN_STATE_PORT \(`forewarn config --print`.*service links"),
     # int() takes all of these; none is what anyone meant to type
     ({"FOREWARN_DETECTOR_WARMUP": " 128 "}, "FOREWARN_DETECTOR_WARMUP: expected an integer"),
     ({"FOREWARN_DETECTOR_WARMUP": "1_28"}, "FOREWARN_DETECTOR_WARMUP: expected an integer"),

@@ -154,12 +154,12 @@ def test_a_wide_message_refused_on_many_channels_is_one_bad_record_per_reason(in
     assert [b.reason for b in again.bad] == [BadReason.DUPLICATE_TIMESTAMP, BadReason.STREAM_LIMIT,
                                              BadReason.OUT_OF_ORDER_TIMESTAMP, BadReason.NON_FINITE_VALUE,
                                              BadReason.NON_NUMERIC_VALUE]
-    assert again.bad[0].detail == "device 'm' channels 'c0', 'c1', 'c2', 'c3', 'c4' and 33 more: ts 5.0 after 5.0"
+    assert again.bad[0].detail == \
+        f"device 'm' channels {', '.join(repr(f'c{i}') for i in range(38))}: ts 5.0 after 5.0"  # each named
     assert again.bad[3].detail == "device 'm' channels 'c1': nan; 'c3': inf (Infinity, or a number beyond float range)"
     assert pipe.bad_counts[BadReason.DUPLICATE_TIMESTAMP] == 1 and pipe.bad_counts[BadReason.STREAM_LIMIT] == 2
     parsed = parse_message(json.dumps({"device": "m", "ts": 6, "values": {f"c{i}": None for i in range(40)}}))
-    assert [(b.reason, b.detail) for b in parsed.bad] == [
-        (BadReason.MISSING_VALUE, "device 'm' channels 'c0', 'c1', 'c2', 'c3', 'c4' and 35 more: null value")]
+    assert [(b.reason, b.detail.endswith("'c39': null value")) for b in parsed.bad] == [(BadReason.MISSING_VALUE, True)]
 
 
 def test_a_late_channel_warms_up_on_its_own(init):

@@ -276,7 +276,8 @@ def test_only_ascii_numbers_are_numbers_and_a_mixed_first_row_is_not_guessed(tmp
     path = tmp_path / "odd.csv"
     path.write_text("a,b,c\n1_000,１２,١٢\n1.5,2.5,3.5\n")
     batches = list(FileSource(path).batches())
-    assert sorted(b.reason.value for batch in batches for b in batch.bad) == ["non_numeric_value"] * 3
+    bad, = [b for batch in batches for b in batch.bad]  # one row: one record, naming its three cells
+    assert bad.reason.value == "non_numeric_value" and bad.detail.count("is not a number") == 3
     smd = tmp_path / "machine.txt"
     smd.write_text("0.1,oops,0.3\n0.2,0.5,0.6\n")
     code, _, err = _run(["replay", str(smd), "--quiet"], capsys)
@@ -652,3 +653,19 @@ def test_a_recording_from_a_pipe_is_replayed_whole(tmp_path, capsys):
     assert len(_rows(out)) == 3000
     with pytest.raises(FileFormatError, match="not a regular file .a pipe..: give its format"):
         FileSource(fifo)
+
+
+def test_a_wide_row_refused_on_many_cells_is_one_bad_record_per_reason(tmp_path):
+    """As a JSON message is: a row of 40 channels with 39 empty cells is one missing_value record."""
+    path = tmp_path / "machine.csv"
+    header = "timestamp," + ",".join(f"c{i}" for i in range(40))
+    rows = [f"{t}," + ",".join(str(t % 5 + i) for i in range(40)) for t in range(5)]
+    rows.append("5," + "," * 39 + "1.0")  # only the last channel has a value
+    rows.append("6,x,y," + ",".join("1" for _ in range(38)))
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    batch, = FileSource(path, "wide").batches()
+    assert [(b.ref, b.reason.value) for b in batch.bad] == [("line 7", "missing_value"),
+                                                            ("line 8", "non_numeric_value")]
+    assert batch.bad[0].detail.startswith("device 'machine' channels 'c0', 'c1',")
+    assert batch.bad[1].detail == "device 'machine' channels 'c0': 'x' is not a number; 'c1': 'y' is not a number"
+    assert len(batch.readings) == 7  # the good cells of both rows are kept
