@@ -201,7 +201,7 @@ class DetectorConfig:
 
     init: str = _setting("", "initialization checkpoint ('' = the one shipped in the package)")
     warmup: int = _setting(256, "readings a stream buffers before it is adapted and scored (16 to 16,384; "
-                                "adapting a stream takes memory in proportion, ~0.55 MB at 256)")
+                                "adapting a stream takes memory in proportion, ~2 MB at 256)")
     adapt_steps: int = _setting(-1, "inner steps of fast adaptation (-1 = the initialization's)")
     threshold: float = _setting(0.999, "score at or above which a reading is an anomaly")
     alarm_surprise: float = _setting(0.0, "the same threshold as a surprise, -log10 of the tail probability "
@@ -227,7 +227,7 @@ class DetectorConfig:
                                            "streams past it are bad records (stream_limit)")
     max_channels: int = _setting(1024, "cap on one device's channels; readings of its new channels past it are "
                                        "bad records (stream_limit)")
-    adapt_batch: int = _setting(512, "streams adapted in one batched call (~0.55 MB each while adapting)")
+    adapt_batch: int = _setting(512, "streams adapted in one batched call (~2 MB each while adapting, at warmup 256)")
     drift_threshold: float = _setting(0.0, "Page-Hinkley threshold on a live stream's |residual| that re-adapts it "
                                            "on its next drift_window readings (0 = off)")
     drift_window: int = _setting(256, "readings a drifted stream is re-adapted on")
