@@ -71,7 +71,7 @@ sys.path.insert(0, str(ROOT))
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 from kafka.errors import KafkaError  # noqa: E402
 
-from connectors.tansu import EmbeddedBroker, free_port  # noqa: E402
+from connectors.tansu import EmbeddedBroker, end_process, free_port  # noqa: E402
 from monitor.checkpoint import Initialization  # noqa: E402
 from monitor.state import StateCodec  # noqa: E402
 
@@ -839,11 +839,7 @@ def kill_children() -> None:
     for proc in CHILDREN:
         if proc.poll() is None:
             say(f"cleanup: SIGKILL daemon pid {proc.pid}")
-            proc.kill()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        end_process(proc, grace_s=10, kill=True)
 
 
 def main() -> int:

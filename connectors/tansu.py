@@ -110,18 +110,25 @@ class EmbeddedBroker:
         self.stop()
 
 
-def end_process(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+def end_process(process: subprocess.Popen, grace_s: float = 5.0, kill: bool = False) -> None:
     """Terminate a child process if it still runs and reap it; killed if it does not stop within
-    ``grace_s``.
+    ``grace_s``, or at once with ``kill`` (a cleanup that must not wait on a clean stop).
 
     >>> import sys
     >>> child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     >>> end_process(child)
     >>> child.returncode is not None
     True
+    >>> child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    >>> end_process(child, kill=True)
+    >>> child.returncode
+    -9
     """
     if process.poll() is None:
-        process.terminate()
+        if kill:
+            process.kill()
+        else:
+            process.terminate()
     try:
         process.wait(grace_s)
     except subprocess.TimeoutExpired:
