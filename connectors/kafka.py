@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -186,10 +187,11 @@ class KafkaSource:
         self._polled_at = time.monotonic()
         records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records)
         batch.messages = records
+        latest = time.time() + self.cfg.max_timestamp_ahead_s if self.cfg.max_timestamp_ahead_s else math.inf
         for tp, messages in records.items():
             for m in messages:
                 ref = f"{tp.topic}/{tp.partition}@{m.offset}"  # record_ref's form, inline: once per record
-                parsed = parse_message(m.value or b"", self.message_format, ref)
+                parsed = parse_message(m.value or b"", self.message_format, ref, latest)
                 batch.bad.extend(parsed.bad)
                 if parsed.reading is not None:
                     batch.readings.append(parsed.reading)

@@ -73,6 +73,10 @@ class KafkaConfig:
     producer_partitioner: str = _setting("auto", "how producers place device keys, for moving device state when the "
                                                  "topic grows: murmur2 (Java, kafka-python), crc32 (librdkafka), "
                                                  "auto (told by where the devices are) or none (they re-warm)")
+    max_timestamp_ahead_s: float = _setting(86400.0, "readings stamped later than this instance's clock plus this "
+                                                     "are bad records (bad_timestamp): one reading from a clock "
+                                                     "far ahead would put its device's later readings out of "
+                                                     "order until then (0 = no limit)")
     max_poll_records: int = _setting(5000, "records per poll, i.e. the largest pipeline batch")
     poll_timeout_ms: int = _setting(500, "how long one poll waits for records; a stop waits for it too "
                                          f"(at most {MAX_POLL_TIMEOUT_MS:,}, and under half of "
@@ -128,6 +132,9 @@ class KafkaConfig:
                      "heartbeat_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"kafka.{name} must be >= 1")
+        if not 0 <= self.max_timestamp_ahead_s < math.inf:  # NaN too
+            raise ConfigError("kafka.max_timestamp_ahead_s must be >= 0 seconds (0 = no limit), got "
+                              f"{self.max_timestamp_ahead_s!r}")
         if self.poll_timeout_ms > MAX_POLL_TIMEOUT_MS:
             raise ConfigError(f"kafka.poll_timeout_ms ({self.poll_timeout_ms}) must be <= {MAX_POLL_TIMEOUT_MS}: "
                               "a stop waits for the poll under way")

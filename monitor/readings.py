@@ -165,6 +165,11 @@ def _iso_seconds(raw: str) -> float:
     return at.timestamp() - offset + (float("0." + fraction[1:]) if fraction else 0.0)
 
 
+def _utc(ts: float) -> str:
+    """``ts`` as an ISO 8601 time in UTC, to the second."""
+    return datetime.fromtimestamp(int(ts), timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def parse_timestamp(raw: object) -> float:
     """Epoch seconds from a JSON number or an ISO 8601 string (naive means UTC).
 
@@ -252,8 +257,13 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
-def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: str = "") -> Parsed:
+def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: str = "",
+                  latest: float = math.inf) -> Parsed:
     """Parse one JSON reading message; bad channels are rejected, good ones kept.
+
+    A reading stamped after ``latest`` is refused as ``bad_timestamp``: the daemon passes its
+    clock plus ``kafka.max_timestamp_ahead_s``, since one reading from a clock far ahead would
+    put every later reading of its streams out of order until that time came.
 
     >>> parse_message('{"device": "p1", "ts": 5, "values": {"a": 1.5, "b": "x"}}').reading.values
     {'a': 1.5}
@@ -261,6 +271,8 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     ['missing_timestamp']
     >>> [b.detail for b in parse_message('{"device": "p1", "device": "p2", "ts": 5, "value": 2}').bad]
     ["invalid JSON (the name 'device' appears twice in one object)"]
+    >>> [b.detail for b in parse_message('{"device": "p1", "ts": 1800000000, "value": 2}', latest=1700086400.0).bad]
+    ["ts 1800000000.0 (2027-01-15T08:00:00Z) is after 2023-11-15T22:13:20Z, this instance's clock plus kafka.max_timestamp_ahead_s: a clock this far ahead would put the device's later readings out of order"]
     """
     def rejected(reason: BadReason, detail: str) -> Parsed:
         return Parsed(None, [BadRecord(reason, detail, ref, excerpt(raw))])
@@ -297,6 +309,10 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
             ts = parse_timestamp(ts)
         except ValueError as exc:
             return rejected(BadReason.BAD_TIMESTAMP, str(exc))
+    if ts > latest:
+        return rejected(BadReason.BAD_TIMESTAMP, f"ts {ts!r} ({_utc(ts)}) is after {_utc(latest)}, this instance's "
+                                                 "clock plus kafka.max_timestamp_ahead_s: a clock this far ahead "
+                                                 "would put the device's later readings out of order")
     if fmt.values in msg:
         raw_values = msg[fmt.values]
         if not isinstance(raw_values, dict) or not raw_values:

@@ -20,6 +20,7 @@ def test_toml_then_environment(tmp_path):
     ("[kafka]\ntopik = 'x'\n", "kafka.topik: unknown setting"),
     ("[kafka]\nmax_poll_records = 'many'\n", "kafka.max_poll_records: expected an integer"),
     ("[kafka]\nauto_offset_reset = 'middle'\n", "auto_offset_reset must be earliest or latest"),
+    ("[kafka]\nmax_timestamp_ahead_s = -60\n", "kafka.max_timestamp_ahead_s must be >= 0 seconds"),
     ("[kafka]\nproducer_partitioner = 'random'\n", "producer_partitioner must be auto, murmur2, crc32 or none"),
     ("[detector]\nthreshold = 2\n", "detector.threshold must be in \\(0, 1\\), got 2"),
     ("[detector]\nnovelty_window = 8\n", "detector.novelty_window must be 0 or >= 16, got 8"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import time
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -63,7 +64,9 @@ class _Harness:
             c.seek_to_beginning()
             self.readers[topic] = c
 
-    def drain(self, topic: str, n: int) -> list[dict]:
+    def drain(self, topic: str, n: int, until: int = 0) -> list[dict]:
+        """``n`` more messages of ``topic``, or (``until``) all it holds, read until ``until`` polls
+        in a row bring nothing (other tests on the broker may have left messages there)."""
         out: list[dict] = []
 
         def got_all():
@@ -73,6 +76,11 @@ class _Harness:
 
         if n:
             wait_for(got_all, 60, what=f"{n} messages on {topic}")
+        quiet = 0
+        while quiet < until:
+            before = len(out)
+            got_all()
+            quiet = quiet + 1 if len(out) == before else 0
         return out
 
     def bad_total(self) -> float:
@@ -119,6 +127,25 @@ def test_malformed_messages_never_stop_the_daemon(broker):
 
         check()
         assert harness.daemon.healthy()
+    finally:
+        harness.close()
+
+
+def test_a_reading_from_a_clock_far_ahead_does_not_silence_its_device(broker):
+    # accepted, it would put every later reading of the device out of order for two days
+    harness = _Harness(broker)
+    try:
+        ahead = time.time() + 2 * 86400  # kafka.max_timestamp_ahead_s is one day by default
+        stamps = [0.0, 1.0, 2.0, ahead, 3.0, 4.0, 5.0]
+        publish(broker.bootstrap, "hyp-sensors", [(b"skewed", json.dumps({"device": "skewed", "ts": ts,
+                                                                           "value": 1.0}).encode())
+                                                  for ts in stamps])
+        wait_for(lambda: harness.daemon.records >= len(stamps), 60, what="records processed")
+        scores = [s for s in harness.drain("hyp-scores", 0, until=len(stamps)) if s["device"] == "skewed"]
+        assert sorted(s["ts"] for s in scores) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        (letter,) = [d for d in harness.drain("hyp-dead", 0, until=len(stamps)) if "skewed" in json.dumps(d)]
+        assert letter["reason"] == "bad_timestamp" and "kafka.max_timestamp_ahead_s" in letter["detail"]
+        assert harness.bad_total() == 1
     finally:
         harness.close()
 
