@@ -259,7 +259,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from connectors.tansu import EmbeddedBroker, end_process
     from monitor.config import Config
-    from monitor.daemon import Daemon, setup_logging
+    from monitor.daemon import Daemon
+    from monitor.logs import setup_logging
 
     init = _load_init(args.init)
     flagged: list[Score] = []
@@ -458,7 +459,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from monitor.config import Config
-    from monitor.daemon import Daemon, setup_logging
+    from monitor.daemon import Daemon
+    from monitor.logs import setup_logging
     cfg = Config.load(args.config)
     setup_logging(cfg.log.level, cfg.log.format)
     return Daemon(cfg).run()

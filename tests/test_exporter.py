@@ -11,7 +11,8 @@ from kafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from monitor.config import Config
-from monitor.daemon import Daemon, HealthServer, _CheckpointRound, _QuietHandler
+from monitor.daemon import Daemon, _CheckpointRound
+from monitor.http_server import HealthServer, _QuietHandler
 from monitor.metrics import Metrics
 from monitor.readings import Reading, Score
 from monitor.scoring import ScoringConfig
@@ -60,7 +61,7 @@ def test_the_server_listens_on_ipv6_hosts_and_stays_ipv4_by_default():
 
 
 class _Records(logging.Handler):
-    """On the daemon's logger itself: the CLI's logging set-up stops propagation to caplog."""
+    """On the HTTP server's logger itself: the CLI's logging set-up stops propagation to caplog."""
 
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -71,8 +72,8 @@ class _Records(logging.Handler):
 
 
 @pytest.fixture
-def daemon_log():
-    logger, handler = logging.getLogger("forewarn.daemon"), _Records()
+def http_log():
+    logger, handler = logging.getLogger("forewarn.http"), _Records()
     level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.DEBUG)
     logger.addHandler(handler)
@@ -95,7 +96,7 @@ def _exchange(port: int, request: bytes) -> bytes:
     return data
 
 
-def test_idle_and_failing_clients_are_logged_quietly_and_never_as_a_traceback(monkeypatch, capfd, daemon_log):
+def test_idle_and_failing_clients_are_logged_quietly_and_never_as_a_traceback(monkeypatch, capfd, http_log):
     """An idle connection printed socketserver's traceback to stderr at its timeout, outside the
     JSON logs (300 of them, ~5,000 lines): now a debug line, and other errors a warning line."""
     monkeypatch.setattr(_QuietHandler, "timeout", 0.2)
@@ -104,25 +105,25 @@ def test_idle_and_failing_clients_are_logged_quietly_and_never_as_a_traceback(mo
     try:
         assert _exchange(server.port, b"") == b""  # said nothing: closed at the handler's timeout
         assert _exchange(server.port, b"GET /metr") == b""  # stopped mid-line
-        timeouts = [r for r in daemon_log if "timed out or went away" in r.getMessage()]
+        timeouts = [r for r in http_log if "timed out or went away" in r.getMessage()]
         assert len(timeouts) == 2 and all(r.levelno == logging.DEBUG for r in timeouts)
         assert "TimeoutError" in timeouts[0].fields["error"]
 
         def broken(self):
             raise RuntimeError("handler broke")
         monkeypatch.setattr(_QuietHandler, "handle", broken)
-        daemon_log.clear()
+        http_log.clear()
         for _ in range(3):
             _exchange(server.port, b"GET /healthz HTTP/1.0\r\n\r\n")
-        assert [r.levelno for r in daemon_log] == [logging.WARNING, logging.DEBUG, logging.DEBUG]  # once a minute
-        assert daemon_log[0].fields["error"] == "RuntimeError: handler broke"
+        assert [r.levelno for r in http_log] == [logging.WARNING, logging.DEBUG, logging.DEBUG]  # once a minute
+        assert http_log[0].fields["error"] == "RuntimeError: handler broke"
     finally:
         server.stop()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception occurred" not in err
 
 
-def test_an_endpoint_that_raises_answers_500_with_a_warning_not_a_traceback(capfd, daemon_log):
+def test_an_endpoint_that_raises_answers_500_with_a_warning_not_a_traceback(capfd, http_log):
     def healthy():
         raise ValueError("no clock")
     server = HealthServer("127.0.0.1", 0, CollectorRegistry(), healthy, lambda: True)
@@ -132,7 +133,7 @@ def test_an_endpoint_that_raises_answers_500_with_a_warning_not_a_traceback(capf
         assert http_get(f"http://127.0.0.1:{server.port}/readyz", timeout=30)[0] == 200
     finally:
         server.stop()
-    warnings = [r for r in daemon_log if r.levelno == logging.WARNING]
+    warnings = [r for r in http_log if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].fields["error"] == "ValueError: no clock"
     assert "Traceback" not in capfd.readouterr().err
 

@@ -1,0 +1,190 @@
+"""``/metrics``, ``/healthz`` and ``/readyz`` on one port: the daemon's HTTP side.
+
+A thread per request, IPv4 or IPv6, HEAD answered as GET; failed requests are logged
+as one line, never as socketserver's traceback on stderr.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from connectors.kafka import error_text
+from monitor.logs import fields as _fields
+
+log = logging.getLogger("forewarn.http")
+
+
+class _RequestErrors:
+    """Logs failed HTTP requests: the first of each kind of error a minute as a warning, the
+    rest at debug. A client (a port scan, a broken scraper) can repeat a failure hundreds of
+    times a second, and the server's request threads share one of these."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+
+    def log(self, exc: BaseException, **fields) -> None:
+        now, kind = time.monotonic(), type(exc).__name__
+        with self._lock:
+            first = now - self._last.get(kind, -math.inf) >= 60.0
+            if first:
+                self._last[kind] = now
+        extra = _fields(**fields, error=error_text(exc))
+        if first:
+            log.warning("HTTP request failed (the same error again within a minute is logged at debug)", extra=extra)
+        else:
+            log.debug("HTTP request failed", extra=extra)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = 10.0  # seconds: a client that stops sending mid-request lets go of its thread
+
+    def log_message(self, *args) -> None:  # scrapes every few seconds are not news
+        pass
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per request, as prometheus_client's own server: one idle or slow client (a
+    port scan, a half-open load-balancer check) must not hold the probes of everyone else."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, errors: _RequestErrors, **kwargs) -> None:
+        self.errors = errors
+        super().__init__(*args, **kwargs)
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver's own prints a traceback to stderr, outside the JSON logs, for every
+        # client that connects and then sends nothing until the handler's timeout
+        exc = sys.exc_info()[1]
+        client = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        if isinstance(exc, (TimeoutError, ConnectionError)):  # resets, broken pipes: the client's doing
+            log.debug("HTTP client timed out or went away", extra=_fields(client=client, error=error_text(exc)))
+        else:
+            self.errors.log(exc, client=client)
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        # "::" then takes IPv4 clients too (as IPv4-mapped addresses), whatever the
+        # system's net.ipv6.bindv6only says: probes and scrapers may come over either
+        try:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except (AttributeError, OSError):  # a system without dual-stack sockets: IPv6 alone
+            pass
+        super().server_bind()
+
+
+def _server_class(host: str, port: int) -> type[_ThreadingServer]:
+    """IPv4 unless the host has only IPv6 addresses ("::", "::1", an AAAA-only name): a name
+    with both, "localhost" say, stays on IPv4 as before."""
+    if not host:  # WSGIServer's "" is IPv4's any address
+        return _ThreadingServer
+    families = {info[0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}
+    return _ThreadingServer if socket.AF_INET in families or socket.AF_INET6 not in families else _ThreadingServer6
+
+
+class MetricsServerError(OSError):
+    """The metrics server could not listen where it was told: the address and settings named.
+
+    >>> blocker = socket.socket()
+    >>> blocker.bind(("127.0.0.1", 0))
+    >>> blocker.listen()
+    >>> try:
+    ...     HealthServer("127.0.0.1", blocker.getsockname()[1], CollectorRegistry(), lambda: True, lambda: True)
+    ... except MetricsServerError as e:
+    ...     print(str(e).replace(str(blocker.getsockname()[1]), "PORT"))
+    cannot serve metrics on 127.0.0.1:PORT (metrics.host, metrics.port): Address already in use
+    >>> blocker.close()
+    """
+
+
+class HealthServer:
+    """``/metrics``, ``/healthz`` (the loop turned recently) and ``/readyz`` (partitions
+    assigned, initialization loaded) on one port, in a background thread.  ``host`` may be
+    IPv4 or IPv6 ("::" serves both); HEAD is answered as GET, without the body.
+
+    >>> from urllib.error import HTTPError
+    >>> from urllib.request import ProxyHandler, build_opener
+    >>> get = build_opener(ProxyHandler({})).open  # straight to loopback, whatever http_proxy says
+    >>> server = HealthServer("127.0.0.1", 0, CollectorRegistry(), healthy=lambda: True, ready=lambda: False)
+    >>> server.start()  # port 0: the system picks a free one, read back as server.port
+    >>> with get(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as response:
+    ...     response.status
+    200
+    >>> try:
+    ...     get(f"http://127.0.0.1:{server.port}/readyz", timeout=5)
+    ... except HTTPError as e:
+    ...     print(e.code, e.read().decode().strip())
+    ...     e.close()
+    503 not ok
+    >>> server.stop()
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+                 healthy: Callable[[], bool], ready: Callable[[], bool]) -> None:
+        metrics_app = make_wsgi_app(registry)
+        errors = _RequestErrors()
+
+        def respond(environ, start_response):
+            path = environ.get("PATH_INFO", "")
+            if path in ("/healthz", "/readyz"):
+                ok = healthy() if path == "/healthz" else ready()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"ok\n" if ok else b"not ok\n"]
+            if path in ("/metrics", "/"):
+                return metrics_app(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+
+        def app(environ, start_response):
+            head = environ.get("REQUEST_METHOD") == "HEAD"
+            if head:  # prometheus_client's app refuses HEAD: it is asked for GET, and its body dropped
+                environ = {**environ, "REQUEST_METHOD": "GET"}
+            answer: list = []
+
+            def keep(status, headers, exc_info=None):  # sent below, once the body is known
+                answer[:] = [status, list(headers)]
+
+            try:
+                body = b"".join(respond(environ, keep))
+            except Exception as exc:  # noqa: BLE001  wsgiref would print a traceback to stderr
+                errors.log(exc, path=environ.get("PATH_INFO", ""))
+                answer[:] = ["500 Internal Server Error", [("Content-Type", "text/plain")]]
+                body = b"internal error\n"
+            status, headers = answer
+            if head and not any(name.lower() == "content-length" for name, _ in headers):
+                headers.append(("Content-Length", str(len(body))))  # what GET sends; wsgiref would say 0
+            start_response(status, headers)
+            return [] if head else [body]
+
+        host = host.strip("[]")  # "[::1]", as in a URL, is "::1"
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            server_class = functools.partial(_server_class(host, port), errors=errors)  # one log for both
+            self.server: WSGIServer = make_server(host, port, app, server_class=server_class,
+                                                  handler_class=_QuietHandler)
+        except OSError as exc:  # in use, not an address of this machine, a name that does not resolve
+            raise MetricsServerError(f"cannot serve metrics on {where} (metrics.host, metrics.port): "
+                                     f"{exc.strerror or exc}") from None
+        self.port = self.server.server_port
+        self.thread = threading.Thread(target=self.server.serve_forever, name="forewarn-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
