@@ -26,6 +26,7 @@ from kafka.errors import (KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from monitor.config import KafkaConfig
+from monitor.logs import fields
 from monitor.readings import BadRecord, MessageFormat, Reading, Score, excerpt, parse_message
 
 log = logging.getLogger("forewarn.kafka")
@@ -164,6 +165,7 @@ class KafkaSource:
         # this member's own clocks for in_group: kafka-python resets its heartbeat timers when it
         # finds the coordinator again, before it learns that the group has dropped the member
         self._polled_at = self._joined_at = time.monotonic()
+        self._clock_warned_at = -math.inf
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers.split(","),
             group_id=cfg.group_id,
@@ -187,12 +189,16 @@ class KafkaSource:
         self._polled_at = time.monotonic()
         records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records)
         batch.messages = records
-        latest = time.time() + self.cfg.max_timestamp_ahead_s if self.cfg.max_timestamp_ahead_s else math.inf
+        now = time.time()
+        latest = now + self.cfg.max_timestamp_ahead_s if self.cfg.max_timestamp_ahead_s else math.inf
+        newest_record = -1  # broker timestamp (ms), to tell a clock of this instance's far behind
         for tp, messages in records.items():
             for m in messages:
                 ref = f"{tp.topic}/{tp.partition}@{m.offset}"  # record_ref's form, inline: once per record
                 parsed = parse_message(m.value or b"", self.message_format, ref, latest)
                 batch.bad.extend(parsed.bad)
+                if m.timestamp is not None and m.timestamp > newest_record:
+                    newest_record = m.timestamp
                 if parsed.reading is not None:
                     batch.readings.append(parsed.reading)
                     if m.timestamp is not None and m.timestamp >= 0:
@@ -201,7 +207,22 @@ class KafkaSource:
                     batch.offset_of[id(parsed.reading)] = (tp.partition, m.offset)
                 batch.records += 1
             batch.offsets[tp] = messages[-1].offset + 1
+        if newest_record / 1000.0 > latest:
+            self._clock_behind(newest_record / 1000.0 - now)
         return batch
+
+    CLOCK_WARNING_INTERVAL_S = 600.0
+
+    def _clock_behind(self, lead: float) -> None:
+        """Records stamped (by their producers, or the broker) further ahead of this clock than
+        readings may be: this clock may be behind, and valid readings refused as bad_timestamp."""
+        at = time.monotonic()
+        if at - self._clock_warned_at < self.CLOCK_WARNING_INTERVAL_S:
+            return
+        self._clock_warned_at = at
+        log.warning("records arrive stamped further ahead of this instance's clock than "
+                    "kafka.max_timestamp_ahead_s: if this clock is behind, readings are refused as bad_timestamp "
+                    "(logged every 10 minutes while it lasts)", extra=fields(ahead_s=round(lead, 1)))
 
     def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit offsets whose readings are scored and whose outputs are delivered."""

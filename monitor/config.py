@@ -76,7 +76,8 @@ class KafkaConfig:
     max_timestamp_ahead_s: float = _setting(86400.0, "readings stamped later than this instance's clock plus this "
                                                      "are bad records (bad_timestamp): one reading from a clock "
                                                      "far ahead would put its device's later readings out of "
-                                                     "order until then (0 = no limit)")
+                                                     "order until then; keep this clock synchronized "
+                                                     "(0 = no limit)")
     max_poll_records: int = _setting(5000, "records per poll, i.e. the largest pipeline batch")
     poll_timeout_ms: int = _setting(500, "how long one poll waits for records; a stop waits for it too "
                                          f"(at most {MAX_POLL_TIMEOUT_MS:,}, and under half of "

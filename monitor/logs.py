@@ -8,7 +8,7 @@ import sys
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line, a record's ``fields`` (``extra=_fields(...)``) as keys of their own.
+    """One JSON object per log line, a record's ``fields`` (``extra=fields(...)``) as keys of their own.
 
     >>> record = logging.makeLogRecord({"name": "forewarn.daemon", "levelname": "WARNING", "msg": "bad record",
     ...                                 "fields": {"reason": "not_json"}})

@@ -166,8 +166,15 @@ def _iso_seconds(raw: str) -> float:
 
 
 def _utc(ts: float) -> str:
-    """``ts`` as an ISO 8601 time in UTC, to the second."""
-    return datetime.fromtimestamp(int(ts), timezone.utc).isoformat().replace("+00:00", "Z")
+    """``ts`` as an ISO 8601 time in UTC, to the second (``repr`` outside the years 1 to 9999).
+
+    >>> _utc(1700000000.9), _utc(-1e12)
+    ('2023-11-14T22:13:20Z', '-1000000000000.0')
+    """
+    try:
+        return datetime.fromtimestamp(int(ts), timezone.utc).isoformat().replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        return repr(ts)
 
 
 def parse_timestamp(raw: object) -> float:
