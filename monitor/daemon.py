@@ -922,6 +922,7 @@ class Daemon:
             except StateError as exc:
                 failed += 1
                 log.warning("device state not restored; it re-warms", extra=_fields(device=device, reason=str(exc)))
+        states = self._distrust_future(states)
         # the input partition and offset each state covers: on the partition it is stored for,
         # but for a copy handed over when the topic grew, which covers its old partition
         covers = [s.moved_from or (partition, s.offset) for partition, s in states]
@@ -973,6 +974,28 @@ class Daemon:
         log.info("state restored", extra=_fields(partitions=sorted(tp.partition for tp in partitions),
                                                  devices=len(by_device), streams=streams, failed=failed,
                                                  seconds=round(time.perf_counter() - started, 3)))
+
+    def _distrust_future(self, states: list) -> list:
+        """States whose streams' newest reading is stamped past this clock plus
+        kafka.max_timestamp_ahead_s (saved by a version without the limit, or under a larger one)
+        restored with no newest reading: kept, every later reading of theirs would be refused
+        as out of order, or skipped as already seen, until that time came."""
+        limit = self.config.kafka.max_timestamp_ahead_s
+        if not limit:
+            return states
+        latest = time.time() + limit
+        out, repaired = [], []
+        for partition, s in states:
+            if any(st.last_ts is not None and st.last_ts > latest for st in s.streams):
+                s = replace(s, streams=[replace(st, last_ts=None) if st.last_ts is not None and st.last_ts > latest
+                                        else st for st in s.streams])
+                repaired.append(s.device)
+            out.append((partition, s))
+        if repaired:
+            log.warning("restored devices whose newest reading is stamped further ahead of this clock than "
+                        "kafka.max_timestamp_ahead_s: their streams take the next reading as their first",
+                        extra=_fields(devices=len(repaired), first=repaired[:5]))
+        return out
 
     @staticmethod
     def _ends_of_uncommitted(source, committed_at, covers) -> dict[int, int]:

@@ -680,6 +680,38 @@ def test_a_restore_keeps_each_device_s_idle_clock():
                                               {"device": "quiet"}) is None
 
 
+def test_a_state_stamped_far_ahead_is_restored_taking_its_next_reading_as_its_first():
+    """A snapshot saved before kafka.max_timestamp_ahead_s existed may hold a newest reading
+    years ahead: kept, the device's later readings would be refused or skipped until then."""
+    from kafka import TopicPartition
+
+    from connectors.kafka import PolledBatch
+    from connectors.state_store import LocalStore
+    from monitor.readings import Reading
+    saver = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    saver.store = store = LocalStore(":memory:")
+    future = time.time() + 10 * 365 * 86400
+    saver.pipeline.feed([Reading(d, float(t), {"v": float(t % 7)}) for t in range(20) for d in ("skewed", "fine")])
+    saver.pipeline.feed([Reading("skewed", future, {"v": 1.0})])  # taken, as before the limit
+    saver._partition_of = {"skewed": 0, "fine": 0}
+    saver._write_states(["skewed", "fine"])
+    store.flush()
+
+    restored = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    restored.store = store
+    restored._to_restore = {TopicPartition("t", 0)}
+    restored._restore_partitions(_RestoreSource(committed=40, partitions=1))
+    assert "skewed" not in restored._seen_until  # saved covering no offset: nothing newer would pass
+    batch = PolledBatch([Reading(d, 20.0, {"v": 3.0}) for d in ("skewed", "fine")])
+    scores = restored.pipeline.feed(restored._skip_covered(batch)).scores
+    assert sorted(s.device for s in scores) == ["fine", "skewed"]  # both scored, neither out of order
+    fine_only = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16", FOREWARN_KAFKA_MAX_TIMESTAMP_AHEAD_S="0")
+    fine_only.store = store
+    fine_only._to_restore = {TopicPartition("t", 0)}
+    fine_only._restore_partitions(_RestoreSource(committed=40, partitions=1))
+    assert fine_only._seen_until["skewed"] == future  # with no limit, the state is believed
+
+
 def test_a_live_device_whose_key_moves_has_its_old_snapshot_deleted(broker):
     """Not only a device restored here (``_skip_covered``): one live here all along too."""
     from connectors.state_store import ChangelogStore
