@@ -394,6 +394,16 @@ def _idle_daemon(**env):
     return Daemon(Config.load(environ={"FOREWARN_STATE_STORE": "none", **env}), registry=CollectorRegistry())
 
 
+def _restored_from(store, **env):
+    """A fresh daemon that has restored partition 0 of topic "t" from ``store`` (committed at 40)."""
+    from kafka import TopicPartition
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16", **env)
+    daemon.store = store
+    daemon._to_restore = {TopicPartition("t", 0)}
+    daemon._restore_partitions(_RestoreSource(committed=40, partitions=1))
+    return daemon
+
+
 def test_a_restored_state_covers_readings_of_its_own_partition_only():
     """The input topic grew and device d's key moved from partition 0 to 1: one poll brings
     its new readings on 1 and re-delivered ones on 0.  Only the latter are covered by its
@@ -649,8 +659,6 @@ def test_an_idle_device_whose_tombstone_finds_no_room_is_forgotten_later_not_fat
 def test_a_restore_keeps_each_device_s_idle_clock():
     """The time of each device's newest record rides in its snapshot: restarts and rebalances
     more often than detector.idle_timeout_s must not keep a silent device forever."""
-    from kafka import TopicPartition
-
     from connectors.state_store import LocalStore
     from monitor.readings import Reading
     saver = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
@@ -662,10 +670,7 @@ def test_a_restore_keeps_each_device_s_idle_clock():
     saver._write_states(["quiet", "busy"])
     store.flush()
 
-    restored = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
-    restored.store = store
-    restored._to_restore = {TopicPartition("t", 0)}
-    restored._restore_partitions(_RestoreSource(committed=40, partitions=1))
+    restored = _restored_from(store)
     assert restored._last_seen["busy"] - restored._last_seen["quiet"] == pytest.approx(100.0, abs=0.01)
     # a sensor quiet since before the restart is exported as quiet, by the same clock
     last_reading = {d: restored.registry.get_sample_value("forewarn_device_last_reading_timestamp_seconds",
@@ -683,7 +688,6 @@ def test_a_restore_keeps_each_device_s_idle_clock():
 def test_a_state_stamped_far_ahead_is_restored_taking_its_next_reading_as_its_first():
     """A snapshot saved before kafka.max_timestamp_ahead_s existed may hold a newest reading
     years ahead: kept, the device's later readings would be refused or skipped until then."""
-    from kafka import TopicPartition
 
     from connectors.kafka import PolledBatch
     from connectors.state_store import LocalStore
@@ -697,19 +701,13 @@ def test_a_state_stamped_far_ahead_is_restored_taking_its_next_reading_as_its_fi
     saver._write_states(["skewed", "fine"])
     store.flush()
 
-    restored = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
-    restored.store = store
-    restored._to_restore = {TopicPartition("t", 0)}
-    restored._restore_partitions(_RestoreSource(committed=40, partitions=1))
+    restored = _restored_from(store)
     assert "skewed" not in restored._seen_until  # saved covering no offset: nothing newer would pass
     batch = PolledBatch([Reading(d, 20.0, {"v": 3.0}) for d in ("skewed", "fine")])
     scores = restored.pipeline.feed(restored._skip_covered(batch)).scores
     assert sorted(s.device for s in scores) == ["fine", "skewed"]  # both scored, neither out of order
-    fine_only = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16", FOREWARN_KAFKA_MAX_TIMESTAMP_AHEAD_S="0")
-    fine_only.store = store
-    fine_only._to_restore = {TopicPartition("t", 0)}
-    fine_only._restore_partitions(_RestoreSource(committed=40, partitions=1))
-    assert fine_only._seen_until["skewed"] == future  # with no limit, the state is believed
+    believed = _restored_from(store, FOREWARN_KAFKA_MAX_TIMESTAMP_AHEAD_S="0")
+    assert believed._seen_until["skewed"] == future  # with no limit, the state is believed
 
 
 def test_a_live_device_whose_key_moves_has_its_old_snapshot_deleted(broker):
