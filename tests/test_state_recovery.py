@@ -688,7 +688,6 @@ def test_a_restore_keeps_each_device_s_idle_clock():
 def test_a_state_stamped_far_ahead_is_restored_taking_its_next_reading_as_its_first():
     """A snapshot saved before kafka.max_timestamp_ahead_s existed may hold a newest reading
     years ahead: kept, the device's later readings would be refused or skipped until then."""
-
     from connectors.kafka import PolledBatch
     from connectors.state_store import LocalStore
     from monitor.readings import Reading
