@@ -71,7 +71,8 @@ sys.path.insert(0, str(ROOT))
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 from kafka.errors import KafkaError  # noqa: E402
 
-from connectors.tansu import EmbeddedBroker, end_process, free_port  # noqa: E402
+from benchmarks.children import CHILDREN, kill_children, say  # noqa: E402
+from connectors.tansu import EmbeddedBroker, free_port  # noqa: E402
 from monitor.checkpoint import Initialization  # noqa: E402
 from monitor.state import StateCodec  # noqa: E402
 
@@ -99,12 +100,6 @@ DAEMON_ENV = {
     "FOREWARN_LOG_LEVEL": "DEBUG",  # the kill triggers wait for its "batch" and "checkpoint" lines
 }
 
-CHILDREN: list[subprocess.Popen] = []  # every daemon started, killed on the way out whatever happens
-_T0 = time.monotonic()
-
-
-def say(*parts) -> None:
-    print(f"[{time.monotonic() - _T0:7.1f}s]", *parts, flush=True)
 
 
 def reading_value(device: int, ts: int) -> float:
@@ -833,13 +828,6 @@ def print_summary(results: dict[str, dict]) -> None:
     for n in names:
         for v in results[n]["violations"]:
             print(f"VIOLATION ({n}): {v[:1000]}")
-
-
-def kill_children() -> None:
-    for proc in CHILDREN:
-        if proc.poll() is None:
-            say(f"cleanup: SIGKILL daemon pid {proc.pid}")
-        end_process(proc, grace_s=10, kill=True)
 
 
 def main() -> int:

@@ -68,7 +68,8 @@ sys.path.insert(0, str(ROOT))
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
-from connectors.tansu import EmbeddedBroker, end_process, free_port  # noqa: E402
+from benchmarks.children import CHILDREN, kill_children, say  # noqa: E402
+from connectors.tansu import EmbeddedBroker, free_port  # noqa: E402
 
 PARTITIONS = 4
 WARMUP = 32            # readings before a device goes live: at 1.5 readings/s a device is live in ~21 s
@@ -99,13 +100,7 @@ SERIES_GROWTH = 0.03
 # baseline at this warm-up) glibc keeps: a leak would first fill that freed memory, unseen in RSS.
 RSS_GROWTH = 0.10
 
-CHILDREN: list[subprocess.Popen] = []  # the daemon, killed on the way out whatever happens
-_T0 = time.monotonic()
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def say(*parts) -> None:
-    print(f"[{time.monotonic() - _T0:7.1f}s]", *parts, flush=True)
 
 
 class Producer(threading.Thread):
@@ -595,13 +590,6 @@ def report(soak: Soak, checks, figures) -> None:
     print()
     for name, ok, text in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {text}")
-
-
-def kill_children() -> None:
-    for proc in CHILDREN:
-        if proc.poll() is None:
-            say(f"cleanup: SIGKILL daemon pid {proc.pid}")
-        end_process(proc, grace_s=10, kill=True)
 
 
 def main() -> int:
