@@ -607,6 +607,9 @@ def _recording(text: str) -> str:
     return "/dev/stdin" if text == "-" else text
 
 
+_RECORDING_HELP = "recorded file (.gz is read directly; - reads standard input; a pipe needs --format)"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -705,8 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Replay a recording through the same pipeline the daemon uses. Scores go to "
                                    "--out as CSV (ts,device,score,anomaly,channel,surprise; score empty while a device "
                                    "warms up); a summary and the first bad records go to stderr.")
-    p.add_argument("input", type=_recording, help="recorded file (.gz is read directly; - reads standard input; "
-                                                  "a pipe needs --format)")
+    p.add_argument("input", type=_recording, help=_RECORDING_HELP)
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="nab: timestamp,value CSV; wide: one channel per column; jsonl: reading messages "
                         "(default: guessed from the name and first line)")
@@ -752,8 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay-to-kafka", help="publish a recording to a Kafka topic as reading messages",
                        description="Publish a recorded file (formats of 'replay') as JSON reading messages keyed "
                                    "by device, at the recorded pace scaled by --speed, or as fast as possible.")
-    p.add_argument("input", type=_recording, help="recorded file (.gz is read directly; - reads standard input; "
-                                                  "a pipe needs --format)")
+    p.add_argument("input", type=_recording, help=_RECORDING_HELP)
     p.add_argument("--topic", required=True, help="topic to publish to")
     p.add_argument("--bootstrap-servers", default=None,
                    help="host:port list (default: kafka.bootstrap_servers of the configuration)")
