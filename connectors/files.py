@@ -231,12 +231,13 @@ class FileSource:
                 raise FileFormatError(f"{self.path}: empty file, expected a CSV header or data")
             first_line = lines.row_start
             at = f"line {first_line}"
-            if lines.spanned:  # a quote left open would swallow the lines after it into one name
+            if lines.spanned or lines.hit_end:  # a quote left open would swallow the lines after it into one name
                 raise FileFormatError(f"{self.path}: {at}: a quoted cell runs over the lines after it (a quote "
                                       "left open, or a line break in a name)")
             joined = ",".join(first)
             if not encodes_as_utf8(joined):  # channel names, or the first row of a headerless file: neither is guessed
                 raise FileFormatError(f"{self.path}: {at}: not valid UTF-8: '{_as_bytes_escaped(joined)[:80]}'")
+            first_text = lines.text
             header, ts_col, pending = self._header(first, at)
             width = len(header) + (ts_col is not None)
             row_number = -1  # a headerless file's timestamps: every non-blank row after the header takes one
@@ -253,19 +254,21 @@ class FileSource:
                     yield None, [BadRecord(BadReason.MALFORMED, f"not CSV ({exc})", f"line {line}", raw)], raw
                     continue
                 line = lines.row_start or first_line  # none read: the first row, read before, was data
-                if lines.spanned and any("\n" in cell.strip() or "\r" in cell.strip() for cell in row):
-                    # a quote left open swallows the lines after it as one cell: only the line it
-                    # is on is bad, and the next one is read again as a row of its own
+                if lines.hit_end or (lines.spanned and any("\n" in c.strip() or "\r" in c.strip() for c in row)):
+                    # a quote left open swallows the lines after it as one cell (csv.reader ends it
+                    # quietly at the end of the file): only the line it is on is bad, and the next
+                    # one is read again as a row of its own
                     row_number += 1
+                    detail = "a quoted cell left open " + ("runs over the lines after it" if lines.spanned
+                                                           else "at the end of the file")
                     line, raw = lines.reject_row()
-                    yield None, [BadRecord(BadReason.MALFORMED, "a quoted cell left open runs over the lines "
-                                           "after it", f"line {line}", raw)], raw
+                    yield None, [BadRecord(BadReason.MALFORMED, detail, f"line {line}", raw)], raw
                     continue
                 if _blank(row):
                     continue
                 row_number += 1
                 ref = f"line {line}"
-                raw = ",".join(row)
+                raw = lines.text if lines.row_start else first_text  # as written: quotes and all
                 if not encodes_as_utf8(raw):
                     yield None, [_not_utf8(raw, ref)], raw
                     continue
@@ -316,6 +319,10 @@ class FileSource:
                 f"{self.path}: {at}: neither a header (it holds numbers: {numbers[:3]}) nor a data row "
                 f"(it holds {texts[:3]}); a headerless file starts with numbers only")
         lowered = [c.lower() for c in cells]
+        named_time = [c for c in cells if c.lower() in _TIMESTAMP_COLUMNS]
+        if len(named_time) > 1:  # which one is the time, and is the other a channel? not a guess to make
+            raise FileFormatError(f"{self.path}: {at}: columns {', '.join(map(repr, named_time))} each name a "
+                                  "time; keep one timestamp column (join a date and a time into one)")
         ts_col = next((lowered.index(n) for n in _TIMESTAMP_COLUMNS if n in lowered), None)
         channels = [c for i, c in enumerate(cells) if i != ts_col]
         if not channels or any(not c for c in channels) or len(set(channels)) != len(channels):
@@ -336,6 +343,9 @@ class _Lines:
         self._number = 0
         self._again: list[tuple[int, str]] = []   # given back, next first (a stack: last is next)
         self._row: list[tuple[int, str]] = []     # the lines of the row being read
+        # the file ended inside the row: only a quoted cell left open reads past its last line,
+        # and csv.reader (not strict, which would refuse `"2" ` as well) ends it without a word
+        self.hit_end = False
 
     def __iter__(self) -> "_Lines":
         return self
@@ -344,7 +354,11 @@ class _Lines:
         if self._again:
             number, line = self._again.pop()
         else:
-            line = next(self._lines)
+            try:
+                line = next(self._lines)
+            except StopIteration:
+                self.hit_end = True
+                raise
             self._number += 1
             number = self._number
         self._row.append((number, line))
@@ -352,6 +366,7 @@ class _Lines:
 
     def start_row(self) -> None:
         self._row = []
+        self.hit_end = False
 
     @property
     def row_start(self) -> int | None:
@@ -361,6 +376,11 @@ class _Lines:
     def spanned(self) -> bool:
         return len(self._row) > 1
 
+    @property
+    def text(self) -> str:
+        """The row's lines as written, for its dead letter."""
+        return "".join(line for _, line in self._row).rstrip("\r\n")
+
     def reject_row(self) -> tuple[int, str]:
         """Give back the row's lines after its first; the first's number and text (500 characters)."""
         if not self._row:
@@ -368,6 +388,7 @@ class _Lines:
         self._again.extend(reversed(self._row[1:]))
         number, line = self._row[0]
         self._row = []
+        self.hit_end = False
         return number, line.rstrip("\r\n")[:500]
 
 

@@ -206,6 +206,12 @@ def _check_outputs(recording: str, out: str | None, dead_letter: str | None) -> 
                              "recording being replayed; give another file")
     if out and dead_letter and same(out, dead_letter):
         raise ValueError(f"--out and --dead-letter are the same file ({out}); give two files")
+    if out and dead_letter:  # each is written as NAME.partial first: o and o.partial would collide
+        written = [(a, b) for a in {out, _partial_path(out)} for b in {dead_letter, _partial_path(dead_letter)}]
+        if any(same(a, b) for a, b in written):
+            raise ValueError(f"--out {out} and --dead-letter {dead_letter} would overwrite each other, as each "
+                             "is written as NAME.partial until complete; give two names that are not each "
+                             "other's .partial")
 
 
 def _partial_path(path: str) -> str:
@@ -263,6 +269,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from monitor.logs import setup_logging
 
     init = _load_init(args.init)
+    _pipeline_config(args, init)  # the options' bounds, named as the options, before a broker starts
     flagged: list[Score] = []
 
     def show(result) -> None:
@@ -485,9 +492,16 @@ def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
     producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=10,
                              max_block_ms=int(PUBLISH_STALL_S * 1000),
                              compression_type=kafka.compression_type or None, **kafka.security())
+    damaged: list[FileFormatError] = []
+
+    def batches():  # a damaged .gz: the readings before the damage are published and acknowledged first
+        try:
+            yield from source.batches()
+        except FileFormatError as exc:
+            damaged.append(exc)
     try:
         with _progress(not args.quiet, unit=" readings", desc=f"publish {source.path.name}") as bar:
-            sent, bad = publish_recording(source.batches(), producer, args.topic, args.speed, bar.update)
+            sent, bad = publish_recording(batches(), producer, args.topic, args.speed, bar.update)
     except PaceError as exc:
         print(f"forewarn: error: {exc}: give a larger --speed ({exc.sent} published before it)", file=sys.stderr)
         return 2
@@ -498,8 +512,14 @@ def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
     finally:
         # bounded: kafka-python's own close waits as long as the broker stays away
         close_producer(producer, "they may not have reached the topic")
+    if damaged and not sent:
+        raise damaged[0]
     for b in bad[:SHOWN_BAD_RECORDS]:
         print(f"warning: not published: {b}", file=sys.stderr)
+    if damaged:  # so that a rerun is not taken for a resume: it would publish them again
+        print(f"forewarn: error: {damaged[0]}; the {sent:,} readings before it were published to {args.topic} "
+              "and acknowledged", file=sys.stderr)
+        return 2
     print(f"published {sent} readings to {args.topic}; {len(bad)} bad records not published")
     if not sent:  # as replay: a recording with nothing usable is a mistake, not a success
         print(f"forewarn: error: {args.input}: no reading was accepted ({len(bad)} bad records)", file=sys.stderr)
@@ -617,6 +637,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_at_least(low: int):
+    def at_least(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return at_least
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -656,6 +685,13 @@ def _probability(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
 
 
@@ -806,15 +842,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reptile, first-order MAML, second-order MAML, or pooled pre-training (default: %(default)s)")
     p.add_argument("--iterations", type=_positive_int, default=1000, help="meta-iterations (default: %(default)s)")
     p.add_argument("--tasks-per-batch", type=_positive_int, default=16, help="tasks per meta-batch (default: %(default)s)")
-    p.add_argument("--warmup", type=_positive_int, default=256, metavar="W", help="support length (default: %(default)s)")
-    p.add_argument("--query", type=_positive_int, default=128, help="query length (default: %(default)s)")
-    p.add_argument("--inner-steps", type=int, default=5, metavar="K", help="inner steps (default: %(default)s)")
+    p.add_argument("--warmup", type=_int_at_least(16), default=256, metavar="W",
+                   help="support length, at least 16 (default: %(default)s)")
+    p.add_argument("--query", type=_int_at_least(2), default=128, help="query length, at least 2 (default: %(default)s)")
+    p.add_argument("--inner-steps", type=_non_negative_int, default=5, metavar="K", help="inner steps (default: %(default)s)")
     p.add_argument("--inner-lr", type=_positive_float, default=0.01, help="inner learning rate, or its start when learned (default: %(default)s)")
     p.add_argument("--fixed-inner-lr", action="store_true", help="do not learn per-parameter inner rates (Meta-SGD)")
     p.add_argument("--meta-lr", type=_positive_float, default=None, help="outer Adam learning rate; not used by reptile (default: 0.001)")
     p.add_argument("--step-size-lr", type=_positive_float, default=None,
                    help="outer Adam learning rate for the learned inner rates (default: --meta-lr)")
-    p.add_argument("--reptile-step", type=_positive_float, default=None, metavar="EPSILON",
+    p.add_argument("--reptile-step", type=_share, default=None, metavar="EPSILON",
                    help="reptile: the share of the way to the tasks' mean adapted weights taken at the "
                         "first iteration, annealed linearly to 0 (default: 1.0)")
     p.add_argument("--prox", type=_non_negative_float, default=0.0, help="L2 pull toward the initialization while adapting (default: %(default)s)")

@@ -45,6 +45,9 @@ MIN_DELIVERY_TIMEOUT_MS = 30_005  # kafka-python's request_timeout_ms (30 s) + o
 # does not give, and would hold a SIGTERM past a pod's grace period
 MAX_POLL_TIMEOUT_MS = 10_000
 MAX_WARMUP = 16_384
+MAX_ADAPT_STEPS = 1_000  # each a forward and backward pass over every warming stream's window
+MAX_INT32 = 2**31 - 1  # the Kafka protocol's field for timeouts and intervals
+MAX_CHECKPOINT_INTERVAL_S = 600.0  # ForewarnCheckpointsStalled expects one within 15 minutes
 
 
 @dataclass
@@ -101,6 +104,8 @@ class KafkaConfig:
         if not any(servers) or not all(servers):
             raise ConfigError(f"kafka.bootstrap_servers must be a comma-separated host:port list with no empty "
                               f"entry, got {self.bootstrap_servers!r}")
+        for server in servers:
+            _check_server(server)
         if not self.topic:
             raise ConfigError("kafka.topic must not be empty")
         if not self.group_id.strip():  # Kafka refuses an empty group id; the changelog would be "-state"
@@ -131,8 +136,8 @@ class KafkaConfig:
                                   "back as readings")
         for name in ("max_poll_records", "poll_timeout_ms", "fetch_max_wait_ms", "max_poll_interval_ms", "session_timeout_ms",
                      "heartbeat_interval_ms"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"kafka.{name} must be >= 1")
+            if not 1 <= getattr(self, name) <= MAX_INT32:  # kafka-python would fail to encode a request
+                raise ConfigError(f"kafka.{name} must be in 1..{MAX_INT32}, got {getattr(self, name)}")
         if not 0 <= self.max_timestamp_ahead_s < math.inf:  # NaN too
             raise ConfigError("kafka.max_timestamp_ahead_s must be >= 0 seconds (0 = no limit), got "
                               f"{self.max_timestamp_ahead_s!r}")
@@ -145,9 +150,9 @@ class KafkaConfig:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:  # kafka-python refuses it later, less clearly
             raise ConfigError(f"kafka.heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
                               f"kafka.session_timeout_ms ({self.session_timeout_ms}); a third of it is usual")
-        if self.delivery_timeout_ms < MIN_DELIVERY_TIMEOUT_MS:  # kafka-python refuses less
-            raise ConfigError(f"kafka.delivery_timeout_ms must be >= {MIN_DELIVERY_TIMEOUT_MS} "
-                              "(the producers' request timeout plus linger)")
+        if not MIN_DELIVERY_TIMEOUT_MS <= self.delivery_timeout_ms <= MAX_INT32:  # kafka-python refuses less
+            raise ConfigError(f"kafka.delivery_timeout_ms must be in {MIN_DELIVERY_TIMEOUT_MS}..{MAX_INT32} "
+                              f"(at least the producers' request timeout plus linger), got {self.delivery_timeout_ms}")
 
     def _validate_security(self) -> None:
         """What kafka-python would otherwise find only when it connects, after the daemon has
@@ -281,16 +286,13 @@ class DetectorConfig:
         # configuration (forewarn config --print, the daemon's start-up errors) should not need
         if not 16 <= self.warmup <= MAX_WARMUP:  # past it, one slice of adapt_batch streams would take many GB
             raise ConfigError(f"detector.warmup must be in 16..{MAX_WARMUP}, got {self.warmup}")
-        if self.drift_threshold < 0 or self.drift_window < 16:
-            raise ConfigError("detector.drift_threshold must be >= 0 and detector.drift_window >= 16")
-        if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:
-            raise ConfigError("detector.online_every must be >= 0, detector.online_window >= 16, "
-                              "detector.online_steps >= 1 and detector.online_lr_scale > 0")
-        if self.idle_timeout_s < 0:
-            raise ConfigError("detector.idle_timeout_s must be >= 0")
-        if self.max_streams < 1 or self.max_channels < 1 or self.adapt_batch < 1 or self.adapt_steps < -1:
-            raise ConfigError("detector.max_streams, detector.max_channels and detector.adapt_batch must be >= 1, "
-                              "detector.adapt_steps >= -1")
+        # drift and online windows are adapted on as warm-up windows are, at the same memory cost
+        _check_bounds("detector", self, drift_threshold=(0, math.inf), drift_window=(16, MAX_WARMUP),
+                      online_every=(0, math.inf), online_window=(16, MAX_WARMUP), online_steps=(1, MAX_ADAPT_STEPS),
+                      idle_timeout_s=(0, math.inf), max_streams=(1, math.inf), max_channels=(1, math.inf),
+                      adapt_batch=(1, math.inf), adapt_steps=(-1, MAX_ADAPT_STEPS))
+        if self.online_lr_scale <= 0:
+            raise ConfigError(f"detector.online_lr_scale must be > 0, got {self.online_lr_scale}")
 
 
 @dataclass
@@ -313,8 +315,9 @@ class MetricsConfig:
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError("metrics.port must be in 0..65535")
-        if self.max_devices < 0 or self.healthy_after_s <= 0:
-            raise ConfigError("metrics.max_devices must be >= 0 and metrics.healthy_after_s > 0")
+        _check_bounds("metrics", self, max_devices=(0, math.inf))
+        if self.healthy_after_s <= 0:
+            raise ConfigError(f"metrics.healthy_after_s must be > 0, got {self.healthy_after_s}")
 
 
 @dataclass
@@ -339,16 +342,16 @@ class StateConfig:
                                                    "device re-warms after a restart)")
     local_path: str = _setting("forewarn-state.db", "state file of the local store")
     checkpoint_interval_s: float = _setting(30.0, "seconds between checkpoints (state written, then offsets "
-                                                  "committed; 0 = after every batch); ~0.15 ms per changed "
-                                                  "device each time")
+                                                  "committed; 0 = after every batch, at most 600); ~0.15 ms "
+                                                  "per changed device each time")
     checkpoint_batch: int = _setting(1000, "device snapshots written per loop turn while a checkpoint is under way "
                                            "(~0.15 ms each; bounds the pause a checkpoint adds to scoring)")
 
     def validate(self) -> None:
         if self.store not in ("changelog", "local", "none"):
             raise ConfigError(f"state.store must be changelog, local or none, got {self.store!r}")
-        if self.checkpoint_interval_s < 0 or self.checkpoint_batch < 1:
-            raise ConfigError("state.checkpoint_interval_s must be >= 0 and state.checkpoint_batch >= 1")
+        _check_bounds("state", self, checkpoint_interval_s=(0, MAX_CHECKPOINT_INTERVAL_S),
+                      checkpoint_batch=(1, math.inf))
         if self.changelog_replication == 0 or self.changelog_replication < -1:
             raise ConfigError("state.changelog_replication must be -1 (the broker's default) or >= 1")
         if self.max_snapshot_bytes < 2**16:
@@ -409,6 +412,9 @@ class Config:
                               "on an idle topic while it waits")
         if self.state.store == "changelog":
             changelog = self.state.changelog_topic or f"{self.kafka.group_id}-state"
+            if not self.state.changelog_topic:  # a legal group id may still make an illegal topic name
+                check_topic_name("state.changelog_topic (by default kafka.group_id + '-state'; set it to a "
+                                 "legal name)", changelog)
             taken = {self.kafka.topic: "kafka.topic", self.kafka.anomalies_topic: "kafka.anomalies_topic",
                      self.kafka.dead_letter_topic: "kafka.dead_letter_topic", self.kafka.scores_topic: "kafka.scores_topic"}
             if changelog in taken:
@@ -501,6 +507,30 @@ SASL_MECHANISMS = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "AWS
 COMPRESSION_TYPES = ("", "gzip", "lz4", "snappy", "zstd")  # kafka-python's, with their codecs installed
 KAFKA_REQUEST_TIMEOUT_MS = 30_000  # kafka-python's consumer default, which Forewarn keeps (tested)
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _check_bounds(section: str, settings, **bounds: tuple[float, float]) -> None:
+    """Each named setting within its (low, high), both included; the first one outside is named."""
+    for name, (low, high) in bounds.items():
+        value = getattr(settings, name)
+        if not low <= value <= high:
+            limit = f">= {low:g}" if high == math.inf else f"in {low:g}..{high:g}"
+            raise ConfigError(f"{section}.{name} must be {limit}, got {value}")
+
+
+def _check_server(server: str) -> None:
+    """One ``host[:port]`` of ``kafka.bootstrap_servers``, read as kafka-python reads it (an
+    IPv6 address in brackets when a port follows), but refused now rather than when the daemon
+    connects, with the setting named."""
+    from kafka.cluster import get_ip_port_afi
+    address = re.sub("^.*://", "", server)  # kafka-python drops a PROTOCOL:// prefix, as Java's client does
+    try:
+        host, port, _ = get_ip_port_afi(address)
+    except ValueError:
+        host, port = "", 0
+    if not host or not 1 <= port <= 65535:
+        raise ConfigError(f"kafka.bootstrap_servers: {server!r} is not host:port with a port in 1..65535 "
+                          "(an IPv6 address with a port goes in brackets: [::1]:9092)")
 
 
 def check_topic_name(setting: str, name: str) -> None:

@@ -90,8 +90,8 @@ class ScoringConfig:
             raise ValueError(f"calibration_fading must be in [0, 1], got {self.calibration_fading}")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        if not (math.isfinite(self.alarm_surprise) and self.alarm_surprise >= 0):
-            raise ValueError(f"alarm_surprise must be finite and >= 0, got {self.alarm_surprise}")
+        if not 0 <= self.alarm_surprise <= MAX_SURPRISE:  # NaN too; past the cap no surprise could reach it
+            raise ValueError(f"alarm_surprise must be in 0..{MAX_SURPRISE:g}, got {self.alarm_surprise}")
         if not self.alarm_level > 0:  # 1 - threshold rounds to 1: a level of 0 would flag every reading
             raise ValueError(f"threshold must be in (0, 1) and not so small that 1 - threshold rounds to 1, "
                              f"got {self.threshold}")

@@ -24,7 +24,8 @@ def test_toml_then_environment(tmp_path):
     ("[kafka]\nproducer_partitioner = 'random'\n", "producer_partitioner must be auto, murmur2, crc32 or none"),
     ("[detector]\nthreshold = 2\n", "detector.threshold must be in \\(0, 1\\), got 2"),
     ("[detector]\nnovelty_window = 8\n", "detector.novelty_window must be 0 or >= 16, got 8"),
-    ("[detector]\nalarm_surprise = -3\n", "detector.alarm_surprise must be finite and >= 0, got -3"),
+    ("[detector]\nalarm_surprise = -3\n", "detector.alarm_surprise must be in 0..1e\\+300, got -3"),
+    ("[detector]\nalarm_surprise = 1e308\n", "detector.alarm_surprise must be in 0..1e\\+300"),  # none reaches it
     ("[detector]\nthreshold = 0.99\nalarm_surprise = 65\n",
      "detector.threshold \\(0.99\\) and detector.alarm_surprise \\(65.0\\) both set the alarm level"),
     ("[detector]\nonline_every = -1\n", "detector.online_every must be >= 0"),
@@ -70,6 +71,19 @@ def test_toml_then_environment(tmp_path):
     ("[kafka]\npoll_timeout_ms = 8000\n[metrics]\nhealthy_after_s = 5\n",
      "kafka.poll_timeout_ms \\(8000\\) must be under half of metrics.healthy_after_s"),
     ("topic = 'plant'\n", "topic = ... at the top level: settings go in their section, here under [kafka]"),
+    # each of these passed, and the daemon failed once started, naming no setting
+    ("[kafka]\ngroup_id = 'team/forewarn'\n", "state.changelog_topic \\(by default kafka.group_id \\+ '-state'"),
+    ("[kafka]\nbootstrap_servers = 'host:notaport'\n", "kafka.bootstrap_servers: 'host:notaport' is not host:port"),
+    ("[kafka]\nbootstrap_servers = 'a:9092,b:99999'\n", "'b:99999' is not host:port with a port in 1..65535"),
+    ("[kafka]\nbootstrap_servers = ':9092'\n", "':9092' is not host:port"),
+    ("[kafka]\nmax_poll_interval_ms = 3000000000\n", "kafka.max_poll_interval_ms must be in 1..2147483647"),
+    # adapted on as a warm-up is, at the same memory cost
+    ("[detector]\ndrift_window = 100000000\n", "detector.drift_window must be in 16..16384, got 100000000"),
+    ("[detector]\nonline_window = 100000000\n", "detector.online_window must be in 16..16384"),
+    ("[detector]\nadapt_steps = 100000000\n", "detector.adapt_steps must be in -1..1000"),
+    ("[detector]\nmax_streams = 0\n", "detector.max_streams must be >= 1, got 0"),  # the one key named
+    # ForewarnCheckpointsStalled looks 15 minutes back
+    ("[state]\ncheckpoint_interval_s = 900\n", "state.checkpoint_interval_s must be in 0..600, got 900"),
 ])
 def test_invalid_configuration_is_rejected_with_the_key(tmp_path, toml, message):
     path = tmp_path / "bad.toml"
@@ -305,16 +319,30 @@ def test_a_user_s_mistakes_on_the_command_line_are_named_not_given_as_an_errno(t
          f"--out {tmp_path}/nowhere/x.csv: no folder {tmp_path}/nowhere to write it in"),
         (["replay", str(recording), "--dead-letter", str(tmp_path)], f"--dead-letter {tmp_path}: is a directory"),
         (["replay", str(recording), "--warmup", "20000"], "--warmup must be in 16..16384, got 20000"),
+        (["demo", "--warmup", "8"], "--warmup must be in 16..16384, got 8"),  # not detector.warmup
         (["config", "--config", str(tmp_path)], f"{tmp_path}: is a directory, not a configuration file"),
         (["evaluate", "--dataset", "nab", "--data", str(tmp_path)], "NAB's labelled windows not found at "),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+    for argv, message in ((["--warmup", "8"], "argument --warmup: must be >= 16, got 8"),
+                          (["--query", "1"], "argument --query: must be >= 2, got 1"),
+                          (["--inner-steps", "-3"], "argument --inner-steps: must be >= 0, got -3"),
+                          (["--reptile-step", "2"], "argument --reptile-step: must be in (0, 1], got 2.0")):
+        with pytest.raises(SystemExit) as exit_:  # as argparse refuses: not MetaConfig's internal names
+            main(["meta-train", "--data", str(recording), "--out", str(tmp_path / "i.pt"), *argv])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pump.csv"]  # nothing written
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: refused before the scoring
     assert main(["evaluate", "--dataset", "nab", "--data", str(tmp_path), "--report", str(tmp_path / "r")]) == 2
     assert "--report draws its figures with matplotlib, which is not installed" in capsys.readouterr().err
+
+
+def test_bootstrap_servers_are_taken_in_every_form_kafka_python_reads():
+    from monitor.config import Config
+    servers = "[::1]:9092,SSL://broker-1.example.com:9093,broker-2,10.0.0.7:19092"
+    assert Config.load(environ={"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": servers}).kafka.bootstrap_servers == servers
 
 
 def test_an_unreachable_broker_is_named_as_the_setting_to_check(capsys, monkeypatch):

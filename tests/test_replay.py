@@ -379,6 +379,21 @@ def test_the_readings_before_a_cut_in_a_gzip_are_scored(tmp_path, capsys):
     assert read > 0 and len(_rows(f"{out}.partial")) == read
 
 
+def test_replay_to_kafka_of_a_cut_gzip_says_how_many_readings_it_published(tmp_path, capsys, broker):
+    """So that a rerun is not taken for a resume: it would publish them again."""
+    from tests.kafka_support import read_topic
+    full = gzip.compress(("timestamp,value\n" + "\n".join(_nab_rows(600)) + "\n").encode())
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(full[:len(full) // 2])
+    broker.create_topics({"cut-readings": 1})
+    code, out, err = _run(["replay-to-kafka", str(cut), "--topic", "cut-readings", "--bootstrap-servers",
+                           broker.bootstrap, "--max", "--quiet"], capsys)
+    published = int(re.search(r"; the ([\d,]+) readings before it were published to cut-readings and "
+                              r"acknowledged", err).group(1).replace(",", ""))
+    assert code == 2 and "truncated or corrupt compressed data" in err and "Traceback" not in err
+    assert published > 0 and len(read_topic(broker.bootstrap, "cut-readings")) == published
+
+
 def test_outputs_that_would_overwrite_the_recording_or_each_other_are_refused(tmp_path, capsys):
     data = tmp_path / "sensor.csv"
     data.write_text("timestamp,value\n" + "\n".join(_nab_rows(30)) + "\n")
@@ -387,6 +402,12 @@ def test_outputs_that_would_overwrite_the_recording_or_each_other_are_refused(tm
     code, _, err = _run(["replay", str(data), "--out", str(same), "--dead-letter", str(same), "--quiet"], capsys)
     assert code == 2 and "--out and --dead-letter are the same file" in err
     assert not same.exists() and not (tmp_path / "same.out.partial").exists()
+    # o is written as o.partial until complete: the dead letters would be overwritten, then renamed
+    for out, dlq in (("o.partial", "o"), ("o", "o.partial")):
+        code, _, err = _run(["replay", str(data), "--out", str(tmp_path / out), "--dead-letter",
+                             str(tmp_path / dlq), "--quiet"], capsys)
+        assert code == 2 and "would overwrite each other" in err, (out, dlq)
+        assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
     link = tmp_path / "link.csv"
     link.symlink_to(data)
     for args in (["--out", str(data)], ["--dead-letter", str(data)], ["--out", str(link)]):
@@ -532,6 +553,42 @@ def test_a_quote_left_open_costs_its_own_line_not_the_rows_after_it(tmp_path, ro
         bad += batch.bad
     assert [(b.reason.value, b.ref, b.raw) for b in bad] == [("malformed", "line 502", '500,"7.5')]
     assert len(readings) == rows - 1 and readings[500].ref == "line 503"
+
+
+@pytest.mark.parametrize("tail, readings, lines_read_again", [
+    ('2,"2\n', [1.0], []),              # csv.reader closes the quote at the end of the file without a word
+    ('2,"2', [1.0], []),                 # and with no line end
+    ('2,"\n3,3\n', [1.0, 3.0], [4]),     # the row after it is read again, under its own line
+    ('2,"2\n\n\n', [1.0], []),
+])
+def test_a_quote_left_open_at_the_end_of_the_file_is_malformed_not_a_value(tmp_path, tail, readings,
+                                                                          lines_read_again):
+    path = tmp_path / "pump.csv"
+    path.write_text("ts,a\n1,1\n" + tail)
+    batch, = FileSource(path).batches()
+    assert [(b.reason.value, b.ref) for b in batch.bad] == [("malformed", "line 3")]
+    assert [r.values["a"] for r in batch.readings] == readings
+    assert [int(r.ref.split()[1]) for r in batch.readings[1:]] == lines_read_again
+    headerless = tmp_path / "flow.csv"  # the row after it keeps its own timestamp (its row number)
+    headerless.write_text('1\n2\n"\n4\n')
+    batch, = FileSource(headerless).batches()
+    assert [(r.ts, r.values["c0"]) for r in batch.readings] == [(0.0, 1.0), (1.0, 2.0), (3.0, 4.0)]
+    assert [b.ref for b in batch.bad] == ["line 3"]
+
+
+def test_a_dead_letter_keeps_the_csv_row_as_written(tmp_path):
+    path = tmp_path / "pump.csv"
+    path.write_text('ts,a\n5,"1,5"\n6,"x\n"\n')  # the second one's cell spans two lines
+    batch, = FileSource(path).batches()
+    assert [b.raw for b in batch.bad] == ['5,"1,5"', '6,"x\n"']  # not 5,1,5: three fields
+
+
+@pytest.mark.parametrize("header", ["timestamp,time,a", "ts,TS,a", "date,time,a"])
+def test_a_header_with_two_time_columns_is_refused_rather_than_guessed(tmp_path, header):
+    path = tmp_path / "pump.csv"
+    path.write_text(header + "\n2024-01-01 00:00:00,1704067200,1.5\n")
+    with pytest.raises(FileFormatError, match="each name a time; keep one timestamp column"):
+        list(FileSource(path).batches())
 
 
 def test_a_file_whose_name_is_no_device_name_is_refused_naming_it(tmp_path):
