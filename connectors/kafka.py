@@ -54,7 +54,9 @@ class PolledBatch:
     readings: list[Reading] = field(default_factory=list)
     bad: list[BadRecord] = field(default_factory=list)
     arrival: dict[int, float] = field(default_factory=dict)  # id(reading) -> record timestamp (s)
-    partition_of: dict[str, int] = field(default_factory=dict)  # device -> partition
+    partition_of: dict[str, int] = field(default_factory=dict)  # device -> partition (its last record's)
+    # device -> another partition it came on in this batch: producers not keying by device
+    split: dict[str, int] = field(default_factory=dict)
     offset_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # id(reading) -> (partition, offset)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to commit
     records: int = 0
@@ -82,7 +84,16 @@ class PolledBatch:
             out.append(b)
         return out
 
+    def key_of(self, ref: str) -> bytes | None:
+        """The key of the record ``ref`` names, if it is in this batch and has one."""
+        record = self._record(ref)
+        return None if record is None else record.key
+
     def _raw(self, ref: str) -> str | None:
+        record = self._record(ref)
+        return None if record is None else excerpt(record.value or b"")
+
+    def _record(self, ref: str):
         where, _, offset = ref.rpartition("@")
         topic, _, partition = where.rpartition("/")
         try:
@@ -94,7 +105,7 @@ class PolledBatch:
             return None
         i = bisect.bisect_left(messages, wanted, key=lambda m: m.offset)
         if i < len(messages) and messages[i].offset == wanted:
-            return excerpt(messages[i].value or b"")
+            return messages[i]
         return None
 
 
@@ -192,10 +203,11 @@ class KafkaSource:
         now = time.time()
         latest = now + self.cfg.max_timestamp_ahead_s if self.cfg.max_timestamp_ahead_s else math.inf
         newest_record = -1  # broker timestamp (ms), to tell a clock of this instance's far behind
+        partition_of = batch.partition_of
         for tp, messages in records.items():
             for m in messages:
                 ref = f"{tp.topic}/{tp.partition}@{m.offset}"  # record_ref's form, inline: once per record
-                parsed = parse_message(m.value or b"", self.message_format, ref, latest)
+                parsed = parse_message(m.value, self.message_format, ref, latest)
                 batch.bad.extend(parsed.bad)
                 if m.timestamp is not None and m.timestamp > newest_record:
                     newest_record = m.timestamp
@@ -203,7 +215,11 @@ class KafkaSource:
                     batch.readings.append(parsed.reading)
                     if m.timestamp is not None and m.timestamp >= 0:
                         batch.arrival[id(parsed.reading)] = m.timestamp / 1000.0
-                    batch.partition_of[parsed.reading.device] = tp.partition
+                    device = parsed.reading.device
+                    was = partition_of.get(device, tp.partition)
+                    if was != tp.partition:
+                        batch.split[device] = was
+                    partition_of[device] = tp.partition
                     batch.offset_of[id(parsed.reading)] = (tp.partition, m.offset)
                 batch.records += 1
             batch.offsets[tp] = messages[-1].offset + 1
@@ -446,13 +462,16 @@ class KafkaSinks:
                 n += 1
         return n
 
-    def send_dead_letters(self, bad: list[BadRecord]) -> int:
+    def send_dead_letters(self, bad: list[BadRecord], key_of: Callable[[str], bytes | None] | None = None) -> int:
+        """Each bad record as a dead letter; ``key_of(source)`` gives its record's key, which the
+        letter carries as its own key and, as text, in ``key`` (a tombstone has nothing else)."""
         if not self.dead_letter_topic:
             return 0
         for b in bad:
+            key = key_of(b.ref) if key_of else None
             letter = {"reason": b.reason.value, "detail": b.detail, "source": b.ref, "raw": b.raw,
-                      "rejected_at": time.time()}
-            self._futures.append(self.producer.send(self.dead_letter_topic, value=json.dumps(letter).encode()))
+                      "key": None if key is None else excerpt(key), "rejected_at": time.time()}
+            self._futures.append(self.producer.send(self.dead_letter_topic, key=key, value=json.dumps(letter).encode()))
         return len(bad)
 
     def flush(self, on_wait: Callable[[float], None] | None = None) -> None:

@@ -622,7 +622,7 @@ class Daemon:
 
     def _process(self, batch, source, sinks) -> None:
         self._batch_started = True
-        self._note_moves(batch.partition_of)
+        self._note_moves(batch.partition_of, batch.split)
         self._partition_of.update(batch.partition_of)
         if self._untouched:
             self._untouched.difference_update(batch.partition_of)
@@ -632,7 +632,7 @@ class Daemon:
         result = self.pipeline.feed(readings)
         bad = batch.bad + batch.with_raw(result.bad)
         sent = sinks.send_scores(result.scores)
-        sinks.send_dead_letters(bad)
+        sinks.send_dead_letters(bad, batch.key_of)
         self._flushed(sinks)  # raises if the broker did not take them: then nothing is committed
         self._observe_latency(batch)
         self._pending.update(batch.offsets)
@@ -662,27 +662,31 @@ class Daemon:
 
     MOVES_LOG_INTERVAL_S = 60.0
 
-    def _note_moves(self, partition_of: dict[str, int]) -> None:
-        """Count devices arriving on another partition than before.  Once, when the input topic
-        grows, it is expected; all the time, producers are not keying by device: a device's
-        readings then race each other across partitions (out-of-order records) and its state
-        is checkpointed against offsets of a partition it does not stay on."""
+    def _note_moves(self, partition_of: dict[str, int], split: dict[str, int] | None = None) -> None:
+        """Count devices arriving on another partition than before, or on two in one batch
+        (``split``: device -> the other).  Once, when the input topic grows, it is expected; all
+        the time, producers are not keying by device (a null key spreads a device over every
+        partition): a device's readings then race each other across partitions (out-of-order
+        records) and its state is checkpointed against offsets of a partition it does not stay on."""
         known = self._partition_of
         moved = [d for d, p in partition_of.items() if known.get(d, p) != p]
-        if not moved:
+        if not moved and not split:
             return
-        self.metrics.partition_moves.inc(len(moved))
         if self.store is not None:
             # its snapshot lies on the partition it was last saved on or restored from (the
             # first it left since): deleted there when its first new one is written
             for device in moved:
                 self._old_home.setdefault(device, known[device])
+        # a device on both partitions of every batch ends each on the same one: counted as split
+        before = {**(split or {}), **{d: known[d] for d in moved}}
+        self.metrics.partition_moves.inc(len(before))
         now = time.monotonic()
         if now - self._moves_logged >= self.MOVES_LOG_INTERVAL_S:
             self._moves_logged = now
-            log.warning("devices arrived on another partition than before: is the input keyed by device?",
-                        extra=_fields(devices=len(moved), example=moved[0],
-                                      partitions=[known[moved[0]], partition_of[moved[0]]]))
+            example = next(iter(before))
+            log.warning("devices arrived on another partition than before, or on two at once: is the input "
+                        "keyed by device?", extra=_fields(devices=len(before), example=example,
+                                                         partitions=[before[example], partition_of[example]]))
 
     def _skip_covered(self, batch) -> list:
         """Drop re-delivered readings that a restored state already covers: those of its own

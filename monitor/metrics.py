@@ -179,9 +179,9 @@ class Metrics:
                                    "Re-delivered readings skipped because restored state already covers them",
                                    registry=r)
         self.partition_moves = Counter("forewarn_device_partition_moves_total",
-                                       "Devices found on another partition than before (once per batch): the "
-                                       "input topic gained partitions, or producers do not key readings by "
-                                       "device, which ordering and recovery rely on", registry=r)
+                                       "Devices found on another partition than before, or on two in one batch "
+                                       "(once per batch): the input topic gained partitions, or producers do "
+                                       "not key readings by device, which ordering and recovery rely on", registry=r)
         self.commit_failures = Counter("forewarn_commit_failures_total",
                                        "Offset commits the group refused (after a rebalance); the readings are "
                                        "re-delivered", registry=r)

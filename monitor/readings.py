@@ -264,7 +264,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
-def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: str = "",
+def parse_message(raw: bytes | str | None, fmt: MessageFormat = MessageFormat(), ref: str = "",
                   latest: float = math.inf) -> Parsed:
     """Parse one JSON reading message; bad channels are rejected, good ones kept.
 
@@ -278,11 +278,16 @@ def parse_message(raw: bytes | str, fmt: MessageFormat = MessageFormat(), ref: s
     ['missing_timestamp']
     >>> [b.detail for b in parse_message('{"device": "p1", "device": "p2", "ts": 5, "value": 2}').bad]
     ["invalid JSON (the name 'device' appears twice in one object)"]
+    >>> [(b.detail, b.raw) for b in parse_message(None).bad]  # a Kafka record with no value
+    [('a null value (a tombstone), not a reading message', None)]
     >>> [b.detail for b in parse_message('{"device": "p1", "ts": 1800000000, "value": 2}', latest=1700086400.0).bad]
     ["ts 1800000000.0 (2027-01-15T08:00:00Z) is after 2023-11-15T22:13:20Z, this instance's clock plus kafka.max_timestamp_ahead_s: a clock this far ahead would put the device's later readings out of order"]
     """
     def rejected(reason: BadReason, detail: str) -> Parsed:
         return Parsed(None, [BadRecord(reason, detail, ref, excerpt(raw))])
+
+    if raw is None:  # told apart from an empty value: its dead letter's raw is null, not ""
+        return Parsed(None, [BadRecord(BadReason.MALFORMED, "a null value (a tombstone), not a reading message", ref)])
 
     try:
         # decode first: json.loads on bytes sniffs the encoding, which costs more than decoding
@@ -422,6 +427,11 @@ def encodes_as_utf8(text: str) -> bool:
 
 
 def excerpt(raw: bytes | str) -> str:
-    """A record as the dead letters keep it: text, cut to 500 characters."""
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, (bytes, bytearray)) else raw
+    """A record as the dead letters keep it: text, cut to 500 characters; bytes that are not
+    UTF-8 as escapes, so that they can be told apart and recovered.
+
+    >>> excerpt(bytes([112, 255, 49]))  # p, a byte that is no UTF-8, 1
+    'p\\\\xff1'
+    """
+    text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, (bytes, bytearray)) else raw
     return text[:500]

@@ -284,6 +284,12 @@ def test_devices_arriving_on_another_partition_are_counted():
         daemon._partition_of.update(partition_of)
     text = generate_latest(daemon.registry).decode()
     assert metric_value(text, "forewarn_device_partition_moves_total") == 2  # a, then c
+    # a null key spreads a device over partitions within every batch, ending each on the same one
+    for _ in range(3):
+        daemon._note_moves({"a": 1, "b": 1, "c": 0}, split={"b": 0})
+        daemon._partition_of.update({"a": 1, "b": 1, "c": 0})
+    text = generate_latest(daemon.registry).decode()
+    assert metric_value(text, "forewarn_device_partition_moves_total") == 5  # b, in each batch
 
 
 class _RefusingSource:

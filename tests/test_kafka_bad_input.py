@@ -212,3 +212,32 @@ def test_a_reading_the_pipeline_rejects_reaches_the_dead_letters_with_its_messag
     assert [(d["reason"], d["source"], d["raw"]) for d in letters] == [
         ("duplicate_timestamp", "late-sensors/0@2", messages[2].decode()),
         ("out_of_order_timestamp", "late-sensors/0@3", messages[3].decode())]
+
+
+def test_a_tombstone_or_a_record_not_utf8_reaches_the_dead_letters_with_its_key(broker):
+    # a tombstone has nothing but its key; bytes that are not UTF-8 are kept as escapes, not U+FFFD
+    broker.create_topics({"keys-sensors": 2, "keys-scores": 1, "keys-dead": 1})
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    producer.send("keys-sensors", key=b"k-tomb", value=None, partition=0)
+    producer.send("keys-sensors", key=b"k-bin", value=b"\xff\xfe{", partition=0)
+    for ts in range(10):  # a producer that does not key its readings: the device is on both partitions
+        producer.send("keys-sensors", key=None, partition=ts % 2,
+                      value=json.dumps({"device": "roam", "ts": ts, "value": 1.0}).encode())
+    producer.flush()
+    producer.close()
+    harness = _Harness(broker, "keys")
+    try:
+        wait_for(lambda: harness.daemon.records >= 12, 60, what="every record processed")
+        reader = KafkaConsumer("keys-dead", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
+                               consumer_timeout_ms=3000)
+        letters = {r.key: json.loads(r.value) for r in reader}
+        reader.close()
+        tomb, binary = letters[b"k-tomb"], letters[b"k-bin"]
+        assert (tomb["reason"], tomb["raw"], tomb["key"]) == ("malformed", None, "k-tomb")
+        assert "tombstone" in tomb["detail"]
+        assert binary["raw"] == "\\xff\\xfe{" and binary["key"] == "k-bin"
+        moves = [s.value for m in harness.registry.collect() if m.name == "forewarn_device_partition_moves"
+                 for s in m.samples if s.name.endswith("_total")]
+        assert moves[0] >= 1  # on two partitions, in one batch or from one to the next
+    finally:
+        harness.close()

@@ -591,7 +591,7 @@ class _Sinks:
     def send_scores(self, scores):
         return 0
 
-    def send_dead_letters(self, bad):
+    def send_dead_letters(self, bad, key_of=None):
         return 0
 
     def flush(self, on_wait=None):
