@@ -80,6 +80,16 @@ def raw_rate(bootstrap: str, topic: str, total: int, group: str) -> float:
     return n / elapsed
 
 
+def wait_for_records(daemon: Daemon, thread: threading.Thread, n: int, interval: float) -> None:
+    """Until the daemon has processed ``n`` records; a daemon that exited (its error is in the
+    log above) ends the benchmark rather than leaving it waiting for ever."""
+    while daemon.records < n:
+        if not thread.is_alive():
+            sys.exit(f"kafka_throughput: the daemon exited after {daemon.records:,} of {n:,} records; "
+                     "its error is logged above")
+        time.sleep(interval)
+
+
 def forewarn_rate(bootstrap: str, topic: str, group: str, warm: int, total: int, args) -> tuple:
     """A fresh daemon in a consumer group of its own consumes the topic; its rate over the live phase."""
     env = {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FOREWARN_KAFKA_TOPIC": topic,
@@ -94,11 +104,9 @@ def forewarn_rate(bootstrap: str, topic: str, group: str, warm: int, total: int,
     daemon = Daemon(Config.load(environ=env), registry=CollectorRegistry())
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()
-    while daemon.records < warm:
-        time.sleep(0.01)
+    wait_for_records(daemon, thread, warm, 0.01)
     live_start, live_start_records = time.perf_counter(), daemon.records
-    while daemon.records < total:
-        time.sleep(0.005)
+    wait_for_records(daemon, thread, total, 0.005)
     rate = (daemon.records - live_start_records) / (time.perf_counter() - live_start)
     assert daemon.pipeline.streams_by_state()["live"] == args.devices
     return daemon, thread, rate
@@ -146,8 +154,7 @@ def main() -> None:
         rounds = max(1, int(args.latency_seconds * 2000 / args.devices))
         paced = produce(broker.bootstrap, topic, args.devices, range(WARMUP + args.live_readings,
                                                                      WARMUP + args.live_readings + rounds), rate=2000)
-        while daemon.records < total + paced:
-            time.sleep(0.01)
+        wait_for_records(daemon, thread, total + paced, 0.01)
         daemon.stop()
         thread.join(30)
         lat = sorted(daemon.latency_log)

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from collections import Counter
@@ -261,8 +262,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _note_unused([("--speed", args.speed is not None), ("--metrics-port", args.metrics_port != 0)],
                      "--offline: no Kafka, no /metrics")
         return _offline_demo(args)
-    import threading
-
     from connectors.tansu import EmbeddedBroker, end_process
     from monitor.config import Config
     from monitor.daemon import Daemon
@@ -866,10 +865,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a container stopped, ``timeout``), taken as Ctrl-C is: cleanup runs, a replay
+    says where its part went, and the exit is 143 rather than a silent death."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     tune_runtime(args.threads)
+    # `run` and the Kafka demo's daemon take SIGTERM for themselves while they run
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.func(args)
     except (FileFormatError, CheckpointError, ValueError, OSError, KafkaError) as exc:
@@ -879,9 +890,12 @@ def main(argv: list[str] | None = None) -> int:
                     "--bootstrap-servers for replay-to-kafka)")
         print(f"forewarn: error: {exc}{hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("forewarn: interrupted", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
+    finally:
+        if main_thread:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -726,3 +726,29 @@ def test_a_wide_row_refused_on_many_cells_is_one_bad_record_per_reason(tmp_path)
     assert batch.bad[0].detail.startswith("device 'machine' channels 'c0', 'c1',")
     assert batch.bad[1].detail == "device 'machine' channels 'c0': 'x' is not a number; 'c1': 'y' is not a number"
     assert len(batch.readings) == 7  # the good cells of both rows are kept
+
+
+def test_a_replay_stopped_by_sigterm_says_where_its_part_went_and_exits_143(tmp_path):
+    """As Ctrl-C does: before, SIGTERM (a container stopped, `timeout`) ended it without a word."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.kafka_support import ROOT, wait_for
+    data = tmp_path / "long.csv"
+    data.write_text("timestamp,value\n" + "".join(f"{1_700_000_000 + 60 * t},{t % 7}\n" for t in range(60_000)))
+    out = tmp_path / "scores.csv"
+    replay = subprocess.Popen([sys.executable, "-m", "monitor.cli", "--threads", "1", "replay", str(data), "--out",
+                               str(out), "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        partial = tmp_path / "scores.csv.partial"
+        wait_for(lambda: partial.exists() and partial.stat().st_size > 0, 120, what="the replay under way")
+        replay.send_signal(signal.SIGTERM)
+        _, err = replay.communicate(timeout=60)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+            replay.wait()
+    assert replay.returncode == 143, err
+    assert f"the output written before the stop is in {partial}" in err and "forewarn: interrupted" in err
+    assert not out.exists() and "Traceback" not in err
