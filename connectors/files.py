@@ -231,7 +231,9 @@ class FileSource:
                 raise FileFormatError(f"{self.path}: empty file, expected a CSV header or data")
             first_line = lines.row_start
             at = f"line {first_line}"
-            if lines.spanned or lines.hit_end:  # a quote left open would swallow the lines after it into one name
+            if lines.hit_end and not lines.spanned:
+                raise FileFormatError(f"{self.path}: {at}: a quoted cell is left open at the end of the file")
+            if lines.spanned:  # a quote left open would swallow the lines after it into one name
                 raise FileFormatError(f"{self.path}: {at}: a quoted cell runs over the lines after it (a quote "
                                       "left open, or a line break in a name)")
             joined = ",".join(first)

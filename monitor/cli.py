@@ -25,7 +25,7 @@ from connectors.files import (DATA_SUFFIXES, FORMATS, DeadLetterWriter, FileForm
                               ScoreCsvWriter, read_series)
 from monitor.adapt import AdaptConfig
 from monitor.checkpoint import CheckpointError, Initialization
-from monitor.config import ConfigError, DetectorConfig
+from monitor.config import MAX_ADAPT_STEPS, ConfigError, DetectorConfig
 from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import BadRecord, Score
@@ -654,8 +654,9 @@ def _non_negative_int(text: str) -> int:
 
 def _adapt_steps(text: str) -> int:
     value = int(text)
-    if value < -1:
-        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for the initialization's, got {value}")
+    if not -1 <= value <= MAX_ADAPT_STEPS:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_ADAPT_STEPS}, or -1 for the initialization's, "
+                                         f"got {value}")
     return value
 
 

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from connectors.kafka import error_text
 from connectors.partitioners import moved_by_growth
 from monitor.checkpoint import Initialization
-from monitor.config import Config
+from monitor.config import STALLED_CHECKPOINTS_ALERT_S, Config
 from monitor.http_server import HealthServer
 from monitor.logs import fields as _fields
 from monitor.metrics import Metrics
@@ -490,6 +490,10 @@ class Daemon:
         self.server = HealthServer(cfg.metrics.host, cfg.metrics.port, self.registry, self.healthy, self.ready)
         self.server.start()
         log.info("serving metrics", extra=_fields(host=cfg.metrics.host, port=self.server.port, path="/metrics"))
+        if cfg.state.store != "none" and cfg.state.checkpoint_interval_s >= STALLED_CHECKPOINTS_ALERT_S:
+            log.warning("state.checkpoint_interval_s is 15 minutes or more: the ForewarnCheckpointsStalled alert "
+                        "(no checkpoint in 15 minutes) will fire, and a crash replays that much",
+                        extra=_fields(checkpoint_interval_s=cfg.state.checkpoint_interval_s))
         source = sinks = startup = None
         try:
             startup = _StartUp(self._connect)

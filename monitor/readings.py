@@ -428,7 +428,7 @@ def encodes_as_utf8(text: str) -> bool:
 
 def excerpt(raw: bytes | str) -> str:
     """A record as the dead letters keep it: text, cut to 500 characters; bytes that are not
-    UTF-8 as escapes, so that they can be told apart and recovered.
+    UTF-8 as ``\\xNN`` escapes, which show what they were (U+FFFD would not).
 
     >>> excerpt(bytes([112, 255, 49]))  # p, a byte that is no UTF-8, 1
     'p\\\\xff1'

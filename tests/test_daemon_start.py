@@ -41,7 +41,8 @@ def test_a_stop_while_the_brokers_do_not_answer_ends_the_start_up_cleanly(tmp_pa
     ``forewarn run --help`` promises a stop at once with the broker unreachable."""
     log_path = tmp_path / "daemon.log"
     daemon = _run({"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # nothing listens there
-                   "FOREWARN_STATE_STORE": "local", "FOREWARN_STATE_LOCAL_PATH": str(tmp_path / "state.db")},
+                   "FOREWARN_STATE_STORE": "local", "FOREWARN_STATE_LOCAL_PATH": str(tmp_path / "state.db"),
+                   "FOREWARN_STATE_CHECKPOINT_INTERVAL_S": "3600"},  # taken, with a warning
                   log_path, _RUN_WITH_A_LONG_BOOTSTRAP)
     try:
         # the state file is open, and the consumer's constructor waits for a broker
@@ -56,6 +57,7 @@ def test_a_stop_while_the_brokers_do_not_answer_ends_the_start_up_cleanly(tmp_pa
     assert code == 0, text
     assert "connecting to the brokers" in text and "still starting: waiting for the brokers" in text
     assert "stopped before starting" in text and "closing=['store']" in text, text
+    assert "the ForewarnCheckpointsStalled alert (no checkpoint in 15 minutes) will fire" in text
     assert "ERROR" not in text and "exiting on an error" not in text, text
 
 

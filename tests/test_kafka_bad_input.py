@@ -241,3 +241,28 @@ def test_a_tombstone_or_a_record_not_utf8_reaches_the_dead_letters_with_its_key(
         assert moves[0] >= 1  # on two partitions, in one batch or from one to the next
     finally:
         harness.close()
+
+
+def test_a_device_on_two_partitions_in_one_poll_is_found(broker):
+    """Every batch of an unkeyed device may end on the same partition: only the batch shows it."""
+    from collections import namedtuple
+
+    from connectors.kafka import KafkaSource
+    from monitor.config import KafkaConfig
+    Record = namedtuple("Record", "offset value timestamp key")
+    source = KafkaSource(KafkaConfig(bootstrap_servers=broker.bootstrap, topic="split-sensors", group_id="split"))
+    real = source.consumer
+
+    def reading(ts):
+        return Record(ts, json.dumps({"device": "roam", "ts": ts, "value": 1.0}).encode(), None, None)
+
+    class OnePoll:  # what kafka-python hands over: records by partition
+        def poll(self, timeout_ms, max_records):
+            return {TopicPartition("split-sensors", 0): [reading(0), reading(2)],
+                    TopicPartition("split-sensors", 1): [reading(1)]}
+    source.consumer = OnePoll()
+    try:
+        batch = source.poll()
+    finally:
+        real.close()
+    assert batch.partition_of == {"roam": 1} and batch.split == {"roam": 0}

@@ -174,7 +174,7 @@ def test_a_clean_stop_saves_every_device_before_it_commits(broker, tmp_path):
     broker.create_topics({topic: 1, scores: 1})
     db = tmp_path / "state.db"
     env = {**FAST_GROUP, **_env(broker, topic, group, 0, scores, FOREWARN_STATE_STORE="local",
-                                FOREWARN_STATE_LOCAL_PATH=str(db), FOREWARN_STATE_CHECKPOINT_INTERVAL_S="600")}
+                                FOREWARN_STATE_LOCAL_PATH=str(db), FOREWARN_STATE_CHECKPOINT_INTERVAL_S="3600")}
     publish(broker.bootstrap, topic, _messages(range(120)))
     daemon = Daemon(Config.load(environ=env))
     thread = threading.Thread(target=daemon.run)
