@@ -17,6 +17,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -63,30 +64,41 @@ class LocalStore:
     shared = False  # other instances cannot read it: for a group of one
 
     def __init__(self, path: str | Path) -> None:
-        if str(path) != ":memory:":
+        self.path = str(path)
+        if self.path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = sqlite3.connect(str(path), isolation_level="DEFERRED", check_same_thread=False)
+        with self._named():  # a directory, another kind of file, no permission
+            self.db = sqlite3.connect(self.path, isolation_level="DEFERRED", check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("CREATE TABLE IF NOT EXISTS state (partition INTEGER, device TEXT PRIMARY KEY, data BLOB)")
-        except sqlite3.Error as exc:  # a directory, another kind of file, no permission
-            raise StoreError(f"state file {str(path)!r} (state.local_path): {exc}") from None
+
+    @contextmanager
+    def _named(self):
+        """SQLite's errors (a corrupt file, one made read-only or locked by another process, a
+        full disk) as a StoreError naming the file and the setting."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"state file {self.path!r} (state.local_path): {exc}") from None
 
     def ensure_partitions(self, needed: int, deadline: float | None = None) -> None:
         """Any number of partitions fits one table."""
 
     def put(self, partition: int, device: str, data: bytes) -> None:
-        self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (partition, device, data))
+        with self._named():
+            self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (partition, device, data))
 
     def take_dropped(self) -> list[tuple[str, int]]:
         """No size limit here: nothing is dropped."""
         return []
 
     def delete(self, partition: int, device: str) -> None:
-        self.db.execute("DELETE FROM state WHERE device = ?", (device,))
+        with self._named():
+            self.db.execute("DELETE FROM state WHERE device = ?", (device,))
 
     def flush(self, on_wait=None) -> None:
-        self.db.commit()
+        with self._named():
+            self.db.commit()
 
     def load(self, partitions: Iterable[int], on_progress: Callable[[], None] | None = None
              ) -> list[tuple[int, str, bytes]]:
@@ -94,12 +106,19 @@ class LocalStore:
         if not parts:
             return []
         marks = ",".join("?" * len(parts))
-        return [(p, d, bytes(b)) for p, d, b in
-                self.db.execute(f"SELECT partition, device, data FROM state WHERE partition IN ({marks})", parts)]
+        # as blobs: a row edited by hand (a NULL, text, a name that is not UTF-8) is one device's
+        # snapshot that fails to decode, and that device re-warms, not a restore that fails
+        with self._named():
+            rows = self.db.execute(f"SELECT partition, CAST(device AS BLOB), CAST(data AS BLOB) FROM state "
+                                   f"WHERE partition IN ({marks})", parts).fetchall()
+        return [(p, bytes(d or b"").decode("utf-8", "backslashreplace"), bytes(b or b"")) for p, d, b in rows]
 
     def close(self) -> None:
-        self.db.commit()
-        self.db.close()
+        try:
+            with self._named():
+                self.db.commit()
+        finally:
+            self.db.close()
 
 
 def _newest(device: str, copies: dict[int, tuple[int, bytes | None]]) -> tuple[int, str, bytes]:
@@ -290,6 +309,7 @@ class ChangelogStore:
             # device -> partition -> (record time, snapshot or None for a tombstone): a device whose
             # key moved when the input topic grew may have a snapshot on two partitions
             latest: dict[str, dict[int, tuple[int, bytes | None]]] = {}
+            unkeyed = 0
             remaining = {tp for tp in tps if ends[tp] > consumer.position(tp)}
             moved = time.monotonic()
             while remaining:
@@ -298,13 +318,21 @@ class ChangelogStore:
                 for tp, records in consumer.poll(timeout_ms=500).items():
                     moved = time.monotonic()
                     for r in records:
-                        if r.key is not None:
-                            latest.setdefault(r.key.decode(), {})[tp.partition] = (r.timestamp, r.value)
+                        if r.key is None:  # not written by Forewarn, and no device to give it to
+                            unkeyed += 1
+                            continue
+                        # a key that is not UTF-8 (not written by Forewarn either) is still read: its
+                        # record fails to decode and is counted, rather than failing every restore
+                        device = r.key.decode("utf-8", "backslashreplace")
+                        latest.setdefault(device, {})[tp.partition] = (r.timestamp, r.value)
                 for tp in list(remaining):
                     if consumer.position(tp) >= ends[tp]:
                         remaining.discard(tp)
                 if on_progress is not None:
                     on_progress()
+            if unkeyed:
+                log.warning("changelog records without a key skipped",
+                            extra={"fields": {"topic": self.topic, "records": unkeyed}})
             return [_newest(device, copies) for device, copies in latest.items()
                     if any(v is not None for _, v in copies.values())]
         finally:

@@ -269,6 +269,11 @@ class StateCodec:
                 if len(s.scorer) not in (6, 7):  # seven since smoothing; six before
                     raise StateError(f"state record: {len(s.scorer)} scorer statistics, not 6 or 7")
                 s.drift, s.rebuffer, s.novelty = e.get("drift"), e.get("rebuffer"), e.get("novelty")
+                # the shapes their restore takes (PageHinkley: 4; RangeNovelty: 5, then highs and lows)
+                if not (_list_or_none(s.drift) and _list_or_none(s.rebuffer) and _list_or_none(s.novelty)) \
+                        or (s.drift is not None and len(s.drift) != 4) \
+                        or (s.novelty is not None and (len(s.novelty) < 5 or (len(s.novelty) - 5) % 2)):
+                    raise StateError("state record: bad drift or range statistics")
                 if "online" in e:
                     size, s.since_update = int(e["online"][0]), int(e["online"][1])
                     n_bits = (size + 7) // 8
@@ -293,6 +298,10 @@ class StateCodec:
         if pos != len(blob):
             raise StateError("state record: trailing bytes")
         return DeviceState(device, covered, streams, peaks, seen, moved_from)
+
+
+def _list_or_none(value) -> bool:
+    return value is None or isinstance(value, list)
 
 
 def _finite_numbers(values: list) -> bool:

@@ -154,6 +154,10 @@ def test_snapshots_of_another_init_version_or_corrupt_are_refused():
     (lambda d: setattr(d.streams[0], "last_ts", "yesterday"), "last_ts"),
     (lambda d: setattr(d.streams[1], "channel", d.streams[0].channel), "twice"),
     (lambda d: setattr(d, "offset", -5), "offset"),
+    # their restore indexes into them: an IndexError there failed the restore of the whole partition
+    (lambda d: setattr(d.streams[0], "drift", [1.0]), "bad drift or range statistics"),
+    (lambda d: setattr(d.streams[0], "novelty", [1.0, 0.0, 1.0, 2.0, 1.0, 3.0]), "bad drift or range statistics"),
+    (lambda d: setattr(d.streams[0], "drift", {"n": 1}), "bad drift or range statistics"),
 ])
 def test_a_checksummed_snapshot_that_cannot_be_used_is_refused_so_the_device_rewarms(spoil, message):
     init = Initialization.default()
@@ -236,3 +240,59 @@ def test_a_local_state_file_that_cannot_be_opened_is_a_store_error_naming_it(tmp
     for path in (tmp_path, other):
         with pytest.raises(StoreError, match="state.local_path"):
             LocalStore(path)
+
+
+def test_rows_of_a_local_state_file_edited_by_hand_fail_alone(tmp_path):
+    """A NULL, text, or a name that is not UTF-8 (the sqlite3 shell takes any): each row is one
+    device's snapshot that fails to decode, not a restore that fails for every device."""
+    import sqlite3
+
+    from connectors.state_store import LocalStore, StoreError
+    path = tmp_path / "state.db"
+    store = LocalStore(path)
+    store.put(0, "good", b"snapshot")
+    store.flush()
+    store.db.execute("INSERT INTO state VALUES (0, 'empty', NULL)")
+    store.db.execute("INSERT INTO state VALUES (0, CAST(X'fffe' AS TEXT), X'00')")
+    store.db.execute("INSERT INTO state VALUES (0, 'text', 'garbage')")
+    store.flush()
+    assert sorted(store.load([0])) == [(0, "\\xff\\xfe", b"\x00"), (0, "empty", b""), (0, "good", b"snapshot"),
+                                       (0, "text", b"garbage")]
+    store.close()
+    # locked by another process: named, as at start (sqlite3's own error named no file)
+    store = LocalStore(path)
+    store.db.execute("PRAGMA busy_timeout = 0")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match=r"state.local_path\): database is locked"):
+            store.put(0, "good", b"newer")
+            store.flush()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        store.db.rollback()
+        store.close()
+
+
+def test_a_changelog_record_whose_key_is_not_utf8_fails_alone(broker, caplog):
+    """It failed every restore of its partition, at every restart, on every instance."""
+    from kafka import KafkaProducer
+
+    from connectors.state_store import ChangelogStore
+    from monitor.config import KafkaConfig
+    store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "poison-state")
+    try:
+        store.ensure_partitions(1)
+        store.put(0, "good", b"snapshot")
+        store.flush()
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        producer.send("poison-state", key=b"\xff\xfe", value=b"garbage", partition=0)
+        producer.send("poison-state", key=None, value=b"no device", partition=0)
+        producer.flush()
+        producer.close()
+        with caplog.at_level("WARNING", logger="forewarn.state"):
+            assert sorted(store.load([0])) == [(0, "\\xff\\xfe", b"garbage"), (0, "good", b"snapshot")]
+        assert "changelog records without a key skipped" in caplog.text
+    finally:
+        store.close()
