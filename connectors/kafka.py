@@ -94,13 +94,11 @@ class PolledBatch:
         return None if record is None else excerpt(record.value or b"")
 
     def _record(self, ref: str):
-        where, _, offset = ref.rpartition("@")
-        topic, _, partition = where.rpartition("/")
-        try:
-            messages = self.messages.get(TopicPartition(topic, int(partition)))
-            wanted = int(offset)
-        except ValueError:
+        at = parse_ref(ref)
+        if at is None:
             return None
+        topic, partition, wanted = at
+        messages = self.messages.get(TopicPartition(topic, partition))
         if not messages:
             return None
         i = bisect.bisect_left(messages, wanted, key=lambda m: m.offset)
@@ -112,6 +110,20 @@ class PolledBatch:
 def record_ref(topic: str, partition: int, offset: int) -> str:
     """Where a record came from, as errors and dead letters name it: ``sensors/3@1042``."""
     return f"{topic}/{partition}@{offset}"
+
+
+def parse_ref(ref: str) -> tuple[str, int, int] | None:
+    """``record_ref``'s topic, partition and offset back; None for another kind of ref.
+
+    >>> parse_ref("sensors/3@1042"), parse_ref("line 12")
+    (('sensors', 3, 1042), None)
+    """
+    where, _, offset = ref.rpartition("@")
+    topic, _, partition = where.rpartition("/")
+    try:
+        return topic, int(partition), int(offset)
+    except ValueError:
+        return None
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, UnknownTopicOrPartitionError
 from prometheus_client import CollectorRegistry
 
-from connectors.kafka import error_text
+from connectors.kafka import error_text, parse_ref
 from connectors.partitioners import moved_by_growth
 from monitor.checkpoint import Initialization
 from monitor.config import STALLED_CHECKPOINTS_ALERT_S, Config
@@ -209,6 +209,9 @@ class Daemon:
         # is one it has seen (the old topic replayed into the new one, or Tansu's end offsets
         # lagging the true end), skipped rather than rejected as out of order into the dead letters
         self._seen_until: dict[str, float] = {}
+        # input partition -> the newest offset restored states cover there: the bad records before
+        # it were counted and dead-lettered by the partition's previous owner
+        self._bad_handled: dict[int, int] = {}
         self._too_large: set[str] = set()         # devices whose snapshot was too large, already logged
         self._moves_logged = -math.inf            # when devices moving between partitions were last logged
         self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
@@ -290,6 +293,7 @@ class Daemon:
         for tp in partitions:
             self._pending.pop(tp, None)
             self._processed.pop(tp.partition, None)
+            self._bad_handled.pop(tp.partition, None)
         self._to_restore -= partitions
         dropped = self._drop_devices(gone)
         for tp in partitions:
@@ -634,14 +638,17 @@ class Daemon:
         self._last_seen.update(dict.fromkeys(batch.partition_of, self._newest_seen))
         readings = self._skip_covered(batch) if self._covered or self._seen_until else batch.readings
         result = self.pipeline.feed(readings)
-        bad = batch.bad + batch.with_raw(result.bad)
+        parsed_bad = self._skip_handled_bad(batch.bad) if self._bad_handled else batch.bad
+        bad = parsed_bad + batch.with_raw(result.bad)
         sent = sinks.send_scores(result.scores)
         sinks.send_dead_letters(bad, batch.key_of)
         self._flushed(sinks)  # raises if the broker did not take them: then nothing is committed
-        self._observe_latency(batch)
+        self._observe_latency(batch, readings)
         self._pending.update(batch.offsets)
         for tp, offset in batch.offsets.items():
             self._processed[tp.partition] = offset
+            if self._bad_handled.get(tp.partition, math.inf) <= offset:  # past it: all is new
+                del self._bad_handled[tp.partition]
         if self.store is None or self.config.state.checkpoint_interval_s == 0:
             self._checkpoint_now(source)
         self.batches += 1
@@ -691,6 +698,17 @@ class Daemon:
             log.warning("devices arrived on another partition than before, or on two at once: is the input "
                         "keyed by device?", extra=_fields(devices=len(before), example=example,
                                                          partitions=[before[example], partition_of[example]]))
+
+    def _skip_handled_bad(self, bad: list) -> list:
+        """Drop re-delivered bad records that the partition's previous owner already counted and
+        dead-lettered: those before the newest offset its restored states cover, since a
+        partition is processed in order.  Readings have ``_skip_covered``."""
+        kept = []
+        for b in bad:
+            at = parse_ref(b.ref)
+            if at is None or at[2] >= self._bad_handled.get(at[1], -1):
+                kept.append(b)
+        return kept
 
     def _skip_covered(self, batch) -> list:
         """Drop re-delivered readings that a restored state already covers: those of its own
@@ -956,6 +974,7 @@ class Daemon:
                 self._covered[s.device] = (covered, -1)  # nothing here; a move still deletes it there
             elif offset >= 0:
                 self._covered[s.device] = (covered, offset)
+                self._bad_handled[covered] = max(self._bad_handled.get(covered, -1), offset)
             if covered in remade or offset < 0:  # no offset to go by (one saved after such a restore)
                 seen = [st.last_ts for st in s.streams if st.last_ts is not None]
                 if seen:
@@ -1027,12 +1046,12 @@ class Daemon:
 
     LATENCY_SAMPLES = 256
 
-    def _observe_latency(self, batch) -> None:
-        """Latency of an evenly strided sample of at most LATENCY_SAMPLES readings per batch:
-        a histogram observation per reading would cost more than scoring it."""
+    def _observe_latency(self, batch, readings: list) -> None:
+        """Latency of an evenly strided sample of at most LATENCY_SAMPLES of the batch's
+        ``readings`` (those fed, not the re-deliveries skipped): a histogram observation per
+        reading would cost more than scoring it."""
         now = time.time()
-        readings = batch.readings
-        stride = max(1, len(readings) // self.LATENCY_SAMPLES)
+        stride = max(1, -(-len(readings) // self.LATENCY_SAMPLES))
         for reading in readings[::stride]:
             t = batch.arrival.get(id(reading))
             if t is not None:
@@ -1043,6 +1062,9 @@ class Daemon:
     def _update_lag(self, source) -> None:
         try:
             for tp, lag in source.lag().items():
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+                # kafka-python revokes on its IO thread, and lists a revoked partition until the
+                # group has settled: its series, removed on revoke, would come back frozen
+                if tp in self._assigned:
+                    self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
         except Exception:  # lag is information, never a reason to stop
             log.debug("lag unavailable", exc_info=True)

@@ -140,7 +140,8 @@ class Metrics:
                                "Online weight updates of live streams (one per stream updated)", registry=r)
         self.latency = Histogram("forewarn_processing_latency_seconds",
                                  "From the reading's arrival in Kafka (record timestamp) to its score being sent; "
-                                 "up to 256 evenly spaced readings per batch are observed",
+                                 "up to 256 evenly spaced readings per batch are observed (not the re-deliveries "
+                                 "a restored state covers, which are skipped)",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.lag = Gauge("forewarn_consumer_lag_records", "Records behind the end of the partition",
                          ["topic", "partition"], registry=r)

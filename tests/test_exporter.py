@@ -340,3 +340,32 @@ def test_the_device_counts_its_flagged_readings_in_a_row_while_its_latest_is_fla
     assert run(True, True) == 3  # across batches
     assert run(False) is None  # absent once the latest is not flagged
     assert run(True, False, True) == 1
+
+
+def test_lag_is_exported_for_held_partitions_only_and_latency_for_fed_readings_only():
+    """kafka-python revokes on its IO thread and lists a revoked partition until the group has
+    settled: the lag series removed on revoke came back frozen, and summed into the topic's lag.
+    Re-deliveries a restored state covers are skipped, not scored: their age is no latency."""
+    from kafka import TopicPartition
+
+    from connectors.kafka import PolledBatch
+    daemon = Daemon(Config.load(environ={}), registry=CollectorRegistry())
+    held, revoked = TopicPartition("sensors", 0), TopicPartition("sensors", 1)
+    daemon._assigned = {held}
+
+    class Source:
+        def lag(self):
+            return {held: 5, revoked: 846}
+    daemon._update_lag(Source())
+    text = generate_latest(daemon.registry).decode()
+    assert 'forewarn_consumer_lag_records{partition="0",topic="sensors"} 5.0' in text
+    assert 'partition="1"' not in text
+    old, new = Reading("a", 1.0, {"v": 1.0}), Reading("a", 2.0, {"v": 1.0})
+    batch = PolledBatch([old, new], arrival={id(old): time.time() - 25.0, id(new): time.time()})
+    daemon._observe_latency(batch, [new])  # old: skipped as covered
+    count = daemon.registry.get_sample_value("forewarn_processing_latency_seconds_count")
+    below_1s = daemon.registry.get_sample_value("forewarn_processing_latency_seconds_bucket", {"le": "1.0"})
+    assert count == 1 and below_1s == 1
+    many = [Reading("b", float(t), {"v": 1.0}) for t in range(300)]
+    daemon._observe_latency(PolledBatch(many, arrival={id(r): time.time() for r in many}), many)
+    assert daemon.registry.get_sample_value("forewarn_processing_latency_seconds_count") <= 1 + 256

@@ -1159,3 +1159,32 @@ def test_copies_left_behind_by_an_earlier_growth_do_not_hide_the_partitioner_at_
     placed = {d: p for p, d, _ in store.load(range(4))}  # one row per device in a local store
     assert {d: placed[d] for d in live} == {d: key_hash[d] % 4 for d in live}
     assert {d: placed[d] for d in left} == {d: 1 - key_hash[d] % 2 for d in left}  # not moved
+
+
+def test_bad_records_a_restored_partition_re_delivers_are_not_counted_or_dead_lettered_again():
+    """Its previous owner counted and dead-lettered them: each rebalance within a checkpoint
+    interval counted them twice, while the readings beside them were skipped."""
+    from kafka import TopicPartition
+
+    from connectors.kafka import PolledBatch
+    from connectors.state_store import LocalStore
+    from monitor.readings import BadReason, BadRecord, Reading
+    saver = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    saver.store = store = LocalStore(":memory:")
+    saver.pipeline.feed([Reading("a", float(t), {"v": float(t % 7)}) for t in range(20)])
+    saver._partition_of, saver._processed[0] = {"a": 0}, 30
+    saver._write_states(["a"])
+    store.flush()
+    restored = _restored_from(store)
+    letters = []
+
+    class Sinks(_Sinks):
+        def send_dead_letters(self, bad, key_of=None):
+            letters.extend(b.ref for b in bad)
+            return len(bad)
+    batch = PolledBatch(bad=[BadRecord(BadReason.MALFORMED, "invalid JSON", f"t/0@{o}") for o in (25, 29, 30, 35)],
+                        offsets={TopicPartition("t", 0): 36}, records=4)
+    restored._process(batch, None, Sinks())
+    assert letters == ["t/0@30", "t/0@35"]  # before 30: handled by the previous owner
+    assert restored.registry.get_sample_value("forewarn_bad_records_total", {"reason": "malformed"}) == 2
+    assert not restored._bad_handled  # read past it: nothing more is skipped
