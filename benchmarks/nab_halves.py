@@ -69,7 +69,9 @@ def main() -> None:
     print(f"NAB, init {args.init}: standard / reward_low_FP / reward_low_FN\n")
     print("| scoring | even-indexed | odd-indexed | all 58 | odd at the even half's thresholds (the thresholds) |")
     print("|---|---|---|---|---|")
-    detectors = [forewarn_detector(label, init, harness.WARMUP, scoring=SCORINGS[label]) for label in args.scoring]
+    # every initialization at the shipped K (a checkpoint may hold another, as pooled.pt holds 5)
+    detectors = [forewarn_detector(label, init, harness.WARMUP, adapt_steps=shipped.adapt.steps,
+                                   scoring=SCORINGS[label]) for label in args.scoring]
     for detector in detectors + [BASELINES[name] for name in args.baselines]:
         label = detector.name
         results = {}

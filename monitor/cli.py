@@ -435,7 +435,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                                              ("reptile_step", args.reptile_step)) if value is not None}
     cfg = MetaConfig(
         algorithm=args.algorithm, iterations=args.iterations, tasks_per_batch=args.tasks_per_batch,
-        support=args.warmup, query=args.query, **rates,
+        support=args.warmup, query=args.query, query_context=min(MetaConfig.query_context, args.warmup), **rates,
         inner=AdaptConfig(steps=args.inner_steps, lr=args.inner_lr, prox=args.prox, loss=args.loss),
         learn_inner_lr=not args.fixed_inner_lr, spec=LSTMSpec(args.hidden, args.layers), seed=args.seed)
     start = Initialization.load(args.start_from) if args.start_from else None
@@ -444,9 +444,17 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     Initialization.check_writable(args.out)  # before the training, not after it
     series, bad = [], Counter()
     paths = _expand_paths(args.data)
+    out = Path(args.out)
+    if out.exists() and any(out.samefile(p) for p in paths):  # it would be written over with the checkpoint
+        raise ValueError(f"--out {args.out} is one of the recordings trained on; give another file")
     for path in paths:
         series.extend(read_series(path, args.format, bad).values())
-    sampler = TaskSampler(series, cfg.support, cfg.query, cfg.normalization, cfg.seed)
+    try:
+        sampler = TaskSampler(series, cfg.support, cfg.query, cfg.normalization, cfg.seed)
+    except ValueError as exc:
+        if not bad:
+            raise
+        raise ValueError(f"{exc} ({sum(bad.values())} bad records left out: {dict(bad)}; is --format right?)") from None
     print(f"meta-train {cfg.algorithm}: {len(sampler.series)} series from {len(paths)} files "
           f"({sampler.skipped} too short or constant; {sum(bad.values())} bad records left out"
           f"{': ' + str(dict(bad)) if bad else ''})", file=sys.stderr)
@@ -542,6 +550,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except ImportError:
             raise ValueError("--report draws its figures with matplotlib, which is not installed: "
                              "pip install 'matplotlib>=3.7' (in a checkout: pip install -e '.[eval]')") from None
+        report = Path(args.report)  # where it goes, checked now too: the scoring takes minutes
+        folder = next((p for p in (report, *report.parents) if p.exists()), Path("."))
+        if not folder.is_dir():
+            raise ValueError(f"--report {args.report}: {folder} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"--report {args.report}: {folder} is not writable")
     data = Path(args.data) if args.data else data_dir()
     init_dir = Path(args.init_dir) if args.init_dir else Path(__file__).resolve().parents[1] / "benchmarks" / "artifacts"
     detectors = harness.build_detectors(args.detectors, init_dir)
@@ -550,7 +564,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not windows.is_file():
             raise FileFormatError(f"NAB's labelled windows not found at {windows} (--data names the folder "
                                   "holding nab/data/ and nab/labels/; --windows the file in nab/labels/)")
-        n_series = len(json.loads(windows.read_text()))
+        try:
+            labelled = json.loads(windows.read_text())
+        except ValueError as exc:
+            raise FileFormatError(f"{windows}: not JSON ({exc})") from None
+        if not isinstance(labelled, dict) or not labelled:  # NAB's: series name -> its windows
+            raise FileFormatError(f"{windows}: expected NAB's labels, an object of series names and their "
+                                  "windows; found no series in it")
+        n_series = len(labelled)
         total = len(detectors) * min(n_series, args.limit or n_series)
     else:
         machines = args.machines or list(SMD_HELD_OUT)
@@ -858,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("huber", "mse"), default="huber", help="loss (default: %(default)s)")
     p.add_argument("--hidden", type=_positive_int, default=32, help="LSTM hidden units (default: %(default)s)")
     p.add_argument("--layers", type=_positive_int, default=1, help="LSTM layers (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--start-from", metavar="FILE", default=None,
                    help="start from this checkpoint's weights, e.g. a pooled pre-trained one (default: random)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

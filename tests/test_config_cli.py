@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from monitor.cli import main
@@ -366,3 +368,25 @@ def test_a_dash_replays_standard_input(tmp_path):
                            "16", "--out", str(out)], input=lines, text=True, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(out.read_text().splitlines()) == 41  # a header and every reading
+
+
+def test_evaluate_and_meta_train_refuse_what_would_fail_late_or_lose_data(tmp_path, capsys):
+    """Each was found only after minutes of scoring, or not at all (the checkpoint written over
+    the recording it was trained on)."""
+    recording = tmp_path / "pump.csv"
+    text = "timestamp,value\n" + "".join(f"{1_700_000_000 + 60 * t},{math.sin(t / 7)}\n" for t in range(600))
+    recording.write_text(text)
+    assert main(["meta-train", "--data", str(recording), "--out", str(recording), "--quiet"]) == 2
+    assert "is one of the recordings trained on" in capsys.readouterr().err and recording.read_text() == text
+    # no window of 32 fits a warm-up of 16 to 31: --warmup 16 was refused, naming none of the options
+    assert main(["meta-train", "--data", str(recording), "--out", str(tmp_path / "i.pt"), "--warmup", "16",
+                 "--query", "8", "--iterations", "2", "--hidden", "4", "--quiet"]) == 0
+    labels = tmp_path / "nab" / "labels"
+    labels.mkdir(parents=True)
+    for content in ("{}", "5", "{x"):
+        (labels / "combined_windows.json").write_text(content)
+        assert main(["evaluate", "--dataset", "nab", "--data", str(tmp_path), "--detectors", "zscore", "--quiet"]) == 2
+        assert "combined_windows.json: " in capsys.readouterr().err, content
+    assert main(["evaluate", "--dataset", "nab", "--data", str(tmp_path), "--report", str(recording / "r"),
+                 "--quiet"]) == 2
+    assert f"--report {recording}/r: {recording} is not a folder" in capsys.readouterr().err

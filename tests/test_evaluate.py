@@ -15,6 +15,8 @@ def test_evaluate_nab_writes_a_report_for_every_detector(data_dir, tmp_path, cap
             assert -100 <= results[detector][profile]["normalized"] <= 100
     assert (tmp_path / "nab.md").read_text().startswith("| detector |")
     assert (tmp_path / "nab_series.png").stat().st_size > 10_000
+    # each file is written as a part and renamed with the others at the end: no part is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nab.json", "nab.md", "nab_series.png"]
 
 
 def test_evaluate_smd_on_one_held_out_machine(data_dir, capsys):

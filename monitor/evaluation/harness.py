@@ -7,6 +7,7 @@ on its test split (``point_metrics.py``); metrics are averaged over machines.
 """
 from __future__ import annotations
 
+import os
 import sys
 import zlib
 from collections.abc import Callable, Sequence
@@ -57,6 +58,13 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
             raise FileNotFoundError(f"no {name}.pt in {init_dir}: train it with forewarn meta-train (see README)")
         return Initialization.load(init_dir / f"{name}.pt")
 
+    def trained(name: str, artifact_name: str, label: str) -> Callable[[], Detector]:
+        """A meta-trained initialization, at the K it was trained for (its notes say which)."""
+        def make() -> Detector:
+            init = artifact(artifact_name)
+            return forewarn_detector(name, init, WARMUP, notes=f"{label}, K={init.adapt.steps}")
+        return make
+
     def shipped_variant(name: str, notes: str, calibrated: bool = False, novelty: bool = False,
                         smoothed: bool = False, peaks: bool = False, channel_combination: str = "joint",
                         **pipeline_options) -> Callable[[], Detector]:
@@ -67,13 +75,12 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
     known: dict[str, Callable[[], Detector]] = {
         "forewarn": lambda: forewarn_detector("forewarn", shipped, WARMUP,
                                               notes=f"shipped init ({shipped.origin}), K={shipped.adapt.steps}"),
-        "forewarn-fomaml": lambda: forewarn_detector("forewarn-fomaml", artifact("fomaml"), WARMUP,
-                                                     notes="first-order MAML init, K=10"),
-        "forewarn-reptile": lambda: forewarn_detector("forewarn-reptile", artifact("reptile"), WARMUP,
-                                                      notes="Reptile init, K=10"),
-        "forewarn-maml": lambda: forewarn_detector("forewarn-maml", artifact("maml"), WARMUP,
-                                                   notes="MAML from random weights (shipped before), K=10"),
-        "pooled": lambda: forewarn_detector("pooled", artifact("pooled"), WARMUP, notes="pooled pre-training (6,000 iterations), same K"),
+        "forewarn-fomaml": trained("forewarn-fomaml", "fomaml", "first-order MAML init"),
+        "forewarn-reptile": trained("forewarn-reptile", "reptile", "Reptile init"),
+        "forewarn-maml": trained("forewarn-maml", "maml", "MAML from random weights (shipped before)"),
+        # at the shipped K: the pooled checkpoint holds meta-train's default (5), not the K compared
+        "pooled": lambda: forewarn_detector("pooled", artifact("pooled"), WARMUP, adapt_steps=shipped.adapt.steps,
+                                            notes=f"pooled pre-training (6,000 iterations), K={shipped.adapt.steps}"),
         "lstm-scratch": lambda: forewarn_detector("lstm-scratch", Initialization.random(shipped.spec, seed=0,
                                                   adapt=shipped.adapt), WARMUP, notes="random init, same K and rates"),
         "forewarn-calibrated": shipped_variant(
@@ -293,13 +300,16 @@ def write_report(out: Path, dataset: str, run, detectors: Sequence[Detector], ta
 
     from monitor.evaluation import plots
     out.mkdir(parents=True, exist_ok=True)
+
+    def part(path: Path) -> Path:  # written beside its name first (matplotlib reads the suffix)
+        return path.with_name(f"{path.stem}.partial{path.suffix}")
     written = [out / f"{dataset}.md", out / f"{dataset}.json"]
-    written[0].write_text(table + "\n")
+    part(written[0]).write_text(table + "\n")
     if dataset == "nab":
         numbers = {d: {p: {**asdict(s), "normalized": s.normalized} for p, s in r.items()} for d, r in run.scores.items()}
         name, ts, values = next((s for s in run.series if "machine_temperature" in s[0]), run.series[0])
         path = out / "nab_series.png"
-        plots.plot_series(path, ts, values, {d: run.raw[d][name] for d in run.raw}, run.windows.get(name, []),
+        plots.plot_series(part(path), ts, values, {d: run.raw[d][name] for d in run.raw}, run.windows.get(name, []),
                           f"NAB {name}: labelled windows shaded")
         written.append(path)
     else:
@@ -308,18 +318,22 @@ def write_report(out: Path, dataset: str, run, detectors: Sequence[Detector], ta
         from monitor.evaluation.point_metrics import precision_recall_curve
         curves = {d: precision_recall_curve(run.raw[d][machine], run.labels[machine]) for d in run.raw}
         path = out / "smd_pr.png"
-        plots.plot_pr_curves(path, curves, f"SMD machine-{machine}: point-wise precision-recall")
+        plots.plot_pr_curves(part(path), curves, f"SMD machine-{machine}: point-wise precision-recall")
         written.append(path)
     # strict JSON: a threshold that flags nothing is Infinity, which many parsers refuse
-    written[1].write_text(json.dumps(_finite_or_none(numbers), indent=1, default=str, allow_nan=False))
+    part(written[1]).write_text(json.dumps(_finite_or_none(numbers), indent=1, default=str, allow_nan=False))
     if adaptation:
         pooled = init_dir / "pooled.pt" if init_dir is not None else None
+        path = out / "adaptation.png"
         try:
-            written.append(adaptation_figure(out / "adaptation.png",
-                                             Initialization.load(pooled) if pooled and pooled.exists() else None, data))
+            adaptation_figure(part(path), Initialization.load(pooled) if pooled and pooled.exists() else None, data)
+            written.append(path)
         except (OSError, ValueError) as exc:  # a data folder of another layout: the report stands without it
             print(f"skipped the adaptation figure: it draws on SMD's held-out machines and NAB's series "
                   f"({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+    # renamed together at the end: a report stopped half-way leaves its parts, never a mix of runs
+    for path in written:
+        os.replace(part(path), path)
     return written
 
 
