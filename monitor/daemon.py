@@ -254,8 +254,12 @@ class Daemon:
     STOP_GRACE_S = 30.0
 
     def _still_alive(self) -> None:
-        """Called while a long restore makes progress: the loop is alive, not stuck."""
+        """Called while a long restore reads: the loop is alive, not stuck.  A stop gives the
+        restore up (its partitions were never resumed: nothing of them is lost), rather than
+        wait out a broker gone meanwhile for kafka.delivery_timeout_ms."""
         self._last_turn = time.monotonic()
+        if self.stopping.is_set():
+            raise StoppedWhileWaiting
 
     def _on_broker_wait(self, seconds: float) -> None:
         """Called about every second while a flush waits for the broker: the loop is alive."""
@@ -517,8 +521,8 @@ class Daemon:
                 self._checkpoint_now(source)
         except StoppedWhileWaiting:
             self._abandoned = True
-            log.warning("stopped while waiting for the broker: the readings since the last checkpoint "
-                        "are not committed and will be processed again")
+            log.warning("stopped while waiting for the broker (outputs to be acknowledged, or a state restore): "
+                        "the readings since the last checkpoint are not committed and will be processed again")
         except BaseException as exc:  # whatever it was, the batch in hand is given up undelivered
             self._abandoned = True
             if self._batch_started or self._pending or self._round:

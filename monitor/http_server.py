@@ -55,13 +55,57 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     """A thread per request, as prometheus_client's own server: one idle or slow client (a
-    port scan, a half-open load-balancer check) must not hold the probes of everyone else."""
+    port scan, a half-open load-balancer check) must not hold the probes of everyone else.
+    Many slow clients, each trickling a byte within the handler's timeout, must not take
+    every file descriptor either (new Kafka sockets would fail, and the accept loop spin):
+    at most MAX_CONNECTIONS at once, each closed REQUEST_DEADLINE_S after it opened."""
 
     daemon_threads = True
+    MAX_CONNECTIONS = 128
+    REQUEST_DEADLINE_S = 15.0
 
     def __init__(self, *args, errors: _RequestErrors, **kwargs) -> None:
         self.errors = errors
+        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        self._lock = threading.Lock()
+        self._opened: dict[socket.socket, float] = {}
         super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):  # turned away at once: the descriptor is back
+            self.shutdown_request(request)
+            log.debug("HTTP client turned away: too many connections open", extra=_fields(limit=self.MAX_CONNECTIONS))
+            return
+        with self._lock:
+            self._opened[request] = time.monotonic()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread to release it
+            self._done(request)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done(request)
+
+    def _done(self, request) -> None:
+        with self._lock:
+            self._opened.pop(request, None)
+        self._slots.release()
+
+    def service_actions(self) -> None:
+        """Between polls of serve_forever (every 0.5 s): connections past their deadline are
+        shut, which ends their handler's wait."""
+        late = time.monotonic() - self.REQUEST_DEADLINE_S
+        with self._lock:
+            overdue = [r for r, opened in self._opened.items() if opened < late]
+        for request in overdue:
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed meanwhile
+                pass
 
     def handle_error(self, request, client_address) -> None:
         # socketserver's own prints a traceback to stderr, outside the JSON logs, for every

@@ -16,7 +16,7 @@ from monitor.http_server import HealthServer, _QuietHandler
 from monitor.metrics import Metrics
 from monitor.readings import Reading, Score
 from monitor.scoring import ScoringConfig
-from tests.kafka_support import http_get, metric_value
+from tests.kafka_support import http_get, metric_value, wait_for
 
 
 def test_an_idle_client_does_not_hold_the_probes_of_everyone_else():
@@ -30,6 +30,38 @@ def test_an_idle_client_does_not_hold_the_probes_of_everyone_else():
         assert http_get(f"{base}/readyz", timeout=30)[0] == 200
     finally:
         idle.close()
+        server.stop()
+
+
+def _closed_by_the_server(sock: socket.socket) -> bool:
+    sock.settimeout(30)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_slow_clients_cannot_take_every_descriptor_and_are_let_go_at_a_deadline(monkeypatch):
+    """Each trickling a header line within the handler's timeout, slow clients held a thread and
+    a descriptor each for ever: past the process's limit the probes failed and accept() spun."""
+    from monitor.http_server import _ThreadingServer
+    monkeypatch.setattr(_ThreadingServer, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(_ThreadingServer, "REQUEST_DEADLINE_S", 1.0)
+    server = HealthServer("127.0.0.1", 0, CollectorRegistry(), lambda: True, lambda: True)
+    server.start()
+    slow = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+    try:
+        for s in slow:
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+        wait_for(lambda: len(server.server._opened) == 4, 30, what="four connections held")
+        with socket.create_connection(("127.0.0.1", server.port)) as fifth:  # turned away: closed at once
+            assert _closed_by_the_server(fifth)
+        for s in slow:  # shut by the server at the deadline, though they never finished a request
+            assert _closed_by_the_server(s)
+        assert http_get(f"http://127.0.0.1:{server.port}/healthz", timeout=30)[0] == 200
+    finally:
+        for s in slow:
+            s.close()
         server.stop()
 
 

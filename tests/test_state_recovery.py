@@ -1188,3 +1188,14 @@ def test_bad_records_a_restored_partition_re_delivers_are_not_counted_or_dead_le
     assert letters == ["t/0@30", "t/0@35"]  # before 30: handled by the previous owner
     assert restored.registry.get_sample_value("forewarn_bad_records_total", {"reason": "malformed"}) == 2
     assert not restored._bad_handled  # read past it: nothing more is skipped
+
+
+def test_a_stop_gives_up_a_restore_rather_than_wait_out_a_broker_gone_meanwhile():
+    """The restore's read called this after every fetch and went on for kafka.delivery_timeout_ms
+    (120 s) with the broker gone, past Kubernetes' grace period, whatever signal came."""
+    from monitor.daemon import StoppedWhileWaiting
+    daemon = _idle_daemon()
+    daemon._still_alive()  # reading: alive, going on
+    daemon.stop()
+    with pytest.raises(StoppedWhileWaiting):
+        daemon._still_alive()
