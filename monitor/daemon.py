@@ -300,12 +300,12 @@ class Daemon:
             self._bad_handled.pop(tp.partition, None)
         self._to_restore -= partitions
         dropped = self._drop_devices(gone)
+        self._assigned -= partitions  # first: the loop sets lag only for partitions held
         for tp in partitions:
             try:
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
             except KeyError:  # never exported
                 pass
-        self._assigned -= partitions
         if partitions or gone:  # kafka-python revokes nothing before the first join
             log.info("partitions lost" if lost else "partitions revoked",
                      extra=_fields(partitions=sorted(tp.partition for tp in partitions),
@@ -521,8 +521,8 @@ class Daemon:
                 self._checkpoint_now(source)
         except StoppedWhileWaiting:
             self._abandoned = True
-            log.warning("stopped while waiting for the broker (outputs to be acknowledged, or a state restore): "
-                        "the readings since the last checkpoint are not committed and will be processed again")
+            log.warning("stopped while waiting for the broker: the readings since the last checkpoint "
+                        "are not committed and will be processed again")
         except BaseException as exc:  # whatever it was, the batch in hand is given up undelivered
             self._abandoned = True
             if self._batch_started or self._pending or self._round:
@@ -652,7 +652,7 @@ class Daemon:
         for tp, offset in batch.offsets.items():
             self._processed[tp.partition] = offset
             if self._bad_handled.get(tp.partition, math.inf) <= offset:  # past it: all is new
-                del self._bad_handled[tp.partition]
+                self._bad_handled.pop(tp.partition, None)  # pop: a revoke on kafka-python's thread may race
         if self.store is None or self.config.state.checkpoint_interval_s == 0:
             self._checkpoint_now(source)
         self.batches += 1
@@ -920,6 +920,8 @@ class Daemon:
             return
         try:
             self._restore_partitions(source)
+        except StoppedWhileWaiting:  # a stop: these partitions stay paused, the others stop as usual
+            log.info("state restore given up: stopping; its partitions were never resumed")
         except KafkaError as exc:
             if not exc.retriable:
                 raise
@@ -930,6 +932,8 @@ class Daemon:
 
     def _restore_partitions(self, source) -> None:
         partitions = set(self._to_restore)
+        for tp in partitions:  # marks of an earlier holding, or of a copy: made afresh below
+            self._bad_handled.pop(tp.partition, None)
         started = time.perf_counter()
         states, failed = [], 0
         # a partition that stayed here through the rebalance kept its fetch position: back to
@@ -978,7 +982,8 @@ class Daemon:
                 self._covered[s.device] = (covered, -1)  # nothing here; a move still deletes it there
             elif offset >= 0:
                 self._covered[s.device] = (covered, offset)
-                self._bad_handled[covered] = max(self._bad_handled.get(covered, -1), offset)
+                if covered in held:  # a copy's old partition held elsewhere has no records here
+                    self._bad_handled[covered] = max(self._bad_handled.get(covered, -1), offset)
             if covered in remade or offset < 0:  # no offset to go by (one saved after such a restore)
                 seen = [st.last_ts for st in s.streams if st.last_ts is not None]
                 if seen:
@@ -1070,5 +1075,7 @@ class Daemon:
                 # group has settled: its series, removed on revoke, would come back frozen
                 if tp in self._assigned:
                     self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+                    if tp not in self._assigned:  # revoked meanwhile, its series removed before this set
+                        self.metrics.lag.remove(tp.topic, str(tp.partition))
         except Exception:  # lag is information, never a reason to stop
             log.debug("lag unavailable", exc_info=True)

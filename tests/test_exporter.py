@@ -33,8 +33,8 @@ def test_an_idle_client_does_not_hold_the_probes_of_everyone_else():
         server.stop()
 
 
-def _closed_by_the_server(sock: socket.socket) -> bool:
-    sock.settimeout(30)
+def _closed_by_the_server(sock: socket.socket, wait: float = 30) -> bool:
+    sock.settimeout(wait)
     try:
         return sock.recv(100) == b""
     except ConnectionResetError:
@@ -46,7 +46,7 @@ def test_slow_clients_cannot_take_every_descriptor_and_are_let_go_at_a_deadline(
     a descriptor each for ever: past the process's limit the probes failed and accept() spun."""
     from monitor.http_server import _ThreadingServer
     monkeypatch.setattr(_ThreadingServer, "MAX_CONNECTIONS", 4)
-    monkeypatch.setattr(_ThreadingServer, "REQUEST_DEADLINE_S", 1.0)
+    monkeypatch.setattr(_ThreadingServer, "REQUEST_DEADLINE_S", 3600.0)  # the cap first: no deadline meanwhile
     server = HealthServer("127.0.0.1", 0, CollectorRegistry(), lambda: True, lambda: True)
     server.start()
     slow = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
@@ -54,8 +54,9 @@ def test_slow_clients_cannot_take_every_descriptor_and_are_let_go_at_a_deadline(
         for s in slow:
             s.sendall(b"GET /metrics HTTP/1.1\r\n")
         wait_for(lambda: len(server.server._opened) == 4, 30, what="four connections held")
-        with socket.create_connection(("127.0.0.1", server.port)) as fifth:  # turned away: closed at once
-            assert _closed_by_the_server(fifth)
+        with socket.create_connection(("127.0.0.1", server.port)) as fifth:  # turned away: closed at once,
+            assert _closed_by_the_server(fifth, wait=10)  # where it would wait an hour for its request
+        server.server.REQUEST_DEADLINE_S = 1.0
         for s in slow:  # shut by the server at the deadline, though they never finished a request
             assert _closed_by_the_server(s)
         assert http_get(f"http://127.0.0.1:{server.port}/healthz", timeout=30)[0] == 200

@@ -399,7 +399,7 @@ def _restored_from(store, **env):
     from kafka import TopicPartition
     daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16", **env)
     daemon.store = store
-    daemon._to_restore = {TopicPartition("t", 0)}
+    daemon._assigned, daemon._to_restore = {TopicPartition("t", 0)}, {TopicPartition("t", 0)}
     daemon._restore_partitions(_RestoreSource(committed=40, partitions=1))
     return daemon
 
@@ -1192,10 +1192,24 @@ def test_bad_records_a_restored_partition_re_delivers_are_not_counted_or_dead_le
 
 def test_a_stop_gives_up_a_restore_rather_than_wait_out_a_broker_gone_meanwhile():
     """The restore's read called this after every fetch and went on for kafka.delivery_timeout_ms
-    (120 s) with the broker gone, past Kubernetes' grace period, whatever signal came."""
+    (120 s) with the broker gone, past Kubernetes' grace period, whatever signal came.  Given up,
+    the restore leaves its partitions paused and the daemon stops as usual (not abandoned: the
+    other partitions still get their last checkpoint)."""
+    from kafka import TopicPartition
+
+    from connectors.state_store import LocalStore
     from monitor.daemon import StoppedWhileWaiting
     daemon = _idle_daemon()
     daemon._still_alive()  # reading: alive, going on
     daemon.stop()
     with pytest.raises(StoppedWhileWaiting):
         daemon._still_alive()
+
+    class Reading(LocalStore):
+        def load(self, partitions, on_progress=None):
+            on_progress()  # a stop arrives while it reads
+            return []
+    daemon.store = Reading(":memory:")
+    daemon._to_restore = {TopicPartition("t", 0)}
+    daemon._restore(_RestoreSource(committed=40, partitions=1))
+    assert daemon._to_restore == {TopicPartition("t", 0)} and not daemon._abandoned
