@@ -650,27 +650,19 @@ def _recording(text: str) -> str:
 _RECORDING_HELP = "recorded file (.gz is read directly; - reads standard input; a pipe needs --format)"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _int_at_least(low: int):
+    """An argparse type: an integer of at least ``low`` (text that is none: "invalid int value")."""
     def at_least(text: str) -> int:
         value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
+    at_least.__name__ = "int"
     return at_least
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _adapt_steps(text: str) -> int:
