@@ -217,6 +217,7 @@ class Daemon:
         self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
         self._topic_partitions = 0                # the input topic's partitions at the last assignment
         self._left: set[str] = set()              # restored devices whose old partition's copy is due for deletion
+        self._old_copy_due: set[str] = set()      # moved devices written since the last flush (_delete_old_copies)
         self._untouched: set[str] = set()         # restored devices no reading has reached since
         self._last_seen: dict[str, float] = {}    # device -> monotonic time of its newest record here
         self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
@@ -321,6 +322,7 @@ class Daemon:
             self._seen_until.pop(device, None)
             self._last_seen.pop(device, None)
             self._old_home.pop(device, None)
+            self._old_copy_due.discard(device)
             self._left.discard(device)
             self._untouched.discard(device)
         self.metrics.forget_devices(devices)
@@ -387,6 +389,9 @@ class Daemon:
                     log.warning("state copies for the grown topic cut short by the revoke's time; those "
                                 "devices re-warm where they now arrive", extra=_fields(not_copied=len(moves)))
             self._flushed(self.store, give_up_at=deadline + 1.0)
+            if self._old_copy_due:  # their new snapshots are in: now the old copies' tombstones
+                self._delete_old_copies()
+                self._flushed(self.store, give_up_at=deadline + 1.0)
         except _RevokeDeadline:
             # The writes may still land, even after the next owner's first checkpoint: a later
             # restore may then take this older state.  No reading is skipped unseen (a snapshot
@@ -782,15 +787,26 @@ class Daemon:
         partition_of = self._partition_of
         devices = [d for d in devices if d in partition_of]
         states = self._export(devices)
-        for device in devices:
-            old_home = self._old_home.get(device)
-            if old_home is not None and old_home != partition_of[device]:
-                self.store.delete(old_home, device)  # before the new snapshot is restored from elsewhere
-            self._old_home.pop(device, None)  # after: a delete that found no room is retried with the round
         for state, data in zip(states, self.codec.encode_many(states)):
             self.store.put(partition_of[state.device], state.device, data)
+        self._old_copy_due.update(d for d in devices if d in self._old_home)
         self._note_dropped()
         return len(devices)
+
+    def _delete_old_copies(self) -> None:
+        """Tombstones for the old partition's copy of the devices whose snapshot on their new
+        partition the store has just acknowledged: sent with the new snapshot, a crash between
+        the two acknowledgements could leave the device no snapshot at all.  They go out with
+        the next flush; until then a restore takes the newer of the two copies."""
+        for device in list(self._old_copy_due):
+            old_home, now = self._old_home.get(device), self._partition_of.get(device)
+            if old_home is not None and now is not None and old_home != now:
+                try:
+                    self.store.delete(old_home, device)
+                except KafkaTimeoutError:  # no room in the producer's buffer: sent after a later flush
+                    return
+            self._old_home.pop(device, None)
+            self._old_copy_due.discard(device)
 
     def _write_copies(self, moves: dict[str, int]) -> None:
         """A copy of each device's state to the partition the topic's growth moves it to,
@@ -859,6 +875,7 @@ class Daemon:
                 return
         if self.store is not None:
             self._flushed(self.store)
+            self._delete_old_copies()
         self._round = None
         self._last_checkpoint = time.monotonic()
         try:

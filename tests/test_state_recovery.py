@@ -448,11 +448,52 @@ def test_a_moved_device_leaves_no_snapshot_on_its_old_partition(broker):
     store.flush()
     assert [p for p, device, _ in store.load([0, 1]) if device == "d"] == [0]
     daemon._partition_of["d"], daemon._old_home["d"] = 1, 0   # its key now lands on partition 1
-    daemon._write_states(["d"])
-    store.flush()
-    assert store.load([0]) == [] and [p for p, _, _ in store.load([0, 1])] == [1]
+    sent = []
+    put, delete, flush = store.put, store.delete, store.flush
+    store.put = lambda p, d, data: (sent.append(("put", p, d)), put(p, d, data))[1]
+    store.delete = lambda p, d: (sent.append(("delete", p, d)), delete(p, d))[1]
+    store.flush = lambda **kw: (sent.append(("flush",)), flush(**kw))[1]
+    daemon._pending = {("t", 1): 1}
+    daemon.pipeline.feed([Reading("d", 20.0, {"v": 0.0})])      # changed: written at the checkpoint
+    daemon._checkpoint_now(_CommittingSource())
+    # the old copy's tombstone only once the new snapshot is acknowledged: a crash between
+    # the two acknowledgements would otherwise leave the device no snapshot at all
+    assert sent == [("put", 1, "d"), ("flush",), ("delete", 0, "d")]
     assert daemon._old_home == {}
+    flush()
+    assert store.load([0]) == [] and [p for p, _, _ in store.load([0, 1])] == [1]
     store.close()
+
+
+def test_a_moved_device_saved_on_revoke_has_its_old_copy_deleted_after_its_new_snapshot(broker):
+    from connectors.state_store import ChangelogStore
+    from monitor.config import KafkaConfig
+    from monitor.readings import Reading
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store = store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "revoked-state")
+    store.ensure_partitions(2)
+    daemon.pipeline.feed([Reading("d", float(t), {"v": t % 5}) for t in range(20)])
+    daemon._partition_of["d"], daemon._old_home["d"] = 1, 0
+    sent = []
+    put, delete, flush = store.put, store.delete, store.flush
+    store.put = lambda p, d, data: (sent.append(("put", p, d)), put(p, d, data))[1]
+    store.delete = lambda p, d: (sent.append(("delete", p, d)), delete(p, d))[1]
+    store.flush = lambda **kw: (sent.append(("flush",)), flush(**kw))[1]
+    daemon._save_on_revoke({"d"})
+    assert sent == [("put", 1, "d"), ("flush",), ("delete", 0, "d"), ("flush",)]
+    assert [p for p, _, _ in store.load([0, 1])] == [1]
+    store.close()
+
+
+class _CommittingSource:
+    def __init__(self):
+        self.committed = []
+
+    def commit(self, offsets):
+        self.committed.append(offsets)
+
+    def in_group(self):
+        return True
 
 
 def test_a_recreated_input_topic_is_scored_afresh_not_skipped_as_covered(broker, tmp_path):
@@ -723,6 +764,8 @@ def test_a_live_device_whose_key_moves_has_its_old_snapshot_deleted(broker):
         daemon._process(_batch("d", 1, list(range(0, 40)), 40), None, _Sinks())    # the topic grew: now on 1
         daemon._write_states(daemon.pipeline.take_changed())
         store.flush()
+        daemon._delete_old_copies()  # once the new snapshot is acknowledged, as a checkpoint does
+        store.flush()
         assert store.load([0]) == [] and [p for p, _, _ in store.load([0, 1])] == [1]
     finally:
         store.close()
@@ -808,10 +851,12 @@ def test_a_moved_device_whose_tombstone_finds_no_room_still_gets_it_when_retried
     daemon._process(_batch("d", 0, list(range(0, 40)), 0), None, _Sinks())
     daemon._write_states(daemon.pipeline.take_changed())
     daemon._process(_batch("d", 1, list(range(0, 40)), 40), None, _Sinks())   # its key moved to partition 1
+    daemon._write_states(["d"])
+    assert set(store.data) == {(0, "d"), (1, "d")}  # the old copy stays until the new one is acknowledged
     store.full_once = True
-    with pytest.raises(KafkaTimeoutError):  # _advance_round gives the device back to its round
-        daemon._write_states(["d"])
-    daemon._write_states(["d"])  # the retry
+    daemon._delete_old_copies()  # after that flush: no room, so it is sent after the next one
+    assert set(store.data) == {(0, "d"), (1, "d")}
+    daemon._delete_old_copies()
     assert set(store.data) == {(1, "d")}
 
 
@@ -1038,6 +1083,7 @@ def test_devices_whose_key_the_topic_s_growth_moves_continue_live_where_they_now
             new._process(_batch(mover, moving[mover], offsets, 40 + 5 * batch), None, _Sinks())
             new._write_states(new.pipeline.take_changed())
             store.flush()
+            new._delete_old_copies()  # as a checkpoint does once the snapshots are acknowledged
         assert all(s.score is not None for r in results for s in r.scores)
         assert deletes == [(key_hash[mover] % 2, mover)]  # the old copy, once: not at every checkpoint
         assert mover not in {d for _, d, _ in store.load([0, 1])}
