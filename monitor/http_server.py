@@ -1,6 +1,6 @@
 """``/metrics``, ``/healthz`` and ``/readyz`` on one port: the daemon's HTTP side.
 
-A thread per request, IPv4 or IPv6, HEAD answered as GET; failed requests are logged
+A thread per request, IPv4 or IPv6, HEAD answered as GET, other methods refused (405); failed requests are logged
 as one line, never as socketserver's traceback on stderr.
 """
 from __future__ import annotations
@@ -184,6 +184,14 @@ class HealthServer:
 
         def respond(environ, start_response):
             path = environ.get("PATH_INFO", "")
+            if path in ("/healthz", "/readyz") and environ.get("REQUEST_METHOD") != "GET":
+                # as prometheus_client answers for /metrics: a POST is no probe, and says so
+                allowed = [("Allow", "OPTIONS, GET, HEAD")]
+                if environ.get("REQUEST_METHOD") == "OPTIONS":
+                    start_response("200 OK", allowed)
+                    return [b""]
+                start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), *allowed])
+                return [b"method not allowed: use GET or HEAD\n"]
             if path in ("/healthz", "/readyz"):
                 ok = healthy() if path == "/healthz" else ready()
                 start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])

@@ -192,6 +192,21 @@ def test_head_is_answered_as_get_without_the_body_on_every_path():
         server.stop()
 
 
+def test_the_probes_refuse_methods_other_than_get_and_head_as_metrics_does():
+    """A POST to /healthz was answered 200 "ok", as if it were a probe."""
+    server = HealthServer("127.0.0.1", 0, CollectorRegistry(), lambda: True, lambda: True)
+    server.start()
+    try:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            for method, status in (("POST", b"405"), ("DELETE", b"405"), ("OPTIONS", b"200")):
+                headers, _, body = _exchange(server.port, f"{method} {path} HTTP/1.0\r\n\r\n".encode()
+                                             ).partition(b"\r\n\r\n")
+                assert headers.split(b" ")[1] == status, (method, path)
+                assert b"Allow: " in headers and b"ok" not in body, (method, path)
+    finally:
+        server.stop()
+
+
 def test_a_device_left_out_of_the_score_series_stops_counting_once_it_gets_one():
     metrics = Metrics(CollectorRegistry(), max_devices=1)
     metrics.observe_scores([Score("a", 1.0, 0.5, False), Score("b", 1.0, 0.5, False)])
