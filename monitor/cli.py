@@ -588,8 +588,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             table = harness.markdown_smd(run.scores, detectors, run.unlabelled)
     print(table)
     if args.report:
-        written = harness.write_report(Path(args.report), args.dataset, run, detectors, table,
-                                       adaptation=not args.no_adaptation_plot, init_dir=init_dir, data=data)
+        with _progress(not args.quiet and not args.no_adaptation_plot, unit=" points",
+                       desc="adaptation figure") as bar:
+            def drawn(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+            written = harness.write_report(Path(args.report), args.dataset, run, detectors, table,
+                                           adaptation=not args.no_adaptation_plot, init_dir=init_dir, data=data,
+                                           on_adaptation_step=drawn)
         print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
 

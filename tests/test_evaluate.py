@@ -169,3 +169,21 @@ def test_a_nab_series_too_short_to_score_is_a_clear_error(tmp_path, capsys):
                  "--detectors", "zscore", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "one.csv" in err and "Traceback" not in err
+
+
+def test_the_adaptation_figure_reports_its_progress_point_by_point(monkeypatch, tmp_path):
+    """It takes minutes, and showed nothing while it ran."""
+    import monitor.datasets
+    import monitor.evaluation.plots
+    import monitor.meta
+    from monitor.evaluation.harness import ADAPT_KS, adaptation_figure
+    monkeypatch.setattr(monitor.datasets, "held_out_tasks", lambda *a, **k: (None, None))
+    monkeypatch.setattr(monitor.datasets, "meta_train_tasks", lambda *a, **k: (None, None))
+    monkeypatch.setattr(monitor.meta, "adaptation_mse", lambda *a, **k: 1.0)
+    monkeypatch.setattr(monitor.meta, "best_lr", lambda *a, **k: 0.1)
+    drawn = []
+    monkeypatch.setattr(monitor.evaluation.plots, "plot_adaptation", lambda path, ks, curves, title: drawn.append(curves))
+    steps = []
+    adaptation_figure(tmp_path / "a.png", on_step=lambda done, total: steps.append((done, total)))
+    n = 2 * len(ADAPT_KS)  # meta-init and random init: no pooled initialization given
+    assert steps == [(i, n) for i in range(1, n + 1)] and len(drawn) == 1

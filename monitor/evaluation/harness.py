@@ -290,11 +290,13 @@ def markdown_smd(results: dict[str, dict[str, float]], detectors: Sequence[Detec
 
 
 def write_report(out: Path, dataset: str, run, detectors: Sequence[Detector], table: str,
-                 adaptation: bool = True, init_dir: Path | None = None, data: Path | None = None) -> list[Path]:
+                 adaptation: bool = True, init_dir: Path | None = None, data: Path | None = None,
+                 on_adaptation_step: Callable[[int, int], None] | None = None) -> list[Path]:
     """The table (Markdown), the numbers (JSON) and the figures; returns the files written.
 
     The adaptation figure reads SMD's and NAB's series from ``data`` (as the tables do) and adds
-    pooled pre-training when ``init_dir`` holds ``pooled.pt``.
+    pooled pre-training when ``init_dir`` holds ``pooled.pt``; it takes minutes, and
+    ``on_adaptation_step(done, total)`` follows it.
     """
     import json
 
@@ -326,7 +328,8 @@ def write_report(out: Path, dataset: str, run, detectors: Sequence[Detector], ta
         pooled = init_dir / "pooled.pt" if init_dir is not None else None
         path = out / "adaptation.png"
         try:
-            adaptation_figure(part(path), Initialization.load(pooled) if pooled and pooled.exists() else None, data)
+            adaptation_figure(part(path), Initialization.load(pooled) if pooled and pooled.exists() else None, data,
+                              on_adaptation_step)
             written.append(path)
         except (OSError, ValueError) as exc:  # a data folder of another layout: the report stands without it
             print(f"skipped the adaptation figure: it draws on SMD's held-out machines and NAB's series "
@@ -340,10 +343,11 @@ def write_report(out: Path, dataset: str, run, detectors: Sequence[Detector], ta
 ADAPT_KS = (0, 1, 2, 5, 10, 50)
 
 
-def adaptation_figure(path: Path, pooled: Initialization | None = None, data: Path | None = None) -> Path:
+def adaptation_figure(path: Path, pooled: Initialization | None = None, data: Path | None = None,
+                      on_step: Callable[[int, int], None] | None = None) -> Path:
     """Query MSE against K on held-out tasks: the shipped meta-initialization against
     random initialization and, if given, pooled pre-training (their step sizes picked
-    per K on training-machine tasks)."""
+    per K on training-machine tasks).  ``on_step(done, total)`` after each point drawn."""
     from monitor.datasets import held_out_tasks, meta_train_tasks
     from monitor.evaluation import plots
     from monitor.meta import adaptation_mse, best_lr
@@ -353,11 +357,21 @@ def adaptation_figure(path: Path, pooled: Initialization | None = None, data: Pa
     support, query = held_out_tasks(96, 96, seed=0, root=data)
     val_support, val_query = meta_train_tasks(64, seed=0, root=data)
 
+    total, done = len(ADAPT_KS) * (2 if pooled is None else 3), 0
+
+    def point(mse: float) -> float:
+        nonlocal done
+        done += 1
+        if on_step is not None:
+            on_step(done, total)
+        return mse
+
     def tuned(init: Initialization) -> list[float]:
-        return [adaptation_mse(init, support, query, k, best_lr(init, val_support, val_query, k) if k else None)
+        return [point(adaptation_mse(init, support, query, k,
+                                     best_lr(init, val_support, val_query, k) if k else None))
                 for k in ADAPT_KS]
 
-    curves = {"meta-init (learned rates)": [adaptation_mse(meta, support, query, k) for k in ADAPT_KS],
+    curves = {"meta-init (learned rates)": [point(adaptation_mse(meta, support, query, k)) for k in ADAPT_KS],
               "random init (lr tuned per K)": tuned(random)}
     if pooled is not None:
         curves["pooled pre-training (lr tuned per K)"] = tuned(pooled)
