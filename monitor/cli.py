@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import gc
 import math
@@ -87,6 +88,17 @@ class _BadRecordLog:
             self.counts[b.reason.value] += 1
 
 
+@contextlib.contextmanager
+def _naming_the_file(f):
+    """Write errors of ``f`` (a full disk, a pipe closed) naming it: Python's own name no file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or not getattr(f, "name", None):
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), f.name) from exc
+
+
 def replay(source: FileSource, pipeline: Pipeline, out_csv=None, dead_letter=None,
            progress: bool = True, on_scores=None, batches=None) -> dict:
     """Feed a recording through ``pipeline``; returns the summary.  ``batches``: the source's,
@@ -102,9 +114,11 @@ def replay(source: FileSource, pipeline: Pipeline, out_csv=None, dead_letter=Non
             result = pipeline.feed(batch.readings)
             bad_log.add(result.bad)
             if dlq:
-                dlq.write(batch.bad + batch.with_raw(result.bad))
+                with _naming_the_file(dead_letter):
+                    dlq.write(batch.bad + batch.with_raw(result.bad))
             if writer:
-                writer.write(result.scores)
+                with _naming_the_file(out_csv):
+                    writer.write(result.scores)
             if on_scores:
                 on_scores(result.scores)
             n += len(batch.readings)
@@ -166,9 +180,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         summary = replay(source, pipeline, out, dlq, progress=not args.quiet, batches=batches)
         complete = True
     finally:
+        unwritten = None  # the last buffered lines are written on close: a full disk may say so only then
         for f in (out, dlq):
             if f:
-                f.close()
+                try:
+                    with _naming_the_file(f):
+                        f.close()
+                except OSError as exc:
+                    unwritten = unwritten or exc
+        finished, complete = complete, complete and unwritten is None
         for final, partial in targets.items():
             if partial == final:
                 continue
@@ -176,6 +196,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 os.replace(partial, final)
             else:
                 print(f"forewarn: the output written before the stop is in {partial}", file=sys.stderr)
+        if finished and unwritten is not None:  # else the error that stopped the run is the one to tell
+            raise unwritten
     print_summary(summary)
     if not summary["readings"]:
         print(f"forewarn: error: {args.input}: no reading was accepted "

@@ -260,6 +260,23 @@ def test_a_truncated_gzip_is_a_clear_error_and_the_partial_output_is_named_as_su
     assert code == 0 and len(_rows(out)) == 600 and not (tmp_path / "scores.csv.partial").exists()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_an_output_that_fails_only_as_it_is_closed_is_named_and_the_other_kept_as_a_part(tmp_path, capsys):
+    """The last lines of a file are written as it is closed: a full disk may say so only
+    then.  That failure left the other output's part unmentioned and named no file."""
+    path = tmp_path / "sensor.csv"
+    path.write_text("timestamp,value\n" + "\n".join(_nab_rows(60)) + "\nnot a row\n")
+    out = tmp_path / "scores.csv"
+    code, _, err = _run(["replay", str(path), "--warmup", "20", "--out", str(out), "--dead-letter", "/dev/full",
+                         "--quiet"], capsys)
+    assert code == 2 and "No space left on device: '/dev/full'" in err and "Traceback" not in err
+    assert not out.exists() and f"written before the stop is in {out}.partial" in err
+    assert len(_rows(f"{out}.partial")) == 60
+    # and one that fails while the run writes it (more than a buffer's worth) names its file too
+    code, _, err = _run(["replay", str(path), "--warmup", "20", "--out", "/dev/full", "--quiet"], capsys)
+    assert code == 2 and "No space left on device: '/dev/full'" in err
+
+
 @pytest.mark.parametrize("content, check", [
     # a byte-order mark: still NAB's layout, real timestamps rather than row numbers
     ("\ufefftimestamp,value\n" + "\n".join(_nab_rows(40)), lambda r: r[0].ts == 1704067200.0),
