@@ -483,8 +483,14 @@ class KafkaSinks:
             key = key_of(b.ref) if key_of else None
             letter = {"reason": b.reason.value, "detail": b.detail, "source": b.ref, "raw": b.raw,
                       "key": None if key is None else excerpt(key), "rejected_at": time.time()}
+            if key is not None and len(key) > self.MAX_LETTER_KEY_BYTES:
+                # a record's key of a megabyte would make its letter one the producer refuses, and a
+                # daemon that cannot dead-letter a record stops on it at every restart
+                letter["key_bytes"], key = len(key), None
             self._futures.append(self.producer.send(self.dead_letter_topic, key=key, value=json.dumps(letter).encode()))
         return len(bad)
+
+    MAX_LETTER_KEY_BYTES = 4096  # a device name is at most 256 characters: 1 KiB of UTF-8
 
     def flush(self, on_wait: Callable[[float], None] | None = None) -> None:
         """Block until everything sent is acknowledged; raises if any of it was not.

@@ -217,9 +217,12 @@ def test_a_reading_the_pipeline_rejects_reaches_the_dead_letters_with_its_messag
 def test_a_tombstone_or_a_record_not_utf8_reaches_the_dead_letters_with_its_key(broker):
     # a tombstone has nothing but its key; bytes that are not UTF-8 are kept as escapes, not U+FFFD
     broker.create_topics({"keys-sensors": 2, "keys-scores": 1, "keys-dead": 1})
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", max_request_size=4 * 2**20)
     producer.send("keys-sensors", key=b"k-tomb", value=None, partition=0)
     producer.send("keys-sensors", key=b"k-bin", value=b"\xff\xfe{", partition=0)
+    # a key of a megabyte: as the letter's own key the producer refused it, and the daemon
+    # stopped on the record at every restart
+    producer.send("keys-sensors", key=b"h" * 1_100_000, value=b"not json", partition=1)
     for ts in range(10):  # a producer that does not key its readings: the device is on both partitions
         producer.send("keys-sensors", key=None, partition=ts % 2,
                       value=json.dumps({"device": "roam", "ts": ts, "value": 1.0}).encode())
@@ -227,15 +230,19 @@ def test_a_tombstone_or_a_record_not_utf8_reaches_the_dead_letters_with_its_key(
     producer.close()
     harness = _Harness(broker, "keys")
     try:
-        wait_for(lambda: harness.daemon.records >= 12, 60, what="every record processed")
+        wait_for(lambda: harness.daemon.records >= 13, 60, what="every record processed")
         reader = KafkaConsumer("keys-dead", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
                                consumer_timeout_ms=3000)
-        letters = {r.key: json.loads(r.value) for r in reader}
+        records = [(r.key, json.loads(r.value)) for r in reader]
         reader.close()
+        letters = dict(records)
         tomb, binary = letters[b"k-tomb"], letters[b"k-bin"]
         assert (tomb["reason"], tomb["raw"], tomb["key"]) == ("malformed", None, "k-tomb")
         assert "tombstone" in tomb["detail"]
         assert binary["raw"] == "\\xff\\xfe{" and binary["key"] == "k-bin"
+        [(key, huge)] = [(k, letter) for k, letter in records if letter["source"] == "keys-sensors/1@0"]
+        # unkeyed, the key in the letter cut, with its length
+        assert (key, huge["reason"], huge["key"], huge["key_bytes"]) == (None, "malformed", "h" * 500, 1_100_000)
         moves = [s.value for m in harness.registry.collect() if m.name == "forewarn_device_partition_moves"
                  for s in m.samples if s.name.endswith("_total")]
         assert moves[0] >= 1  # on two partitions, in one batch or from one to the next
