@@ -449,16 +449,24 @@ class ScoreCsvWriter:
 
     def __init__(self, out: IO[str]) -> None:
         self._writer = csv.writer(out, lineterminator="\n")
+        # csv quotes a field holding the line terminator, here "\n" alone: a name with a bare
+        # "\r" (JSON's escape allows it) would end its row early for readers. Such rows are
+        # written with every field quoted.
+        self._quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
         self._writer.writerow(self.HEADER)
 
     def write(self, scores: list[Score]) -> None:
-        self._writer.writerows(
-            (format_ts(s.ts), s.device,
-             "" if s.score is None else f"{s.score:.6f}",
-             "" if s.anomaly is None else int(s.anomaly),
-             s.channel or "",
-             "" if s.surprise is None else f"{s.surprise:.6g}")
-            for s in scores)
+        rows = [(format_ts(s.ts), s.device,
+                 "" if s.score is None else f"{s.score:.6f}",
+                 "" if s.anomaly is None else int(s.anomaly),
+                 s.channel or "",
+                 "" if s.surprise is None else f"{s.surprise:.6g}")
+                for s in scores]
+        if not any("\r" in s.device or (s.channel and "\r" in s.channel) for s in scores):
+            self._writer.writerows(rows)
+            return
+        for row in rows:
+            (self._quoted if "\r" in row[1] or "\r" in row[4] else self._writer).writerow(row)
 
 
 class DeadLetterWriter:

@@ -163,6 +163,19 @@ def test_wide_csv_with_header_and_timestamp_column(tmp_path):
         list(FileSource(dup).readings())
 
 
+def test_a_name_holding_a_carriage_return_stays_in_its_row_of_the_scores(tmp_path, capsys):
+    """csv quotes only what holds its line terminator ("\\n" here): a bare "\\r" in a name
+    (JSON allows it) ended the row early for every CSV reader."""
+    path = tmp_path / "names.jsonl"
+    path.write_text("\n".join(_good(d, t, **{c: float(t % 3)}) for t in range(30)
+                              for d, c in (("cr\rname", "v"), ("plain", "a\rb"), ("ok", "v"))) + "\n")
+    out = tmp_path / "scores.csv"
+    code, _, _ = _run(["replay", str(path), "--warmup", "16", "--out", str(out), "--quiet"], capsys)
+    rows = _rows(out)
+    assert code == 0 and len(rows) == 90 and {r["device"] for r in rows} == {"cr\rname", "plain", "ok"}
+    assert {r["channel"] for r in rows if r["device"] == "plain" and r["score"]} == {"a\rb"}
+
+
 def test_names_that_cannot_be_written_as_utf8_are_bad_records_not_a_failed_replay(tmp_path, capsys):
     """JSON escapes can spell a lone surrogate, which no UTF-8 output (CSV, Kafka key, metric
     label) can carry: such a device or channel is refused, and the replay completes."""
