@@ -30,7 +30,7 @@ from monitor.config import MAX_ADAPT_STEPS, ConfigError, DetectorConfig
 from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import BadRecord, Score
-from monitor.scoring import CHANNEL_COMBINATIONS, ScoringConfig
+from monitor.scoring import CHANNEL_COMBINATIONS, ScoringConfig, alarm_caveat
 
 SHOWN_BAD_RECORDS = 20
 
@@ -71,7 +71,11 @@ def _pipeline_config(args: argparse.Namespace, init: Initialization) -> Pipeline
         detector.validate()
     except ConfigError as exc:
         raise ConfigError(re.sub(r"detector\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(exc))) from None
-    return detector.pipeline_config(adapt)
+    config = detector.pipeline_config(adapt)
+    caveat = alarm_caveat(config.scoring)
+    if caveat:
+        print(f"warning: {caveat}", file=sys.stderr)
+    return config
 
 
 class _BadRecordLog:

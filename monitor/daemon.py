@@ -33,6 +33,7 @@ from monitor.logs import fields as _fields
 from monitor.metrics import Metrics
 from monitor.pipeline import FeedResult, Pipeline
 from monitor.readings import Reading
+from monitor.scoring import alarm_caveat
 from monitor.state import StateCodec, StateError
 
 log = logging.getLogger("forewarn.daemon")
@@ -507,6 +508,9 @@ class Daemon:
             log.warning("state.checkpoint_interval_s is 15 minutes or more: the ForewarnCheckpointsStalled alert "
                         "(no checkpoint in 15 minutes) will fire, and a crash replays that much",
                         extra=_fields(checkpoint_interval_s=cfg.state.checkpoint_interval_s))
+        caveat = alarm_caveat(self.pipeline.config.scoring)
+        if caveat:
+            log.warning(caveat, extra=_fields(alarm_surprise=cfg.detector.alarm_surprise))
         source = sinks = startup = None
         try:
             startup = _StartUp(self._connect)

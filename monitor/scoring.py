@@ -488,6 +488,21 @@ SURPRISE_CAP = 50.0
 MAX_SURPRISE = 1e300
 
 
+def alarm_caveat(config: ScoringConfig) -> str | None:
+    """What an operator should hear about ``alarm_surprise`` before running, if anything.
+
+    >>> alarm_caveat(ScoringConfig(alarm_surprise=64.0))[:60]
+    'alarm surprise 64 is above 50, the most one channel counts f'
+    >>> alarm_caveat(ScoringConfig(alarm_surprise=64.0, channel_combination="max")) is None
+    True
+    """
+    if config.alarm_surprise <= SURPRISE_CAP or config.channel_combination != "joint":
+        return None
+    return (f"alarm surprise {config.alarm_surprise:g} is above {SURPRISE_CAP:g}, the most one channel counts for "
+            "in a device's joint surprise: a device with several channels reaches it only when more than one "
+            "of them is surprised at once (a device with one channel is not capped)")
+
+
 def joint_surprise(surprises: Sequence[float]) -> float:
     """-log10 of the probability that a device's channels are all this surprising together.
 

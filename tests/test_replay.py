@@ -782,3 +782,15 @@ def test_a_replay_stopped_by_sigterm_says_where_its_part_went_and_exits_143(tmp_
     assert replay.returncode == 143, err
     assert f"the output written before the stop is in {partial}" in err and "forewarn: interrupted" in err
     assert not out.exists() and "Traceback" not in err
+
+
+def test_an_alarm_surprise_above_the_channel_cap_is_warned_of_where_channels_are_combined(tmp_path, capsys):
+    """A channel counts for at most 50 in the joint surprise: two channels, one gone wild,
+    reach ~48, so an alarm surprise of 64 never flagged a one-channel fault on them."""
+    path = tmp_path / "two.jsonl"
+    path.write_text("\n".join(_good("d", t, a=float(t % 3) if t != 50 else 1e12, b=float(t % 2))
+                              for t in range(60)) + "\n")
+    for options, warned in ((["--alarm-surprise", "64"], True), (["--alarm-surprise", "40"], False),
+                            (["--alarm-surprise", "64", "--channel-combination", "max"], False)):
+        code, _, err = _run(["replay", str(path), "--warmup", "16", "--quiet", *options], capsys)
+        assert code == 0 and ("warning: alarm surprise 64 is above 50" in err) == warned, options
