@@ -5,7 +5,8 @@ in the billions, so every stream is mapped to a common scale before the LSTM see
 it: centre = median, scale = IQR / 1.349 (the standard deviation of a normal
 series), at least a tenth of the standard deviation (spiky channels whose IQR is
 0), and for a constant window a share of its level, or a last-resort floor, so
-that nothing divides by zero.  Values are clipped to +-``clip`` on the way into the model so that a wild
+that nothing divides by zero (a window with spread, however small its units, is
+judged by that spread).  Values are clipped to +-``clip`` on the way into the model so that a wild
 reading cannot saturate the recurrent state; residuals are taken before the clip,
 so the wild reading still scores as anomalous.
 """
@@ -19,6 +20,8 @@ import torch
 from torch import Tensor
 
 _IQR_TO_STD = 1.349
+_PRECISION = 1e-12  # relative: a spread below it is float64's rounding, not the series'
+_TINY = 1e-150      # a scale above it keeps a scaled value of a sane reading (|v| <= 1e15) finite when squared
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,11 @@ class Normalization:
         # The level sets the scale only of a window without spread: a counter in the billions
         # that moves by thousands is judged by its thousands, not by a share of its billions.
         flat = torch.maximum(self.rel_floor * center.abs(), torch.full_like(center, self.abs_floor))
-        return center, torch.where(spread > 0, spread, flat).clamp_min(self.abs_floor)
+        # A window with spread is judged by it, however small its units (amperes, farads): floored
+        # only where float64 itself blurs, at 1e-12 of its level, and above 0. (abs_floor, 1e-6, was
+        # a floor for every window: a series spread over 1e-9 lost its spikes.)
+        fine = torch.maximum(_PRECISION * center.abs(), torch.full_like(center, _TINY))
+        return center, torch.where(spread > 0, torch.maximum(spread, fine), flat)
 
     def apply(self, values: Tensor, center: Tensor, scale: Tensor) -> Tensor:
         """Scaled, unclipped values (float64); ``values`` is [B] or windows [B, W]."""

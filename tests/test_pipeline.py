@@ -484,3 +484,21 @@ def test_with_online_updates_a_cold_start_is_still_one_batched_adaptation(monkey
     assert pipe.feed(readings).adapted == 2 and calls == [2]
     late = [Reading("d0", float(t), {"v": 0.1 * t, **({"w": 1.0 + 0.1 * t} if t >= 40 else {})}) for t in range(40, 60)]
     assert pipe.feed(late).adapted == 1 and calls == [2, 1]  # d0's late channel w, beside its live v
+
+
+def test_a_series_in_small_units_is_judged_as_the_same_series_in_large_ones(init):
+    """A scale floor of 1e-6 applied to every warm-up window: a series spread over 1e-9
+    (amperes, farads) was scaled to a hair of its own spread, and its spikes went unflagged."""
+    def scaled(unit):
+        readings = _wave("d", 200)
+        for t in (120, 160):
+            readings[t].values["v"] += 1.0
+        pipe = Pipeline(init, PipelineConfig(warmup=64))
+        return pipe.feed([Reading(r.device, r.ts, {"v": r.values["v"] * unit}) for r in readings]).scores
+    base = scaled(1.0)
+    assert {s.ts for s in base if s.anomaly} >= {120.0, 160.0}
+    for unit in (1e-9, 1e-12, 1e9):
+        scores = scaled(unit)
+        assert [s.anomaly for s in scores] == [s.anomaly for s in base], unit
+        assert [s.surprise for s in scores] == pytest.approx([s.surprise for s in base], rel=1e-6, abs=1e-9), unit
+
