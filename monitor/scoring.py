@@ -504,41 +504,51 @@ def alarm_caveat(config: ScoringConfig) -> str | None:
 
 
 def joint_surprise(surprises: Sequence[float]) -> float:
-    """-log10 of the probability that a device's channels are all this surprising together.
+    """-log10 of the probability that a device's channels are this surprising: the stronger
+    of two tests, all of them together (Fisher's) and any one of them (Bonferroni's).
 
     Fisher's method: where the forecasts are calibrated, a channel's surprise is exponential
     with mean 1 / ln 10, so ln 10 times the sum x over n independent channels is Gamma(n, 1),
-    whose tail is exp(-x) (1 + x + x^2 / 2! + ... + x^(n-1) / (n-1)!).  Each surprise is
-    capped at ``SURPRISE_CAP`` first.  One channel: its own surprise.  Smoothed surprises are
-    combined as they are: their spread is smaller than that of single ones, so the joint
-    surprise errs low, toward fewer alarms.
+    whose tail is exp(-x) (1 + x + x^2 / 2! + ... + x^(n-1) / (n-1)!).  It adds up many small
+    surprises, but many quiet channels dilute one surprised channel: a device with a hundred
+    idle metrics could not flag one gone wild.  Bonferroni's, the largest surprise less
+    log10(n), cannot be diluted so.  Taking the stronger of the two flags, where the channels
+    are calibrated, up to twice what a threshold says (tested at 38 channels); halving the
+    probability to keep it exact would tie every reading below 0.3 at 0, which costs SMD's
+    PA%K.  Each surprise is capped at ``SURPRISE_CAP`` first.  One channel: its
+    own surprise.  Smoothed surprises are combined as they are: their spread is smaller than
+    that of single ones, so the joint surprise errs low, toward fewer alarms.
 
     >>> joint_surprise([7.25])
     7.25
     >>> round(joint_surprise([3.0, 0.1]), 2), round(joint_surprise([3.0, 3.0]), 2)
-    (2.19, 4.83)
+    (2.7, 4.83)
 
-    Nineteen quiet channels dilute one that is surprised; twenty that are all a little
-    surprised add up:
+    One surprised channel among nineteen quiet ones, or among 199, still counts; twenty
+    that are all a little surprised add up:
 
-    >>> round(joint_surprise([6.0] + [0.2] * 19), 2), round(joint_surprise([1.5] * 20), 2)
-    (0.57, 12.0)
+    >>> round(joint_surprise([6.0] + [0.2] * 19), 2), round(joint_surprise([50.0] + [0.0] * 199), 2)
+    (4.7, 47.7)
+    >>> round(joint_surprise([1.5] * 20), 2)
+    12.0
     """
     n = len(surprises)
     if n == 1:
         return surprises[0]
     cap = SURPRISE_CAP
     # a NaN (weights gone bad; inputs are checked) fails s < cap and counts as the cap: loud, not silent
+    capped = [s if s < cap else cap for s in surprises]
+    any_one = max(capped) - math.log10(n)
     # fsum: exact, so the result does not depend on the order the channels come in
-    x = _LN10 * math.fsum([s if s < cap else cap for s in surprises])
+    x = _LN10 * math.fsum(capped)
     if x <= 0.0:
-        return 0.0
+        return max(0.0, any_one)
     log_x, log_fact, exp = math.log(x), _log_factorials(n), math.exp
     # the sum of x^k / k! (k < n) without overflow: each term relative to the largest, at k = floor(x)
     top_k = min(n - 1, int(x))
     top = top_k * log_x - log_fact[top_k]
     total = sum([exp(k * log_x - log_fact[k] - top) for k in range(n)])
-    return max(0.0, (x - top - math.log(total)) / _LN10)
+    return max(0.0, (x - top - math.log(total)) / _LN10, any_one)
 
 
 _LOG_FACTORIALS = [0.0]  # log k!, k < its length

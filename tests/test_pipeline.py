@@ -502,3 +502,21 @@ def test_a_series_in_small_units_is_judged_as_the_same_series_in_large_ones(init
         assert [s.anomaly for s in scores] == [s.anomaly for s in base], unit
         assert [s.surprise for s in scores] == pytest.approx([s.surprise for s in base], rel=1e-6, abs=1e-9), unit
 
+
+
+def test_idle_channels_do_not_hide_one_gone_wild_in_the_joint_surprise(init):
+    """Fisher's method counted each idle channel as one that looked and saw nothing: among
+    150 of them one channel a million spreads off scored below the alarm.  The joint
+    surprise is now the stronger of Fisher's and Bonferroni's (any one channel)."""
+    def device(idle):
+        readings = []
+        for r, s in zip(_wave("d", 120), _wave("d", 120, channel="w", noise_seed=1)):
+            values = {"v": r.values["v"], "w": s.values["w"], **{f"idle{k}": 0.0 for k in range(idle)}}
+            readings.append(Reading("d", r.ts, values))
+        readings[100].values["v"] = 1e6
+        readings[110].values["idle0"] = 5.0  # an idle channel moves: surprising on its own
+        return Pipeline(init, PipelineConfig(warmup=64)).feed(readings).scores
+    for idle in (0, 150):
+        scores = {s.ts: s for s in device(idle)}
+        assert scores[100.0].anomaly and scores[100.0].channel == "v", idle
+        assert scores[110.0].anomaly == (idle > 0), idle

@@ -23,8 +23,9 @@ def _exact_joint(surprises: list[float]) -> float:
     [3.0, 0.1], [3.0, 3.0], [1.0] * 5, [0.6] * 38, [1.0] * 38, [6.0] + [0.2] * 19, [1.5] * 20,
     [12.0, 9.0, 0.3, 0.0], [40.0] * 10, [math.inf, 0.0, 1e300], [0.01] * 1024, [2.0] * 1024, [50.0] * 1024,
 ])
-def test_joint_surprise_is_fishers_method(surprises):
-    exact = _exact_joint(surprises)
+def test_joint_surprise_is_the_stronger_of_fishers_and_bonferronis_methods(surprises):
+    any_one = min(max(surprises), SURPRISE_CAP) - math.log10(len(surprises))
+    exact = max(0.0, _exact_joint(surprises), any_one)
     assert joint_surprise(surprises) == pytest.approx(exact, rel=1e-9, abs=1e-9)
 
 
@@ -62,7 +63,8 @@ def test_a_nan_surprise_counts_as_the_cap_loud_rather_than_silent():
 
 def test_under_calibrated_channels_the_joint_score_flags_what_its_threshold_says():
     """With 38 well-calibrated channels (surprise = -log10 of a uniform draw) a threshold of
-    0.999 should flag one reading in 1,000.  The worst channel alone flags 38 times as many."""
+    0.999 should flag one reading in 1,000: the stronger of two tests, each flagging that,
+    flags up to twice as many.  The worst channel alone flags 38 times as many."""
     rng = random.Random(7)
     n, channels = 40_000, 38
     joint_flags = worst_flags = 0
@@ -70,7 +72,7 @@ def test_under_calibrated_channels_the_joint_score_flags_what_its_threshold_says
         surprises = [-math.log10(1.0 - rng.random()) for _ in range(channels)]
         joint_flags += joint_surprise(surprises) >= 3.0
         worst_flags += max(surprises) >= 3.0
-    assert 0.0005 < joint_flags / n < 0.002
+    assert 0.001 < joint_flags / n < 0.0025
     assert 0.03 < worst_flags / n < 0.045
 
 
