@@ -93,8 +93,10 @@ class LocalStore:
         return []
 
     def delete(self, partition: int, device: str) -> None:
+        """The device's snapshot, if it was written for this partition: one row per device, so
+        a snapshot written since for its new partition has replaced the old one, and stays."""
         with self._named():
-            self.db.execute("DELETE FROM state WHERE device = ?", (device,))
+            self.db.execute("DELETE FROM state WHERE device = ? AND partition = ?", (device, partition))
 
     def flush(self, on_wait=None) -> None:
         with self._named():
@@ -277,7 +279,11 @@ class ChangelogStore:
         """Block until every snapshot is acknowledged; raises if one was not (save for
         those the broker refused as too large: dropped, see ``put``)."""
         snapshots, self._snapshots = self._snapshots, []
-        wait_flushed(self.producer, on_wait)
+        try:
+            wait_flushed(self.producer, on_wait)
+        except BaseException:  # checked at the next flush: a tombstone may wait on one of them
+            self._snapshots = snapshots + self._snapshots
+            raise
         for device, partition, size, future in snapshots:
             if future.failed():
                 if not isinstance(future.exception, MessageSizeTooLargeError):

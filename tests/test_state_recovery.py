@@ -1259,3 +1259,80 @@ def test_a_stop_gives_up_a_restore_rather_than_wait_out_a_broker_gone_meanwhile(
     daemon._to_restore = {TopicPartition("t", 0)}
     daemon._restore(_RestoreSource(committed=40, partitions=1))
     assert daemon._to_restore == {TopicPartition("t", 0)} and not daemon._abandoned
+
+
+def test_a_moved_device_keeps_its_snapshot_in_a_local_state_file(tmp_path):
+    """The local file holds one row per device: the old partition's tombstone, sent after
+    the new snapshot, deleted that new row (and so the device's only snapshot)."""
+    from connectors.state_store import LocalStore
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store = LocalStore(tmp_path / "state.db")
+    daemon._process(_batch("d", 0, list(range(0, 40)), 0), None, _Sinks())
+    daemon._pending = {("t", 0): 40}
+    daemon._checkpoint_now(_CommittingSource())
+    daemon._process(_batch("d", 1, list(range(0, 40)), 40), None, _Sinks())   # its key moved to partition 1
+    daemon._pending = {("t", 1): 40}
+    daemon._checkpoint_now(_CommittingSource())
+    daemon.store.close()
+    assert [(p, d) for p, d, _ in LocalStore(tmp_path / "state.db").load([0, 1])] == [(1, "d")]
+
+
+def test_a_device_moving_back_before_the_flush_has_the_copy_it_left_deleted_next():
+    """Moved from 0 to 1 and written there, then back on 0 before the flush: the copy on 1
+    is now the old one, due for deletion after the device's next snapshot on 0."""
+    class Changelog:  # keyed by (partition, device), as a compacted changelog is per partition
+        shared = True
+
+        def __init__(self):
+            self.data = {}
+
+        def put(self, partition, device, data):
+            self.data[(partition, device)] = data
+
+        def delete(self, partition, device):
+            self.data.pop((partition, device), None)
+
+        def take_dropped(self):
+            return []
+
+        def flush(self, on_wait=None):
+            pass
+
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store = store = Changelog()
+    daemon._process(_batch("d", 0, list(range(0, 40)), 0), None, _Sinks())
+    daemon._write_states(daemon.pipeline.take_changed())
+    daemon._process(_batch("d", 1, list(range(0, 5)), 40), None, _Sinks())     # moved to 1
+    daemon._write_states(daemon.pipeline.take_changed())
+    daemon._process(_batch("d", 0, list(range(40, 45)), 45), None, _Sinks())   # back on 0 before the flush
+    daemon._delete_old_copies()  # after the flush: the copy on 0 is older than the one on 1
+    assert set(store.data) == {(1, "d")} and daemon._old_home == {"d": 1}
+    daemon._write_states(daemon.pipeline.take_changed())
+    daemon._delete_old_copies()
+    assert set(store.data) == {(0, "d")} and daemon._old_home == {}
+
+
+def test_snapshots_whose_flush_was_cut_short_are_checked_at_the_next(broker, monkeypatch):
+    """A flush given up while waiting (a revoke's deadline) forgot its snapshots: the next
+    flush then passed without them, and a moved device's old copy could be deleted after a
+    new snapshot that never landed."""
+    import connectors.state_store
+    from connectors.state_store import ChangelogStore
+    from monitor.config import KafkaConfig
+    store = ChangelogStore(KafkaConfig(bootstrap_servers=broker.bootstrap), "cut-state")
+    try:
+        store.ensure_partitions(1)
+        store.put(0, "d", b"snapshot")
+
+        def cut_short(producer, on_wait):
+            raise TimeoutError("the revoke's deadline")
+        real = connectors.state_store.wait_flushed
+        monkeypatch.setattr(connectors.state_store, "wait_flushed", cut_short)
+        with pytest.raises(TimeoutError):
+            store.flush()
+        assert [d for d, *_ in store._snapshots] == ["d"]  # still to be checked
+        monkeypatch.setattr(connectors.state_store, "wait_flushed", real)
+        store.flush()
+        assert store._snapshots == [] and store.load([0]) == [(0, "d", b"snapshot")]
+    finally:
+        store.close()
