@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 _IQR_TO_STD = 1.349
-_PRECISION = 1e-12  # relative: a spread below it is float64's rounding, not the series'
-_TINY = 1e-150      # a scale above it keeps a scaled value of a sane reading (|v| <= 1e15) finite when squared
+_PRECISION = 1e-12  # relative to the level: a spread below it is float64's rounding, not the series'
+_NOISE = 1e-12      # absolute: near 0, rounding residue (0.1 + 0.2 - 0.3 = 5.6e-17) is not a signal either
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,10 @@ class Normalization:
         # The level sets the scale only of a window without spread: a counter in the billions
         # that moves by thousands is judged by its thousands, not by a share of its billions.
         flat = torch.maximum(self.rel_floor * center.abs(), torch.full_like(center, self.abs_floor))
-        # A window with spread is judged by it, however small its units (amperes, farads): floored
-        # only where float64 itself blurs, at 1e-12 of its level, and above 0. (abs_floor, 1e-6, was
-        # a floor for every window: a series spread over 1e-9 lost its spikes.)
-        fine = torch.maximum(_PRECISION * center.abs(), torch.full_like(center, _TINY))
+        # A window with spread is judged by it, however small its units (nanoamperes): floored only
+        # where float64 itself blurs, at 1e-12 of its level, or at 1e-12 near 0. (abs_floor, 1e-6,
+        # was a floor for every window: a series spread over 1e-9 lost its spikes.)
+        fine = torch.maximum(_PRECISION * center.abs(), torch.full_like(center, _NOISE))
         return center, torch.where(spread > 0, torch.maximum(spread, fine), flat)
 
     def apply(self, values: Tensor, center: Tensor, scale: Tensor) -> Tensor:
