@@ -771,7 +771,8 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
                    help="a device's surprise counts only when it tops all of about its last N readings' (4 blocks of "
                         "N/4), else 0: one alarm per rising incident, as detector.peak_window (default: 0 = off)")
     p.add_argument("--channel-combination", choices=CHANNEL_COMBINATIONS, default=ScoringConfig().channel_combination,
-                   help="a device's score from its channels: joint (how unlikely all of them are together) or "
+                   help="a device's score from its channels: joint (how unlikely they are together, or one of them "
+                        "so surprised, whichever is stronger) or "
                         "max (its worst channel's), as detector.channel_combination (default: %(default)s)")
     p.add_argument("--online-every", type=_non_negative_int, default=0, metavar="N",
                    help="online weight update of each live stream every N readings, leaving out the ones it "

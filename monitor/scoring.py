@@ -79,7 +79,8 @@ class ScoringConfig:
     # to stay high, so it is off by default.
     peak_window: int = 0
     # How a device's channels make its score: "joint", the probability of all of them being
-    # this surprising together (Fisher's method; ``joint_surprise``), or "max", its worst
+    # this surprising together (Fisher's method) or of one being so (Bonferroni's), whichever
+    # is stronger (``joint_surprise``), or "max", its worst
     # channel's alone, which flags a reading whenever any one of many noisy channels strays.
     channel_combination: str = "joint"
 
@@ -491,16 +492,18 @@ MAX_SURPRISE = 1e300
 def alarm_caveat(config: ScoringConfig) -> str | None:
     """What an operator should hear about ``alarm_surprise`` before running, if anything.
 
-    >>> alarm_caveat(ScoringConfig(alarm_surprise=64.0))[:60]
-    'alarm surprise 64 is above 50, the most one channel counts f'
+    >>> alarm_caveat(ScoringConfig(alarm_surprise=64.0))[:59]
+    'alarm surprise 64 is above 49.7, the most one channel alone'
     >>> alarm_caveat(ScoringConfig(alarm_surprise=64.0, channel_combination="max")) is None
     True
     """
-    if config.alarm_surprise <= SURPRISE_CAP or config.channel_combination != "joint":
+    one_of_two = SURPRISE_CAP - math.log10(2)  # joint_surprise: one channel of two at the cap
+    if config.alarm_surprise <= one_of_two or config.channel_combination != "joint":
         return None
-    return (f"alarm surprise {config.alarm_surprise:g} is above {SURPRISE_CAP:g}, the most one channel counts for "
-            "in a device's joint surprise: a device with several channels reaches it only when more than one "
-            "of them is surprised at once (a device with one channel is not capped)")
+    return (f"alarm surprise {config.alarm_surprise:g} is above {one_of_two:.3g}, the most one channel alone "
+            f"gives a device with several (its surprise capped at {SURPRISE_CAP:g}, less log10 of their number): "
+            "such a device reaches it only when more than one channel is surprised at once (a device with one "
+            "channel is not capped)")
 
 
 def joint_surprise(surprises: Sequence[float]) -> float:
@@ -513,9 +516,9 @@ def joint_surprise(surprises: Sequence[float]) -> float:
     surprises, but many quiet channels dilute one surprised channel: a device with a hundred
     idle metrics could not flag one gone wild.  Bonferroni's, the largest surprise less
     log10(n), cannot be diluted so.  Taking the stronger of the two flags, where the channels
-    are calibrated, up to twice what a threshold says (tested at 38 channels); halving the
-    probability to keep it exact would tie every reading below 0.3 at 0, which costs SMD's
-    PA%K.  Each surprise is capped at ``SURPRISE_CAP`` first.  One channel: its
+    are calibrated, up to twice what a threshold says (tested at 38 channels); doubling the
+    probability (a union bound, conservative) would tie every reading below 0.3 at 0, which
+    costs SMD's PA%K.  Each surprise is capped at ``SURPRISE_CAP`` first.  One channel: its
     own surprise.  Smoothed surprises are combined as they are: their spread is smaller than
     that of single ones, so the joint surprise errs low, toward fewer alarms.
 
