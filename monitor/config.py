@@ -233,8 +233,9 @@ class DetectorConfig:
     peak_window: int = _setting(0, "a device's surprise counts only when it tops all of about its last "
                                    "peak_window readings' (4 blocks), else 0: one alarm per rising incident, not "
                                    "one per reading (0 = off, else >= 4; 48 chosen on NAB, see docs/evaluation.md)")
-    channel_combination: str = _setting("joint", "a device's score from its channels: 'joint', how unlikely all of "
-                                                 "them are together (Fisher's method), or 'max', its worst "
+    channel_combination: str = _setting("joint", "a device's score from its channels: 'joint', how unlikely they "
+                                                 "are together (Fisher's method) or that one is so surprised "
+                                                 "(Bonferroni's), whichever is stronger, or 'max', its worst "
                                                  "channel's (see README)")
     max_streams: int = _setting(1_000_000, "cap on streams held (~24 KB each when live); readings of new "
                                            "streams past it are bad records (stream_limit)")
