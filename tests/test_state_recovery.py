@@ -448,11 +448,8 @@ def test_a_moved_device_leaves_no_snapshot_on_its_old_partition(broker):
     store.flush()
     assert [p for p, device, _ in store.load([0, 1]) if device == "d"] == [0]
     daemon._partition_of["d"], daemon._old_home["d"] = 1, 0   # its key now lands on partition 1
-    sent = []
-    put, delete, flush = store.put, store.delete, store.flush
-    store.put = lambda p, d, data: (sent.append(("put", p, d)), put(p, d, data))[1]
-    store.delete = lambda p, d: (sent.append(("delete", p, d)), delete(p, d))[1]
-    store.flush = lambda **kw: (sent.append(("flush",)), flush(**kw))[1]
+    flush = store.flush  # the store's own, for after the recording
+    sent = _record_calls(store)
     daemon._pending = {("t", 1): 1}
     daemon.pipeline.feed([Reading("d", 20.0, {"v": 0.0})])      # changed: written at the checkpoint
     daemon._checkpoint_now(_CommittingSource())
@@ -474,15 +471,47 @@ def test_a_moved_device_saved_on_revoke_has_its_old_copy_deleted_after_its_new_s
     store.ensure_partitions(2)
     daemon.pipeline.feed([Reading("d", float(t), {"v": t % 5}) for t in range(20)])
     daemon._partition_of["d"], daemon._old_home["d"] = 1, 0
+    sent = _record_calls(store)
+    daemon._save_on_revoke({"d"})
+    assert sent == [("put", 1, "d"), ("flush",), ("delete", 0, "d"), ("flush",)]
+    assert [p for p, _, _ in store.load([0, 1])] == [1]
+    store.close()
+
+
+def _record_calls(store) -> list:
+    """What ``store`` is asked to do, in order: ("put", partition, device), ("delete", ...), ("flush",)."""
     sent = []
     put, delete, flush = store.put, store.delete, store.flush
     store.put = lambda p, d, data: (sent.append(("put", p, d)), put(p, d, data))[1]
     store.delete = lambda p, d: (sent.append(("delete", p, d)), delete(p, d))[1]
     store.flush = lambda **kw: (sent.append(("flush",)), flush(**kw))[1]
-    daemon._save_on_revoke({"d"})
-    assert sent == [("put", 1, "d"), ("flush",), ("delete", 0, "d"), ("flush",)]
-    assert [p for p, _, _ in store.load([0, 1])] == [1]
-    store.close()
+    return sent
+
+
+class _DictChangelog:
+    """Keyed by (partition, device), as a compacted changelog is per partition; with
+    ``full_once`` its next delete finds no room in the producer's buffer."""
+
+    shared = True
+
+    def __init__(self):
+        self.data, self.full_once = {}, False
+
+    def put(self, partition, device, data):
+        self.data[(partition, device)] = data
+
+    def delete(self, partition, device):
+        if self.full_once:
+            from kafka.errors import KafkaTimeoutError
+            self.full_once = False
+            raise KafkaTimeoutError("Failed to allocate memory within the configured max blocking time")
+        self.data.pop((partition, device), None)
+
+    def take_dropped(self):
+        return []
+
+    def flush(self, on_wait=None):
+        pass
 
 
 class _CommittingSource:
@@ -826,28 +855,8 @@ def test_a_restore_that_stalls_mid_read_is_retried_not_fatal(broker, monkeypatch
 
 
 def test_a_moved_device_whose_tombstone_finds_no_room_still_gets_it_when_retried():
-    from kafka.errors import KafkaTimeoutError
-
-    class Changelog:
-        """Keyed by (partition, device), as a compacted changelog is per partition."""
-
-        def __init__(self):
-            self.data, self.full_once = {}, False
-
-        def put(self, partition, device, data):
-            self.data[(partition, device)] = data
-
-        def delete(self, partition, device):
-            if self.full_once:
-                self.full_once = False
-                raise KafkaTimeoutError("Failed to allocate memory within the configured max blocking time")
-            self.data.pop((partition, device), None)
-
-        def take_dropped(self):
-            return []
-
     daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
-    daemon.store = store = Changelog()
+    daemon.store = store = _DictChangelog()
     daemon._process(_batch("d", 0, list(range(0, 40)), 0), None, _Sinks())
     daemon._write_states(daemon.pipeline.take_changed())
     daemon._process(_batch("d", 1, list(range(0, 40)), 40), None, _Sinks())   # its key moved to partition 1
@@ -1280,26 +1289,8 @@ def test_a_moved_device_keeps_its_snapshot_in_a_local_state_file(tmp_path):
 def test_a_device_moving_back_before_the_flush_has_the_copy_it_left_deleted_next():
     """Moved from 0 to 1 and written there, then back on 0 before the flush: the copy on 1
     is now the old one, due for deletion after the device's next snapshot on 0."""
-    class Changelog:  # keyed by (partition, device), as a compacted changelog is per partition
-        shared = True
-
-        def __init__(self):
-            self.data = {}
-
-        def put(self, partition, device, data):
-            self.data[(partition, device)] = data
-
-        def delete(self, partition, device):
-            self.data.pop((partition, device), None)
-
-        def take_dropped(self):
-            return []
-
-        def flush(self, on_wait=None):
-            pass
-
     daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
-    daemon.store = store = Changelog()
+    daemon.store = store = _DictChangelog()
     daemon._process(_batch("d", 0, list(range(0, 40)), 0), None, _Sinks())
     daemon._write_states(daemon.pipeline.take_changed())
     daemon._process(_batch("d", 1, list(range(0, 5)), 40), None, _Sinks())     # moved to 1
