@@ -33,6 +33,7 @@ from monitor.readings import BadRecord, Score
 from monitor.scoring import CHANNEL_COMBINATIONS, ScoringConfig, alarm_caveat
 
 SHOWN_BAD_RECORDS = 20
+STDOUT = "-"  # as an output name
 
 
 def tune_runtime(threads: int | None = None) -> None:
@@ -167,41 +168,29 @@ def cmd_replay(args: argparse.Namespace) -> int:
     batches = source.batches()
     first = next(batches, None)
     batches = itertools.chain([] if first is None else [first], batches)
-    # each output is written beside its name and renamed when complete: a file under the
-    # name given is always whole, and a stopped run says where its part went
-    targets = {p: _partial_path(p) for p in (args.out, args.dead_letter) if p}
-    out = open(targets[args.out], "w", encoding="utf-8", newline="") if args.out else None
+    outputs = {flag: _Output(path, flag) for flag, path in (("--out", args.out), ("--dead-letter", args.dead_letter))
+               if path}
+    opened = []
     try:
-        dlq = open(targets[args.dead_letter], "w", encoding="utf-8") if args.dead_letter else None
-    except OSError:
-        if out:  # nothing was written to it: no part to keep
-            out.close()
-            if targets[args.out] != args.out:
-                os.remove(targets[args.out])
+        for flag, output in outputs.items():
+            output.open(newline="" if flag == "--out" else None)
+            opened.append(output)
+    except (OSError, ValueError):
+        for output in opened:  # nothing was written to it: no part to keep
+            output.discard()
         raise
+    out, dlq = (outputs[flag].file if flag in outputs else None for flag in ("--out", "--dead-letter"))
     complete = False
     try:
         summary = replay(source, pipeline, out, dlq, progress=not args.quiet, batches=batches)
         complete = True
     finally:
-        unwritten = None  # the last buffered lines are written on close: a full disk may say so only then
-        for f in (out, dlq):
-            if f:
-                try:
-                    with _naming_the_file(f):
-                        f.close()
-                except OSError as exc:
-                    unwritten = unwritten or exc
-        finished, complete = complete, complete and unwritten is None
-        for final, partial in targets.items():
-            if partial == final:
-                continue
-            if complete:
-                os.replace(partial, final)
-            else:
-                print(f"forewarn: the output written before the stop is in {partial}", file=sys.stderr)
-        if finished and unwritten is not None:  # else the error that stopped the run is the one to tell
-            raise unwritten
+        # the last buffered lines are written at the end: a full disk may say so only then
+        unwritten = [exc for exc in [output.flush() for output in outputs.values()] if exc]
+        unwritten += [exc for exc in [output.finish(keep=complete and not unwritten)
+                                      for output in outputs.values()] if exc]
+        if complete and unwritten:  # else the error that stopped the run is the one to tell
+            raise unwritten[0]
     print_summary(summary)
     if not summary["readings"]:
         print(f"forewarn: error: {args.input}: no reading was accepted "
@@ -242,16 +231,122 @@ def _check_outputs(recording: str, out: str | None, dead_letter: str | None) -> 
 
 
 def _partial_path(path: str) -> str:
-    """Where an output is written until it is complete: ``NAME.partial`` beside it (the name
-    itself for a link or what is not a regular file, such as /dev/stdout: written through)."""
-    target = Path(path)
-    if target.is_symlink() or (target.exists() and not target.is_file()):
+    """Where an output is written until it is complete: ``NAME.partial`` beside the file it
+    names (beside a link's target, which is replaced whole and the link kept), or the name
+    itself where that is not a regular file, such as /dev/null: written through."""
+    final = _final_path(path)
+    if final == path and (Path(path).is_symlink() or (Path(path).exists() and not Path(path).is_file())):
         return path
+    target = Path(final)
     partial = target.with_name(target.name + ".partial")
     if partial.is_symlink() or (partial.exists() and not partial.is_file()):
         # a link would be written through, to wherever it points
         raise ValueError(f"{partial} is in the way (a link or not a file); remove it or give another output")
     return str(partial)
+
+
+def _final_path(path: str) -> str:
+    """The file an output ends up in: a link's target where that is a regular file (or none
+    yet, in a folder that exists).  Links under /dev and /proc (/dev/stdout) are written
+    through: they stand for what the shell opened, which a rename would not reach."""
+    if path == STDOUT or not Path(path).is_symlink() or path.startswith(("/dev/", "/proc/")):
+        return path
+    target = Path(os.path.realpath(path))
+    if (target.is_file() or (not target.exists() and target.parent.is_dir())) \
+            and not str(target).startswith(("/dev/", "/proc/")):
+        return str(target)
+    return path
+
+
+class _Output:
+    """One of replay's output files, written as ``NAME.partial`` and renamed to its name when
+    complete, so that a file under the name given is always whole and a stopped run can say
+    where its part went.  ``-`` is standard output.  The part is locked while written: a second
+    replay to the same name is refused rather than interleaved with this one.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> out = _Output(os.path.join(folder, "scores.csv"), "--out")
+    >>> out.open().write("device,ts\\n")
+    10
+    >>> sorted(os.listdir(folder))
+    ['scores.csv.partial']
+    >>> _Output(os.path.join(folder, "scores.csv"), "--out").open()
+    Traceback (most recent call last):
+    ...
+    ValueError: --out ...scores.csv: another replay is writing it (it holds ...scores.csv.partial); wait for it or give another name
+    >>> out.flush(), out.finish(keep=True), sorted(os.listdir(folder))
+    (None, None, ['scores.csv'])
+    """
+
+    def __init__(self, path: str, flag: str) -> None:
+        self.path, self.flag = path, flag
+        self.final = _final_path(path)
+        self.partial = path if path == STDOUT else _partial_path(path)
+        self.file = None
+
+    def open(self, newline: str | None = None):
+        if self.path == STDOUT:  # not ours to close
+            self.file = sys.stdout
+            return self.file
+        if self.partial == self.final:
+            self.file = open(self.partial, "w", encoding="utf-8", newline=newline)
+            return self.file
+        # opened without truncating: a leftover part is taken over only once it is known that
+        # no other run holds it
+        fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        try:
+            _lock(fd)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"{self.flag} {self.path}: another replay is writing it (it holds {self.partial}); "
+                             "wait for it or give another name") from None
+        os.ftruncate(fd, 0)
+        self.file = open(fd, "w", encoding="utf-8", newline=newline)
+        return self.file
+
+    def discard(self) -> None:
+        """Closes an output nothing was written to, leaving no part behind."""
+        if self.path == STDOUT:
+            return
+        if self.partial != self.final:
+            os.remove(self.partial)  # while locked: no other run can have taken it over
+        self.file.close()
+
+    def flush(self) -> OSError | None:
+        """Writes what is buffered; returns the write error, if any, naming the file."""
+        try:
+            with _naming_the_file(self.file):
+                self.file.flush()
+        except OSError as exc:
+            return exc
+        return None
+
+    def finish(self, keep: bool) -> OSError | None:
+        """Renames the part to its name where ``keep`` (while it is still locked, so that no
+        second run can take it over in between), else says where it is; then closes it."""
+        if self.partial != self.final:
+            if keep:
+                os.replace(self.partial, self.final)
+            else:
+                print(f"forewarn: the output written before the stop is in {self.partial}", file=sys.stderr)
+        if self.path == STDOUT:
+            return None
+        try:
+            with _naming_the_file(self.file):
+                self.file.close()
+        except OSError as exc:
+            return exc
+        return None
+
+
+def _lock(fd: int) -> None:
+    """An exclusive lock on ``fd``, or BlockingIOError where another process holds one."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _bundled(name: str):
@@ -794,8 +889,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="nab: timestamp,value CSV; wide: one channel per column; jsonl: reading messages "
                         "(default: guessed from the name and first line)")
-    p.add_argument("--out", metavar="CSV", help="write one score row per reading here")
-    p.add_argument("--dead-letter", metavar="FILE", help="write every bad record here as a JSON line")
+    p.add_argument("--out", metavar="CSV", help="write one score row per reading here (- for standard output); "
+                   "written as CSV.partial and renamed when complete")
+    p.add_argument("--dead-letter", metavar="FILE", help="write every bad record here as a JSON line "
+                   "(- for standard output)")
     p.add_argument("--batch-size", type=_positive_int, default=1000, help="records per pipeline batch (default: 1000)")
     _detector_options(p)
     p.set_defaults(func=cmd_replay)

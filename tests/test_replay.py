@@ -338,15 +338,59 @@ def test_bad_detector_flags_and_windows_files_are_clear_errors(tmp_path, capsys)
         load_windows(labels)
 
 
-def test_an_output_that_is_a_link_is_written_through_it(tmp_path, capsys):
+def test_an_output_that_is_a_link_has_its_target_replaced_whole_and_the_link_kept(tmp_path, capsys):
     data = tmp_path / "sensor.csv"
     data.write_text("timestamp,value\n" + "\n".join(_nab_rows(30)) + "\n")
-    real = tmp_path / "real.csv"
-    real.write_text("")
-    link = tmp_path / "link.csv"
+    (tmp_path / "runs").mkdir()
+    real = tmp_path / "runs" / "real.csv"
+    real.write_text("an earlier run\n")
+    held = real.open()  # what a reader of the earlier file still sees: not overwritten in place
+    link = tmp_path / "latest.csv"
     link.symlink_to(real)
-    code, _, _ = _run(["replay", str(data), "--warmup", "20", "--out", str(link), "--quiet"], capsys)
-    assert code == 0 and link.is_symlink() and len(_rows(real)) == 30
+    code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", str(link), "--quiet"], capsys)
+    assert code == 0 and link.is_symlink() and len(_rows(real)) == 30, err
+    assert held.read() == "an earlier run\n" and sorted(p.name for p in real.parent.iterdir()) == ["real.csv"]
+    held.close()
+    (tmp_path / "runs" / "dangling.csv").symlink_to(tmp_path / "runs" / "new.csv")  # a target not yet written
+    code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", str(tmp_path / "runs" / "dangling.csv"),
+                         "--quiet"], capsys)
+    assert code == 0 and len(_rows(tmp_path / "runs" / "new.csv")) == 30, err
+
+
+def test_a_second_replay_to_a_name_being_written_is_refused_and_a_stopped_runs_part_taken_over(tmp_path, capsys):
+    import fcntl
+    data = tmp_path / "sensor.csv"
+    data.write_text("timestamp,value\n" + "\n".join(_nab_rows(30)) + "\n")
+    out = tmp_path / "scores.csv"
+    part = tmp_path / "scores.csv.partial"
+    with open(part, "w") as running:  # another replay, still writing
+        running.write("its rows so far\n")
+        running.flush()
+        fcntl.flock(running.fileno(), fcntl.LOCK_EX)
+        code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", str(out), "--quiet"], capsys)
+        assert code == 2 and f"--out {out}: another replay is writing it (it holds {part})" in err
+        assert part.read_text() == "its rows so far\n" and not out.exists()
+        # the dead-letter file opened first is left as it was found: nothing, no part
+        code, _, err = _run(["replay", str(data), "--warmup", "20", "--dead-letter", str(tmp_path / "bad.jsonl"),
+                             "--out", str(out), "--quiet"], capsys)
+        assert code == 2 and "another replay is writing it" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv.partial", "sensor.csv"]
+    # the writer stopped (its lock went with it): its part is a leftover, taken over and replaced
+    code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", str(out), "--quiet"], capsys)
+    assert code == 0 and len(_rows(out)) == 30 and not part.exists(), err
+
+
+def test_an_output_named_dash_is_standard_output(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "sensor.csv"
+    data.write_text("timestamp,value\n" + "\n".join(_nab_rows(30)) + "\nnot a row\n")
+    code, out, err = _run(["replay", str(data), "--warmup", "20", "--out", "-", "--quiet"], capsys)
+    assert code == 0 and out.startswith("ts,device,score,anomaly,channel,surprise\n") and len(out.splitlines()) == 31
+    assert "readings: 30" in err and not (tmp_path / "-").exists() and not (tmp_path / "-.partial").exists()
+    code, out, err = _run(["replay", str(data), "--warmup", "20", "--dead-letter", "-", "--quiet"], capsys)
+    assert code == 0 and json.loads(out)["reason"] == "malformed", out
+    code, _, err = _run(["replay", str(data), "--out", "-", "--dead-letter", "-", "--quiet"], capsys)
+    assert code == 2 and "the same file" in err
 
 
 def test_bytes_that_are_not_utf8_are_bad_records_not_a_guessed_name(tmp_path, capsys):
