@@ -184,8 +184,9 @@ class HealthServer:
 
         def respond(environ, start_response):
             path = environ.get("PATH_INFO", "")
-            if path in ("/healthz", "/readyz") and environ.get("REQUEST_METHOD") != "GET":
-                # as prometheus_client answers for /metrics: a POST is no probe, and says so
+            if path in ("/healthz", "/readyz", "/metrics", "/") and environ.get("REQUEST_METHOD") != "GET":
+                # a POST is no probe or scrape, and says so (HEAD came here as GET); one Allow
+                # header for every path, where prometheus_client's own omits HEAD
                 allowed = [("Allow", "OPTIONS, GET, HEAD")]
                 if environ.get("REQUEST_METHOD") == "OPTIONS":
                     start_response("200 OK", allowed)
