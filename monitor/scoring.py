@@ -14,8 +14,10 @@ Two stages, both exponentially weighted running statistics of the stream's own p
 ``q`` becomes the *surprise*, -log10 of its one-sided normal tail probability
 (3 means 1 in 1,000), and the score in [0, 1] is ``1 - 10**-surprise``.  The
 surprise has no ties where the [0, 1] float rounds to 1.0, so the worst
-anomalies can still be ranked.  What each stage learns is winsorized, so one
-huge anomaly does not widen the band enough to hide the next.
+anomalies can still be ranked.  What stage 1 learns is winsorized (at
+``learn_clip`` spreads), so one huge anomaly does not widen the band enough to
+hide the next; stage 2 learns ``|z|`` as it is, capped only at
+``CALIBRATION_CAP`` so that its statistics cannot overflow.
 
 The statistics are kept as plain floats (River's formulas, Finch 2009) rather
 than River's Rust-backed ``EWMean``/``EWVar``, whose state cannot be read back
@@ -278,8 +280,12 @@ class ResidualScorer:
         return surprise((abs(z) - m.mean) / m.std(self.config.min_calibration_std))
 
     def score_one(self, residual: float) -> float:
-        """Score in [0, 1] of ``residual``, without learning it."""
-        return score_of(self._surprise(self._z(residual)[0]))
+        """Score in [0, 1] of ``residual``, without learning it: what ``surprise_learn_one``
+        would score it, smoothing included."""
+        out = self._surprise(self._z(residual)[0])
+        if self._weight:
+            out = self.smoothed + self._weight * (min(out, SURPRISE_CAP) - self.smoothed)
+        return score_of(out)
 
     def learn_one(self, residual: float) -> None:
         self.surprise_learn_one(residual)
@@ -287,11 +293,10 @@ class ResidualScorer:
     def surprise_learn_one(self, residual: float) -> float:
         """The surprise of ``residual``, then learn it: the per-reading hot path."""
         cfg = self.config
-        res = self.residuals
         z, std = self._z(residual)
         out = self._surprise(z)
-        clip = cfg.learn_clip
-        res.update(res.mean + math.copysign(clip * std, z) if abs(z) > clip else residual)
+        clip = cfg.learn_clip  # _learn_residual, written out: a call costs ~5% of this hot path
+        self.residuals.update(self.residuals.mean + math.copysign(clip * std, z) if abs(z) > clip else residual)
         if cfg.calibration_fading:
             magnitude = abs(z)
             self.magnitudes.update(magnitude if magnitude < CALIBRATION_CAP else CALIBRATION_CAP)
@@ -303,8 +308,10 @@ class ResidualScorer:
     def prime_one(self, residual: float) -> None:
         """Learn a residual of the window the model was fitted on: stage 1 only, since
         in-sample ``|z|`` understate the live ones and would make stage 2 jumpy."""
-        z, std = self._z(residual)
-        clip = self.config.learn_clip
+        self._learn_residual(residual, *self._z(residual))
+
+    def _learn_residual(self, residual: float, z: float, std: float) -> None:
+        clip = self.config.learn_clip  # winsorized: one huge residual does not hide the next
         self.residuals.update(self.residuals.mean + math.copysign(clip * std, z) if abs(z) > clip else residual)
 
 

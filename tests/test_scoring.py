@@ -87,6 +87,22 @@ def test_a_single_channel_keeps_its_own_surprise_uncapped():
     assert joint_surprise([1234.5]) == 1234.5
 
 
+@pytest.mark.parametrize("options", [{}, {"smoothing_span": 9}, {"calibration_fading": 0.002, "smoothing_span": 3}])
+def test_score_one_gives_the_score_learning_would_give_without_learning(options):
+    """score_one ignored smoothing: with a span it gave the raw score (1.000000), the hot path
+    its average (0.999773)."""
+    from monitor.scoring import score_of
+    rng = random.Random(3)
+    scorer = ResidualScorer(ScoringConfig(**options))
+    for _ in range(300):
+        scorer.learn_one(rng.gauss(0, 1))
+    for residual in (0.1, 2.5, 8.0):
+        before = scorer.state()
+        scored = scorer.score_one(residual)
+        assert scorer.state() == before  # nothing learnt
+        assert scored == score_of(scorer.surprise_learn_one(residual)), (options, residual)
+
+
 def test_smoothing_averages_capped_surprises_so_one_absurd_residual_fades_within_readings():
     scorer = ResidualScorer(ScoringConfig(smoothing_span=9))
     for r in [0.1, -0.2, 0.05, 0.15, -0.1, 0.0] * 50:
