@@ -37,6 +37,7 @@ from monitor.scoring import alarm_caveat
 from monitor.state import StateCodec, StateError
 
 log = logging.getLogger("forewarn.daemon")
+LAG_WARNING_INTERVAL_S = 600.0
 
 
 def _in_group(source) -> bool:
@@ -223,6 +224,7 @@ class Daemon:
         self._last_seen: dict[str, float] = {}    # device -> monotonic time of its newest record here
         self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
         self._last_checkpoint = time.monotonic()
+        self._lag_warned_at = -math.inf
         self._broker_reachable = True
         self._waiting_on_broker = False          # outputs or state unacknowledged: connection lost or slow
         self._abandoned = False                  # a batch was given up undelivered: no more state writes
@@ -1107,5 +1109,9 @@ class Daemon:
                     self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
                     if tp not in self._assigned:  # revoked meanwhile, its series removed before this set
                         self.metrics.lag.remove(tp.topic, str(tp.partition))
-        except Exception:  # lag is information, never a reason to stop
+        except Exception as exc:  # lag is information, never a reason to stop
             log.debug("lag unavailable", exc_info=True)
+            if time.monotonic() - self._lag_warned_at >= LAG_WARNING_INTERVAL_S:
+                self._lag_warned_at = time.monotonic()
+                log.warning("consumer lag unavailable: forewarn_consumer_lag_records keeps its last values "
+                            "(logged every 10 minutes while it lasts)", extra=_fields(error=error_text(exc)))

@@ -184,8 +184,9 @@ class Metrics:
                                        "(once per batch): the input topic gained partitions, or producers do "
                                        "not key readings by device, which ordering and recovery rely on", registry=r)
         self.commit_failures = Counter("forewarn_commit_failures_total",
-                                       "Offset commits the group refused (after a rebalance); the readings are "
-                                       "re-delivered", registry=r)
+                                       "Offset commits that failed: refused by the group after a rebalance "
+                                       "(the readings are re-delivered to the next owner) or cut off by the "
+                                       "broker (retried at the next checkpoint)", registry=r)
         # set by the daemon: which instances checkpoint, so that an alert on stalled checkpoints
         # holds from an instance's start, before its first checkpoint
         self.state = Info("forewarn_state", "State store settings (state.store, state.checkpoint_interval_s)",

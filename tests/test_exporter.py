@@ -391,6 +391,32 @@ def test_the_device_counts_its_flagged_readings_in_a_row_while_its_latest_is_fla
     assert run(True, False, True) == 1
 
 
+def test_lag_that_cannot_be_read_is_warned_of_once_in_a_while_and_the_loop_goes_on():
+    """A lag query that failed was logged at debug level only: the gauge kept its last values
+    with nothing to say it had gone stale."""
+    from kafka import TopicPartition
+    from kafka.errors import KafkaTimeoutError
+    daemon = Daemon(Config.load(environ={}), registry=CollectorRegistry())
+    daemon._assigned = {TopicPartition("sensors", 0)}
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("forewarn.daemon")
+    logger.addHandler(handler)
+
+    class Source:
+        def lag(self):
+            raise KafkaTimeoutError("Failed to get offsets by timestamps in 1.0 secs")
+    try:
+        daemon._update_lag(Source())
+        daemon._update_lag(Source())  # within the interval: not again
+    finally:
+        logger.removeHandler(handler)
+    warnings = [r for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "consumer lag unavailable" in warnings[0].getMessage()
+    assert warnings[0].fields["error"].startswith("KafkaTimeoutError: Failed to get offsets")
+
+
 def test_lag_is_exported_for_held_partitions_only_and_latency_for_fed_readings_only():
     """kafka-python revokes on its IO thread and lists a revoked partition until the group has
     settled: the lag series removed on revoke came back frozen, and summed into the topic's lag.
