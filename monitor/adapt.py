@@ -9,13 +9,13 @@ called with ``create_graph=True`` it stays differentiable (second-order MAML).
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from monitor.checks import require
 from monitor.forecaster import Params, forecast_sequence
 
 
@@ -51,12 +51,11 @@ class AdaptConfig:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.lr < 0 or self.prox < 0:
-            raise ValueError("lr and prox must be >= 0")
+        require(self, ("lr", self.lr >= 0, ">= 0"), ("prox", self.prox >= 0, ">= 0"))
         if self.loss not in ("huber", "mse"):
             raise ValueError(f"loss must be 'huber' or 'mse', got {self.loss!r}")
-        if self.burn_in < 0 or self.max_grad_norm <= 0 or self.chunks < 1 or self.huber_delta <= 0:
-            raise ValueError("burn_in must be >= 0, max_grad_norm and huber_delta > 0 and chunks >= 1")
+        require(self, ("burn_in", self.burn_in >= 0, ">= 0"), ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
+                ("chunks", self.chunks >= 1, ">= 1"), ("huber_delta", self.huber_delta > 0, "> 0"))
 
     def to_dict(self) -> dict:
         return asdict(self)

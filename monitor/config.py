@@ -403,6 +403,11 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def changelog_topic(self) -> str:
+        """The topic device state is checkpointed to: ``state.changelog_topic``, by default
+        the consumer group's id with ``-state``, so that each group keeps its own."""
+        return self.state.changelog_topic or f"{self.kafka.group_id}-state"
+
     def validate(self) -> "Config":
         for section in (self.kafka, self.detector, self.metrics, self.state, self.log):
             section.validate()
@@ -412,7 +417,7 @@ class Config:
                               f"metrics.healthy_after_s ({self.metrics.healthy_after_s:g} s), or /healthz fails "
                               "on an idle topic while it waits")
         if self.state.store == "changelog":
-            changelog = self.state.changelog_topic or f"{self.kafka.group_id}-state"
+            changelog = self.changelog_topic()
             if not self.state.changelog_topic:  # a legal group id may still make an illegal topic name
                 check_topic_name("state.changelog_topic (by default kafka.group_id + '-state'; set it to a "
                                  "legal name)", changelog)

@@ -770,7 +770,7 @@ class Daemon:
         if st.store == "local":
             log.info("state store: local file", extra=_fields(path=st.local_path))
             return LocalStore(st.local_path)
-        topic = st.changelog_topic or f"{self.config.kafka.group_id}-state"
+        topic = self.config.changelog_topic()
         log.info("state store: changelog", extra=_fields(topic=topic))
         return ChangelogStore(self.config.kafka, topic, st.changelog_replication, st.max_snapshot_bytes)
 

@@ -37,10 +37,6 @@ def load_smd(machine: str, split: str = "train", root: Path | None = None) -> np
     return np.loadtxt(smd_path(machine, split, root), delimiter=",")
 
 
-def load_smd_labels(machine: str) -> np.ndarray:
-    return np.loadtxt(data_dir() / "smd" / "test_label" / f"machine-{machine}.txt", dtype=np.int8)
-
-
 def nab_files(root: Path | None = None) -> list[Path]:
     """Every NAB series, sorted by ``category/name.csv``."""
     return sorted(((root or data_dir()) / "nab" / "data").glob("*/*.csv"))
@@ -55,7 +51,6 @@ def held_out_tasks(n_smd: int, n_nab: int, support: int = 256, query: int = 128,
     """Tasks from series no shipped initialization was trained on: the held-out SMD
     machines (train split) and every NAB series; returns scaled (support, query), and
     with ``with_sources`` the series each task came from ("smd/3", "nab/12")."""
-    import numpy as np
     import torch
 
     from monitor.meta import TaskSampler

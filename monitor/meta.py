@@ -30,6 +30,7 @@ from torch import Tensor
 
 from monitor.adapt import AdaptConfig, adapt, pointwise_loss, sequence_loss
 from monitor.checkpoint import Initialization
+from monitor.checks import require
 from monitor.forecaster import LSTMSpec, Params, forecast_sequence, init_params
 from monitor.normalize import Normalization
 
@@ -64,14 +65,13 @@ class MetaConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.iterations < 1 or self.tasks_per_batch < 1:
-            raise ValueError("iterations and tasks_per_batch must be >= 1")
-        if self.support < 16 or self.query < 2 or not 1 <= self.query_context <= self.support:
-            raise ValueError("need support >= 16, query >= 2, 1 <= query_context <= support")
-        if self.meta_lr <= 0 or (self.step_size_lr is not None and self.step_size_lr <= 0):
-            raise ValueError("meta_lr and step_size_lr must be > 0")
-        if not 0 < self.reptile_step <= 1:
-            raise ValueError("reptile_step must be in (0, 1]")
+        require(self, ("iterations", self.iterations >= 1, ">= 1"),
+                ("tasks_per_batch", self.tasks_per_batch >= 1, ">= 1"), ("support", self.support >= 16, ">= 16"),
+                ("query", self.query >= 2, ">= 2"),
+                ("query_context", 1 <= self.query_context <= self.support, f"in 1..support ({self.support})"),
+                ("meta_lr", self.meta_lr > 0, "> 0"),
+                ("step_size_lr", self.step_size_lr is None or self.step_size_lr > 0, "> 0"),
+                ("reptile_step", 0 < self.reptile_step <= 1, "in (0, 1]"))
 
 
 # ---- tasks ---------------------------------------------------------------------

@@ -13,11 +13,12 @@ so the wild reading still scores as anomalous.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
+
+from monitor.checks import require
 
 _IQR_TO_STD = 1.349
 _PRECISION = 1e-12  # relative to the level: a spread below it is float64's rounding, not the series'
@@ -47,8 +48,8 @@ class Normalization:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.clip <= 0 or self.abs_floor <= 0 or self.rel_floor < 0 or self.std_floor < 0:
-            raise ValueError("clip and abs_floor must be > 0, rel_floor and std_floor >= 0")
+        require(self, ("clip", self.clip > 0, "> 0"), ("abs_floor", self.abs_floor > 0, "> 0"),
+                ("rel_floor", self.rel_floor >= 0, ">= 0"), ("std_floor", self.std_floor >= 0, ">= 0"))
 
     def fit(self, windows: Tensor) -> tuple[Tensor, Tensor]:
         """Centre and scale of each row of ``windows`` ([B, W], float64).

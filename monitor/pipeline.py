@@ -4,7 +4,9 @@ Each channel of each device is a stream with a lifecycle:
 
     warming  -- buffers its first ``warmup`` values
     adapting -- its window is full; it is adapted at the end of the current batch,
-                together with every other stream that filled up in that batch
+                together with every other stream that filled up in that batch (with
+                online updates on, one whose device already has a live channel is
+                adapted before the batch's next round: see ``_advance``)
     live     -- a row of the ``FleetForecaster``; every reading is forecast,
                 scored and learned
 
@@ -27,6 +29,7 @@ import torch
 
 from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
+from monitor.checks import require
 from monitor.forecaster import FleetForecaster, forecast_sequence
 from monitor.readings import BadReason, BadRecord, Reading, Score, by_reason, check_value
 from monitor.scoring import (MAX_SURPRISE, NewPeaks, PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig,
@@ -82,13 +85,13 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.warmup < 16:
             raise ValueError(f"warmup must be >= 16 readings, got {self.warmup}")
-        if self.max_streams < 1 or self.max_channels < 1 or self.seed_residuals < 0 or self.adapt_batch < 1:
-            raise ValueError("max_streams, max_channels and adapt_batch must be >= 1 and seed_residuals >= 0")
-        if self.drift_threshold < 0 or self.drift_window < 16 or self.drift_cap <= 0:
-            raise ValueError("drift_threshold must be >= 0, drift_window >= 16 and drift_cap > 0")
-        if self.online_every < 0 or self.online_window < 16 or self.online_steps < 1 or self.online_lr_scale <= 0:
-            raise ValueError("online_every must be >= 0, online_window >= 16, online_steps >= 1 "
-                             "and online_lr_scale > 0")
+        require(self, ("max_streams", self.max_streams >= 1, ">= 1"), ("max_channels", self.max_channels >= 1, ">= 1"),
+                ("seed_residuals", self.seed_residuals >= 0, ">= 0"), ("adapt_batch", self.adapt_batch >= 1, ">= 1"),
+                ("drift_threshold", self.drift_threshold >= 0, ">= 0"),
+                ("drift_window", self.drift_window >= 16, ">= 16"), ("drift_cap", self.drift_cap > 0, "> 0"),
+                ("online_every", self.online_every >= 0, ">= 0"), ("online_window", self.online_window >= 16, ">= 16"),
+                ("online_steps", self.online_steps >= 1, ">= 1"),
+                ("online_lr_scale", self.online_lr_scale > 0, "> 0"))
 
 
 class _Stream:

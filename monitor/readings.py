@@ -283,7 +283,7 @@ def parse_message(raw: bytes | str | None, fmt: MessageFormat = MessageFormat(),
     >>> [b.detail for b in parse_message('{"device": "p1", "ts": 1800000000, "value": 2}', latest=1700086400.0).bad]
     ["ts 1800000000.0 (2027-01-15T08:00:00Z) is after 2023-11-15T22:13:20Z, this instance's clock plus kafka.max_timestamp_ahead_s: a clock this far ahead would put the device's later readings out of order"]
     """
-    def rejected(reason: BadReason, detail: str) -> Parsed:
+    def refuse(reason: BadReason, detail: str) -> Parsed:
         return Parsed(None, [BadRecord(reason, detail, ref, excerpt(raw))])
 
     if raw is None:  # told apart from an empty value: its dead letter's raw is null, not ""
@@ -293,48 +293,48 @@ def parse_message(raw: bytes | str | None, fmt: MessageFormat = MessageFormat(),
         # decode first: json.loads on bytes sniffs the encoding, which costs more than decoding
         msg = _DECODER.decode(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        return rejected(BadReason.MALFORMED, f"invalid JSON ({exc})")
+        return refuse(BadReason.MALFORMED, f"invalid JSON ({exc})")
     if type(msg) is not dict:
-        return rejected(BadReason.NOT_AN_OBJECT, f"a JSON {type(msg).__name__}, not an object")
+        return refuse(BadReason.NOT_AN_OBJECT, f"a JSON {type(msg).__name__}, not an object")
     device = msg.get(fmt.device)
     max_name = fmt.max_name_length
     if type(device) is not str or not device or len(device) > max_name:
         if fmt.device not in msg:
-            return rejected(BadReason.MISSING_DEVICE, f"no {fmt.device!r} field")
+            return refuse(BadReason.MISSING_DEVICE, f"no {fmt.device!r} field")
         if type(device) is str and len(device) > max_name:
-            return rejected(BadReason.BAD_DEVICE, f"device name of {len(device)} characters, "
+            return refuse(BadReason.BAD_DEVICE, f"device name of {len(device)} characters, "
                                                   f"more than {max_name}: {device[:40]!r}...")
         if type(device) is not int:
-            return rejected(BadReason.BAD_DEVICE, f"device must be a non-empty string, got {str(device)[:40]!r}")
+            return refuse(BadReason.BAD_DEVICE, f"device must be a non-empty string, got {str(device)[:40]!r}")
         device = str(device)
         if len(device) > max_name:
-            return rejected(BadReason.BAD_DEVICE, f"device id of {len(device)} digits, more than {max_name}")
+            return refuse(BadReason.BAD_DEVICE, f"device id of {len(device)} digits, more than {max_name}")
     if not encodes_as_utf8(device):
-        return rejected(BadReason.BAD_DEVICE, f"device name {device[:40]!r} is not valid Unicode (a lone surrogate)")
+        return refuse(BadReason.BAD_DEVICE, f"device name {device[:40]!r} is not valid Unicode (a lone surrogate)")
     ts = msg.get(fmt.ts)
     if type(ts) is not float or not -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:  # the common case: one check
         if fmt.ts not in msg:
-            return rejected(BadReason.MISSING_TIMESTAMP, f"no {fmt.ts!r} field")
+            return refuse(BadReason.MISSING_TIMESTAMP, f"no {fmt.ts!r} field")
         if ts is None:  # as a null value is a missing value
-            return rejected(BadReason.MISSING_TIMESTAMP, f"null {fmt.ts!r}")
+            return refuse(BadReason.MISSING_TIMESTAMP, f"null {fmt.ts!r}")
         try:
             ts = parse_timestamp(ts)
         except ValueError as exc:
-            return rejected(BadReason.BAD_TIMESTAMP, str(exc))
+            return refuse(BadReason.BAD_TIMESTAMP, str(exc))
     if ts > latest:
-        return rejected(BadReason.BAD_TIMESTAMP, f"ts {ts!r} ({_utc(ts)}) is after {_utc(latest)}, this instance's "
+        return refuse(BadReason.BAD_TIMESTAMP, f"ts {ts!r} ({_utc(ts)}) is after {_utc(latest)}, this instance's "
                                                  "clock plus kafka.max_timestamp_ahead_s: a clock this far ahead "
                                                  "would put the device's later readings out of order")
     if fmt.values in msg:
         raw_values = msg[fmt.values]
         if not isinstance(raw_values, dict) or not raw_values:
-            return rejected(BadReason.MISSING_VALUE, f"{fmt.values!r} must be a non-empty object")
+            return refuse(BadReason.MISSING_VALUE, f"{fmt.values!r} must be a non-empty object")
         if fmt.value in msg:
-            return rejected(BadReason.MALFORMED, f"both {fmt.values!r} and {fmt.value!r}: one of them, not both")
+            return refuse(BadReason.MALFORMED, f"both {fmt.values!r} and {fmt.value!r}: one of them, not both")
     elif fmt.value in msg:
         raw_values = {fmt.value: msg[fmt.value]}
     else:
-        return rejected(BadReason.MISSING_VALUE, f"neither {fmt.values!r} nor {fmt.value!r} present")
+        return refuse(BadReason.MISSING_VALUE, f"neither {fmt.values!r} nor {fmt.value!r} present")
     values: dict[str, float] = {}
     rejected: list[tuple[BadReason, str, str]] = []
     max_abs = fmt.max_abs_value

@@ -29,6 +29,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from monitor.checks import require
+
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)   # of |z| for z ~ N(0, 1)
 _HALF_NORMAL_VAR = 1.0 - 2.0 / math.pi
@@ -98,8 +100,8 @@ class ScoringConfig:
         if not self.alarm_level > 0:  # 1 - threshold rounds to 1: a level of 0 would flag every reading
             raise ValueError(f"threshold must be in (0, 1) and not so small that 1 - threshold rounds to 1, "
                              f"got {self.threshold}")
-        if self.min_std <= 0 or self.min_calibration_std <= 0 or self.learn_clip <= 0:
-            raise ValueError("min_std, min_calibration_std and learn_clip must be > 0")
+        require(self, ("min_std", self.min_std > 0, "> 0"), ("min_calibration_std", self.min_calibration_std > 0, "> 0"),
+                ("learn_clip", self.learn_clip > 0, "> 0"))
         if not (math.isfinite(self.novelty_unit) and self.novelty_unit >= 0):
             raise ValueError(f"novelty_unit must be finite and >= 0, got {self.novelty_unit}")
         if not (self.novelty_window == 0 or self.novelty_window >= RangeNovelty.BLOCKS):

@@ -240,9 +240,10 @@ def test_loading_refuses_step_sizes_adaptation_cannot_use(tmp_path, inner_lr, me
 @pytest.mark.parametrize("section, key, value, message", [
     ("adapt", "lr", float("nan"), "lr must be a finite number"),
     ("adapt", "steps", 2.5, "steps must be an integer"),
-    ("adapt", "huber_delta", -1.0, "huber_delta > 0"),
+    ("adapt", "huber_delta", -1.0, "huber_delta must be > 0, got -1.0"),
+    ("adapt", "prox", -0.1, "prox must be >= 0, got -0.1"),  # once "lr and prox must be >= 0": which?
     ("normalization", "clip", float("nan"), "clip must be a finite number"),
-    ("normalization", "std_floor", -1.0, "std_floor >= 0"),
+    ("normalization", "std_floor", -1.0, "std_floor must be >= 0, got -1.0"),
     ("spec", "hidden", 4.0, "integers >= 1"),
     ("params", "extra", torch.zeros(3), "tensors this model does not have: extra"),
 ])
@@ -277,7 +278,7 @@ def test_shipped_initialization_loads():
 
 def test_query_context_of_zero_is_refused():
     # It made the meta-loss compare one forecast past the query with every query value.
-    with pytest.raises(ValueError, match="1 <= query_context"):
+    with pytest.raises(ValueError, match=r"query_context must be in 1..support \(256\), got 0"):
         MetaConfig(query_context=0)
 
 
