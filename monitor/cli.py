@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from collections import Counter
 from contextlib import contextmanager
 from importlib import resources
@@ -58,21 +57,28 @@ def _load_init(path: str | None) -> Initialization:
     return Initialization.load(path) if path else Initialization.default()
 
 
-def _pipeline_config(args: argparse.Namespace, init: Initialization) -> PipelineConfig:
-    adapt = init.adapt
-    if args.adapt_steps is not None and args.adapt_steps >= 0:  # -1: the initialization's, as detector.adapt_steps
-        adapt = replace(adapt, steps=args.adapt_steps)
-    detector = DetectorConfig(warmup=args.warmup, threshold=args.threshold, alarm_surprise=args.alarm_surprise,
-                              calibration_fading=args.calibration_fading,
-                              novelty_unit=args.novelty_unit, novelty_window=args.novelty_window,
-                              smoothing_span=args.smoothing_span, peak_window=args.peak_window,
-                              channel_combination=args.channel_combination, drift_threshold=args.drift_threshold,
-                              online_every=args.online_every)
-    try:  # the daemon's bounds, named as the options that set them
+# the detector settings that replay, demo and evaluate take as options, by their names in
+# DetectorConfig (--adapt-steps aside: unset, it leaves the setting's default)
+DETECTOR_OPTIONS = ("warmup", "threshold", "alarm_surprise", "calibration_fading", "novelty_unit", "novelty_window",
+                    "smoothing_span", "peak_window", "channel_combination", "drift_threshold", "online_every")
+
+
+def _detector_config(args: argparse.Namespace) -> DetectorConfig:
+    """The detector settings the options give, checked against the daemon's bounds and named
+    as the options that set them."""
+    settings = {name: getattr(args, name) for name in DETECTOR_OPTIONS}
+    if args.adapt_steps is not None:  # -1: the initialization's, as detector.adapt_steps
+        settings["adapt_steps"] = args.adapt_steps
+    detector = DetectorConfig(**settings)
+    try:
         detector.validate()
     except ConfigError as exc:
         raise ConfigError(re.sub(r"detector\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(exc))) from None
-    config = detector.pipeline_config(adapt)
+    return detector
+
+
+def _pipeline_config(args: argparse.Namespace, init: Initialization) -> PipelineConfig:
+    config = _detector_config(args).pipeline_config(init.adapt)
     caveat = alarm_caveat(config.scoring)
     if caveat:
         print(f"warning: {caveat}", file=sys.stderr)
@@ -378,6 +384,29 @@ def _note_unused(options: list[tuple[str, bool]], why: str) -> None:
             print(f"note: {option} has no effect here ({why})", file=sys.stderr)
 
 
+def _demo_environment(bootstrap: str, metrics_port: int, detector: DetectorConfig) -> dict[str, str]:
+    """The daemon's settings for the demo, as environment overrides: the embedded broker's
+    topics, a short rebalance timeout, and every detector option given.
+
+    >>> env = _demo_environment("127.0.0.1:9092", 0, DetectorConfig(smoothing_span=9))
+    >>> env["FOREWARN_DETECTOR_SMOOTHING_SPAN"], env["FOREWARN_KAFKA_TOPIC"]
+    ('9', 'sensors')
+    """
+    env = {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FOREWARN_KAFKA_TOPIC": "sensors",
+           "FOREWARN_KAFKA_GROUP_ID": "forewarn-demo", "FOREWARN_KAFKA_ANOMALIES_TOPIC": "forewarn-anomalies",
+           "FOREWARN_KAFKA_DEAD_LETTER_TOPIC": "forewarn-dead-letter",
+           # a short rebalance timeout, for the embedded broker's group join waits that long, and
+           # batches small enough that one (with an adaptation, on a busy machine) stays inside it
+           "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000", "FOREWARN_KAFKA_MAX_POLL_RECORDS": "500",
+           "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000",
+           "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500", "FOREWARN_METRICS_HOST": "127.0.0.1",
+           "FOREWARN_METRICS_PORT": str(metrics_port), "FOREWARN_LOG_LEVEL": "WARNING"}
+    # the options, as the daemon's settings (it warns of an alarm caveat itself)
+    env.update({f"FOREWARN_DETECTOR_{name.upper()}": str(getattr(detector, name))
+                for name in (*DETECTOR_OPTIONS, "adapt_steps")})
+    return env
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.offline:
         _note_unused([("--speed", args.speed is not None), ("--metrics-port", args.metrics_port != 0)],
@@ -389,7 +418,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from monitor.logs import setup_logging
 
     init = _load_init(args.init)
-    _pipeline_config(args, init)  # the options' bounds, named as the options, before a broker starts
+    detector = _detector_config(args)  # the options' bounds, named as the options, before a broker starts
     flagged: list[Score] = []
 
     def show(result) -> None:
@@ -405,28 +434,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with _stopping(broker), _bundled("machine_temperature_system_failure.csv") as csv_path, \
             _bundled("windows.json") as windows_path:
         broker.create_topics({"sensors": 4, "forewarn-anomalies": 1, "forewarn-dead-letter": 1})
-        env = {"FOREWARN_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "FOREWARN_KAFKA_TOPIC": "sensors",
-               "FOREWARN_KAFKA_GROUP_ID": "forewarn-demo", "FOREWARN_KAFKA_ANOMALIES_TOPIC": "forewarn-anomalies",
-               "FOREWARN_KAFKA_DEAD_LETTER_TOPIC": "forewarn-dead-letter",
-               # a short rebalance timeout, for the embedded broker's group join waits that long, and
-               # batches small enough that one (with an adaptation, on a busy machine) stays inside it
-               "FOREWARN_KAFKA_MAX_POLL_INTERVAL_MS": "3000", "FOREWARN_KAFKA_MAX_POLL_RECORDS": "500",
-               "FOREWARN_KAFKA_SESSION_TIMEOUT_MS": "3000",
-               "FOREWARN_KAFKA_HEARTBEAT_INTERVAL_MS": "500", "FOREWARN_METRICS_HOST": "127.0.0.1",
-               "FOREWARN_METRICS_PORT": str(args.metrics_port), "FOREWARN_LOG_LEVEL": "WARNING",
-               "FOREWARN_DETECTOR_WARMUP": str(args.warmup), "FOREWARN_DETECTOR_THRESHOLD": str(args.threshold),
-               "FOREWARN_DETECTOR_ALARM_SURPRISE": str(args.alarm_surprise),
-               "FOREWARN_DETECTOR_CALIBRATION_FADING": str(args.calibration_fading),
-               "FOREWARN_DETECTOR_DRIFT_THRESHOLD": str(args.drift_threshold),
-               "FOREWARN_DETECTOR_ONLINE_EVERY": str(args.online_every),
-               "FOREWARN_DETECTOR_NOVELTY_UNIT": str(args.novelty_unit),
-               "FOREWARN_DETECTOR_NOVELTY_WINDOW": str(args.novelty_window),
-               "FOREWARN_DETECTOR_SMOOTHING_SPAN": str(args.smoothing_span),
-               "FOREWARN_DETECTOR_PEAK_WINDOW": str(args.peak_window),
-               "FOREWARN_DETECTOR_CHANNEL_COMBINATION": args.channel_combination}
-        if args.adapt_steps is not None:
-            env["FOREWARN_DETECTOR_ADAPT_STEPS"] = str(args.adapt_steps)
-        cfg = Config.load(environ=env)
+        cfg = Config.load(environ=_demo_environment(broker.bootstrap, args.metrics_port, detector))
         setup_logging(cfg.log.level, "text")
         daemon = Daemon(cfg, init=init, on_result=show)
         print(f"Embedded Kafka broker (Tansu) on {broker.bootstrap}; replaying {csv_path.name} "

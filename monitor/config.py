@@ -13,7 +13,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -265,10 +265,13 @@ class DetectorConfig:
                              channel_combination=self.channel_combination)
 
     def pipeline_config(self, adapt):
-        """The ``PipelineConfig`` these settings describe, with ``adapt`` (an ``AdaptConfig``,
-        ``adapt_steps`` already applied) for fast adaptation: the one place that maps
-        detector settings onto the pipeline, for the daemon and ``replay`` alike."""
+        """The ``PipelineConfig`` these settings describe, with ``adapt`` (the initialization's
+        ``AdaptConfig``, its steps replaced where ``adapt_steps`` >= 0) for fast adaptation: the
+        one place that maps detector settings onto the pipeline, for the daemon and ``replay``
+        alike."""
         from monitor.pipeline import PipelineConfig  # here: reading a configuration needs no torch
+        if self.adapt_steps >= 0:
+            adapt = replace(adapt, steps=self.adapt_steps)
         return PipelineConfig(
             warmup=self.warmup, adapt=adapt, scoring=self.scoring_config(),
             max_streams=self.max_streams, max_channels=self.max_channels, adapt_batch=self.adapt_batch,

@@ -177,10 +177,7 @@ class Daemon:
         self.registry = registry or CollectorRegistry()
         det = config.detector
         self.init = init or (Initialization.load(det.init) if det.init else Initialization.default())
-        adapt = self.init.adapt
-        if det.adapt_steps >= 0:
-            adapt = replace(adapt, steps=det.adapt_steps)
-        self.pipeline = Pipeline(self.init, det.pipeline_config(adapt))
+        self.pipeline = Pipeline(self.init, det.pipeline_config(self.init.adapt))
         self.pipeline.progress = self._loop_alive  # a long adaptation burst is progress, not a stuck loop
         self.metrics = Metrics(self.registry, config.metrics.max_devices, self.pipeline.config.scoring)
         self.metrics.describe_state(config.state.store, config.state.checkpoint_interval_s)

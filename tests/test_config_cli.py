@@ -212,6 +212,25 @@ def test_detector_options_reach_the_pipeline_from_the_environment_and_the_replay
     assert default.channel_combination == Config().detector.channel_combination == "joint"
 
 
+def test_every_detector_option_of_the_demo_reaches_its_daemon_as_given():
+    """The demo passed its options to its daemon as environment variables written out one by
+    one, a second copy of the mapping that replay's options go through."""
+    from dataclasses import asdict
+
+    from monitor.cli import DETECTOR_OPTIONS, _demo_environment, _detector_config, build_parser
+    given = ["--warmup", "64", "--adapt-steps", "3", "--threshold", "0.99", "--calibration-fading", "0.002",
+             "--novelty-unit", "3.3e-05", "--novelty-window", "4000", "--smoothing-span", "9",
+             "--peak-window", "48", "--channel-combination", "max", "--drift-threshold", "30",
+             "--online-every", "64"]
+    args = build_parser().parse_args(["demo", *given])
+    detector = _detector_config(args)
+    changed = {k for k, v in asdict(detector).items() if v != getattr(Config().detector, k)}
+    assert changed == set(DETECTOR_OPTIONS) - {"alarm_surprise"} | {"adapt_steps"}  # alarm_surprise: with threshold
+    assert Config.load(environ=_demo_environment("127.0.0.1:9092", 0, detector)).detector == detector
+    args = build_parser().parse_args(["demo", "--alarm-surprise", "64", "--channel-combination", "max"])
+    assert Config.load(environ=_demo_environment("b:1", 0, _detector_config(args))).detector.alarm_surprise == 64
+
+
 def test_adapt_steps_minus_one_is_the_initialization_s_for_replay_as_for_the_daemon_and_the_demo(capsys):
     from monitor.checkpoint import Initialization
     from monitor.cli import _pipeline_config, build_parser
