@@ -31,7 +31,7 @@ from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
 from monitor.checks import require
 from monitor.forecaster import FleetForecaster, forecast_sequence
-from monitor.readings import BadReason, BadRecord, Reading, Score, by_reason, check_value
+from monitor.readings import BadReason, BadRecord, Reading, Score, by_reason, check_value, encodes_as_utf8
 from monitor.scoring import (MAX_SURPRISE, NewPeaks, PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig,
                              joint_surprise, score_of)
 from monitor.state import DeviceState, StreamState
@@ -113,6 +113,26 @@ class _Stream:
         self.drift = drift
         self.rebuffer: list[float] | None = None     # live, drifted: the window for its re-adaptation
         self.novelty = novelty
+
+
+def _name_problem(device, channel) -> tuple[BadReason, object, str] | None:
+    """Why a device or channel name cannot make a stream, as ``(reason, channel, detail)``:
+    the sources refuse these; a library caller's ``Reading`` may still hold them, and they
+    would fail every output later (snapshots, CSV, metric labels).
+
+    >>> _name_problem("pump", "temp") is None
+    True
+    >>> _name_problem(17, "temp"), _name_problem("pump", "")[2]
+    ((<BadReason.BAD_DEVICE: 'bad_device'>, 'temp', 'a device name must be a non-empty string'), \
+'a channel name must be a non-empty string')
+    """
+    shown = channel[:40] if type(channel) is str else channel
+    for reason, what, name in ((BadReason.BAD_DEVICE, "device", device), (BadReason.BAD_CHANNEL, "channel", channel)):
+        if type(name) is not str or not name:
+            return reason, shown, f"a {what} name must be a non-empty string"
+        if not encodes_as_utf8(name):
+            return reason, shown, f"a {what} name that is not valid Unicode (a lone surrogate)"
+    return None
 
 
 def _with(rejected: list | None, entry: tuple) -> list:
@@ -242,7 +262,11 @@ class Pipeline:
                 ts = self._library_ts(reading, bad)                       # library caller may not
                 if ts is None:
                     continue
-            known = device in self._devices
+            try:
+                known = device in self._devices
+            except TypeError:  # unhashable: a library caller's, as every name below is checked
+                bad.extend(by_reason(device, [_name_problem(device, c) for c in reading.values], reading.ref))
+                continue
             placed, first, entries = 0, None, None
             rejected = None  # (reason, channel, detail): one bad record per reason, after the channels
             for channel, value in reading.values.items():
@@ -253,6 +277,10 @@ class Pipeline:
                         continue
                 stream = streams.get((device, channel))
                 if stream is None:
+                    problem = _name_problem(device, channel)  # checked once, where a stream would be made
+                    if problem:
+                        rejected = _with(rejected, problem)
+                        continue
                     stream, detail = self._new_stream(device, channel, known)
                     if stream is None:
                         rejected = _with(rejected, (BadReason.STREAM_LIMIT, channel, detail))

@@ -211,6 +211,20 @@ def test_what_a_library_caller_passes_that_is_not_a_number_is_a_bad_record_not_a
     assert list(pipe._streams[("a", "v")].buffer) == [1.0, 2.0]
 
 
+def test_names_a_library_caller_passes_that_no_source_would_are_bad_records(init):
+    """Device 17, None, "", a lone surrogate or an unhashable list made streams (or an exception)
+    that every output would fail on later: snapshots, CSV rows, metric labels."""
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    result = pipe.feed([Reading(17, 0.0, {"v": 1.0}), Reading(None, 0.0, {"v": 1.0}), Reading("", 0.0, {"v": 1.0}),
+                        Reading("d\ud800", 0.0, {"v": 1.0}), Reading(["d"], 0.0, {"v": 1.0, "w": 2.0}),
+                        Reading("d", 0.0, {"": 1.0, 5: 1.0, "v": 1.0})])
+    assert [b.reason for b in result.bad] == [BadReason.BAD_DEVICE] * 5 + [BadReason.BAD_CHANNEL]
+    assert result.bad[0].detail == "device 17 channel 'v': a device name must be a non-empty string"
+    assert result.bad[5].detail == "device 'd' channels '', 5: a channel name must be a non-empty string"
+    assert pipe.devices() == {"d"} and list(pipe._devices["d"][0].buffer) == [1.0]
+    assert [(s.device, s.ts) for s in result.scores] == [("d", 0.0)]
+
+
 def test_a_device_whose_every_value_is_refused_is_not_held(init):
     pipe = Pipeline(init, PipelineConfig(warmup=32, max_streams=1))
     pipe.feed([Reading("a", 0.0, {"v": 1.0})] + [Reading(f"spam-{i}", 0.0, {"v": 1.0}) for i in range(50)])
