@@ -126,7 +126,8 @@ def detect_format(path: str | Path) -> str:
     if name.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"
     if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
-        raise FileFormatError(f"{path}: not a regular file (a pipe?): give its format, since guessing it "
+        shown = "- (standard input)" if str(path) == "/dev/stdin" else path
+        raise FileFormatError(f"{shown}: not a regular file (a pipe?): give its format, since guessing it "
                               "would read lines the replay then misses")
     with open_text(path) as f:
         try:

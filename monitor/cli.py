@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import gc
 import math
@@ -78,11 +79,7 @@ def _detector_config(args: argparse.Namespace) -> DetectorConfig:
 
 
 def _pipeline_config(args: argparse.Namespace, init: Initialization) -> PipelineConfig:
-    config = _detector_config(args).pipeline_config(init.adapt)
-    caveat = alarm_caveat(config.scoring)
-    if caveat:
-        print(f"warning: {caveat}", file=sys.stderr)
-    return config
+    return _detector_config(args).pipeline_config(init.adapt)
 
 
 class _BadRecordLog:
@@ -117,12 +114,16 @@ def replay(source: FileSource, pipeline: Pipeline, out_csv=None, dead_letter=Non
     writer = ScoreCsvWriter(out_csv) if out_csv is not None else None
     dlq = DeadLetterWriter(dead_letter) if dead_letter is not None else None
     bad_log = _BadRecordLog()
+    caveat = alarm_caveat(pipeline.config.scoring)  # told once a device it applies to comes
     started = time.perf_counter()
     n = 0
     with _progress(progress, unit=" readings", desc=f"replay {source.path.name}") as bar:
         for batch in source.batches() if batches is None else batches:
             bad_log.add(batch.bad)
             result = pipeline.feed(batch.readings)
+            if caveat and pipeline.several_channels_seen:
+                bar.write(f"warning: {caveat}", file=sys.stderr)
+                caveat = None
             bad_log.add(result.bad)
             if dlq:
                 with _naming_the_file(dead_letter):
@@ -447,6 +448,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         def finish_when_consumed() -> None:
             try:
+                give_up = time.monotonic() + 120  # the daemon serves /metrics before it joins the group
+                while daemon.server is None and not daemon.stopping.is_set() and time.monotonic() < give_up:
+                    time.sleep(0.05)
+                if daemon.server is not None:  # now, not only at the end: it is gone by then
+                    print(f"Metrics: http://127.0.0.1:{daemon.server.port}/metrics while the demo runs "
+                          "(--metrics-port fixes the port; --speed 100000 keeps it up for about a minute)", file=sys.stderr)
                 out, _ = publisher.communicate()
                 outcome["code"] = publisher.returncode
                 published = int(out.split()[1]) if publisher.returncode == 0 and out.startswith("published") else 0
@@ -621,7 +628,13 @@ def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
     from connectors.kafka import PUBLISH_STALL_S, PaceError, PublishError, close_producer, publish_recording
     from monitor.config import Config
     kafka = Config.load(args.config).kafka
-    servers = (args.bootstrap_servers or kafka.bootstrap_servers).split(",")
+    if args.bootstrap_servers:  # checked as the setting is, named as the option
+        kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap_servers)
+        try:
+            kafka.validate()
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("kafka.bootstrap_servers", "--bootstrap-servers")) from None
+    servers = [s.strip() for s in kafka.bootstrap_servers.split(",")]
     source = FileSource(args.input, args.format, batch_size=1000)
     # a send that blocks (the buffer full, the topic's metadata not coming) gives up when a
     # stalled broker would be reported anyway, not after kafka-python's 60 s
@@ -768,7 +781,8 @@ def _expand_paths(paths: list[str]) -> list[Path]:
         else:
             out.append(p)
     if skipped:
-        print(f"note: {len(skipped)} files not read as recordings (licence, read-me or label files): "
+        print(f"note: {len(skipped)} file{'s' if len(skipped) != 1 else ''} not read as recordings "
+              "(licence, read-me or label files): "
               + ", ".join(str(f) for f in skipped[:5]) + (" ..." if len(skipped) > 5 else ""), file=sys.stderr)
     if not out:
         raise FileFormatError(f"no data files in {' '.join(paths)} (recordings end in "

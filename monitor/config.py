@@ -537,9 +537,22 @@ def _check_server(server: str) -> None:
         host, port, _ = get_ip_port_afi(address)
     except ValueError:
         host, port = "", 0
-    if not host or not 1 <= port <= 65535:
-        raise ConfigError(f"kafka.bootstrap_servers: {server!r} is not host:port with a port in 1..65535 "
-                          "(an IPv6 address with a port goes in brackets: [::1]:9092)")
+    if not host or not 1 <= port <= 65535 or not (_HOST_NAME.fullmatch(host) or _is_ip(host)):
+        raise ConfigError(f"kafka.bootstrap_servers: {server!r} is not host:port with a port in 1..65535 and "
+                          "a host name of A-Z a-z 0-9 . _ - or an IP address (an IPv6 address with a port goes in "
+                          "brackets: [::1]:9092; a PROTOCOL:// prefix is dropped, as kafka-python drops it)")
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")  # underscores too: common in container networks' names
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def check_topic_name(setting: str, name: str) -> None:

@@ -222,6 +222,7 @@ class Daemon:
         self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
         self._last_checkpoint = time.monotonic()
         self._lag_warned_at = -math.inf
+        self._alarm_caveat = alarm_caveat(self.pipeline.config.scoring)
         self._broker_reachable = True
         self._waiting_on_broker = False          # outputs or state unacknowledged: connection lost or slow
         self._abandoned = False                  # a batch was given up undelivered: no more state writes
@@ -513,9 +514,6 @@ class Daemon:
             log.warning("state.checkpoint_interval_s is 15 minutes or more: the ForewarnCheckpointsStalled alert "
                         "(no checkpoint in 15 minutes) will fire, and a crash replays that much",
                         extra=_fields(checkpoint_interval_s=cfg.state.checkpoint_interval_s))
-        caveat = alarm_caveat(self.pipeline.config.scoring)
-        if caveat:
-            log.warning(caveat, extra=_fields(alarm_surprise=cfg.detector.alarm_surprise))
         source = sinks = startup = None
         try:
             startup = _StartUp(self._connect)
@@ -656,6 +654,9 @@ class Daemon:
         self._last_seen.update(dict.fromkeys(batch.partition_of, self._newest_seen))
         readings = self._skip_covered(batch) if self._covered or self._seen_until else batch.readings
         result = self.pipeline.feed(readings)
+        if self._alarm_caveat and self.pipeline.several_channels_seen:  # said once a device it applies to came
+            log.warning(self._alarm_caveat, extra=_fields(alarm_surprise=self.config.detector.alarm_surprise))
+            self._alarm_caveat = None
         parsed_bad = self._skip_handled_bad(batch.bad) if self._bad_handled else batch.bad
         bad = parsed_bad + batch.with_raw(result.bad)
         sent = sinks.send_scores(result.scores)

@@ -212,6 +212,7 @@ class Pipeline:
         self._alarm_surprise = self.config.scoring.alarm_level
         self._streams: dict[tuple[str, str], _Stream] = {}
         self._devices: dict[str, list[_Stream]] = {}    # device -> its streams
+        self.several_channels_seen = False               # a device with two channels or more came
         self._peaks: dict[str, NewPeaks] = {}            # device -> its recent surprises (peak_window on)
         self._state_counts = Counter({s: 0 for s in Lifecycle})
         self.counts: Counter[str] = Counter()           # readings, scored, anomalies, late_channel
@@ -436,7 +437,10 @@ class Pipeline:
             self.counts["late_channel"] += 1
         stream = self._make_stream(device, channel)
         self._streams[(device, channel)] = stream
-        self._devices.setdefault(device, []).append(stream)
+        channels = self._devices.setdefault(device, [])
+        channels.append(stream)
+        if len(channels) == 2:
+            self.several_channels_seen = True
         self._state_counts[Lifecycle.WARMING] += 1
         return stream, ""
 
@@ -657,7 +661,10 @@ class Pipeline:
                 stream = self._make_stream(ds.device, ss.channel)
                 stream.last_ts = ss.last_ts
                 self._streams[(ds.device, ss.channel)] = stream
-                self._devices.setdefault(ds.device, []).append(stream)
+                channels = self._devices.setdefault(ds.device, [])
+                channels.append(stream)
+                if len(channels) == 2:
+                    self.several_channels_seen = True
                 self._state_counts[Lifecycle.WARMING] += 1
                 if ss.stage == "live":
                     stream.scorer = ResidualScorer.from_state(ss.scorer, self.config.scoring)

@@ -499,7 +499,8 @@ MAX_SURPRISE = 1e300
 
 
 def alarm_caveat(config: ScoringConfig) -> str | None:
-    """What an operator should hear about ``alarm_surprise`` before running, if anything.
+    """What an operator should hear about ``alarm_surprise``, if anything, once a device with
+    several channels comes (a fleet of single metrics is not capped: nothing to say there).
 
     >>> alarm_caveat(ScoringConfig(alarm_surprise=64.0))[:59]
     'alarm surprise 64 is above 49.7, the most one channel alone'

@@ -78,6 +78,8 @@ def test_toml_then_environment(tmp_path):
     ("[kafka]\nbootstrap_servers = 'host:notaport'\n", "kafka.bootstrap_servers: 'host:notaport' is not host:port"),
     ("[kafka]\nbootstrap_servers = 'a:9092,b:99999'\n", "'b:99999' is not host:port with a port in 1..65535"),
     ("[kafka]\nbootstrap_servers = ':9092'\n", "':9092' is not host:port"),
+    ("[kafka]\nbootstrap_servers = 'a b:1'\n", "'a b:1' is not host:port with a port in 1..65535 and a host name "
+                                               "of A-Z a-z 0-9 . _ - or an IP address"),  # was taken
     ("[kafka]\nmax_poll_interval_ms = 3000000000\n", "kafka.max_poll_interval_ms must be in 1..2147483647"),
     # adapted on as a warm-up is, at the same memory cost
     ("[detector]\ndrift_window = 100000000\n", "detector.drift_window must be in 16..16384, got 100000000"),
@@ -409,3 +411,14 @@ def test_evaluate_and_meta_train_refuse_what_would_fail_late_or_lose_data(tmp_pa
     assert main(["evaluate", "--dataset", "nab", "--data", str(tmp_path), "--report", str(recording / "r"),
                  "--quiet"]) == 2
     assert f"--report {recording}/r: {recording} is not a folder" in capsys.readouterr().err
+
+
+def test_replay_to_kafka_checks_its_bootstrap_servers_as_the_setting_is_checked(tmp_path, capsys):
+    """'a b:1' was handed to kafka-python, which tried it for 30 s and said less."""
+    from monitor.cli import main
+    recording = tmp_path / "r.jsonl"
+    recording.write_text('{"device": "a", "ts": 1, "value": 1.0}\n')
+    for given, said in (("a b:1", "--bootstrap-servers: 'a b:1' is not host:port"),
+                        ("b:1,", "--bootstrap-servers must be a comma-separated host:port list with no empty entry")):
+        assert main(["replay-to-kafka", str(recording), "--topic", "t", "--bootstrap-servers", given]) == 2
+        assert said in capsys.readouterr().err

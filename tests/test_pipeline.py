@@ -537,3 +537,17 @@ def test_idle_channels_do_not_hide_one_gone_wild_in_the_joint_surprise(init):
         scores = {s.ts: s for s in device(idle)}
         assert scores[100.0].anomaly and scores[100.0].channel == "v", idle
         assert scores[110.0].anomaly == (idle > 0), idle
+
+
+def test_a_device_with_several_channels_is_noticed_fed_or_restored(init):
+    """What the alarm caveat waits for: a fleet of single metrics is not warned of."""
+    pipe = Pipeline(init, PipelineConfig(warmup=16))
+    pipe.feed([Reading(f"d{i}", float(t), {"v": 1.0}) for t in range(20) for i in range(3)])
+    assert not pipe.several_channels_seen
+    pipe.feed([Reading("d0", 20.0, {"v": 1.0, "w": 2.0})])
+    assert pipe.several_channels_seen
+    restored = Pipeline(init, PipelineConfig(warmup=16))
+    restored.import_devices(pipe.export_devices(["d1"]))
+    assert not restored.several_channels_seen
+    restored.import_devices(pipe.export_devices(["d0"]))
+    assert restored.several_channels_seen
