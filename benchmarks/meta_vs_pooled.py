@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from monitor.adapt import adapt  # noqa: E402
 from monitor.checkpoint import Initialization  # noqa: E402
 from monitor.datasets import held_out_tasks, meta_train_tasks  # noqa: E402
-from monitor.meta import best_lr, query_mse  # noqa: E402
+from monitor.meta import best_lr, task_mse  # noqa: E402
 
 ARTIFACTS = ROOT / "benchmarks" / "artifacts"
-
-
-def task_mse(init: Initialization, support, query, steps: int, lr: float | None = None) -> np.ndarray:
-    """Query MSE of every task after ``steps`` steps (``lr`` replaces the learned step sizes)."""
-    cfg = replace(init.adapt, steps=steps, lr=init.adapt.lr if lr is None else lr)
-    with torch.no_grad():
-        adapted = adapt(init.params, support, cfg, init.inner_lr if lr is None else None)
-        return query_mse(adapted, support, query).numpy()
 
 
 def main() -> None:
@@ -68,8 +58,9 @@ def main() -> None:
         val_support, val_query = meta_train_tasks(64, seed=100 + draw)
         for k in ks:
             for name, init in inits.items():
-                mse[(name, k)].append(task_mse(init, support, query, k))
-            mse[("pooled", k)].append(task_mse(pooled, support, query, k, best_lr(pooled, val_support, val_query, k)))
+                mse[(name, k)].append(task_mse(init, support, query, k).numpy())
+            lr = best_lr(pooled, val_support, val_query, k)
+            mse[("pooled", k)].append(task_mse(pooled, support, query, k, lr).numpy())
         print(f"  draw {draw + 1}/{args.draws} done", file=sys.stderr)
 
     rng = np.random.default_rng(0)

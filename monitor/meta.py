@@ -262,11 +262,18 @@ def adaptation_mse(init: Initialization, support: Tensor, query: Tensor, steps: 
 
     ``lr`` replaces the initialization's step sizes (learned or not) with one rate.
     """
+    return float(task_mse(init, support, query, steps, lr).mean())
+
+
+def task_mse(init: Initialization, support: Tensor, query: Tensor, steps: int,
+             lr: float | None = None) -> Tensor:
+    """Query MSE of each task after ``steps`` inner steps (``lr`` as in ``adaptation_mse``):
+    paired comparisons of initializations need them task by task."""
     cfg = replace(init.adapt, steps=steps, lr=init.adapt.lr if lr is None else lr)
     inner_lr = init.inner_lr if lr is None else None
     with torch.no_grad():
         adapted = adapt(init.params, support, cfg, inner_lr)
-    return float(query_mse(adapted, support, query).mean())
+        return query_mse(adapted, support, query)
 
 
 # Up to 3: random initialization did best at the top of a grid ending at 0.3.  It still picks
