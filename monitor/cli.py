@@ -166,6 +166,8 @@ def print_summary(summary: dict, stream=None) -> None:
 
 # ---- subcommands ----------------------------------------------------------------------
 def cmd_replay(args: argparse.Namespace) -> int:
+    # written to as the process's own stream: opened by name, it would be truncated (a shell's >> too)
+    args.out, args.dead_letter = (STDOUT if p == "/dev/stdout" else p for p in (args.out, args.dead_letter))
     _check_outputs(args.input, args.out, args.dead_letter)
     init = _load_init(args.init)
     pipeline = Pipeline(init, _pipeline_config(args, init))
@@ -217,6 +219,10 @@ def _check_outputs(recording: str, out: str | None, dead_letter: str | None) -> 
             return True
         return pa.exists() and pb.exists() and os.path.samefile(pa, pb)  # hard links
     for flag, path in (("--out", out), ("--dead-letter", dead_letter)):
+        try:
+            path and Path(path).resolve()
+        except (RuntimeError, OSError):  # Python 3.11 says "Symlink loop" with a traceback
+            raise ValueError(f"{flag} {path}: a loop of links, which leads to no file; give another name") from None
         if path and Path(path).is_dir():
             raise ValueError(f"{flag} {path}: is a directory; give a file name")
         if path and not Path(path).parent.is_dir():
@@ -291,69 +297,98 @@ class _Output:
         self.final = _final_path(path)
         self.partial = path if path == STDOUT else _partial_path(path)
         self.file = None
+        self.locked = False
 
     def open(self, newline: str | None = None):
         if self.path == STDOUT:  # not ours to close
             self.file = sys.stdout
-            return self.file
-        if self.partial == self.final:
+        elif self.partial == self.final:
             self.file = open(self.partial, "w", encoding="utf-8", newline=newline)
-            return self.file
-        # opened without truncating: a leftover part is taken over only once it is known that
-        # no other run holds it
-        fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        try:
-            _lock(fd)
-        except BlockingIOError:
-            os.close(fd)
-            raise ValueError(f"{self.flag} {self.path}: another replay is writing it (it holds {self.partial}); "
-                             "wait for it or give another name") from None
-        os.ftruncate(fd, 0)
-        self.file = open(fd, "w", encoding="utf-8", newline=newline)
+        else:  # the opener's descriptor, under the part's name (write errors name it)
+            self.file = open(self.partial, "w", encoding="utf-8", newline=newline, opener=self._take_part)
         return self.file
+
+    def _take_part(self, path: str, _flags: int) -> int:
+        """The part, opened without truncating, locked, then emptied: a leftover is taken over
+        only once no other run holds it.  The run that held it may rename or remove it between
+        our open and our lock: then what we hold is not the part any more, and we open again."""
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        for _ in range(5):
+            fd = os.open(path, flags, 0o666)
+            try:
+                self.locked = _lock(fd)
+            except BlockingIOError:
+                os.close(fd)
+                raise ValueError(f"{self.flag} {self.path}: another replay is writing it (it holds {path}); "
+                                 "wait for it or give another name") from None
+            try:
+                held = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+            except FileNotFoundError:
+                held = False
+            if held or not self.locked:
+                os.ftruncate(fd, 0)
+                return fd
+            os.close(fd)
+        raise ValueError(f"{self.flag} {self.path}: {path} keeps being replaced by another run; "
+                         "wait for it or give another name")
 
     def discard(self) -> None:
         """Closes an output nothing was written to, leaving no part behind."""
         if self.path == STDOUT:
             return
-        if self.partial != self.final:
+        if self.partial != self.final and self.locked:
             os.remove(self.partial)  # while locked: no other run can have taken it over
         self.file.close()
+        if self.partial != self.final and not self.locked:  # an open file cannot be removed everywhere
+            os.remove(self.partial)
 
     def flush(self) -> OSError | None:
-        """Writes what is buffered; returns the write error, if any, naming the file."""
+        """Writes what is buffered, to the disk for a part (a full disk or a quota may say so
+        only then, and the part must not take its name before); returns the write error, if
+        any, naming the file."""
         try:
             with _naming_the_file(self.file):
                 self.file.flush()
+                if self.partial != self.final and self.path != STDOUT:
+                    os.fsync(self.file.fileno())
         except OSError as exc:
             return exc
         return None
 
     def finish(self, keep: bool) -> OSError | None:
         """Renames the part to its name where ``keep`` (while it is still locked, so that no
-        second run can take it over in between), else says where it is; then closes it."""
-        if self.partial != self.final:
-            if keep:
-                os.replace(self.partial, self.final)
-            else:
-                print(f"forewarn: the output written before the stop is in {self.partial}", file=sys.stderr)
-        if self.path == STDOUT:
-            return None
-        try:
-            with _naming_the_file(self.file):
-                self.file.close()
-        except OSError as exc:
-            return exc
-        return None
+        second run can take it over in between), else says where it is; and closes it."""
+        error = None
+        if self.locked or self.partial == self.final:
+            self._rename(keep)
+        if self.path != STDOUT:
+            try:
+                with _naming_the_file(self.file):
+                    self.file.close()
+            except OSError as exc:
+                error = exc
+        if not self.locked and self.partial != self.final:  # no lock: an open file cannot be renamed everywhere
+            self._rename(keep and error is None)
+        return error
+
+    def _rename(self, keep: bool) -> None:
+        if self.partial == self.final:
+            return
+        if keep:
+            os.replace(self.partial, self.final)
+        else:
+            print(f"forewarn: the output written before the stop is in {self.partial}", file=sys.stderr)
 
 
-def _lock(fd: int) -> None:
-    """An exclusive lock on ``fd``, or BlockingIOError where another process holds one."""
+def _lock(fd: int) -> bool:
+    """An exclusive lock on ``fd``: True, or BlockingIOError where another process holds one;
+    False where there are no such locks (not POSIX)."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock, as before
-        return
+    except ImportError:
+        return False
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True
 
 
 def _bundled(name: str):

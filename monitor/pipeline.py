@@ -126,9 +126,9 @@ def _name_problem(device, channel) -> tuple[BadReason, object, str] | None:
     ((<BadReason.BAD_DEVICE: 'bad_device'>, 'temp', 'a device name must be a non-empty string'), \
 'a channel name must be a non-empty string')
     """
-    shown = channel[:40] if type(channel) is str else channel
+    shown = channel[:40] if isinstance(channel, str) else channel
     for reason, what, name in ((BadReason.BAD_DEVICE, "device", device), (BadReason.BAD_CHANNEL, "channel", channel)):
-        if type(name) is not str or not name:
+        if not isinstance(name, str) or not name:  # str subclasses too (numpy's names): they write as str
             return reason, shown, f"a {what} name must be a non-empty string"
         if not encodes_as_utf8(name):
             return reason, shown, f"a {what} name that is not valid Unicode (a lone surrogate)"

@@ -223,6 +223,9 @@ def test_names_a_library_caller_passes_that_no_source_would_are_bad_records(init
     assert result.bad[5].detail == "device 'd' channels '', 5: a channel name must be a non-empty string"
     assert pipe.devices() == {"d"} and list(pipe._devices["d"][0].buffer) == [1.0]
     assert [(s.device, s.ts) for s in result.scores] == [("d", 0.0)]
+    np = pytest.importorskip("numpy")  # str subclasses are names: numpy's write as str everywhere
+    result = pipe.feed([Reading(np.str_("pump"), 1.0, {np.str_("temp"): 1.0})])
+    assert result.bad == [] and ("pump", "temp") in pipe._streams
 
 
 def test_a_device_whose_every_value_is_refused_is_not_held(init):

@@ -358,7 +358,7 @@ def test_an_output_that_is_a_link_has_its_target_replaced_whole_and_the_link_kep
 
 
 def test_a_second_replay_to_a_name_being_written_is_refused_and_a_stopped_runs_part_taken_over(tmp_path, capsys):
-    import fcntl
+    fcntl = pytest.importorskip("fcntl")
     data = tmp_path / "sensor.csv"
     data.write_text("timestamp,value\n" + "\n".join(_nab_rows(30)) + "\n")
     out = tmp_path / "scores.csv"
@@ -380,6 +380,49 @@ def test_a_second_replay_to_a_name_being_written_is_refused_and_a_stopped_runs_p
     assert code == 0 and len(_rows(out)) == 30 and not part.exists(), err
 
 
+def test_a_part_renamed_by_the_run_that_held_it_is_not_taken_over(tmp_path, capsys, monkeypatch):
+    """Run A renames its part between run B's open and B's lock: B locked A's finished file,
+    emptied it and wrote into it (a review's reproduction)."""
+    import monitor.cli as cli
+    data = tmp_path / "sensor.csv"
+    data.write_text("timestamp,value\n" + "\n".join(_nab_rows(30)) + "\n")
+    out, part = tmp_path / "scores.csv", tmp_path / "scores.csv.partial"
+    part.write_text("run A's rows\n")
+    real_lock, calls = cli._lock, []
+
+    def lock_after_a_finished(fd):
+        if not calls:
+            os.replace(part, out)  # A, done: its part is its output now
+        calls.append(fd)
+        return real_lock(fd)
+    monkeypatch.setattr(cli, "_lock", lock_after_a_finished)
+    code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", str(tmp_path / "b.csv"), "--quiet"], capsys)
+    assert code == 0, err  # another name: no race
+    calls.clear()
+    part.write_text("run A's rows\n")
+    out.unlink()
+    code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", str(out), "--quiet"], capsys)
+    assert code == 0 and len(calls) == 2, err  # opened again
+    assert len(_rows(out)) == 30  # B's whole output, under the name, after A's
+
+
+def test_a_write_error_found_only_when_the_part_is_synced_keeps_the_name_free_and_names_the_file(
+        tmp_path, capsys, monkeypatch):
+    """A quota or a network disk may report a failed write only when the file is synced or
+    closed: the part took its name first, and the error named a descriptor ('4'), not the file."""
+    import errno
+    data = tmp_path / "sensor.csv"
+    data.write_text("timestamp,value\n" + "\n".join(_nab_rows(30)) + "\n")
+    out = tmp_path / "scores.csv"
+
+    def over_quota(fd):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    monkeypatch.setattr(os, "fsync", over_quota)
+    code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", str(out), "--quiet"], capsys)
+    assert code == 2 and f"Disk quota exceeded: '{out}.partial'" in err, err
+    assert not out.exists() and f"the output written before the stop is in {out}.partial" in err
+
+
 def test_an_output_named_dash_is_standard_output(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "sensor.csv"
@@ -391,6 +434,12 @@ def test_an_output_named_dash_is_standard_output(tmp_path, capsys, monkeypatch):
     assert code == 0 and json.loads(out)["reason"] == "malformed", out
     code, _, err = _run(["replay", str(data), "--out", "-", "--dead-letter", "-", "--quiet"], capsys)
     assert code == 2 and "the same file" in err
+    # /dev/stdout is the same stream: opened by name it was truncated, a shell's >> file too
+    code, out, err = _run(["replay", str(data), "--warmup", "20", "--out", "/dev/stdout", "--quiet"], capsys)
+    assert code == 0 and len(out.splitlines()) == 31, err
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    code, _, err = _run(["replay", str(data), "--out", str(tmp_path / "loop"), "--quiet"], capsys)
+    assert code == 2 and "a loop of links" in err and "Traceback" not in err
 
 
 def test_bytes_that_are_not_utf8_are_bad_records_not_a_guessed_name(tmp_path, capsys):
