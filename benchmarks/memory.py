@@ -10,12 +10,12 @@ initialization (the baseline), then:
 - cold: N streams whose windows fill in the same batch, adapted with the default K in slices of
   ``detector.adapt_batch`` (512), as the daemon does; the peak, which one slice sets, per stream of a
   slice (the N streams' own state, 24 KB each, taken off first), what stays resident afterwards
-  (glibc keeps freed heap memory), and what is left after ``malloc_trim`` gives the free memory back.
+  (glibc keeps freed heap memory), and what is left after ``malloc_trim`` gives the free memory back
+  (which the daemon does once a burst ends), with the time the call took.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import resource
 import subprocess
@@ -35,7 +35,7 @@ def measure(n: int, steps: int | None) -> dict:
     import torch
 
     import connectors.kafka  # noqa: F401  (the daemon's imports)
-    import monitor.daemon  # noqa: F401
+    from monitor.daemon import release_free_memory
     from monitor.adapt import AdaptConfig
     from monitor.checkpoint import Initialization
     from monitor.cli import tune_runtime
@@ -56,8 +56,9 @@ def measure(n: int, steps: int | None) -> dict:
     assert pipe.streams_by_state()["live"] == n
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     after = rss()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return {"baseline": base, "after": after, "trimmed": rss(), "peak": peak, "streams": n}
+    trim_seconds = release_free_memory()  # as the daemon does once a burst of adaptations ends
+    return {"baseline": base, "after": after, "trimmed": rss(), "peak": peak, "streams": n,
+            "trim_seconds": trim_seconds}
 
 
 def main() -> None:
@@ -92,7 +93,8 @@ def main() -> None:
           f"MiB, {(cold['peak'] - cold['baseline'] - per_live * args.cold) / in_slice / 1e6:,.2f} MB per stream "
           "of a slice |")
     print(f"| the same, resident afterwards | {cold['after'] / mib:,.0f} MiB |")
-    print(f"| the same, after malloc_trim | {cold['trimmed'] / mib:,.0f} MiB |")
+    print(f"| the same, after malloc_trim (the daemon's, once a burst ends) | {cold['trimmed'] / mib:,.0f} MiB, "
+          f"the call {cold['trim_seconds'] * 1000:,.0f} ms |")
 
 
 if __name__ == "__main__":

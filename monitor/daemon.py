@@ -13,6 +13,8 @@ from the state store, and resumed; readings a restored state already covers
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import signal
@@ -38,6 +40,26 @@ from monitor.state import StateCodec, StateError
 
 log = logging.getLogger("forewarn.daemon")
 LAG_WARNING_INTERVAL_S = 600.0
+RELEASE_AFTER_STREAMS = 64  # ~2 MB each while adapted: a burst this large frees ~128 MB
+
+
+def release_free_memory() -> float | None:
+    """``malloc_trim(0)``: gives the free heap memory back to the system; the seconds it took,
+    or None where the C library has no such call (not glibc)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if not _malloc_trim:
+        return None
+    started = time.perf_counter()
+    _malloc_trim(0)
+    return time.perf_counter() - started
+
+
+_malloc_trim = None  # loaded at first use
 
 
 def _in_group(source) -> bool:
@@ -222,6 +244,7 @@ class Daemon:
         self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
         self._last_checkpoint = time.monotonic()
         self._lag_warned_at = -math.inf
+        self._adapted_unreleased = 0  # streams adapted since memory was last handed back
         self._alarm_caveat = alarm_caveat(self.pipeline.config.scoring)
         self._broker_reachable = True
         self._waiting_on_broker = False          # outputs or state unacknowledged: connection lost or slow
@@ -654,9 +677,8 @@ class Daemon:
         self._last_seen.update(dict.fromkeys(batch.partition_of, self._newest_seen))
         readings = self._skip_covered(batch) if self._covered or self._seen_until else batch.readings
         result = self.pipeline.feed(readings)
-        if self._alarm_caveat and self.pipeline.several_channels_seen:  # said once a device it applies to came
-            log.warning(self._alarm_caveat, extra=_fields(alarm_surprise=self.config.detector.alarm_surprise))
-            self._alarm_caveat = None
+        if self._alarm_caveat and self.pipeline.several_channels_seen:
+            self._tell_alarm_caveat()
         parsed_bad = self._skip_handled_bad(batch.bad) if self._bad_handled else batch.bad
         bad = parsed_bad + batch.with_raw(result.bad)
         sent = sinks.send_scores(result.scores)
@@ -684,6 +706,7 @@ class Daemon:
             log.info("drifted streams re-adapted", extra=_fields(streams=result.readapted))
         if result.updated:
             self.metrics.updated.inc(result.updated)
+        self._release_after_burst(result)
         for b in bad[:5]:
             log.warning("bad record", extra=_fields(reason=b.reason.value, detail=b.detail, source=b.ref))
         if self.on_result:
@@ -1097,6 +1120,29 @@ class Daemon:
                 self.metrics.latency.observe(max(0.0, now - t))
         if self.latency_log is not None:
             self.latency_log.extend(now - batch.arrival[id(r)] for r in readings if id(r) in batch.arrival)
+
+    def _tell_alarm_caveat(self) -> None:
+        """Once, when a device it applies to (several channels) has come: a fleet of single
+        metrics is not capped, and NAB-like settings for one would warn for nothing."""
+        if self._alarm_caveat and self.pipeline.several_channels_seen:
+            log.warning(self._alarm_caveat, extra=_fields(alarm_surprise=self.config.detector.alarm_surprise))
+            self._alarm_caveat = None
+
+    def _release_after_burst(self, result: FeedResult) -> None:
+        """Once a burst of adaptations ends (a batch adapts none after batches that adapted at
+        least ``RELEASE_AFTER_STREAMS``), hand the heap memory it freed back to the system.
+        glibc keeps it: after 2,000 streams adapted, 1.1 GiB stayed resident where 0.37 GiB
+        was in use (benchmarks/memory.py), and a pod sized for its steady state would sit at
+        its peak until restarted.  Once per burst, not per batch: a burst reuses what the
+        batch before it freed."""
+        adapted = result.adapted + result.readapted
+        self._adapted_unreleased += adapted
+        if adapted or self._adapted_unreleased < RELEASE_AFTER_STREAMS:
+            return
+        self._adapted_unreleased = 0
+        seconds = release_free_memory()
+        if seconds is not None:
+            log.info("memory freed by adaptations handed back", extra=_fields(seconds=round(seconds, 3)))
 
     def _update_lag(self, source) -> None:
         try:
