@@ -262,6 +262,60 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 # built once: json.loads with a hook would build a decoder per message
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_INT64 = float(2 ** 63)
+
+
+def _fast_json(raw: bytes | str) -> dict | None:
+    """The message's object by orjson (~1 us against ~2.7 for the standard library's parser,
+    a tenth of a record's whole cost in the daemon), or None where only the exact parser can
+    say what the message holds: orjson refused it (NaN, a lone surrogate, a number too large:
+    the exact parser gives the reason), it is not an object, one of its names may appear twice
+    (orjson keeps the last without a word: a message holds at least as many colons as names,
+    and no more unless a string holds one), or it has an integer past 64 bits (orjson reads it
+    as a float: a device id of 20 digits would stop being a name).
+
+    >>> _fast_json(b'{"device": "p1", "ts": 5, "values": {"a": 1.5}}')
+    {'device': 'p1', 'ts': 5, 'values': {'a': 1.5}}
+    >>> [_fast_json(m) for m in (b'{"device": "p1", "device": "p2"}', b'{"ts": "12:00"}', b'{"v": NaN}',
+    ...                           b'{"device": 123456789012345678901234567890}', b'[1]')]
+    [None, None, None, None, None]
+    """
+    try:
+        msg = _orjson_loads(raw)
+    except ValueError:  # orjson.JSONDecodeError is one
+        return None
+    if type(msg) is not dict:
+        return None
+    try:
+        names = _names(msg)
+    except RecursionError:  # nested past Python's depth: the exact parser says so, or reads it
+        return None
+    if names < 0 or raw.count(b":" if type(raw) is bytes else ":") != names:
+        return None
+    return msg
+
+
+def _names(obj: dict | list) -> int:
+    """Names in ``obj``'s objects, nested ones included; -1 where a float could be an integer
+    orjson read past 64 bits."""
+    n = len(obj) if type(obj) is dict else 0
+    for v in obj.values() if type(obj) is dict else obj:
+        t = type(v)
+        if t is dict or t is list:
+            inner = _names(v)
+            if inner < 0:
+                return -1
+            n += inner
+        elif t is float and not -_INT64 < v < _INT64:
+            return -1
+    return n
+
+
+try:
+    from orjson import loads as _orjson_loads
+except ImportError:  # the standard library's parser alone: slower, the same readings
+    def _fast_json(raw: bytes | str) -> dict | None:  # noqa: F811
+        return None
 
 
 def parse_message(raw: bytes | str | None, fmt: MessageFormat = MessageFormat(), ref: str = "",
@@ -290,8 +344,10 @@ def parse_message(raw: bytes | str | None, fmt: MessageFormat = MessageFormat(),
         return Parsed(None, [BadRecord(BadReason.MALFORMED, "a null value (a tombstone), not a reading message", ref)])
 
     try:
-        # decode first: json.loads on bytes sniffs the encoding, which costs more than decoding
-        msg = _DECODER.decode(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
+        msg = _fast_json(raw) if type(raw) is bytes or type(raw) is str else None
+        if msg is None:
+            # decode first: json.loads on bytes sniffs the encoding, which costs more than decoding
+            msg = _DECODER.decode(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         return refuse(BadReason.MALFORMED, f"invalid JSON ({exc})")
     if type(msg) is not dict:

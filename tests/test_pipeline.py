@@ -554,3 +554,52 @@ def test_a_device_with_several_channels_is_noticed_fed_or_restored(init):
     assert not restored.several_channels_seen
     restored.import_devices(pipe.export_devices(["d0"]))
     assert restored.several_channels_seen
+
+
+def _json_text(pairs: list[tuple[str, str]]) -> str:
+    """An object's text from (name, value text) pairs: a name may come twice, as on the wire."""
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in pairs) + "}"
+
+
+def test_the_fast_json_path_reads_every_message_as_the_exact_parser_does():
+    """parse_message reads most messages with orjson and the rest with the standard library's
+    parser, which refuses names given twice and says why a message is bad: the two must agree
+    on every reading and every bad record, or the fast path changed what a message means."""
+    pytest.importorskip("orjson")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    import monitor.readings as readings
+    numbers = st.one_of(st.integers(-2 ** 70, 2 ** 70).map(str), st.floats(allow_nan=False).map(json.dumps),
+                        st.sampled_from(["NaN", "-Infinity", "1e400", "-0", "1E5", "0.1e-400", "18446744073709551616",
+                                         "-123456789012345678901234567890", "9223372036854775807"]))
+    texts = st.one_of(st.text(max_size=8).map(json.dumps), st.sampled_from(['"12:00"', '"\\ud800"', '"a\\"b"']))
+    keys = st.sampled_from(["device", "ts", "value", "values", "a", "b:c", "ts"])
+    scalars = st.one_of(numbers, texts, st.sampled_from(["null", "true", "[]", "[1, {\"x\": 2}]"]))
+    channels = st.lists(st.tuples(st.sampled_from(["a", "b", "a", "c:d"]), scalars), max_size=4).map(_json_text)
+    messages = st.lists(st.tuples(keys, st.one_of(scalars, channels)), max_size=5).map(_json_text)
+
+    @settings(max_examples=400, deadline=None)
+    @given(messages, st.booleans())
+    def agree(text, as_bytes):
+        raw = text.encode("utf-8", "surrogatepass") if as_bytes else text
+        fast = parse_message(raw, ref="r")
+        exact_parsed = readings._fast_json
+        readings._fast_json = lambda _raw: None
+        try:
+            exact = parse_message(raw, ref="r")
+        finally:
+            readings._fast_json = exact_parsed
+        assert fast == exact, text
+
+    agree()
+    # the fast path is taken where it can be: not every message fell back
+    taken = []
+    real = readings._orjson_loads
+    readings._orjson_loads = lambda raw: taken.append(raw) or real(raw)
+    try:
+        assert parse_message(b'{"device": "p1", "ts": 5, "values": {"a": 1.5, "b": 2}}').reading.values == \
+            {"a": 1.5, "b": 2.0}
+    finally:
+        readings._orjson_loads = real
+    assert taken and readings._fast_json(taken[0]) is not None
