@@ -573,13 +573,26 @@ def test_the_fast_json_path_reads_every_message_as_the_exact_parser_does():
     numbers = st.one_of(st.integers(-2 ** 70, 2 ** 70).map(str), st.floats(allow_nan=False).map(json.dumps),
                         st.sampled_from(["NaN", "-Infinity", "1e400", "-0", "1E5", "0.1e-400", "18446744073709551616",
                                          "-123456789012345678901234567890", "9223372036854775807"]))
-    texts = st.one_of(st.text(max_size=8).map(json.dumps), st.sampled_from(['"12:00"', '"\\ud800"', '"a\\"b"']))
-    keys = st.sampled_from(["device", "ts", "value", "values", "a", "b:c", "ts"])
+    texts = st.one_of(st.text(max_size=8).map(json.dumps),
+                      st.sampled_from(['"12:00"', '"\\ud800"', '"a\\"b"', '"x\\u003ay"', '"2024-01-01T00:00:00Z"']))
     scalars = st.one_of(numbers, texts, st.sampled_from(["null", "true", "[]", "[1, {\"x\": 2}]"]))
-    channels = st.lists(st.tuples(st.sampled_from(["a", "b", "a", "c:d"]), scalars), max_size=4).map(_json_text)
-    messages = st.lists(st.tuples(keys, st.one_of(scalars, channels)), max_size=5).map(_json_text)
+    names = st.sampled_from(["a", "b", "c:d", "e", "f:g", "h", "a"])  # "a" twice: a name may come twice
+    plain = st.floats(-1e6, 1e6).map(json.dumps)  # what sensors send: most readings come from these
+    channels = st.lists(st.tuples(names, st.one_of(plain, plain, numbers, scalars)), max_size=4).map(_json_text)
+    nested = st.integers(1, 80).map(lambda depth: '{"x": ' * depth + "1" + "}" * depth)  # past _MAX_DEPTH too
+    # a reading's skeleton, mostly well formed so that readings come out of both ways
+    skeleton = st.tuples(
+        st.one_of(st.text(min_size=1, max_size=6).map(json.dumps), numbers, st.just('"dev:1"')),
+        st.one_of(numbers, st.just('"2024-01-01T00:00:00Z"'), st.just("17")),
+        st.one_of(channels, channels, plain, numbers),
+        st.lists(st.tuples(st.sampled_from(["extra", "b:c", "x", "y", "z", "device", "ts"]),
+                           st.one_of(scalars, channels, nested)), max_size=2),
+        st.booleans())
+    messages = skeleton.map(lambda p: _json_text([("device", p[0]), ("ts", p[1]),
+                                                  ("values" if p[4] else "value", p[2]), *p[3]]))
+    fast_readings = []
 
-    @settings(max_examples=400, deadline=None)
+    @settings(max_examples=800, deadline=None)
     @given(messages, st.booleans())
     def agree(text, as_bytes):
         raw = text.encode("utf-8", "surrogatepass") if as_bytes else text
@@ -590,9 +603,16 @@ def test_the_fast_json_path_reads_every_message_as_the_exact_parser_does():
             exact = parse_message(raw, ref="r")
         finally:
             readings._fast_json = exact_parsed
-        assert fast == exact, text
+        assert fast == exact, text[:300]
+        if fast.reading is not None and exact_parsed(raw) is not None:
+            fast_readings.append(text)
 
     agree()
+    for depth in (900, 994, 995, 996, 1100):  # the exact parser runs out of stack near 995: so must the fast way
+        for opened, closed in (('{"x": ', "}"), ("[", "]")):
+            agree.hypothesis.inner_test('{"device": "d", "ts": 5, "value": 1, "x": ' + opened * depth + "1"
+                                        + closed * depth + "}", True)
+    assert len(fast_readings) >= 100  # the fast way was compared where it gives readings, not only refusals
     # the fast path is taken where it can be: not every message fell back
     taken = []
     real = readings._orjson_loads
