@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import itertools
 import gc
 import math
@@ -220,9 +221,11 @@ def _check_outputs(recording: str, out: str | None, dead_letter: str | None) -> 
         return pa.exists() and pb.exists() and os.path.samefile(pa, pb)  # hard links
     for flag, path in (("--out", out), ("--dead-letter", dead_letter)):
         try:
-            path and Path(path).resolve()
-        except (RuntimeError, OSError):  # Python 3.11 says "Symlink loop" with a traceback
-            raise ValueError(f"{flag} {path}: a loop of links, which leads to no file; give another name") from None
+            path and os.stat(path)
+        except OSError as exc:  # Path.resolve raises on a loop before Python 3.13 and not after
+            if exc.errno == errno.ELOOP:
+                raise ValueError(f"{flag} {path}: a loop of links, which leads to no file; give another name") \
+                    from None
         if path and Path(path).is_dir():
             raise ValueError(f"{flag} {path}: is a directory; give a file name")
         if path and not Path(path).parent.is_dir():
@@ -260,15 +263,30 @@ def _partial_path(path: str) -> str:
 
 def _final_path(path: str) -> str:
     """The file an output ends up in: a link's target where that is a regular file (or none
-    yet, in a folder that exists).  Links under /dev and /proc (/dev/stdout) are written
-    through: they stand for what the shell opened, which a rename would not reach."""
-    if path == STDOUT or not Path(path).is_symlink() or path.startswith(("/dev/", "/proc/")):
+    yet, in a folder that exists).  Links under /dev and /proc (/dev/stdout, /dev/fd/1), or to
+    this process's own output streams, are written through: they stand for what the shell
+    opened, which a rename would not reach."""
+    if path == STDOUT or not Path(path).is_symlink() or _in_dev_or_proc(path) or _own_stream(path):
         return path
     target = Path(os.path.realpath(path))
     if (target.is_file() or (not target.exists() and target.parent.is_dir())) \
             and not str(target).startswith(("/dev/", "/proc/")):
         return str(target)
     return path
+
+
+def _in_dev_or_proc(path: str) -> bool:
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))  # //dev, /./dev, /dev/../dev
+    return folder.lstrip("/").split("/")[0] in ("dev", "proc")
+
+
+def _own_stream(path: str) -> bool:
+    """Whether ``path`` is this process's standard output or error, by another name."""
+    try:
+        target = os.stat(path)
+        return any(os.path.samestat(target, os.fstat(fd)) for fd in (1, 2))
+    except (OSError, ValueError):
+        return False
 
 
 class _Output:
@@ -303,7 +321,9 @@ class _Output:
         if self.path == STDOUT:  # not ours to close
             self.file = sys.stdout
         elif self.partial == self.final:
-            self.file = open(self.partial, "w", encoding="utf-8", newline=newline)
+            # appended, not truncated: a name such as /dev/fd/1 stands for what the shell opened,
+            # which >> means to keep (a device does not mind)
+            self.file = open(self.partial, "a", encoding="utf-8", newline=newline)
         else:  # the opener's descriptor, under the part's name (write errors name it)
             self.file = open(self.partial, "w", encoding="utf-8", newline=newline, opener=self._take_part)
         return self.file
@@ -350,7 +370,11 @@ class _Output:
             with _naming_the_file(self.file):
                 self.file.flush()
                 if self.partial != self.final and self.path != STDOUT:
-                    os.fsync(self.file.fileno())
+                    try:
+                        os.fsync(self.file.fileno())
+                    except OSError as exc:
+                        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system without fsync
+                            raise
         except OSError as exc:
             return exc
         return None

@@ -41,6 +41,7 @@ from monitor.state import StateCodec, StateError
 log = logging.getLogger("forewarn.daemon")
 LAG_WARNING_INTERVAL_S = 600.0
 RELEASE_AFTER_STREAMS = 64  # ~2 MB each while adapted: a burst this large frees ~128 MB
+RELEASE_EVERY_STREAMS = 4096  # a run of batches that never ends its burst still hands back
 
 
 def release_free_memory() -> float | None:
@@ -48,10 +49,14 @@ def release_free_memory() -> float | None:
     or None where the C library has no such call (not glibc)."""
     global _malloc_trim
     if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
+        _malloc_trim = False
+        # the process's own symbols first: find_library runs ldconfig, on the loop's thread
+        for library in (lambda: None, lambda: ctypes.util.find_library("c")):
+            try:
+                _malloc_trim = ctypes.CDLL(library()).malloc_trim
+                break
+            except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): no such call
+                continue
     if not _malloc_trim:
         return None
     started = time.perf_counter()
@@ -652,6 +657,8 @@ class Daemon:
             self.ready()  # keeps forewarn_ready current without a /readyz request
             if batch.records:
                 self._process(batch, source, sinks)
+            else:
+                self._release_after_burst(0)  # a burst that ended as the input went quiet
             if not self._broker_reachable:
                 continue  # restores, commits and lag queries would only block until it is back
             if self._to_restore:
@@ -706,7 +713,7 @@ class Daemon:
             log.info("drifted streams re-adapted", extra=_fields(streams=result.readapted))
         if result.updated:
             self.metrics.updated.inc(result.updated)
-        self._release_after_burst(result)
+        self._release_after_burst(result.adapted + result.readapted)
         for b in bad[:5]:
             log.warning("bad record", extra=_fields(reason=b.reason.value, detail=b.detail, source=b.ref))
         if self.on_result:
@@ -1128,16 +1135,15 @@ class Daemon:
             log.warning(self._alarm_caveat, extra=_fields(alarm_surprise=self.config.detector.alarm_surprise))
             self._alarm_caveat = None
 
-    def _release_after_burst(self, result: FeedResult) -> None:
-        """Once a burst of adaptations ends (a batch adapts none after batches that adapted at
-        least ``RELEASE_AFTER_STREAMS``), hand the heap memory it freed back to the system.
-        glibc keeps it: after 2,000 streams adapted, 1.1 GiB stayed resident where 0.37 GiB
-        was in use (benchmarks/memory.py), and a pod sized for its steady state would sit at
-        its peak until restarted.  Once per burst, not per batch: a burst reuses what the
-        batch before it freed."""
-        adapted = result.adapted + result.readapted
+    def _release_after_burst(self, adapted: int) -> None:
+        """Hand the heap memory adaptations freed back to the system once a burst of them ends
+        (a batch, or a quiet poll, adapts none after at least ``RELEASE_AFTER_STREAMS``), or
+        after every ``RELEASE_EVERY_STREAMS`` in a run of batches that all adapt some.  glibc
+        keeps it: after 2,000 streams adapted, 1.1 GiB stayed resident where 0.37 GiB was in
+        use (benchmarks/memory.py), and a pod sized for its steady state would sit at its peak
+        until restarted.  Not per batch: a burst reuses what the batch before it freed."""
         self._adapted_unreleased += adapted
-        if adapted or self._adapted_unreleased < RELEASE_AFTER_STREAMS:
+        if self._adapted_unreleased < (RELEASE_EVERY_STREAMS if adapted else RELEASE_AFTER_STREAMS):
             return
         self._adapted_unreleased = 0
         seconds = release_free_memory()

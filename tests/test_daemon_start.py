@@ -131,20 +131,21 @@ def test_memory_freed_by_a_burst_of_adaptations_is_handed_back_once_the_burst_en
 
     import monitor.daemon as daemon_module
     from monitor.config import Config
-    from monitor.pipeline import FeedResult
     calls = []
     monkeypatch.setattr(daemon_module, "release_free_memory", lambda: calls.append(1) or 0.01)
     daemon = daemon_module.Daemon(Config.load(environ={}), registry=CollectorRegistry())
-    for adapted in (40, 30, 0):  # a burst of 70 streams, over two batches, then one without
-        daemon._release_after_burst(FeedResult([], [], adapted=adapted))
+    for adapted in (40, 30, 0):  # a burst of 70 streams, over two batches, then one without (or a quiet poll)
+        daemon._release_after_burst(adapted)
     assert len(calls) == 1
     for adapted in (10, 0, 0, 20, 0):  # a trickle: not worth a trim per batch
-        daemon._release_after_burst(FeedResult([], [], adapted=adapted))
+        daemon._release_after_burst(adapted)
     assert len(calls) == 1
-    daemon._release_after_burst(FeedResult([], [], adapted=40))
-    daemon._release_after_burst(FeedResult([], [], adapted=0))  # the trickle adds up: 70 since the last
+    daemon._release_after_burst(40)
+    daemon._release_after_burst(0)  # the trickle adds up: 70 since the last
     assert len(calls) == 2
-    assert daemon_module.release_free_memory is not None
+    for _ in range(3000):  # batches that all adapt a few: the burst never ends, yet it is handed back
+        daemon._release_after_burst(2)
+    assert len(calls) == 3
 
 
 def test_release_free_memory_calls_the_c_library_where_it_has_malloc_trim():

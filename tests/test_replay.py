@@ -4,12 +4,15 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from connectors.files import FileFormatError, FileSource, read_series
 from monitor.cli import main
+from tests.kafka_support import ROOT
 
 
 def _good(device, t, **values):
@@ -437,6 +440,18 @@ def test_an_output_named_dash_is_standard_output(tmp_path, capsys, monkeypatch):
     # /dev/stdout is the same stream: opened by name it was truncated, a shell's >> file too
     code, out, err = _run(["replay", str(data), "--warmup", "20", "--out", "/dev/stdout", "--quiet"], capsys)
     assert code == 0 and len(out.splitlines()) == 31, err
+    # other names of the process's stream are written through without truncating what the shell opened
+    log = tmp_path / "log.txt"
+    log.write_text("earlier\nlines\n")
+    for name in ("/dev/fd/1", "/proc/self/fd/1", "//dev/stdout"):
+        if not Path(name).exists():
+            continue
+        with open(log, "a") as appended:
+            done = subprocess.run([sys.executable, "-m", "monitor.cli", "replay", str(data), "--warmup", "20", "--out",
+                                   name, "--quiet"], stdout=appended, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        assert log.read_text().startswith("earlier\nlines\nts,device"), name
+        log.write_text("earlier\nlines\n")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     code, _, err = _run(["replay", str(data), "--out", str(tmp_path / "loop"), "--quiet"], capsys)
     assert code == 2 and "a loop of links" in err and "Traceback" not in err
@@ -854,10 +869,8 @@ def test_a_wide_row_refused_on_many_cells_is_one_bad_record_per_reason(tmp_path)
 def test_a_replay_stopped_by_sigterm_says_where_its_part_went_and_exits_143(tmp_path):
     """As Ctrl-C does: before, SIGTERM (a container stopped, `timeout`) ended it without a word."""
     import signal
-    import subprocess
-    import sys
 
-    from tests.kafka_support import ROOT, wait_for
+    from tests.kafka_support import wait_for
     data = tmp_path / "long.csv"
     data.write_text("timestamp,value\n" + "".join(f"{1_700_000_000 + 60 * t},{t % 7}\n" for t in range(60_000)))
     out = tmp_path / "scores.csv"
