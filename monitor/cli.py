@@ -263,21 +263,17 @@ def _partial_path(path: str) -> str:
 
 def _final_path(path: str) -> str:
     """The file an output ends up in: a link's target where that is a regular file (or none
-    yet, in a folder that exists).  Links under /dev and /proc (/dev/stdout, /dev/fd/1), or to
-    this process's own output streams, are written through: they stand for what the shell
-    opened, which a rename would not reach."""
-    if path == STDOUT or not Path(path).is_symlink() or _in_dev_or_proc(path) or _own_stream(path):
+    yet, in a folder that exists).  Links to this process's own output streams (/dev/fd/1,
+    /proc/self/fd/2) are written through: they stand for what the shell opened, which a
+    rename would not reach."""
+    if path == STDOUT or not Path(path).is_symlink() or _own_stream(path):
         return path
     target = Path(os.path.realpath(path))
-    if (target.is_file() or (not target.exists() and target.parent.is_dir())) \
-            and not str(target).startswith(("/dev/", "/proc/")):
+    if target.is_file():  # in /dev/shm too
         return str(target)
+    if not target.exists() and target.parent.is_dir() and not str(target).startswith("/proc/"):
+        return str(target)  # a dangling link: its target is made (not /proc's "pipe:[...]" names)
     return path
-
-
-def _in_dev_or_proc(path: str) -> bool:
-    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))  # //dev, /./dev, /dev/../dev
-    return folder.lstrip("/").split("/")[0] in ("dev", "proc")
 
 
 def _own_stream(path: str) -> bool:
@@ -322,7 +318,8 @@ class _Output:
             self.file = sys.stdout
         elif self.partial == self.final:
             # appended, not truncated: a name such as /dev/fd/1 stands for what the shell opened,
-            # which >> means to keep (a device does not mind)
+            # which >> means to keep (a device or a pipe does not mind; a regular file gets here
+            # only as this process's own stream)
             self.file = open(self.partial, "a", encoding="utf-8", newline=newline)
         else:  # the opener's descriptor, under the part's name (write errors name it)
             self.file = open(self.partial, "w", encoding="utf-8", newline=newline, opener=self._take_part)

@@ -354,6 +354,15 @@ def test_an_output_that_is_a_link_has_its_target_replaced_whole_and_the_link_kep
     assert code == 0 and link.is_symlink() and len(_rows(real)) == 30, err
     assert held.read() == "an earlier run\n" and sorted(p.name for p in real.parent.iterdir()) == ["real.csv"]
     held.close()
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):  # regular files under /dev too: replaced whole, not appended to
+        import tempfile
+        with tempfile.TemporaryDirectory(dir=shm) as folder:
+            (Path(folder) / "real.csv").write_text("an earlier run\n")
+            (Path(folder) / "link.csv").symlink_to(Path(folder) / "real.csv")
+            code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", str(Path(folder) / "link.csv"),
+                                 "--quiet"], capsys)
+            assert code == 0 and (Path(folder) / "real.csv").read_text().startswith("ts,device"), err
     (tmp_path / "runs" / "dangling.csv").symlink_to(tmp_path / "runs" / "new.csv")  # a target not yet written
     code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", str(tmp_path / "runs" / "dangling.csv"),
                          "--quiet"], capsys)
