@@ -380,7 +380,7 @@ class _Output:
         """Renames the part to its name where ``keep`` (while it is still locked, so that no
         second run can take it over in between), else says where it is; and closes it."""
         error = None
-        if self.locked or self.partial == self.final:
+        if self.locked:
             self._rename(keep)
         if self.path != STDOUT:
             try:
@@ -388,7 +388,7 @@ class _Output:
                     self.file.close()
             except OSError as exc:
                 error = exc
-        if not self.locked and self.partial != self.final:  # no lock: an open file cannot be renamed everywhere
+        if not self.locked:  # no lock: an open file cannot be renamed everywhere
             self._rename(keep and error is None)
         return error
 

@@ -684,8 +684,7 @@ class Daemon:
         self._last_seen.update(dict.fromkeys(batch.partition_of, self._newest_seen))
         readings = self._skip_covered(batch) if self._covered or self._seen_until else batch.readings
         result = self.pipeline.feed(readings)
-        if self._alarm_caveat and self.pipeline.several_channels_seen:
-            self._tell_alarm_caveat()
+        self._tell_alarm_caveat()
         parsed_bad = self._skip_handled_bad(batch.bad) if self._bad_handled else batch.bad
         bad = parsed_bad + batch.with_raw(result.bad)
         sent = sinks.send_scores(result.scores)

@@ -437,12 +437,16 @@ class Pipeline:
             self.counts["late_channel"] += 1
         stream = self._make_stream(device, channel)
         self._streams[(device, channel)] = stream
+        self._attach(device, stream)
+        self._state_counts[Lifecycle.WARMING] += 1
+        return stream, ""
+
+    def _attach(self, device: str, stream: _Stream) -> None:
+        """``stream`` joins its device's streams, fed or restored alike."""
         channels = self._devices.setdefault(device, [])
         channels.append(stream)
         if len(channels) == 2:
             self.several_channels_seen = True
-        self._state_counts[Lifecycle.WARMING] += 1
-        return stream, ""
 
     def _make_stream(self, device: str, channel: str) -> _Stream:
         """A new stream, warming, with the scoring and drift objects the configuration asks for."""
@@ -661,10 +665,7 @@ class Pipeline:
                 stream = self._make_stream(ds.device, ss.channel)
                 stream.last_ts = ss.last_ts
                 self._streams[(ds.device, ss.channel)] = stream
-                channels = self._devices.setdefault(ds.device, [])
-                channels.append(stream)
-                if len(channels) == 2:
-                    self.several_channels_seen = True
+                self._attach(ds.device, stream)
                 self._state_counts[Lifecycle.WARMING] += 1
                 if ss.stage == "live":
                     stream.scorer = ResidualScorer.from_state(ss.scorer, self.config.scoring)

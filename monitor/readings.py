@@ -327,22 +327,13 @@ def _names(obj: dict | list, depth: int) -> int:
 def _colons_in_strings(obj: dict | list) -> int:
     """Colons inside the names and string values of ``obj`` (nested no deeper than ``_names``
     allowed)."""
-    n = 0
-    if type(obj) is dict:
-        for k, v in obj.items():
-            n += k.count(":")
-            t = type(v)
-            if t is str:
-                n += v.count(":")
-            elif t is dict or t is list:
-                n += _colons_in_strings(v)
-    else:
-        for v in obj:
-            t = type(v)
-            if t is str:
-                n += v.count(":")
-            elif t is dict or t is list:
-                n += _colons_in_strings(v)
+    n = sum(k.count(":") for k in obj) if type(obj) is dict else 0
+    for v in obj.values() if type(obj) is dict else obj:
+        t = type(v)
+        if t is str:
+            n += v.count(":")
+        elif t is dict or t is list:
+            n += _colons_in_strings(v)
     return n
 
 
