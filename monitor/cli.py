@@ -501,43 +501,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         replay_cmd += ["--max"] if args.speed is None else ["--speed", str(args.speed)]
         outcome: dict = {}
         publisher: subprocess.Popen | None = None
-
-        def finish_when_consumed() -> None:
-            try:
-                give_up = time.monotonic() + 120  # the daemon serves /metrics before it joins the group
-                while daemon.server is None and not daemon.stopping.is_set() and time.monotonic() < give_up:
-                    time.sleep(0.05)
-                if daemon.server is not None:  # now, not only at the end: it is gone by then
-                    print(f"Metrics: http://127.0.0.1:{daemon.server.port}/metrics while the demo runs "
-                          "(--metrics-port fixes the port; --speed 100000 keeps it up for about a minute)", file=sys.stderr)
-                out, _ = publisher.communicate()
-                outcome["code"] = publisher.returncode
-                published = int(out.split()[1]) if publisher.returncode == 0 and out.startswith("published") else 0
-                outcome["published"] = published
-                # done when every partition is processed up to its end: a count of records would
-                # also count those that a lost partition delivers again, and stop short
-                ends = broker.end_offsets("sensors") if published else {}
-                records, changed = daemon.records, time.monotonic()
-                while not daemon.stopping.is_set() and any(daemon.processed_offsets().get(p, 0) < end
-                                                           for p, end in ends.items()):
-                    if daemon.records != records:
-                        records, changed = daemon.records, time.monotonic()
-                    elif time.monotonic() - changed > 30:
-                        # a partition lost and assigned again after its last commit shows no processed
-                        # offset until a new record comes, and none will: nothing is left to read
-                        break
-                    time.sleep(0.2)
-                outcome["consumed"] = bool(published) and not daemon.stopping.is_set()
-            except Exception as exc:  # the broker gone, say: stop the daemon rather than leave it running
-                outcome["error"] = exc
-            finally:
-                daemon.stop()
-
         handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # run() takes them
-        watcher = threading.Thread(target=finish_when_consumed, daemon=True)
         started = time.perf_counter()
+        watcher: threading.Thread | None = None
         try:
             publisher = subprocess.Popen(replay_cmd, stdout=subprocess.PIPE, text=True)
+            watcher = threading.Thread(target=_stop_when_consumed, args=(daemon, broker, publisher, outcome),
+                                       daemon=True)
             watcher.start()
             daemon.run()
         finally:
@@ -545,7 +515,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             daemon.stop()
             if publisher is not None:
                 end_process(publisher)
-            if watcher.is_alive():
+            if watcher is not None and watcher.is_alive():
                 watcher.join(10)
             if threading.current_thread() is threading.main_thread():
                 for s, handler in handlers.items():
@@ -569,6 +539,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"Metrics were served at http://127.0.0.1:{daemon.server.port}/metrics")
         _report_windows(flagged, windows_path, counts["scored"], _alarm_level(args))
     return 0
+
+
+def _stop_when_consumed(daemon, broker, publisher: subprocess.Popen, outcome: dict) -> None:
+    """The demo's watcher: tells the /metrics address once it is served, waits for the replay
+    to be published and every partition processed up to its end, then stops the daemon. What
+    happened goes into ``outcome`` (``code``, ``published``, ``consumed``, or ``error``)."""
+    try:
+        give_up = time.monotonic() + 120  # the daemon serves /metrics before it joins the group
+        while daemon.server is None and not daemon.stopping.is_set() and time.monotonic() < give_up:
+            time.sleep(0.05)
+        if daemon.server is not None:  # now, not only at the end: it is gone by then
+            print(f"Metrics: http://127.0.0.1:{daemon.server.port}/metrics while the demo runs "
+                  "(--metrics-port fixes the port; --speed 100000 keeps it up for about a minute)", file=sys.stderr)
+        out, _ = publisher.communicate()
+        outcome["code"] = publisher.returncode
+        published = int(out.split()[1]) if publisher.returncode == 0 and out.startswith("published") else 0
+        outcome["published"] = published
+        # done when every partition is processed up to its end: a count of records would
+        # also count those that a lost partition delivers again, and stop short
+        ends = broker.end_offsets("sensors") if published else {}
+        records, changed = daemon.records, time.monotonic()
+        while not daemon.stopping.is_set() and any(daemon.processed_offsets().get(p, 0) < end
+                                                   for p, end in ends.items()):
+            if daemon.records != records:
+                records, changed = daemon.records, time.monotonic()
+            elif time.monotonic() - changed > 30:
+                # a partition lost and assigned again after its last commit shows no processed
+                # offset until a new record comes, and none will: nothing is left to read
+                break
+            time.sleep(0.2)
+        outcome["consumed"] = bool(published) and not daemon.stopping.is_set()
+    except Exception as exc:  # the broker gone, say: stop the daemon rather than leave it running
+        outcome["error"] = exc
+    finally:
+        daemon.stop()
 
 
 @contextmanager
