@@ -994,7 +994,6 @@ class Daemon:
         for tp in partitions:  # marks of an earlier holding, or of a copy: made afresh below
             self._bad_handled.pop(tp.partition, None)
         started = time.perf_counter()
-        states, failed = [], 0
         # a partition that stayed here through the rebalance kept its fetch position: back to
         # the committed offset, so that devices not saved on revoke replay what their last
         # checkpoint does not cover (what a state does cover is skipped: ``_skip_covered``)
@@ -1009,12 +1008,7 @@ class Daemon:
                       "group holds partitions of the topic: a device that moves between instances re-warms "
                       "there, and restores a stale snapshot when it comes back (state.store = changelog shares "
                       "it)", extra=_fields(assigned=len(self._assigned), partitions=total))
-        for partition, device, data in self.store.load((tp.partition for tp in partitions), self._still_alive):
-            try:
-                states.append((partition, self.codec.decode(data)))
-            except StateError as exc:
-                failed += 1
-                log.warning("device state not restored; it re-warms", extra=_fields(device=device, reason=str(exc)))
+        states, failed = self._load_states(partitions)
         states = self._distrust_future(states)
         # the input partition and offset each state covers: on the partition it is stored for,
         # but for a copy handed over when the topic grew, which covers its old partition
@@ -1022,31 +1016,10 @@ class Daemon:
         ends = self._ends_of_uncommitted(source, committed_at, covers)  # before anything is imported: may raise
         by_device = {s.device: s for _, s in states}
         streams = self.pipeline.import_devices(by_device.values())
-        now = time.monotonic()
         # a partition made again: every state on it covers offsets of the old one, not only
         # those past the new end (a device that went quiet early covers a smaller offset)
         remade = {partition for partition, offset in covers if offset > ends.get(partition, math.inf)}
-        # the idle clock goes on from the newest record each snapshot saw, measured against the
-        # newest of them (as idleness is against the newest record of any device: a fleet that
-        # was down as a whole, or this instance, ages no device)
-        newest = max((s.seen for _, s in states if s.seen is not None), default=None)
-        held = {tp.partition for tp in self._assigned}
-        for (partition, s), (covered, offset) in zip(states, covers):
-            # a copy whose old partition is held here too: its readings arrive there until the
-            # producers learn of the new partitions, and it is placed there, as it was
-            self._partition_of[s.device] = covered if s.moved_from and covered in held else partition
-            self._untouched.add(s.device)
-            self._last_seen[s.device] = now - (newest - s.seen if s.seen is not None else 0.0)
-            if covered in remade:
-                self._covered[s.device] = (covered, -1)  # nothing here; a move still deletes it there
-            elif offset >= 0:
-                self._covered[s.device] = (covered, offset)
-                if covered in held:  # a copy's old partition held elsewhere has no records here
-                    self._bad_handled[covered] = max(self._bad_handled.get(covered, -1), offset)
-            if covered in remade or offset < 0:  # no offset to go by (one saved after such a restore)
-                seen = [st.last_ts for st in s.streams if st.last_ts is not None]
-                if seen:
-                    self._seen_until[s.device] = max(seen)
+        self._place_restored(states, covers, remade)
         if remade:
             devices = [s.device for (_, s), (covered, _) in zip(states, covers) if covered in remade]
             # rewritten at the next checkpoint, before its commit: once the partition has a committed
@@ -1069,6 +1042,44 @@ class Daemon:
         log.info("state restored", extra=_fields(partitions=sorted(tp.partition for tp in partitions),
                                                  devices=len(by_device), streams=streams, failed=failed,
                                                  seconds=round(time.perf_counter() - started, 3)))
+
+    def _load_states(self, partitions) -> tuple[list, int]:
+        """The saved states of these partitions' devices, decoded, as (partition, state); and how
+        many could not be decoded (those devices re-warm)."""
+        states, failed = [], 0
+        for partition, device, data in self.store.load((tp.partition for tp in partitions), self._still_alive):
+            try:
+                states.append((partition, self.codec.decode(data)))
+            except StateError as exc:
+                failed += 1
+                log.warning("device state not restored; it re-warms", extra=_fields(device=device, reason=str(exc)))
+        return states, failed
+
+    def _place_restored(self, states: list, covers: list, remade: set) -> None:
+        """The daemon's bookkeeping of restored devices: the partition each is placed on, the
+        input offset (or, with none to go by, the reading time) its state covers, and its idle clock."""
+        now = time.monotonic()
+        # the idle clock goes on from the newest record each snapshot saw, measured against the
+        # newest of them (as idleness is against the newest record of any device: a fleet that
+        # was down as a whole, or this instance, ages no device)
+        newest = max((s.seen for _, s in states if s.seen is not None), default=None)
+        held = {tp.partition for tp in self._assigned}
+        for (partition, s), (covered, offset) in zip(states, covers):
+            # a copy whose old partition is held here too: its readings arrive there until the
+            # producers learn of the new partitions, and it is placed there, as it was
+            self._partition_of[s.device] = covered if s.moved_from and covered in held else partition
+            self._untouched.add(s.device)
+            self._last_seen[s.device] = now - (newest - s.seen if s.seen is not None else 0.0)
+            if covered in remade:
+                self._covered[s.device] = (covered, -1)  # nothing here; a move still deletes it there
+            elif offset >= 0:
+                self._covered[s.device] = (covered, offset)
+                if covered in held:  # a copy's old partition held elsewhere has no records here
+                    self._bad_handled[covered] = max(self._bad_handled.get(covered, -1), offset)
+            if covered in remade or offset < 0:  # no offset to go by (one saved after such a restore)
+                seen = [st.last_ts for st in s.streams if st.last_ts is not None]
+                if seen:
+                    self._seen_until[s.device] = max(seen)
 
     def _distrust_future(self, states: list) -> list:
         """States whose streams' newest reading is stamped past this clock plus
