@@ -75,9 +75,19 @@ def test_the_best_threshold_may_be_the_highest_score_of_a_long_series():
     assert report.event_f1 == report.pa_f1 == report.pa_k_auc == 1.0
 
 
-def test_scores_that_are_not_finite_are_refused():
+@pytest.mark.parametrize("metric", [evaluate_scores, best_pointwise_f1, average_precision])
+def test_scores_that_are_not_finite_are_refused(metric):
+    # a NaN score would count as a threshold of its own: best_pointwise_f1 gave (0.8, nan)
     with pytest.raises(ValueError, match="finite"):
-        evaluate_scores(np.array([0.1, np.nan, 0.3]), np.array([0, 1, 0]))
+        metric(np.array([0.1, np.nan, 0.9]), np.array([0, 1, 1]))
+
+
+@pytest.mark.parametrize("length, flagged, k", [(20, 11, 55), (25, 7, 28), (50, 7, 14)])
+def test_pa_k_leaves_a_segment_flagged_at_exactly_k_percent(length, flagged, k):
+    # exactly k percent is not more than k: a floating-point share adjusted these
+    pred = np.r_[np.ones(flagged, dtype=int), np.zeros(length - flagged, dtype=int)]
+    assert point_adjust(pred, np.ones(length, dtype=int), k=k).sum() == flagged
+    assert point_adjust(pred, np.ones(length, dtype=int), k=k - 1).sum() == length
 
 
 def test_pa_k_adjusts_a_segment_only_above_k_percent_flagged():

@@ -43,8 +43,9 @@ def point_adjust(pred: np.ndarray, labels: np.ndarray, k: float = 0.0) -> np.nda
     """
     out = np.asarray(pred, dtype=np.int8).copy()
     for a, b in segments(labels):
-        hit = out[a:b + 1].mean() * 100
-        if (k == 0 and hit > 0) or (k > 0 and hit > k):
+        # counted, not averaged: a segment flagged at exactly k percent (11 of 20 at k = 55)
+        # must stay unadjusted, which a floating-point share can miss
+        if int(out[a:b + 1].sum()) * 100 > k * (b - a + 1):
             out[a:b + 1] = 1
     return out
 
@@ -76,9 +77,18 @@ def event_f1(pred: np.ndarray, labels: np.ndarray) -> float:
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
+def _finite(scores) -> np.ndarray:
+    """Scores as floats, refused if any is NaN or infinite: no threshold is NaN, so a NaN
+    score would otherwise count as a threshold of its own."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite (a warm-up row scores as low as the detector allows, not NaN)")
+    return scores
+
+
 def _ranked_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(thresholds, tp, fp) at every distinct score, highest first, and the number of positives."""
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = _finite(scores)
     labels = np.asarray(labels, dtype=bool)
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], labels[order]
@@ -133,10 +143,8 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray) -> DetectionReport:
     >>> r.pointwise_f1, r.event_f1, r.pa_f1, r.pa_k_f1[60]
     (0.6666666666666666, 1.0, 1.0, 0.6666666666666666)
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = _finite(scores)
     labels = np.asarray(labels, dtype=np.int8)
-    if not np.isfinite(scores).all():
-        raise ValueError("scores must be finite (a warm-up row scores as low as the detector allows, not NaN)")
     thresholds = np.unique(scores)[::-1]  # pred = scores >= threshold, highest first
     flagged = _at_or_above(scores, thresholds)
     anomalous = labels.astype(bool)
