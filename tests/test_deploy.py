@@ -203,7 +203,7 @@ def test_dashboard_fleet_and_device_views():
     assert variables["device"]["type"] == "query"
     assert "forewarn_anomaly_score" in variables["device"]["definition"]
     queries = " ".join(dashboard_queries(dashboard))
-    for needed in ("forewarn_streams", "forewarn_anomalies_total", "topk(10, forewarn_anomaly_surprise)",
+    for needed in ("forewarn_streams", "forewarn_anomalies_total", "topk(10, forewarn_anomaly_surprise",
                    "forewarn_readings_total", "histogram_quantile(0.5, sum by (le) (rate(forewarn_processing_latency",
                    "histogram_quantile(0.99, sum by (le) (rate(forewarn_processing_latency",
                    "forewarn_consumer_lag_records", 'forewarn_anomaly_surprise{device="$device"}',
@@ -227,6 +227,36 @@ def test_dashboard_promql_parses(promtool, tmp_path):
     path = tmp_path / "dashboard_queries.yml"
     path.write_text(yaml.safe_dump(rules))
     result = run_tool(promtool, "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_counts_a_moved_device_once_and_by_its_current_copy(promtool, tmp_path):
+    """pump-20 moved from fw-0 to fw-1 (the input topic grew): fw-0 keeps a frozen copy, flagged at
+    surprise 5, while fw-1 scores it at 0.2. The alerts leave the frozen copy out; so must the panels,
+    which showed a healthy device as over the alarm level, twice in the top ten."""
+    exprs = {p["title"]: p["targets"][0]["expr"].replace("$device", "pump-20")
+             for p in json.loads(DASHBOARD.read_text())["panels"] if p.get("targets")}
+    series = {'forewarn_anomaly_alarm_surprise{job="forewarn", instance="fw-0:9108"}': "3x20",
+              'forewarn_anomaly_alarm_surprise{job="forewarn", instance="fw-1:9108"}': "3x20",
+              'forewarn_anomaly_surprise{job="forewarn", instance="fw-0:9108", device="pump-20"}': "5x20",
+              'forewarn_anomaly_score{job="forewarn", instance="fw-0:9108", device="pump-20"}': "0.99999x20",
+              'forewarn_device_last_reading_timestamp_seconds{job="forewarn", instance="fw-0:9108", device="pump-20"}': "0x20",
+              'forewarn_anomaly_surprise{job="forewarn", instance="fw-1:9108", device="pump-20"}': "_ 0.2x19",
+              'forewarn_anomaly_score{job="forewarn", instance="fw-1:9108", device="pump-20"}': "_ 0.37x19",
+              'forewarn_device_last_reading_timestamp_seconds{job="forewarn", instance="fw-1:9108", device="pump-20"}':
+                  "_ 60+60x19"}
+    expected = {"Devices scored": ("{}", 1), "Devices over alarm level": ("{}", 0),
+                "Latest surprise": ("{}", 0.2), "Over alarm level": ("{}", 0),
+                "Top devices by surprise": ('{__name__="forewarn_anomaly_surprise", job="forewarn", '
+                                            'instance="fw-1:9108", device="pump-20"}', 0.2)}
+    spec = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
+        "promql_expr_test": [{"expr": exprs[title], "eval_time": "10m",
+                              "exp_samples": [{"labels": labels, "value": value}]}
+                             for title, (labels, value) in expected.items()]}]}
+    path = tmp_path / "dashboard_test.yml"
+    path.write_text(yaml.safe_dump(spec))
+    result = run_tool(promtool, "test", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
