@@ -14,6 +14,7 @@ naming their line; a file that cannot be read at all raises ``FileFormatError``.
 from __future__ import annotations
 
 import csv
+import datetime
 import gzip
 import io
 import json
@@ -257,21 +258,23 @@ class FileSource:
                     yield None, [BadRecord(BadReason.MALFORMED, f"not CSV ({exc})", f"line {line}", raw)], raw
                     continue
                 line = lines.row_start or first_line  # none read: the first row, read before, was data
-                if lines.hit_end or (lines.spanned and any("\n" in c.strip() or "\r" in c.strip() for c in row)):
+                if lines.hit_end or (lines.spanned and (len(row) != width or any(map(_inner_break, row)))):
                     # a quote left open swallows the lines after it as one cell (csv.reader ends it
                     # quietly at the end of the file): only the line it is on is bad, and the next
-                    # one is read again as a row of its own
+                    # one is read again as a row of its own. A line break at a cell's end is a
+                    # value written over two lines (`1,"5<newline>"`); one before its text, or a row
+                    # of the wrong width, is a quote left open that took in the next row
                     row_number += 1
                     detail = "a quoted cell left open " + ("runs over the lines after it" if lines.spanned
                                                            else "at the end of the file")
                     line, raw = lines.reject_row()
                     yield None, [BadRecord(BadReason.MALFORMED, detail, f"line {line}", raw)], raw
                     continue
-                if _blank(row):
+                raw = lines.text if lines.row_start else first_text  # as written: quotes and all
+                if _blank(row) and not raw.strip(_BLANK):  # `""` is an empty cell, not a blank line
                     continue
                 row_number += 1
                 ref = f"line {line}"
-                raw = lines.text if lines.row_start else first_text  # as written: quotes and all
                 if not encodes_as_utf8(raw):
                     yield None, [_not_utf8(raw, ref)], raw
                     continue
@@ -287,6 +290,7 @@ class FileSource:
                         yield None, [BadRecord(BadReason.MISSING_TIMESTAMP, "empty timestamp cell", ref, raw)], raw
                         continue
                     try:
+                        _not_a_basic_date(row[ts_col])
                         ts = parse_timestamp(cell)
                     except ValueError as exc:
                         yield None, [BadRecord(BadReason.BAD_TIMESTAMP, str(exc), ref, raw)], raw
@@ -395,6 +399,12 @@ class _Lines:
         return number, line.rstrip("\r\n")[:500]
 
 
+def _inner_break(cell: str) -> bool:
+    """A line break before the end of a cell's text."""
+    text = cell.rstrip(_BLANK)
+    return "\n" in text or "\r" in text
+
+
 def _blank(row: list[str]) -> bool:
     """A blank line, as ``csv.reader`` gives it."""
     return not row or (len(row) == 1 and not row[0].strip(_BLANK))
@@ -403,6 +413,28 @@ def _blank(row: list[str]) -> bool:
 def _chain(first: list, rest: Iterator) -> Iterator:
     yield from first
     yield from rest
+
+
+def _not_a_basic_date(cell: str) -> None:
+    """Refuses a timestamp cell such as ``20240130``: a date in ISO 8601's basic form, which as
+    epoch seconds would be read, without a word, as a moment in August 1970.
+
+    >>> _not_a_basic_date("1700000000")
+    >>> _not_a_basic_date(" 20240130 ")
+    Traceback (most recent call last):
+    ...
+    ValueError: 20240130 looks like the date 2024-01-30 written YYYYMMDD, which as epoch seconds would be August 1970: write it as 2024-01-30, or as epoch seconds
+    """
+    text = cell.strip()
+    if len(text) != 8 or not text.isdigit() or not text.isascii():
+        return
+    try:
+        day = datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return
+    if 1900 <= day.year <= 2100:
+        raise ValueError(f"{text} looks like the date {day.isoformat()} written YYYYMMDD, which as epoch seconds "
+                         f"would be August 1970: write it as {day.isoformat()}, or as epoch seconds")
 
 
 def _number_or_text(text: str) -> float | str:

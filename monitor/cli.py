@@ -11,6 +11,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -220,6 +221,8 @@ def _check_outputs(recording: str, out: str | None, dead_letter: str | None) -> 
             return True
         return pa.exists() and pb.exists() and os.path.samefile(pa, pb)  # hard links
     for flag, path in (("--out", out), ("--dead-letter", dead_letter)):
+        if path == "":  # as `--dead-letter "$DLQ"` gives with DLQ unset: nothing would be kept
+            raise ValueError(f"{flag}: an empty file name; give a file name, or - for standard output")
         try:
             path and os.stat(path)
         except OSError as exc:  # Path.resolve raises on a loop before Python 3.13 and not after
@@ -236,7 +239,7 @@ def _check_outputs(recording: str, out: str | None, dead_letter: str | None) -> 
         if partial and partial != path and same(partial, recording):  # written first, under this name
             raise ValueError(f"{flag} {path} would be written as {partial} until complete, which is the "
                              "recording being replayed; give another file")
-    if out and dead_letter and same(out, dead_letter):
+    if out and dead_letter and (same(out, dead_letter) or _one_open_file(out, dead_letter)):
         raise ValueError(f"--out and --dead-letter are the same file ({out}); give two files")
     if out and dead_letter:  # each is written as NAME.partial first: o and o.partial would collide
         written = [(a, b) for a in {out, _partial_path(out)} for b in {dead_letter, _partial_path(dead_letter)}]
@@ -244,6 +247,21 @@ def _check_outputs(recording: str, out: str | None, dead_letter: str | None) -> 
             raise ValueError(f"--out {out} and --dead-letter {dead_letter} would overwrite each other, as each "
                              "is written as NAME.partial until complete; give two names that are not each "
                              "other's .partial")
+
+
+def _one_open_file(a: str, b: str) -> bool:
+    """Whether two outputs, one of them standard output (``-``, or the file the shell sent it
+    to under another name), land in one file or pipe: written through two buffers, their
+    lines would overwrite or cut into each other. A terminal or /dev/null may take both."""
+    def identity(path: str) -> os.stat_result | None:
+        try:
+            return os.fstat(sys.stdout.fileno()) if path == STDOUT else os.stat(path)
+        except (OSError, ValueError, AttributeError):  # no such file yet, or a stdout without a descriptor
+            return None
+    if STDOUT not in (a, b) and not (_own_stream(a) or _own_stream(b)):
+        return False
+    ia, ib = identity(a), identity(b)
+    return ia is not None and ib is not None and os.path.samestat(ia, ib) and not stat.S_ISCHR(ia.st_mode)
 
 
 def _partial_path(path: str) -> str:
@@ -344,10 +362,22 @@ class _Output:
                 held = False
             if held or not self.locked:
                 os.ftruncate(fd, 0)
+                self._keep_mode(fd)
                 return fd
             os.close(fd)
         raise ValueError(f"{self.flag} {self.path}: {path} keeps being replaced by another run; "
                          "wait for it or give another name")
+
+    def _keep_mode(self, fd: int) -> None:
+        """The part takes the permissions of the file it will replace, before anything is
+        written to it: a dead-letter file kept private (0600) holds raw records, and must not
+        come back readable by all."""
+        try:
+            mode = os.stat(self.final).st_mode
+        except OSError:  # none yet: the umask's
+            return
+        if stat.S_ISREG(mode):
+            os.fchmod(fd, stat.S_IMODE(mode))
 
     def discard(self) -> None:
         """Closes an output nothing was written to, leaving no part behind."""

@@ -408,11 +408,11 @@ def parse_message(raw: bytes | str | None, fmt: MessageFormat = MessageFormat(),
                                                  "clock plus kafka.max_timestamp_ahead_s: a clock this far ahead "
                                                  "would put the device's later readings out of order")
     if fmt.values in msg:
+        if fmt.value in msg:  # whatever either holds: the message's shape is wrong, not a value
+            return refuse(BadReason.MALFORMED, f"both {fmt.values!r} and {fmt.value!r}: one of them, not both")
         raw_values = msg[fmt.values]
         if not isinstance(raw_values, dict) or not raw_values:
             return refuse(BadReason.MISSING_VALUE, f"{fmt.values!r} must be a non-empty object")
-        if fmt.value in msg:
-            return refuse(BadReason.MALFORMED, f"both {fmt.values!r} and {fmt.value!r}: one of them, not both")
     elif fmt.value in msg:
         raw_values = {fmt.value: msg[fmt.value]}
     else:

@@ -577,6 +577,38 @@ def test_outputs_that_would_overwrite_the_recording_or_each_other_are_refused(tm
     code, _, err = _run(["replay", str(data), "--warmup", "20", "--out", os.devnull, "--dead-letter", os.devnull,
                          "--quiet"], capsys)
     assert code == 0, err
+    for flag in ("--out", "--dead-letter"):  # `--dead-letter "$DLQ"` with DLQ unset kept nothing
+        code, _, err = _run(["replay", str(data), flag, "", "--quiet"], capsys)
+        assert code == 2 and f"{flag}: an empty file name" in err
+
+
+@pytest.mark.parametrize("out", ["/dev/fd/1", "FILE"])
+def test_standard_output_under_two_names_is_one_file_and_refused(tmp_path, out):
+    """`--dead-letter -` with standard output sent to the --out file, or to /dev/fd/1 given as
+    --out: two buffers into one file lost lines (or the scores' rename unlinked the dead letters)."""
+    data = tmp_path / "pump.jsonl"
+    data.write_text("".join(json.dumps({"device": "p", "ts": t, "value": t % 5}) + "\n" for t in range(40))
+                    + "garbage\n")
+    target = tmp_path / "both.txt"
+    out = str(target) if out == "FILE" else out
+    with open(target, "w") as stdout:
+        result = subprocess.run([sys.executable, "-m", "monitor.cli", "replay", str(data), "--warmup", "16",
+                                 "--quiet", "--out", out, "--dead-letter", "-"], stdout=stdout,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "--out and --dead-letter are the same file" in result.stderr
+    assert target.read_text() == ""  # nothing written
+
+
+def test_a_replaced_output_keeps_its_permissions(tmp_path, capsys):
+    data = tmp_path / "pump.jsonl"
+    data.write_text("".join(json.dumps({"device": "p", "ts": t, "value": t % 5}) + "\n" for t in range(40))
+                    + "garbage\n")
+    dlq = tmp_path / "dead.jsonl"
+    dlq.write_text("")
+    dlq.chmod(0o600)  # raw records, kept private
+    code, _, err = _run(["replay", str(data), "--warmup", "16", "--dead-letter", str(dlq), "--quiet"], capsys)
+    assert code == 0, err
+    assert dlq.stat().st_mode & 0o777 == 0o600 and "garbage" in dlq.read_text()
 
 
 def test_a_dead_letter_file_that_cannot_be_opened_leaves_no_partial_output(tmp_path, capsys):
@@ -702,6 +734,40 @@ def test_a_quote_left_open_costs_its_own_line_not_the_rows_after_it(tmp_path, ro
     assert len(readings) == rows - 1 and readings[500].ref == "line 503"
 
 
+@pytest.mark.parametrize("text, readings, bad_lines", [
+    # the open quote takes in a quoted next row as the text after a line break: that row was lost
+    ('ts,a\n1,"\n2,"5"\n3,6\n', [(2.0, 5.0), (3.0, 6.0)], ["line 2"]),
+    ('timestamp,a\n2024-01-01 00:00:00,"\n"2024-01-01 00:01:00",5\n', [(1704067260.0, 5.0)], ["line 2"]),
+    # ... or makes a row of the wrong width of the two
+    ('ts,a,b\n1,1,"\n"2",5,6\n', [(2.0, 5.0)], ["line 2"]),
+    # a value whose line break ends its quoted cell is one value over two lines
+    ('ts,a\n1,"5\n"\n2,6\n', [(1.0, 5.0), (2.0, 6.0)], []),
+])
+def test_a_quote_left_open_does_not_swallow_the_row_after_it(tmp_path, text, readings, bad_lines):
+    path = tmp_path / "pump.csv"
+    path.write_text(text)
+    batch, = FileSource(path).batches()
+    assert [(r.ts, r.values["a"]) for r in batch.readings] == readings
+    assert [b.ref for b in batch.bad] == bad_lines and {b.reason.value for b in batch.bad} <= {"malformed"}
+
+
+def test_a_basic_form_date_is_refused_not_read_as_epoch_seconds_in_1970(tmp_path):
+    path = tmp_path / "sales.csv"
+    path.write_text("date,sales\n20240130,5\n2024-01-31,6\n20241301,7\n")  # the last is no date: seconds
+    batch, = FileSource(path).batches()
+    assert [r.ts for r in batch.readings] == [1706659200.0, 20241301.0]
+    assert [(b.reason.value, b.ref) for b in batch.bad] == [("bad_timestamp", "line 2")]
+    assert "the date 2024-01-30 written YYYYMMDD" in batch.bad[0].detail
+
+
+def test_a_quoted_empty_cell_in_one_column_is_a_missing_value_not_a_blank_line(tmp_path):
+    path = tmp_path / "flow.csv"
+    path.write_text('a\n1\n""\n\n2\n')
+    batch, = FileSource(path).batches()
+    assert [(r.ts, r.values["a"]) for r in batch.readings] == [(0.0, 1.0), (2.0, 2.0)]  # the empty cell took row 1
+    assert [(b.reason.value, b.ref) for b in batch.bad] == [("missing_value", "line 3")]
+
+
 @pytest.mark.parametrize("tail, readings, lines_read_again", [
     ('2,"2\n', [1.0], []),              # csv.reader closes the quote at the end of the file without a word
     ('2,"2', [1.0], []),                 # and with no line end
@@ -824,6 +890,8 @@ def test_every_dead_letter_of_a_replay_carries_its_record(tmp_path, capsys):
     lines.append('{"device": "p1", "device": "p2", "ts": 50, "value": 1.0}')    # which device?
     lines.append('{"device": "p1", "ts": 51, "values": {"a": 1.0}, "value": 2.0}')
     lines.append("\f")                                                          # not a blank line
+    lines.append('{"device": "p1", "ts": 52, "values": {}, "value": 2.0}')      # both, one of them empty
+    lines.append('{"device": "p1", "ts": 53, "values": null, "value": 2.0}')
     path = tmp_path / "fleet.jsonl"
     path.write_text("\n".join(lines) + "\n")
     dlq = tmp_path / "dead.jsonl"
@@ -834,6 +902,8 @@ def test_every_dead_letter_of_a_replay_carries_its_record(tmp_path, capsys):
     assert "'device' appears twice" in dead["line 41"]["detail"]
     assert dead["line 42"]["reason"] == "malformed" and "both 'values' and 'value'" in dead["line 42"]["detail"]
     assert dead["line 43"]["reason"] == "malformed"
+    for ref in ("line 44", "line 45"):  # the shape is wrong, whatever the two hold
+        assert dead[ref]["reason"] == "malformed" and "both 'values' and 'value'" in dead[ref]["detail"]
     assert all(d["raw"] for d in dead.values())
 
 
