@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import itertools
 import gc
@@ -494,6 +493,16 @@ def _demo_environment(bootstrap: str, metrics_port: int, detector: DetectorConfi
     return env
 
 
+def _without_settings(environ) -> dict[str, str]:
+    """The demo publisher's environment: the user's FOREWARN_* settings (a SASL login, say) are
+    for their own brokers, not the demo's, as its daemon does not read them either.
+
+    >>> _without_settings({"PATH": "/bin", "FOREWARN_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"})
+    {'PATH': '/bin'}
+    """
+    return {k: v for k, v in environ.items() if not k.startswith("FOREWARN_")}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.offline:
         _note_unused([("--speed", args.speed is not None), ("--metrics-port", args.metrics_port != 0)],
@@ -535,7 +544,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         watcher: threading.Thread | None = None
         try:
-            publisher = subprocess.Popen(replay_cmd, stdout=subprocess.PIPE, text=True)
+            publisher = subprocess.Popen(replay_cmd, stdout=subprocess.PIPE, text=True,
+                                         env=_without_settings(os.environ))
             watcher = threading.Thread(target=_stop_when_consumed, args=(daemon, broker, publisher, outcome),
                                        daemon=True)
             watcher.start()
@@ -713,18 +723,24 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+_SERVERS_VAR = "FOREWARN_KAFKA_BOOTSTRAP_SERVERS"
+
+
 def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
     from connectors.kafka import PUBLISH_STALL_S, PaceError, PublishError, close_producer, publish_recording
     from monitor.config import Config
-    kafka = Config.load(args.config).kafka
-    if args.bootstrap_servers:  # checked as the setting is, named as the option
-        kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap_servers)
+    if args.bootstrap_servers is None:
+        kafka = Config.load(args.config).kafka
+    else:  # in the setting's place, not checked after it: a bad configured value it replaces is no error
+        if not args.bootstrap_servers.strip():
+            raise ConfigError("--bootstrap-servers: empty; give host:port[,host:port...]")
         try:
-            kafka.validate()
-        except ConfigError as exc:
-            raise ConfigError(str(exc).replace("kafka.bootstrap_servers", "--bootstrap-servers")) from None
+            kafka = Config.load(args.config, environ={**os.environ, _SERVERS_VAR: args.bootstrap_servers}).kafka
+        except ConfigError as exc:  # checked as the setting is, named as the option
+            raise ConfigError(re.sub(rf"{_SERVERS_VAR}|kafka\.bootstrap_servers", "--bootstrap-servers",
+                                     str(exc))) from None
     servers = [s.strip() for s in kafka.bootstrap_servers.split(",")]
     source = FileSource(args.input, args.format, batch_size=1000)
     # a send that blocks (the buffer full, the topic's metadata not coming) gives up when a
@@ -884,24 +900,30 @@ def _expand_paths(paths: list[str]) -> list[Path]:
 # ---- argument parsing --------------------------------------------------------------------
 def _recording(text: str) -> str:
     """A recording's path; ``-``, as Unix tools take it, is standard input."""
+    if not text:  # as "$RECORDING" gives with the variable unset: not the current folder
+        raise argparse.ArgumentTypeError("an empty file name")
     return "/dev/stdin" if text == "-" else text
 
 
 _RECORDING_HELP = "recorded file (.gz is read directly; - reads standard input; a pipe needs --format)"
 
 
-def _int_at_least(low: int):
-    """An argparse type: an integer of at least ``low`` (text that is none: "invalid int value")."""
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer of at least ``low`` and at most ``high`` (text that is
+    none: "invalid int value")."""
     def at_least(text: str) -> int:
         value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}" if high is None
+                                             else f"must be in {low}..{high}, got {value}")
         return value
     at_least.__name__ = "int"
     return at_least
 
 
 _positive_int = _int_at_least(1)
+MAX_THREADS = 1024  # torch's thread pool takes far fewer than it is asked for: 50,000 crashed it
+MAX_HIDDEN = 4096  # a fleet's forecaster is small; 100,000 units asked for ~160 GB of weights at the first step
 _non_negative_int = _int_at_least(0)
 
 
@@ -991,7 +1013,8 @@ def _detector_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forewarn", description="Streaming anomaly detection for sensor fleets: "
                                      "per-stream LSTM forecasters fast-adapted from a meta-learned initialization.")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_int_at_least(1, MAX_THREADS), default=None,
+                        help=f"torch threads, 1..{MAX_THREADS} (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("replay", help="score a recorded file through the detector",
@@ -1112,7 +1135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "first iteration, annealed linearly to 0 (default: 1.0)")
     p.add_argument("--prox", type=_non_negative_float, default=0.0, help="L2 pull toward the initialization while adapting (default: %(default)s)")
     p.add_argument("--loss", choices=("huber", "mse"), default="huber", help="loss (default: %(default)s)")
-    p.add_argument("--hidden", type=_positive_int, default=32, help="LSTM hidden units (default: %(default)s)")
+    p.add_argument("--hidden", type=_int_at_least(1, MAX_HIDDEN), default=32,
+                   help=f"LSTM hidden units, 1..{MAX_HIDDEN} (default: %(default)s)")
     p.add_argument("--layers", type=_positive_int, default=1, help="LSTM layers (default: %(default)s)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--start-from", metavar="FILE", default=None,
@@ -1134,7 +1158,11 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    tune_runtime(args.threads)
+    try:
+        tune_runtime(args.threads)
+    except RuntimeError as exc:  # torch's thread pool refused the count
+        print(f"forewarn: error: --threads {args.threads}: {exc}", file=sys.stderr)
+        return 2
     # `run` and the Kafka demo's daemon take SIGTERM for themselves while they run
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None

@@ -47,6 +47,8 @@ MAX_POLL_TIMEOUT_MS = 10_000
 MAX_WARMUP = 16_384
 MAX_ADAPT_STEPS = 1_000  # each a forward and backward pass over every warming stream's window
 MAX_INT32 = 2**31 - 1  # the Kafka protocol's field for timeouts and intervals
+MAX_INT16 = 2**15 - 1  # its field for a topic's replication factor
+MAX_SNAPSHOT_BYTES = 2**30  # a snapshot's fetch size, with the record's overhead, is an int32 field
 STALLED_CHECKPOINTS_ALERT_S = 900.0  # ForewarnCheckpointsStalled: no checkpoint in 15 minutes
 
 
@@ -98,6 +100,7 @@ class KafkaConfig:
     ssl_cafile: str = _setting("", "CA bundle for SSL")
     ssl_certfile: str = _setting("", "client certificate for SSL")
     ssl_keyfile: str = _setting("", "client key for SSL")
+    ssl_password: str = _setting("", "password of an encrypted SSL client key (prefer the environment variable)")
 
     def validate(self) -> None:
         servers = [s.strip() for s in self.bootstrap_servers.split(",")]
@@ -187,12 +190,15 @@ class KafkaConfig:
                                   f"not {protocol}: it would be ignored")
             if path and not Path(path).is_file():
                 raise ConfigError(f"kafka.{name}: no such file {path!r}")
+        if self.ssl_password and not (self.ssl_keyfile or self.ssl_certfile):  # the key may be in the certificate file
+            raise ConfigError("kafka.ssl_password unlocks the client key of kafka.ssl_keyfile or kafka.ssl_certfile, "
+                              "and neither is set: it would be ignored")
 
     def security(self) -> dict[str, Any]:
         """The security settings kafka-python takes, passed through as given."""
         out: dict[str, Any] = {"security_protocol": self.security_protocol}
         for name in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password", "ssl_cafile",
-                     "ssl_certfile", "ssl_keyfile"):
+                     "ssl_certfile", "ssl_keyfile", "ssl_password"):
             if getattr(self, name):
                 out[name] = getattr(self, name)
         return out
@@ -292,7 +298,7 @@ class DetectorConfig:
             raise ConfigError(f"detector.warmup must be in 16..{MAX_WARMUP}, got {self.warmup}")
         # drift and online windows are adapted on as warm-up windows are, at the same memory cost
         _check_bounds("detector", self, drift_threshold=(0, math.inf), drift_window=(16, MAX_WARMUP),
-                      online_every=(0, math.inf), online_window=(16, MAX_WARMUP), online_steps=(1, MAX_ADAPT_STEPS),
+                      online_every=(0, MAX_INT32), online_window=(16, MAX_WARMUP), online_steps=(1, MAX_ADAPT_STEPS),
                       idle_timeout_s=(0, math.inf), max_streams=(1, math.inf), max_channels=(1, math.inf),
                       adapt_batch=(1, math.inf), adapt_steps=(-1, MAX_ADAPT_STEPS))
         if self.online_lr_scale <= 0:
@@ -339,8 +345,8 @@ class StateConfig:
     store: str = _setting("changelog", "where device state is checkpointed: changelog (Kafka), local (file) or none")
     changelog_topic: str = _setting("", "compacted state topic ('' = <group_id>-state)")
     changelog_replication: int = _setting(-1, "replication factor the changelog topic is created with "
-                                              "(-1 = the broker's default.replication.factor)")
-    max_snapshot_bytes: int = _setting(32 * 2**20, "largest device snapshot written to the changelog (~9 KB "
+                                              "(-1 = the broker's default.replication.factor; at most 32767)")
+    max_snapshot_bytes: int = _setting(32 * 2**20, "largest device snapshot written to the changelog, 64 KiB..1 GiB (~9 KB "
                                                    "per channel); the topic is created to take it, and a "
                                                    "larger one, or one the topic refuses, is dropped (that "
                                                    "device re-warms after a restart)")
@@ -356,10 +362,10 @@ class StateConfig:
         if self.store not in ("changelog", "local", "none"):
             raise ConfigError(f"state.store must be changelog, local or none, got {self.store!r}")
         _check_bounds("state", self, checkpoint_interval_s=(0, math.inf), checkpoint_batch=(1, math.inf))
-        if self.changelog_replication == 0 or self.changelog_replication < -1:
-            raise ConfigError("state.changelog_replication must be -1 (the broker's default) or >= 1")
-        if self.max_snapshot_bytes < 2**16:
-            raise ConfigError("state.max_snapshot_bytes must be >= 65536")
+        if self.changelog_replication == 0 or not -1 <= self.changelog_replication <= MAX_INT16:
+            raise ConfigError(f"state.changelog_replication must be -1 (the broker's default) or in 1..{MAX_INT16} "
+                              f"(a 16-bit field in Kafka's protocol), got {self.changelog_replication}")
+        _check_bounds("state", self, max_snapshot_bytes=(2**16, MAX_SNAPSHOT_BYTES))
         if self.store == "local" and (not self.local_path.strip() or self.local_path.strip() == ":memory:"):
             # SQLite takes both, for a database gone at exit: state that would silently not last
             raise ConfigError(f"state.local_path must name a file for state.store = local, got {self.local_path!r}")
@@ -444,6 +450,8 @@ class Config:
         monitor.config.ConfigError: FOREWARN_DETECTOR_WARMUP: expected an integer, got 'many'
         """
         cfg = cls()
+        if path is not None and not str(path).strip():  # "$CONFIG" unset: not the current folder, not no file
+            raise ConfigError("an empty configuration file name")
         if path is not None:
             try:
                 data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -518,12 +526,16 @@ KAFKA_REQUEST_TIMEOUT_MS = 30_000  # kafka-python's consumer default, which Fore
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
+def _bound(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"  # 1073741824, not 1.07374e+09
+
+
 def _check_bounds(section: str, settings, **bounds: tuple[float, float]) -> None:
     """Each named setting within its (low, high), both included; the first one outside is named."""
     for name, (low, high) in bounds.items():
         value = getattr(settings, name)
         if not low <= value <= high:
-            limit = f">= {low:g}" if high == math.inf else f"in {low:g}..{high:g}"
+            limit = f">= {low:g}" if high == math.inf else f"in {_bound(low)}..{_bound(high)}"
             raise ConfigError(f"{section}.{name} must be {limit}, got {value}")
 
 
@@ -630,7 +642,8 @@ def _assign(section: Any, section_name: str, key: str, value: Any, where: str) -
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ConfigError(f"{where}: expected {_NAMES[kind]}, got {value!r}")
+        shown = f"{type(value).__name__} (not shown)" if "password" in key else repr(value)  # a secret, mistyped
+        raise ConfigError(f"{where}: expected {_NAMES[kind]}, got {shown}")
     if kind is float and not math.isfinite(value):  # nan passes every range check below it
         raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     setattr(section, key, value)

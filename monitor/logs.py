@@ -2,6 +2,7 @@
 people (``"text"``), a record's ``fields`` carried as keys of their own."""
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
@@ -15,10 +16,16 @@ class JsonFormatter(logging.Formatter):
     >>> entry = json.loads(JsonFormatter().format(record))
     >>> sorted(entry), entry["message"], entry["reason"]
     (['level', 'logger', 'message', 'reason', 'time'], 'bad record', 'not_json')
+    >>> record.created = 1700000000.25  # in UTC whatever the zone here, to the millisecond
+    >>> json.loads(JsonFormatter().format(record))["time"]
+    '2023-11-14T22:13:20.250Z'
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+        # UTC, stated, to the millisecond: a collector reads a time without an offset as UTC,
+        # which local time is not, and whole seconds cannot order a burst of lines
+        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        entry = {"time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "level": record.levelname,
                  "logger": record.name, "message": record.getMessage()}
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:

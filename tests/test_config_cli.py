@@ -30,7 +30,13 @@ def test_toml_then_environment(tmp_path):
     ("[detector]\nalarm_surprise = 1e308\n", "detector.alarm_surprise must be in 0..1e\\+300"),  # none reaches it
     ("[detector]\nthreshold = 0.99\nalarm_surprise = 65\n",
      "detector.threshold \\(0.99\\) and detector.alarm_surprise \\(65.0\\) both set the alarm level"),
-    ("[detector]\nonline_every = -1\n", "detector.online_every must be >= 0"),
+    ("[detector]\nonline_every = -1\n", "detector.online_every must be in 0..2147483647, got -1"),
+    # past 2**63 it read as "every reading", and a larger one crashed the first update
+    ("[detector]\nonline_every = 9223372036854775808\n", "detector.online_every must be in 0..2147483647"),
+    # fields of Kafka's protocol: accepted, they crashed the daemon at the first topic made or restore
+    ("[state]\nchangelog_replication = 40000\n", "state.changelog_replication must be -1 .* or in 1..32767"),
+    ("[state]\nmax_snapshot_bytes = 3000000000\n", "state.max_snapshot_bytes must be in 65536..1073741824"),
+    ("[kafka]\nssl_password = 'pw'\n", "kafka.ssl_password unlocks the client key .* neither is set"),
     ("[detector]\nsmoothing_span = -1\n", "detector.smoothing_span must be >= 0"),
     ("[detector]\npeak_window = 2\n", "detector.peak_window must be 0 or >= 4, got 2"),
     ("[detector]\nchannel_combination = 'mean'\n", "detector.channel_combination must be one of joint, max"),
@@ -190,6 +196,54 @@ def test_a_configuration_saved_from_config_print_holds_no_stand_in_for_the_passw
     assert Config.load(saved, environ={}).kafka.sasl_plain_username == "forewarn"  # not a secret: saved as set
     from_env = Config.load(saved, environ={"FOREWARN_KAFKA_SASL_PLAIN_PASSWORD": "secret"})
     assert from_env.kafka.sasl_plain_password == "secret"
+
+
+@pytest.mark.parametrize("value", ["123456789", "['hunter2']", "{ p = 'hunter2' }"])
+def test_a_password_of_the_wrong_type_is_not_shown_in_the_error(tmp_path, value):
+    path = tmp_path / "forewarn.toml"
+    path.write_text(f"[kafka]\nsasl_plain_password = {value}\n")
+    with pytest.raises(ConfigError, match="sasl_plain_password: expected a string") as caught:
+        Config.load(path, environ={})
+    assert "123456789" not in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_the_ssl_key_password_is_passed_through_and_never_printed(tmp_path, capsys, monkeypatch):
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\n")
+    env = {"FOREWARN_KAFKA_SECURITY_PROTOCOL": "SSL", "FOREWARN_KAFKA_SSL_KEYFILE": str(key),
+           "FOREWARN_KAFKA_SSL_PASSWORD": "keysecret"}
+    assert Config.load(environ=env).kafka.security()["ssl_password"] == "keysecret"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["config", "--print"]) == 0
+    printed = capsys.readouterr().out
+    assert "keysecret" not in printed and "# ssl_password = (set; not shown)" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["config", "--config", ""], "an empty configuration file name"),   # was ": is a directory"
+    (["replay", ""], "argument input: an empty file name"),              # was ".: is a directory"
+    (["--threads", "50000", "config"], "--threads: must be in 1..1024"),  # crashed torch's thread pool
+    (["meta-train", "--data", "x", "--out", "y", "--hidden", "100000"], "--hidden: must be in 1..4096"),
+    (["replay-to-kafka", "r.csv", "--topic", "t", "--bootstrap-servers", ""], "--bootstrap-servers: empty"),
+])
+def test_empty_names_and_counts_past_what_can_run_are_clear_errors(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_replay_to_kafka_bootstrap_servers_replaces_a_bad_configured_value(tmp_path, capsys, monkeypatch):
+    """The option takes the setting's place: the value it replaces is not checked (it was, and
+    refused a run that named a good broker); the option's own value is, named as the option."""
+    monkeypatch.setenv("FOREWARN_KAFKA_BOOTSTRAP_SERVERS", "kafka:0")
+    recording = tmp_path / "r.csv"
+    recording.write_text("ts,value\n1,2\n")
+    assert main(["replay-to-kafka", str(recording), "--topic", "t", "--bootstrap-servers", "a b:1"]) == 2
+    err = capsys.readouterr().err
+    assert "--bootstrap-servers: 'a b:1' is not host:port" in err and "kafka:0" not in err
 
 
 def test_detector_options_reach_the_pipeline_from_the_environment_and_the_replay_flags():
