@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from monitor.checks import require
+from monitor.config import MAX_ADAPT_STEPS, MAX_WARMUP
 from monitor.forecaster import Params, forecast_sequence
 
 
@@ -49,13 +50,16 @@ class AdaptConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        # each step is a forward and backward pass over every warming stream's window: an
+        # initialization asking for 100,000 held a replay for hours, where --adapt-steps is bounded
+        require(self, ("steps", 0 <= self.steps <= MAX_ADAPT_STEPS, f"in 0..{MAX_ADAPT_STEPS}"))
         require(self, ("lr", self.lr >= 0, ">= 0"), ("prox", self.prox >= 0, ">= 0"))
         if self.loss not in ("huber", "mse"):
             raise ValueError(f"loss must be 'huber' or 'mse', got {self.loss!r}")
-        require(self, ("burn_in", self.burn_in >= 0, ">= 0"), ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
-                ("chunks", self.chunks >= 1, ">= 1"), ("huber_delta", self.huber_delta > 0, "> 0"))
+        require(self, ("burn_in", 0 <= self.burn_in <= MAX_WARMUP, f"in 0..{MAX_WARMUP}"),
+                ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
+                ("chunks", 1 <= self.chunks <= MAX_WARMUP, f"in 1..{MAX_WARMUP}"),
+                ("huber_delta", self.huber_delta > 0, "> 0"))
 
     def to_dict(self) -> dict:
         return asdict(self)

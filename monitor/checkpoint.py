@@ -6,6 +6,8 @@ unpickles arbitrary objects.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -86,9 +88,12 @@ class Initialization:
         if problem:  # written, it would be refused at load: say so now, not at the daemon's start
             raise CheckpointError(f"{path}: not written, the initialization is unusable: {problem}")
         self.check_writable(path)
+        payload["digest"] = _digest(payload)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # next to the target, then renamed over it: a crash mid-write leaves the old file whole
-        partial = path.with_name(f".{path.name}.partial")
+        # next to the target, then renamed over it: a crash mid-write leaves the old file whole.
+        # A short name of its own: NAME.partial could be past the file system's limit where NAME is not
+        # (made as any file is, under the umask: the daemon may run as another user than this)
+        partial = path.parent / f".forewarn-init-{os.getpid()}.partial"
         try:
             with open(partial, "wb") as f:
                 torch.save(payload, f)
@@ -102,9 +107,16 @@ class Initialization:
     def check_writable(path: str | Path) -> None:
         """Refuse a path ``save`` could not write, before hours of training are spent on it."""
         path = Path(path)
+        existing = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+        if existing is not None:
+            try:
+                longest = os.pathconf(existing, "PC_NAME_MAX")
+            except (OSError, ValueError, AttributeError):  # not POSIX, or no limit told
+                longest = None
+            if longest and len(os.fsencode(path.name)) > longest:
+                raise CheckpointError(f"{path}: a file name longer than this file system takes ({longest} bytes)")
         if path.is_dir():
             raise CheckpointError(f"{path}: is a directory; give a file name for the initialization")
-        existing = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
         if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK)):
             raise CheckpointError(f"{path}: cannot write in {existing}")
 
@@ -136,6 +148,11 @@ class Initialization:
         problem = init.problem()
         if problem:  # adaptation would fail on it at the first warm-up, after the daemon is ready
             raise CheckpointError(f"{path}: {problem}")
+        # torch's reader checks no checksum: a changed byte could change a weight without a word.
+        # Files written before the digest have none, and are read unchecked
+        if "digest" in payload and payload["digest"] != _digest(payload):
+            raise CheckpointError(f"{path}: corrupt, or edited (its contents do not match the digest written with "
+                                  "them; an edited file loads once its 'digest' is removed)")
         return init
 
     def problem(self) -> str | None:
@@ -156,6 +173,8 @@ class Initialization:
                 tensor = group.get(key)
                 if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
                     return f"{name}[{key!r}] missing or not a tensor of shape {shape}"
+                if tensor.layout != torch.strided or tensor.device.type != "cpu":  # sparse, or torch's "meta"
+                    return f"{name}[{key!r}] must be a dense CPU tensor, got {tensor.layout} on {tensor.device}"
                 finite = bool(torch.isfinite(tensor).all())
                 if tensor.dtype != torch.float32 or not finite:
                     return f"{name}[{key!r}] must be finite float32, got {tensor.dtype}" \
@@ -169,6 +188,28 @@ class Initialization:
         """The initialization shipped in the package (meta-trained on SMD, see the README)."""
         with resources.as_file(resources.files("monitor.data") / DEFAULT_INIT) as path:
             return cls.load(path)
+
+
+def _digest(payload: dict) -> str:
+    """SHA-256 of what an initialization does: its tensors' bytes and its settings (not the
+    ``info`` notes).
+
+    >>> init = Initialization.random(LSTMSpec(hidden=4))
+    >>> payload = {"spec": init.spec.to_dict(), "params": init.params, "inner_lr": None,
+    ...            "adapt": init.adapt.to_dict(), "normalization": init.normalization.to_dict()}
+    >>> before = _digest(payload)
+    >>> payload["params"]["l0.b"][0] += 1e-3
+    >>> _digest(payload) == before
+    False
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([payload["spec"], payload["adapt"], payload["normalization"]], sort_keys=True).encode())
+    for group in ("params", "inner_lr"):
+        tensors = payload[group] or {}
+        for key in sorted(tensors):
+            h.update(f"{group}/{key}/{tuple(tensors[key].shape)}/{tensors[key].dtype}".encode())
+            h.update(tensors[key].detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _gist(message: str) -> str:

@@ -793,6 +793,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         _note_unused([("--limit", args.limit is not None), ("--windows", args.windows != "combined_windows.json")],
                      "--dataset smd")
+    if args.report == "":  # "$REPORT" unset: the table alone, and no report where one was asked for
+        raise ValueError("--report: an empty folder name")
     if args.report:
         try:
             import matplotlib  # noqa: F401  its figures: refused now, not after the scoring
@@ -1124,7 +1126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_int_at_least(16), default=256, metavar="W",
                    help="support length, at least 16 (default: %(default)s)")
     p.add_argument("--query", type=_int_at_least(2), default=128, help="query length, at least 2 (default: %(default)s)")
-    p.add_argument("--inner-steps", type=_non_negative_int, default=5, metavar="K", help="inner steps (default: %(default)s)")
+    p.add_argument("--inner-steps", type=_int_at_least(0, MAX_ADAPT_STEPS), default=5, metavar="K",
+                   help=f"inner steps, 0..{MAX_ADAPT_STEPS}; also the K the initialization adapts new streams with "
+                        "(default: %(default)s)")
     p.add_argument("--inner-lr", type=_positive_float, default=0.01, help="inner learning rate, or its start when learned (default: %(default)s)")
     p.add_argument("--fixed-inner-lr", action="store_true", help="do not learn per-parameter inner rates (Meta-SGD)")
     p.add_argument("--meta-lr", type=_positive_float, default=None, help="outer Adam learning rate; not used by reptile (default: 0.001)")

@@ -48,8 +48,12 @@ class Normalization:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        require(self, ("clip", self.clip > 0, "> 0"), ("abs_floor", self.abs_floor > 0, "> 0"),
-                ("rel_floor", self.rel_floor >= 0, ">= 0"), ("std_floor", self.std_floor >= 0, ">= 0"))
+        # bounded above too: the forecaster works in float32, where 1e300 does not fit, and a
+        # clip far past any spread only lets squared errors overflow
+        require(self, ("clip", 0 < self.clip <= 1e6, "in (0, 1e6]"),
+                ("abs_floor", 0 < self.abs_floor <= 1e15, "in (0, 1e15]"),
+                ("rel_floor", 0 <= self.rel_floor <= 1e6, "in [0, 1e6]"),
+                ("std_floor", 0 <= self.std_floor <= 1e6, "in [0, 1e6]"))
 
     def fit(self, windows: Tensor) -> tuple[Tensor, Tensor]:
         """Centre and scale of each row of ``windows`` ([B, W], float64).

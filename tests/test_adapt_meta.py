@@ -243,7 +243,14 @@ def test_loading_refuses_step_sizes_adaptation_cannot_use(tmp_path, inner_lr, me
     ("adapt", "huber_delta", -1.0, "huber_delta must be > 0, got -1.0"),
     ("adapt", "prox", -0.1, "prox must be >= 0, got -0.1"),  # once "lr and prox must be >= 0": which?
     ("normalization", "clip", float("nan"), "clip must be a finite number"),
-    ("normalization", "std_floor", -1.0, "std_floor must be >= 0, got -1.0"),
+    ("normalization", "std_floor", -1.0, "std_floor must be in \\[0, 1e6\\], got -1.0"),
+    # finite, but not in float32: the first warm-up raised an overflow, after the daemon was ready
+    ("normalization", "clip", 1e300, r"clip must be in \(0, 1e6\], got 1e\+300"),
+    # each step a pass over every warming window: a replay was held for hours
+    ("adapt", "steps", 100_000, "steps must be in 0..1000, got 100000"),
+    ("adapt", "chunks", 10**6, "chunks must be in 1..16384"),
+    ("params", "l0.b", torch.zeros(16).to_sparse(), r"params\['l0.b'\] must be a dense CPU tensor"),
+    ("params", "l0.b", torch.zeros(16, device="meta"), r"params\['l0.b'\] must be a dense CPU tensor"),
     ("spec", "hidden", 4.0, "integers >= 1"),
     ("params", "extra", torch.zeros(3), "tensors this model does not have: extra"),
 ])
@@ -257,6 +264,34 @@ def test_loading_refuses_settings_that_would_fail_or_mislead_later(tmp_path, sec
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=message):
         Initialization.load(path)
+
+
+def test_a_changed_byte_in_an_initialization_is_found_not_loaded(tmp_path):
+    """torch's reader checks no checksum: one flipped byte changed a weight without a word."""
+    init = Initialization.random(LSTMSpec(hidden=4), seed=0)
+    path = tmp_path / "init.pt"
+    init.save(path)
+    payload = torch.load(path, weights_only=True)
+    payload["params"]["l0.b"][3] += 0.02  # as a flipped bit would
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="corrupt, or edited"):
+        Initialization.load(path)
+    del payload["digest"]  # as files written before the digest: read unchecked
+    torch.save(payload, path)
+    assert Initialization.load(path).params["l0.b"][3] == payload["params"]["l0.b"][3]
+
+
+def test_a_name_past_the_file_systems_limit_is_refused_before_training(tmp_path):
+    """The partial file's name was the final one plus 9 characters: a 250-character name passed the
+    check, and the save after the training failed; now the part's name is short, and a final name
+    too long for the file system is refused up front."""
+    init = Initialization.random(LSTMSpec(hidden=4), seed=0)
+    long_name = tmp_path / ("a" * 250 + ".pt")
+    Initialization.check_writable(long_name)
+    init.save(long_name)
+    assert Initialization.load(long_name).params["l0.w"].equal(init.params["l0.w"])
+    with pytest.raises(CheckpointError, match="longer than this file system takes"):
+        Initialization.check_writable(tmp_path / ("a" * 300 + ".pt"))
 
 
 def test_checkpoints_are_loaded_without_unpickling_objects(tmp_path):

@@ -225,6 +225,8 @@ def test_the_ssl_key_password_is_passed_through_and_never_printed(tmp_path, caps
     (["replay", ""], "argument input: an empty file name"),              # was ".: is a directory"
     (["--threads", "50000", "config"], "--threads: must be in 1..1024"),  # crashed torch's thread pool
     (["meta-train", "--data", "x", "--out", "y", "--hidden", "100000"], "--hidden: must be in 1..4096"),
+    # the K new streams adapt with: 100,000 held a replay for hours, where --adapt-steps stops at 1,000
+    (["meta-train", "--data", "x", "--out", "y", "--inner-steps", "100000"], "--inner-steps: must be in 0..1000"),
     (["replay-to-kafka", "r.csv", "--topic", "t", "--bootstrap-servers", ""], "--bootstrap-servers: empty"),
 ])
 def test_empty_names_and_counts_past_what_can_run_are_clear_errors(argv, message, capsys):
@@ -404,7 +406,7 @@ def test_a_user_s_mistakes_on_the_command_line_are_named_not_given_as_an_errno(t
         assert message in capsys.readouterr().err, argv
     for argv, message in ((["--warmup", "8"], "argument --warmup: must be >= 16, got 8"),
                           (["--query", "1"], "argument --query: must be >= 2, got 1"),
-                          (["--inner-steps", "-3"], "argument --inner-steps: must be >= 0, got -3"),
+                          (["--inner-steps", "-3"], "argument --inner-steps: must be in 0..1000, got -3"),
                           (["--reptile-step", "2"], "argument --reptile-step: must be in (0, 1], got 2.0")):
         with pytest.raises(SystemExit) as exit_:  # as argparse refuses: not MetaConfig's internal names
             main(["meta-train", "--data", str(recording), "--out", str(tmp_path / "i.pt"), *argv])

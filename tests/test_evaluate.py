@@ -187,3 +187,42 @@ def test_the_adaptation_figure_reports_its_progress_point_by_point(monkeypatch, 
     adaptation_figure(tmp_path / "a.png", on_step=lambda done, total: steps.append((done, total)))
     n = 2 * len(ADAPT_KS)  # meta-init and random init: no pooled initialization given
     assert steps == [(i, n) for i in range(1, n + 1)] and len(drawn) == 1
+
+
+def test_a_report_holds_this_runs_files_only_and_survives_a_damaged_figure_input(data_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A damaged .gz under the adaptation figure's data raised EOFError or zlib.error, which the
+    report did not catch: a traceback after minutes of scoring, and only parts left. And an
+    earlier run's adaptation.png stayed beside a run that did not redraw it."""
+    import zlib
+
+    import monitor.evaluation.harness as harness
+    (tmp_path / "adaptation.png").write_bytes(b"an earlier run's figure")
+    args = ["evaluate", "--dataset", "nab", "--windows", "combined_windows_tiny.json", "--detectors", "zscore",
+            "--report", str(tmp_path), "--quiet"]
+    for damage in (EOFError("Compressed file ended before the end-of-stream marker was reached"),
+                   zlib.error("Error -3 while decompressing data: invalid distance too far back")):
+        def damaged(*_args, **_kwargs):
+            raise damage
+        monkeypatch.setattr(harness, "adaptation_figure", damaged)
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        assert "skipped the adaptation figure" in err and "removed" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["nab.json", "nab.md", "nab_series.png"]
+        (tmp_path / "adaptation.png").write_bytes(b"an earlier run's figure")
+    assert main([*args, "--no-adaptation-plot"]) == 0
+    assert not (tmp_path / "adaptation.png").exists()
+    assert main([*args[:-3], "--report", "", "--quiet"]) == 2
+    assert "--report: an empty folder name" in capsys.readouterr().err
+
+
+def test_a_meta_trained_detectors_notes_say_how_its_file_was_made(tmp_path):
+    """The notes were fixed text: a pooled model saved as fomaml.pt was reported as first-order MAML."""
+    from monitor.checkpoint import Initialization
+    from monitor.evaluation.harness import build_detectors
+    from monitor.forecaster import LSTMSpec
+    init = Initialization.random(LSTMSpec(hidden=4), seed=0)
+    init.info = {"algorithm": "pooled", "iterations": 4}
+    init.save(tmp_path / "fomaml.pt")
+    detector, = build_detectors(["forewarn-fomaml"], tmp_path)
+    assert "fomaml.pt: pooled, 4 iterations, hidden 4" in detector.notes

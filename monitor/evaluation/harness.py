@@ -58,12 +58,24 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
             raise FileNotFoundError(f"no {name}.pt in {init_dir}: train it with forewarn meta-train (see README)")
         return Initialization.load(init_dir / f"{name}.pt")
 
+    def made(init: Initialization) -> str:
+        """How a file in init_dir was made, from what it says of itself: not what its name suggests."""
+        iterations = init.info.get("iterations")
+        return f"{init.origin}" + (f", {iterations:,} iterations" if isinstance(iterations, int) else "") + \
+            f", hidden {init.spec.hidden}"
+
     def trained(name: str, artifact_name: str, label: str) -> Callable[[], Detector]:
         """A meta-trained initialization, at the K it was trained for (its notes say which)."""
         def make() -> Detector:
             init = artifact(artifact_name)
-            return forewarn_detector(name, init, WARMUP, notes=f"{label}, K={init.adapt.steps}")
+            return forewarn_detector(name, init, WARMUP,
+                                     notes=f"{label} ({artifact_name}.pt: {made(init)}), K={init.adapt.steps}")
         return make
+
+    def pooled() -> Detector:
+        init = artifact("pooled")  # at the shipped K: it holds meta-train's default (5), not the K compared
+        return forewarn_detector("pooled", init, WARMUP, adapt_steps=shipped.adapt.steps,
+                                 notes=f"pooled pre-training (pooled.pt: {made(init)}), K={shipped.adapt.steps}")
 
     def shipped_variant(name: str, notes: str, calibrated: bool = False, novelty: bool = False,
                         smoothed: bool = False, peaks: bool = False, channel_combination: str = "joint",
@@ -77,10 +89,8 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
                                               notes=f"shipped init ({shipped.origin}), K={shipped.adapt.steps}"),
         "forewarn-fomaml": trained("forewarn-fomaml", "fomaml", "first-order MAML init"),
         "forewarn-reptile": trained("forewarn-reptile", "reptile", "Reptile init"),
-        "forewarn-maml": trained("forewarn-maml", "maml", "MAML from random weights (shipped before)"),
-        # at the shipped K: the pooled checkpoint holds meta-train's default (5), not the K compared
-        "pooled": lambda: forewarn_detector("pooled", artifact("pooled"), WARMUP, adapt_steps=shipped.adapt.steps,
-                                            notes=f"pooled pre-training (6,000 iterations), K={shipped.adapt.steps}"),
+        "forewarn-maml": trained("forewarn-maml", "maml", "MAML from random weights, shipped before"),
+        "pooled": pooled,
         "lstm-scratch": lambda: forewarn_detector("lstm-scratch", Initialization.random(shipped.spec, seed=0,
                                                   adapt=shipped.adapt), WARMUP, notes="random init, same K and rates"),
         "forewarn-calibrated": shipped_variant(
@@ -331,9 +341,14 @@ def write_report(out: Path, dataset: str, run, detectors: Sequence[Detector], ta
             adaptation_figure(part(path), Initialization.load(pooled) if pooled and pooled.exists() else None, data,
                               on_adaptation_step)
             written.append(path)
-        except (OSError, ValueError) as exc:  # a data folder of another layout: the report stands without it
+        except (OSError, ValueError, EOFError, zlib.error) as exc:  # another layout, or a damaged .gz: the report
+            # stands without it (after minutes of scoring, which a traceback here would lose)
             print(f"skipped the adaptation figure: it draws on SMD's held-out machines and NAB's series "
                   f"({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+    if out / "adaptation.png" not in written and (out / "adaptation.png").exists():
+        # an earlier run's, not this one's: a report folder holds one run
+        (out / "adaptation.png").unlink()
+        print(f"removed {out / 'adaptation.png'}: an earlier run's figure, not redrawn by this one", file=sys.stderr)
     # renamed together at the end: a report stopped half-way leaves its parts, never a mix of runs
     for path in written:
         os.replace(part(path), path)

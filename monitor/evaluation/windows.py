@@ -56,6 +56,10 @@ def parse_windows(data: object, source: str) -> dict[str, list[tuple[float, floa
     Traceback (most recent call last):
     ...
     ValueError: labels.json: expected an object of series names, each with a list of [start, end] windows; got a list
+    >>> parse_windows({"a.csv": [["2014-01-02", "2014-01-01"]]}, "labels.json")
+    Traceback (most recent call last):
+    ...
+    ValueError: labels.json: 'a.csv': the window [2014-01-02, 2014-01-01] ends before it starts
     """
     layout = "expected an object of series names, each with a list of [start, end] windows"
     if not isinstance(data, dict):
@@ -68,6 +72,9 @@ def parse_windows(data: object, source: str) -> dict[str, list[tuple[float, floa
             out[name] = [(parse_timestamp(a), parse_timestamp(b)) for a, b in windows]
         except ValueError as exc:
             raise ValueError(f"{source}: {name!r}: {exc}") from None
+        backwards = next(((a, b) for (a, b), (ta, tb) in zip(windows, out[name]) if ta > tb), None)
+        if backwards:  # a window no detection can fall in: every series' score would silently drop
+            raise ValueError(f"{source}: {name!r}: the window [{backwards[0]}, {backwards[1]}] ends before it starts")
     return out
 
 
