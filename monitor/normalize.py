@@ -4,7 +4,8 @@ One meta-initialization has to serve a temperature in kelvin and a byte counter
 in the billions, so every stream is mapped to a common scale before the LSTM sees
 it: centre = median, scale = IQR / 1.349 (the standard deviation of a normal
 series), at least a tenth of the standard deviation (spiky channels whose IQR is
-0), and for a constant window a share of its level, or a last-resort floor, so
+0; a standard deviation counted at most 10x that of the window clamped to its 1st..99th
+percentiles, so that one glitch cannot set the scale), and for a constant window a share of its level, or a last-resort floor, so
 that nothing divides by zero (a window with spread, however small its units, is
 judged by that spread).  Values are clipped to +-``clip`` on the way into the model so that a wild
 reading cannot saturate the recurrent state; residuals are taken before the clip,
@@ -21,6 +22,7 @@ from torch import Tensor
 from monitor.checks import require
 
 _IQR_TO_STD = 1.349
+_GLITCH_RATIO = 10.0  # a window's std may exceed that of its 1st..99th percentiles this many times
 _PRECISION = 1e-12  # relative to the level: a spread below it is float64's rounding, not the series'
 _NOISE = 1e-12      # absolute: near 0, rounding residue (0.1 + 0.2 - 0.3 = 5.6e-17) is not a signal either
 
@@ -33,6 +35,10 @@ class Normalization:
     >>> center, scale = norm.fit(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]], dtype=torch.float64))
     >>> center.item(), round(scale.item(), 3)
     (3.0, 1.483)
+    >>> glitched = torch.sin(torch.arange(256.0, dtype=torch.float64) / 8).unsqueeze(0)
+    >>> glitched[0, 100] = 1e15  # one reading at the value bound: the scale stays the series'
+    >>> round(norm.fit(glitched)[1].item(), 2)  # 1.03 without it; 6.25e12 before the clamp
+    1.03
     """
 
     kind: str = "median_iqr"
@@ -70,9 +76,15 @@ class Normalization:
         return center * unit, scale * unit
 
     def _fit(self, windows: Tensor) -> tuple[Tensor, Tensor]:
-        q = torch.quantile(windows, torch.tensor([0.25, 0.5, 0.75], dtype=windows.dtype), dim=1)
-        center = q[1]
-        spread = torch.maximum((q[2] - q[0]) / _IQR_TO_STD, self.std_floor * windows.std(dim=1))
+        q = torch.quantile(windows, torch.tensor([0.01, 0.25, 0.5, 0.75, 0.99], dtype=windows.dtype), dim=1)
+        center = q[2]
+        # The std floor is for spiky channels (IQR 0), whose spikes are more than 1% of the window.
+        # One glitch of 1e15 in 256 readings made the std 6e13 and the scale 6e12: the stream
+        # flagged nothing for the rest of its life. So the std counts at most 10x the std of the
+        # window clamped to its 1st..99th percentiles (no window of NAB's or SMD's warm-ups comes near).
+        trimmed = torch.minimum(torch.maximum(windows, q[0].unsqueeze(-1)), q[4].unsqueeze(-1)).std(dim=1)
+        std = torch.minimum(windows.std(dim=1), _GLITCH_RATIO * trimmed)
+        spread = torch.maximum((q[3] - q[1]) / _IQR_TO_STD, self.std_floor * std)
         # The level sets the scale only of a window without spread: a counter in the billions
         # that moves by thousands is judged by its thousands, not by a share of its billions.
         flat = torch.maximum(self.rel_floor * center.abs(), torch.full_like(center, self.abs_floor))

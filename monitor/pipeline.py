@@ -36,6 +36,10 @@ from monitor.scoring import (MAX_SURPRISE, NewPeaks, PageHinkley, RangeNovelty, 
                              joint_surprise, score_of)
 from monitor.state import DeviceState, StreamState
 
+# The largest value a library caller may feed (the sources stop at MessageFormat.max_abs_value,
+# 1e15): past ~1e308 a window's scale overflows to inf, and its snapshot cannot be written
+MAX_VALUE = 1e300
+
 
 class Lifecycle(str, Enum):
     """The stage of one stream (a device's channel); see the module docstring.
@@ -271,8 +275,8 @@ class Pipeline:
             placed, first, entries = 0, None, None
             rejected = None  # (reason, channel, detail): one bad record per reason, after the channels
             for channel, value in reading.values.items():
-                if type(value) is not float or not -math.inf < value < math.inf:
-                    value, reason, detail = check_value(value, math.inf)  # as the sources judge theirs
+                if type(value) is not float or not -MAX_VALUE <= value <= MAX_VALUE:
+                    value, reason, detail = check_value(value, MAX_VALUE)  # as the sources judge theirs
                     if reason is not None:
                         rejected = _with(rejected, (reason, channel, detail))
                         continue

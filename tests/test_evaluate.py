@@ -226,3 +226,29 @@ def test_a_meta_trained_detectors_notes_say_how_its_file_was_made(tmp_path):
     init.save(tmp_path / "fomaml.pt")
     detector, = build_detectors(["forewarn-fomaml"], tmp_path)
     assert "fomaml.pt: pooled, 4 iterations, hidden 4" in detector.notes
+
+
+def test_the_glitch_clamp_of_the_scale_leaves_every_benchmark_warm_up_as_it_was(data_dir):
+    """The evaluation figures stand: no warm-up window of NAB or of SMD's held-out machines is scaled
+    differently by the clamp that keeps one glitch from setting a stream's scale."""
+    import numpy as np
+    import torch
+
+    from monitor.datasets import SMD_HELD_OUT, load_smd
+    from monitor.evaluation.harness import WARMUP, nab_corpus
+    from monitor.normalize import _IQR_TO_STD, _NOISE, _PRECISION, Normalization
+
+    norm = Normalization()
+
+    def unclamped(windows):  # the scale as it was fitted before
+        q = torch.quantile(windows, torch.tensor([0.25, 0.5, 0.75], dtype=windows.dtype), dim=1)
+        spread = torch.maximum((q[2] - q[0]) / _IQR_TO_STD, norm.std_floor * windows.std(dim=1))
+        flat = torch.maximum(norm.rel_floor * q[1].abs(), torch.full_like(q[1], norm.abs_floor))
+        fine = torch.maximum(_PRECISION * q[1].abs(), torch.full_like(q[1], _NOISE))
+        return q[1], torch.where(spread > 0, torch.maximum(spread, fine), flat)
+
+    series, _ = nab_corpus(data_dir)
+    windows = [torch.tensor(np.stack([v[:WARMUP] for _, _, v in series]), dtype=torch.float64)]
+    windows += [torch.tensor(load_smd(m, root=data_dir)[-WARMUP:].T.copy(), dtype=torch.float64) for m in SMD_HELD_OUT]
+    for w in windows:
+        assert all(torch.equal(before, now) for before, now in zip(unclamped(w), norm._fit(w)))

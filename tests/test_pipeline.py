@@ -623,3 +623,28 @@ def test_the_fast_json_path_reads_every_message_as_the_exact_parser_does():
     finally:
         readings._orjson_loads = real
     assert taken and readings._fast_json(taken[0]) is not None
+
+
+@pytest.mark.parametrize("glitch", [1e5, 1e15])
+def test_one_glitch_in_the_warm_up_does_not_blind_the_stream(init, glitch):
+    """The scale's std floor took the glitch's std: at 1e15 the scale was 6e12, and a step of 20
+    spreads later was never flagged, for the stream's whole life."""
+    pipe = Pipeline(init, PipelineConfig(warmup=256))
+    warm = _wave("a", 256)
+    warm[100] = Reading("a", warm[100].ts, {"v": glitch})
+    pipe.feed(warm)
+    step = [Reading("a", r.ts, {"v": r.values["v"] + 20.0}) for r in _wave("a", 20, start=256)]
+    flagged = [s.anomaly for s in pipe.feed(step).scores]
+    assert sum(flagged) >= 15
+
+
+def test_a_library_callers_values_past_1e300_are_refused_and_1e300_snapshots(init):
+    """At 1.7e308 a window's scale overflowed to inf, its forecasts were -inf, and its snapshot
+    raised: such values are refused as out of range, as the sources refuse theirs past 1e15."""
+    from monitor.state import StateCodec
+    pipe = Pipeline(init, PipelineConfig(warmup=16))
+    result = pipe.feed([Reading("d", float(t), {"v": 1.7e308 if t % 2 else -1.7e308}) for t in range(20)])
+    assert [b.reason for b in result.bad] == [BadReason.VALUE_OUT_OF_RANGE] * 20 and not pipe.streams_by_state()["live"]
+    result = pipe.feed([Reading("e", float(t), {"v": 1e300 if t % 2 else -1e300}) for t in range(20)])
+    assert not result.bad and all(math.isfinite(s.forecast) for s in result.scores if s.score is not None)
+    assert StateCodec(init).encode_many(pipe.export_devices(["e"]))
