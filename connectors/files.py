@@ -245,6 +245,7 @@ class FileSource:
             header, ts_col, pending = self._header(first, at)
             width = len(header) + (ts_col is not None)
             row_number = -1  # a headerless file's timestamps: every non-blank row after the header takes one
+            dates_checked = False
             stream = rows if pending is None else _chain([pending], rows)
             while True:
                 lines.start_row()
@@ -258,12 +259,10 @@ class FileSource:
                     yield None, [BadRecord(BadReason.MALFORMED, f"not CSV ({exc})", f"line {line}", raw)], raw
                     continue
                 line = lines.row_start or first_line  # none read: the first row, read before, was data
-                if lines.hit_end or (lines.spanned and (len(row) != width or any(map(_inner_break, row)))):
+                if lines.hit_end or (lines.spanned and (len(row) != width or any(map(_swallowed, row)))):
                     # a quote left open swallows the lines after it as one cell (csv.reader ends it
                     # quietly at the end of the file): only the line it is on is bad, and the next
-                    # one is read again as a row of its own. A line break at a cell's end is a
-                    # value written over two lines (`1,"5<newline>"`); one before its text, or a row
-                    # of the wrong width, is a quote left open that took in the next row
+                    # one is read again as a row of its own. A value written over lines stays one
                     row_number += 1
                     detail = "a quoted cell left open " + ("runs over the lines after it" if lines.spanned
                                                            else "at the end of the file")
@@ -289,8 +288,15 @@ class FileSource:
                     if cell is None:
                         yield None, [BadRecord(BadReason.MISSING_TIMESTAMP, "empty timestamp cell", ref, raw)], raw
                         continue
+                    if not dates_checked:  # the first timestamp tells what the column holds
+                        dates_checked = True
+                        day = _basic_date(row[ts_col])
+                        if day is not None:
+                            raise FileFormatError(
+                                f"{self.path}: {ref}: the timestamp {row[ts_col].strip()} looks like the date {day} "
+                                "written YYYYMMDD, which as epoch seconds would be August 1970: write the "
+                                f"column's dates as {day}, or its times as epoch seconds")
                     try:
-                        _not_a_basic_date(row[ts_col])
                         ts = parse_timestamp(cell)
                     except ValueError as exc:
                         yield None, [BadRecord(BadReason.BAD_TIMESTAMP, str(exc), ref, raw)], raw
@@ -399,10 +405,17 @@ class _Lines:
         return number, line.rstrip("\r\n")[:500]
 
 
-def _inner_break(cell: str) -> bool:
-    """A line break before the end of a cell's text."""
+def _swallowed(cell: str) -> bool:
+    r"""Whether a quoted cell that spans lines took in the next row: after its first line break
+    it holds a comma or a quote, as a row does (`1,"` then `2,"5"`), where a value written
+    over lines (`"<newline>5"`, `"5<newline>"`) holds neither.
+
+    >>> _swallowed('\n2,5"'), _swallowed('\n2024-01-01 00:01:00"'), _swallowed('\n5'), _swallowed('5\n')
+    (True, True, False, False)
+    """
     text = cell.rstrip(_BLANK)
-    return "\n" in text or "\r" in text
+    breaks = [i for i in (text.find("\n"), text.find("\r")) if i >= 0]
+    return bool(breaks) and any(c in text[min(breaks):] for c in ',"')
 
 
 def _blank(row: list[str]) -> bool:
@@ -415,26 +428,22 @@ def _chain(first: list, rest: Iterator) -> Iterator:
     yield from rest
 
 
-def _not_a_basic_date(cell: str) -> None:
-    """Refuses a timestamp cell such as ``20240130``: a date in ISO 8601's basic form, which as
-    epoch seconds would be read, without a word, as a moment in August 1970.
+def _basic_date(cell: str) -> str | None:
+    """The date a timestamp cell such as ``20240130`` spells in ISO 8601's basic form
+    (``2024-01-30``), or None. As epoch seconds it would be a moment in August 1970, which
+    a recording's first timestamp is not: such a column is refused, not read as that.
 
-    >>> _not_a_basic_date("1700000000")
-    >>> _not_a_basic_date(" 20240130 ")
-    Traceback (most recent call last):
-    ...
-    ValueError: 20240130 looks like the date 2024-01-30 written YYYYMMDD, which as epoch seconds would be August 1970: write it as 2024-01-30, or as epoch seconds
+    >>> _basic_date(" 20240130 "), _basic_date("1700000000"), _basic_date("20241301")
+    ('2024-01-30', None, None)
     """
     text = cell.strip()
     if len(text) != 8 or not text.isdigit() or not text.isascii():
-        return
+        return None
     try:
         day = datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
     except ValueError:
-        return
-    if 1900 <= day.year <= 2100:
-        raise ValueError(f"{text} looks like the date {day.isoformat()} written YYYYMMDD, which as epoch seconds "
-                         f"would be August 1970: write it as {day.isoformat()}, or as epoch seconds")
+        return None
+    return day.isoformat() if 1900 <= day.year <= 2100 else None
 
 
 def _number_or_text(text: str) -> float | str:

@@ -730,17 +730,18 @@ def cmd_replay_to_kafka(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
     from connectors.kafka import PUBLISH_STALL_S, PaceError, PublishError, close_producer, publish_recording
-    from monitor.config import Config
+    from monitor.config import Config, KafkaConfig
     if args.bootstrap_servers is None:
         kafka = Config.load(args.config).kafka
-    else:  # in the setting's place, not checked after it: a bad configured value it replaces is no error
+    else:
         if not args.bootstrap_servers.strip():
             raise ConfigError("--bootstrap-servers: empty; give host:port[,host:port...]")
-        try:
-            kafka = Config.load(args.config, environ={**os.environ, _SERVERS_VAR: args.bootstrap_servers}).kafka
-        except ConfigError as exc:  # checked as the setting is, named as the option
-            raise ConfigError(re.sub(rf"{_SERVERS_VAR}|kafka\.bootstrap_servers", "--bootstrap-servers",
-                                     str(exc))) from None
+        try:  # checked as the setting is, named as the option
+            KafkaConfig(bootstrap_servers=args.bootstrap_servers).validate()
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("kafka.bootstrap_servers", "--bootstrap-servers")) from None
+        # in the setting's place, not checked after it: a configured value it replaces is no error
+        kafka = Config.load(args.config, environ={**os.environ, _SERVERS_VAR: args.bootstrap_servers}).kafka
     servers = [s.strip() for s in kafka.bootstrap_servers.split(",")]
     source = FileSource(args.input, args.format, batch_size=1000)
     # a send that blocks (the buffer full, the topic's metadata not coming) gives up when a

@@ -4,8 +4,8 @@ One meta-initialization has to serve a temperature in kelvin and a byte counter
 in the billions, so every stream is mapped to a common scale before the LSTM sees
 it: centre = median, scale = IQR / 1.349 (the standard deviation of a normal
 series), at least a tenth of the standard deviation (spiky channels whose IQR is
-0; a standard deviation counted at most 10x that of the window clamped to its 1st..99th
-percentiles, so that one glitch cannot set the scale), and for a constant window a share of its level, or a last-resort floor, so
+0; a standard deviation counted at most 10x that of the window with its most extreme 1%
+clamped, so that one glitch cannot set the scale), and for a constant window a share of its level, or a last-resort floor, so
 that nothing divides by zero (a window with spread, however small its units, is
 judged by that spread).  Values are clipped to +-``clip`` on the way into the model so that a wild
 reading cannot saturate the recurrent state; residuals are taken before the clip,
@@ -22,7 +22,7 @@ from torch import Tensor
 from monitor.checks import require
 
 _IQR_TO_STD = 1.349
-_GLITCH_RATIO = 10.0  # a window's std may exceed that of its 1st..99th percentiles this many times
+_GLITCH_RATIO = 10.0  # a window's std may exceed that of its clamped window this many times
 _PRECISION = 1e-12  # relative to the level: a spread below it is float64's rounding, not the series'
 _NOISE = 1e-12      # absolute: near 0, rounding residue (0.1 + 0.2 - 0.3 = 5.6e-17) is not a signal either
 
@@ -76,15 +76,9 @@ class Normalization:
         return center * unit, scale * unit
 
     def _fit(self, windows: Tensor) -> tuple[Tensor, Tensor]:
-        q = torch.quantile(windows, torch.tensor([0.01, 0.25, 0.5, 0.75, 0.99], dtype=windows.dtype), dim=1)
-        center = q[2]
-        # The std floor is for spiky channels (IQR 0), whose spikes are more than 1% of the window.
-        # One glitch of 1e15 in 256 readings made the std 6e13 and the scale 6e12: the stream
-        # flagged nothing for the rest of its life. So the std counts at most 10x the std of the
-        # window clamped to its 1st..99th percentiles (no window of NAB's or SMD's warm-ups comes near).
-        trimmed = torch.minimum(torch.maximum(windows, q[0].unsqueeze(-1)), q[4].unsqueeze(-1)).std(dim=1)
-        std = torch.minimum(windows.std(dim=1), _GLITCH_RATIO * trimmed)
-        spread = torch.maximum((q[3] - q[1]) / _IQR_TO_STD, self.std_floor * std)
+        q = torch.quantile(windows, torch.tensor([0.25, 0.5, 0.75], dtype=windows.dtype), dim=1)
+        center = q[1]
+        spread = torch.maximum((q[2] - q[0]) / _IQR_TO_STD, self.std_floor * self._glitch_proof_std(windows))
         # The level sets the scale only of a window without spread: a counter in the billions
         # that moves by thousands is judged by its thousands, not by a share of its billions.
         flat = torch.maximum(self.rel_floor * center.abs(), torch.full_like(center, self.abs_floor))
@@ -93,6 +87,23 @@ class Normalization:
         # was a floor for every window: a series spread over 1e-9 lost its spikes.)
         fine = torch.maximum(_PRECISION * center.abs(), torch.full_like(center, _NOISE))
         return center, torch.where(spread > 0, torch.maximum(spread, fine), flat)
+
+    @staticmethod
+    def _glitch_proof_std(windows: Tensor) -> Tensor:
+        """The std floor is for spiky channels (IQR 0). One glitch of 1e15 in 256 readings made
+        the std 6e13 and the scale 6e12: the stream flagged nothing for the rest of its life. So the
+        std counts at most 10x the std of the window with its most extreme 1% (one at least) at
+        each end clamped to the next value in. Where that is 0 (a constant window but for a spike
+        or two), the spikes are all the spread there is, and the std stands as it was."""
+        width = windows.shape[1]
+        k = max(1, math.ceil(0.01 * width))
+        std = windows.std(dim=1)
+        if width <= 2 * k:
+            return std
+        ordered = windows.sort(dim=1).values
+        low, high = ordered[:, k:k + 1], ordered[:, width - 1 - k:width - k]
+        trimmed = torch.minimum(torch.maximum(windows, low), high).std(dim=1)
+        return torch.where(trimmed > 0, torch.minimum(std, _GLITCH_RATIO * trimmed), std)
 
     def apply(self, values: Tensor, center: Tensor, scale: Tensor) -> Tensor:
         """Scaled, unclipped values (float64); ``values`` is [B] or windows [B, W]."""

@@ -246,6 +246,11 @@ def test_replay_to_kafka_bootstrap_servers_replaces_a_bad_configured_value(tmp_p
     assert main(["replay-to-kafka", str(recording), "--topic", "t", "--bootstrap-servers", "a b:1"]) == 2
     err = capsys.readouterr().err
     assert "--bootstrap-servers: 'a b:1' is not host:port" in err and "kafka:0" not in err
+    # the configuration's own errors keep their names: the option is not blamed for them
+    monkeypatch.delenv("FOREWARN_KAFKA_BOOTSTRAP_SERVERS")
+    monkeypatch.setenv("FOREWARN_KAFKA_BOOTSTRAP_SERVER", "kafka:9092")  # an S missing
+    assert main(["replay-to-kafka", str(recording), "--topic", "t", "--bootstrap-servers", "localhost:9092"]) == 2
+    assert "did you mean FOREWARN_KAFKA_BOOTSTRAP_SERVERS" in capsys.readouterr().err
 
 
 def test_detector_options_reach_the_pipeline_from_the_environment_and_the_replay_flags():

@@ -625,15 +625,19 @@ def test_the_fast_json_path_reads_every_message_as_the_exact_parser_does():
     assert taken and readings._fast_json(taken[0]) is not None
 
 
-@pytest.mark.parametrize("glitch", [1e5, 1e15])
-def test_one_glitch_in_the_warm_up_does_not_blind_the_stream(init, glitch):
+@pytest.mark.parametrize("glitch, warmup, glitches", [(1e5, 256, 1), (1e15, 256, 1), (1e15, 256, 3),
+                                                        (1e15, 64, 1), (1e15, 16, 1)])
+def test_one_glitch_in_the_warm_up_does_not_blind_the_stream(init, glitch, warmup, glitches):
     """The scale's std floor took the glitch's std: at 1e15 the scale was 6e12, and a step of 20
-    spreads later was never flagged, for the stream's whole life."""
-    pipe = Pipeline(init, PipelineConfig(warmup=256))
-    warm = _wave("a", 256)
-    warm[100] = Reading("a", warm[100].ts, {"v": glitch})
+    spreads later was never flagged, for the stream's whole life (short warm-ups, and up to 1% of
+    the window glitched, as well)."""
+    pipe = Pipeline(init, PipelineConfig(warmup=warmup))
+    warm = _wave("a", warmup)
+    for i in range(glitches):
+        t = warmup // 2 + 7 * i
+        warm[t] = Reading("a", warm[t].ts, {"v": glitch})
     pipe.feed(warm)
-    step = [Reading("a", r.ts, {"v": r.values["v"] + 20.0}) for r in _wave("a", 20, start=256)]
+    step = [Reading("a", r.ts, {"v": r.values["v"] + 20.0}) for r in _wave("a", 20, start=warmup)]
     flagged = [s.anomaly for s in pipe.feed(step).scores]
     assert sum(flagged) >= 15
 
@@ -648,3 +652,12 @@ def test_a_library_callers_values_past_1e300_are_refused_and_1e300_snapshots(ini
     result = pipe.feed([Reading("e", float(t), {"v": 1e300 if t % 2 else -1e300}) for t in range(20)])
     assert not result.bad and all(math.isfinite(s.forecast) for s in result.scores if s.score is not None)
     assert StateCodec(init).encode_many(pipe.export_devices(["e"]))
+
+
+def test_a_spike_or_two_in_an_otherwise_constant_warm_up_keeps_its_spread():
+    """There the spikes are all the spread the window has: clamped away, a counter at 1e6 with two
+    +500 spikes would take the constant window's scale (1,000) and miss a +50 bump."""
+    from monitor.normalize import Normalization
+    counter = torch.full((1, 256), 1e6, dtype=torch.float64)
+    counter[0, [5, 50]] += 500
+    assert Normalization().fit(counter)[1].item() == pytest.approx(0.1 * counter.std().item())

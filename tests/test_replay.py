@@ -740,8 +740,9 @@ def test_a_quote_left_open_costs_its_own_line_not_the_rows_after_it(tmp_path, ro
     ('timestamp,a\n2024-01-01 00:00:00,"\n"2024-01-01 00:01:00",5\n', [(1704067260.0, 5.0)], ["line 2"]),
     # ... or makes a row of the wrong width of the two
     ('ts,a,b\n1,1,"\n"2",5,6\n', [(2.0, 5.0)], ["line 2"]),
-    # a value whose line break ends its quoted cell is one value over two lines
+    # a value over two lines is one value, its line break before or after it
     ('ts,a\n1,"5\n"\n2,6\n', [(1.0, 5.0), (2.0, 6.0)], []),
+    ('ts,a\n1,"\n5"\n2,6\n', [(1.0, 5.0), (2.0, 6.0)], []),
 ])
 def test_a_quote_left_open_does_not_swallow_the_row_after_it(tmp_path, text, readings, bad_lines):
     path = tmp_path / "pump.csv"
@@ -751,13 +752,17 @@ def test_a_quote_left_open_does_not_swallow_the_row_after_it(tmp_path, text, rea
     assert [b.ref for b in batch.bad] == bad_lines and {b.reason.value for b in batch.bad} <= {"malformed"}
 
 
-def test_a_basic_form_date_is_refused_not_read_as_epoch_seconds_in_1970(tmp_path):
+def test_a_column_of_basic_form_dates_is_refused_not_read_as_epoch_seconds_in_1970(tmp_path):
     path = tmp_path / "sales.csv"
-    path.write_text("date,sales\n20240130,5\n2024-01-31,6\n20241301,7\n")  # the last is no date: seconds
-    batch, = FileSource(path).batches()
-    assert [r.ts for r in batch.readings] == [1706659200.0, 20241301.0]
-    assert [(b.reason.value, b.ref) for b in batch.bad] == [("bad_timestamp", "line 2")]
-    assert "the date 2024-01-30 written YYYYMMDD" in batch.bad[0].detail
+    path.write_text("date,sales\n20240130,5\n20240131,6\n")
+    with pytest.raises(FileFormatError, match="line 2: the timestamp 20240130 looks like the date 2024-01-30 "
+                                              "written YYYYMMDD"):
+        list(FileSource(path).batches())
+    # epoch seconds whose digits spell a date further down are epoch seconds (the first one decides)
+    epoch = tmp_path / "epoch.csv"
+    epoch.write_text("ts,v\n" + "".join(f"{t},{t % 7}\n" for t in range(20000095, 20000140)))
+    batch, = FileSource(epoch).batches()
+    assert len(batch.readings) == 45 and not batch.bad
 
 
 def test_a_quoted_empty_cell_in_one_column_is_a_missing_value_not_a_blank_line(tmp_path):

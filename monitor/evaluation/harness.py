@@ -345,10 +345,6 @@ def write_report(out: Path, dataset: str, run, detectors: Sequence[Detector], ta
             # stands without it (after minutes of scoring, which a traceback here would lose)
             print(f"skipped the adaptation figure: it draws on SMD's held-out machines and NAB's series "
                   f"({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
-    if out / "adaptation.png" not in written and (out / "adaptation.png").exists():
-        # an earlier run's, not this one's: a report folder holds one run
-        (out / "adaptation.png").unlink()
-        print(f"removed {out / 'adaptation.png'}: an earlier run's figure, not redrawn by this one", file=sys.stderr)
     # renamed together at the end: a report stopped half-way leaves its parts, never a mix of runs
     for path in written:
         os.replace(part(path), path)
