@@ -332,6 +332,8 @@ class _Output:
 
     def open(self, newline: str | None = None):
         if self.path == STDOUT:  # not ours to close
+            if sys.stdout is None:  # started with it closed (>&-): Python has none to write to
+                raise ValueError(f"{self.flag} -: standard output is closed; give a file name")
             self.file = sys.stdout
         elif self.partial == self.final:
             # appended, not truncated: a name such as /dev/fd/1 stands for what the shell opened,

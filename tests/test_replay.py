@@ -988,3 +988,16 @@ def test_an_alarm_surprise_above_the_channel_cap_is_warned_of_where_channels_are
                                        (["--alarm-surprise", "64"], single, False)):
         code, _, err = _run(["replay", str(recording), "--warmup", "16", "--quiet", *options], capsys)
         assert code == 0 and err.count("warning: alarm surprise 64 is above 49.7") == warned, options
+
+
+def test_standard_output_closed_is_a_clear_error_and_leaves_no_part(tmp_path):
+    """Started with >&-, Python has no sys.stdout: the replay ended in an AttributeError and left
+    the other output's part behind."""
+    data = tmp_path / "pump.jsonl"
+    data.write_text("".join(json.dumps({"device": "p", "ts": t, "value": t % 5}) + "\n" for t in range(40)))
+    result = subprocess.run([sys.executable, "-m", "monitor.cli", "replay", str(data), "--warmup", "16", "--quiet",
+                             "--out", str(tmp_path / "scores.csv"), "--dead-letter", "-"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120,
+                            preexec_fn=lambda: os.close(1))
+    assert result.returncode == 2 and "--dead-letter -: standard output is closed" in result.stderr
+    assert "Traceback" not in result.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["pump.jsonl"]
