@@ -4,12 +4,13 @@ One meta-initialization has to serve a temperature in kelvin and a byte counter
 in the billions, so every stream is mapped to a common scale before the LSTM sees
 it: centre = median, scale = IQR / 1.349 (the standard deviation of a normal
 series), at least a tenth of the standard deviation (spiky channels whose IQR is
-0; a standard deviation counted at most 10x that of the window with its most extreme 1%
-clamped, so that one glitch cannot set the scale), and for a constant window a share of its level, or a last-resort floor, so
-that nothing divides by zero (a window with spread, however small its units, is
-judged by that spread).  Values are clipped to +-``clip`` on the way into the model so that a wild
-reading cannot saturate the recurrent state; residuals are taken before the clip,
-so the wild reading still scores as anomalous.
+0; a standard deviation counted at most 10x that of the window with its most extreme
+1% clamped, so that one glitch cannot set the scale), and for a constant window a
+share of its level, or a last-resort floor, so that nothing divides by zero (a
+window with spread, however small its units, is judged by that spread).  Values are
+clipped to +-``clip`` on the way into the model so that a wild reading cannot
+saturate the recurrent state; residuals are taken before the clip, so the wild
+reading still scores as anomalous.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class Normalization:
     (3.0, 1.483)
     >>> glitched = torch.sin(torch.arange(256.0, dtype=torch.float64) / 8).unsqueeze(0)
     >>> glitched[0, 100] = 1e15  # one reading at the value bound: the scale stays the series'
-    >>> round(norm.fit(glitched)[1].item(), 2)  # 1.03 without it; 6.25e12 before the clamp
+    >>> round(norm.fit(glitched)[1].item(), 2)  # as without the glitch; 6.25e12 before the clamp
     1.03
     """
 
