@@ -93,7 +93,8 @@ class PipelineConfig:
                 ("seed_residuals", self.seed_residuals >= 0, ">= 0"), ("adapt_batch", self.adapt_batch >= 1, ">= 1"),
                 ("drift_threshold", self.drift_threshold >= 0, ">= 0"),
                 ("drift_window", self.drift_window >= 16, ">= 16"), ("drift_cap", self.drift_cap > 0, "> 0"),
-                ("online_every", 0 <= self.online_every <= 2**31 - 1, "in 0..2147483647"), ("online_window", self.online_window >= 16, ">= 16"),
+                ("online_every", 0 <= self.online_every <= 2**31 - 1, "in 0..2147483647"),
+                ("online_window", self.online_window >= 16, ">= 16"),
                 ("online_steps", self.online_steps >= 1, ">= 1"),
                 ("online_lr_scale", self.online_lr_scale > 0, "> 0"))
 
