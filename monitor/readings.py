@@ -270,7 +270,8 @@ def _fast_json(raw: bytes | str) -> dict | None:
     a tenth of a record's whole cost in the daemon), or None where only the exact parser can
     say what the message holds: orjson refused it (NaN, a lone surrogate, a number too large:
     the exact parser gives the reason), it is not an object, it nests past ``_MAX_DEPTH`` (the
-    exact parser may run out of stack where this would not), one of its names may appear twice,
+    exact parser may run out of stack where this would not; more brackets than that are not even
+    given to orjson, whose older versions crash on deep nesting), one of its names may appear twice,
     or it has an integer past 64 bits (orjson reads it as a float: a device id of 20 digits
     would stop being a name).
 
@@ -285,6 +286,12 @@ def _fast_json(raw: bytes | str) -> dict | None:
     ...                           b'{"v": NaN}', b'{"device": 123456789012345678901234567890}', b'[1]')]
     [None, None, None, None, None]
     """
+    # orjson before 3.9.15 has no depth limit: 60,000 nested brackets (300 KB) overran its C stack,
+    # a segfault no handler sees, and the daemon died on the record at every restart. A message
+    # that could nest that deep has that many brackets: the exact parser says what it holds
+    brackets = (b"{", b"[") if type(raw) is bytes else ("{", "[")
+    if raw.count(brackets[0]) + raw.count(brackets[1]) > _MAX_DEPTH:
+        return None
     try:
         msg = _orjson_loads(raw)
     except ValueError:  # orjson.JSONDecodeError is one

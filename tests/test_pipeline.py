@@ -625,6 +625,22 @@ def test_the_fast_json_path_reads_every_message_as_the_exact_parser_does():
     assert taken and readings._fast_json(taken[0]) is not None
 
 
+@pytest.mark.parametrize("as_bytes", [True, False])
+def test_a_message_nested_100000_deep_is_malformed_and_never_reaches_orjson(as_bytes, monkeypatch):
+    """orjson before 3.9.15 has no depth limit: 60,000 nested objects (300 KB) overran its C stack,
+    a segfault no handler sees, and the daemon died on that record at every restart."""
+    import monitor.readings as readings
+    given = []
+    real = readings._orjson_loads
+    monkeypatch.setattr(readings, "_orjson_loads", lambda raw: given.append(raw) or real(raw))
+    text = '{"device": "d", "ts": 5, "value": 1, "x": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001
+    parsed = parse_message(text.encode() if as_bytes else text, ref="r")
+    assert parsed.reading is None and [b.reason for b in parsed.bad] == [BadReason.MALFORMED]
+    assert "recursion" in parsed.bad[0].detail and not given
+    parse_message(b'{"device": "d", "ts": 5, "value": 1}')
+    assert given  # a reading still goes the fast way
+
+
 @pytest.mark.parametrize("glitch, warmup, glitches", [(1e5, 256, 1), (1e15, 256, 1), (1e15, 256, 3),
                                                         (1e15, 64, 1), (1e15, 16, 1)])
 def test_one_glitch_in_the_warm_up_does_not_blind_the_stream(init, glitch, warmup, glitches):
