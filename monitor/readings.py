@@ -277,10 +277,10 @@ def _fast_json(raw: bytes | str) -> dict | None:
     a tenth of a record's whole cost in the daemon), or None where only the exact parser can
     say what the message holds: orjson refused it (NaN, a lone surrogate, a number too large:
     the exact parser gives the reason), it is not an object, it nests past ``_MAX_DEPTH`` (the
-    exact parser may run out of stack where this would not; more brackets than that are not even
-    given to orjson, whose older versions crash on deep nesting), one of its names may appear twice,
-    or it has an integer past 64 bits (orjson reads it as a float: a device id of 20 digits
-    would stop being a name).
+    exact parser may run out of stack where this would not; a long message with more brackets
+    than that is not even given to orjson, whose older versions crash on deep nesting), one of
+    its names may appear twice, or it has an integer past 64 bits (orjson reads it as a float:
+    a device id of 20 digits would stop being a name).
 
     A name given twice is what orjson hides (it keeps the last): a message holds one colon per
     name and the colons inside its strings; the parsed object has as many unless a pair was
