@@ -30,6 +30,7 @@ import torch
 from monitor.adapt import AdaptConfig, adapt
 from monitor.checkpoint import Initialization
 from monitor.checks import require
+from monitor.config import MAX_INT32
 from monitor.forecaster import FleetForecaster, forecast_sequence
 from monitor.readings import BadReason, BadRecord, Reading, Score, by_reason, check_value, encodes_as_utf8
 from monitor.scoring import (MAX_SURPRISE, NewPeaks, PageHinkley, RangeNovelty, ResidualScorer, ScoringConfig,
@@ -93,7 +94,7 @@ class PipelineConfig:
                 ("seed_residuals", self.seed_residuals >= 0, ">= 0"), ("adapt_batch", self.adapt_batch >= 1, ">= 1"),
                 ("drift_threshold", self.drift_threshold >= 0, ">= 0"),
                 ("drift_window", self.drift_window >= 16, ">= 16"), ("drift_cap", self.drift_cap > 0, "> 0"),
-                ("online_every", 0 <= self.online_every <= 2**31 - 1, "in 0..2147483647"),
+                ("online_every", 0 <= self.online_every <= MAX_INT32, f"in 0..{MAX_INT32}"),
                 ("online_window", self.online_window >= 16, ">= 16"),
                 ("online_steps", self.online_steps >= 1, ">= 1"),
                 ("online_lr_scale", self.online_lr_scale > 0, "> 0"))
@@ -441,13 +442,13 @@ class Pipeline:
         if device_known:
             self.counts["late_channel"] += 1
         stream = self._make_stream(device, channel)
-        self._streams[(device, channel)] = stream
-        self._attach(device, stream)
-        self._state_counts[Lifecycle.WARMING] += 1
+        self._attach(device, channel, stream)
         return stream, ""
 
-    def _attach(self, device: str, stream: _Stream) -> None:
-        """``stream`` joins its device's streams, fed or restored alike."""
+    def _attach(self, device: str, channel: str, stream: _Stream) -> None:
+        """``stream``, warming, joins the pipeline and its device's streams, fed or restored alike."""
+        self._streams[(device, channel)] = stream
+        self._state_counts[Lifecycle.WARMING] += 1
         channels = self._devices.setdefault(device, [])
         channels.append(stream)
         if len(channels) == 2:
@@ -669,9 +670,7 @@ class Pipeline:
                     break
                 stream = self._make_stream(ds.device, ss.channel)
                 stream.last_ts = ss.last_ts
-                self._streams[(ds.device, ss.channel)] = stream
-                self._attach(ds.device, stream)
-                self._state_counts[Lifecycle.WARMING] += 1
+                self._attach(ds.device, ss.channel, stream)
                 if ss.stage == "live":
                     stream.scorer = ResidualScorer.from_state(ss.scorer, self.config.scoring)
                     if stream.drift is not None and ss.drift is not None:  # else: the test starts afresh

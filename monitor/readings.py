@@ -263,8 +263,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 # built once: json.loads with a hook would build a decoder per message
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 _INT64 = float(2 ** 63)
-
-
+_MAX_DEPTH = 64  # far beyond any reading message, far below the exact parser's stack
 _LONG = 8192  # characters: nested at most 4,096 deep, which every orjson takes
 
 
@@ -315,9 +314,6 @@ def _fast_json(raw: bytes | str) -> dict | None:
             and colons == names + _colons_in_strings(msg):
         return msg
     return None
-
-
-_MAX_DEPTH = 64  # far beyond any reading message, far below the exact parser's stack
 
 
 def _names(obj: dict | list, depth: int) -> int:
