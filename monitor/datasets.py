@@ -6,9 +6,12 @@ The data is never downloaded: it is read from ``$FOREWARN_DATA`` or from the
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
+
+from connectors.files import FileFormatError
 
 SMD_MACHINES = ("1-2", "1-3", "1-4", "1-5", "1-6", "1-7", "1-8",
                 "2-1", "2-2", "2-3", "2-4", "2-5", "2-7", "2-8")
@@ -34,7 +37,18 @@ def smd_path(machine: str, split: str = "train", root: Path | None = None) -> Pa
 
 def load_smd(machine: str, split: str = "train", root: Path | None = None) -> np.ndarray:
     """[rows, 38] values of one SMD machine (from ``root``, else ``data_dir()``)."""
-    return np.loadtxt(smd_path(machine, split, root), delimiter=",")
+    return read_table(smd_path(machine, split, root), delimiter=",")
+
+
+def read_table(path: Path, **kwargs) -> np.ndarray:
+    """A numeric text table, or a ``FileFormatError`` naming the file (missing, cut, not numbers:
+    a damaged .gz raises EOFError or zlib.error, which no caller would expect)."""
+    try:
+        return np.loadtxt(path, **kwargs)
+    except FileNotFoundError:
+        raise FileFormatError(f"{path}: no such file") from None
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise FileFormatError(f"{path}: unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def nab_files(root: Path | None = None) -> list[Path]:

@@ -189,27 +189,35 @@ def test_the_adaptation_figure_reports_its_progress_point_by_point(monkeypatch, 
     assert steps == [(i, n) for i in range(1, n + 1)] and len(drawn) == 1
 
 
-def test_a_report_survives_a_damaged_figure_input(data_dir, tmp_path, capsys, monkeypatch):
+def test_a_report_survives_a_damaged_figure_input(data_dir, tmp_path, capsys):
     """A damaged .gz under the adaptation figure's data raised EOFError or zlib.error, which the
     report did not catch: a traceback after minutes of scoring, and only parts left. A figure an
     earlier run drew stays: it is the same for either data set (the README's runs share a folder)."""
-    import zlib
-
-    import monitor.evaluation.harness as harness
-    (tmp_path / "adaptation.png").write_bytes(b"an earlier run's figure")
+    from monitor.datasets import SMD_HELD_OUT, smd_path
+    data = tmp_path / "data"
+    (data / "smd" / "train").mkdir(parents=True)
+    (data / "nab").symlink_to(data_dir / "nab")
+    for machine in SMD_HELD_OUT:
+        (data / "smd" / "train" / smd_path(machine, root=data).name).symlink_to(smd_path(machine, root=data_dir))
+    damaged = smd_path(SMD_HELD_OUT[0], root=data)
+    whole = smd_path(SMD_HELD_OUT[0], root=data_dir).read_bytes()
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "adaptation.png").write_bytes(b"an earlier run's figure")
     args = ["evaluate", "--dataset", "nab", "--windows", "combined_windows_tiny.json", "--detectors", "zscore",
-            "--report", str(tmp_path), "--quiet"]
-    for damage in (EOFError("Compressed file ended before the end-of-stream marker was reached"),
-                   zlib.error("Error -3 while decompressing data: invalid distance too far back")):
-        def damaged(*_args, **_kwargs):
-            raise damage
-        monkeypatch.setattr(harness, "adaptation_figure", damaged)
+            "--data", str(data), "--report", str(report), "--quiet"]
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2:len(whole) // 2 + 50] = bytes(50)
+    for damage in (whole[:5000], bytes(flipped)):  # cut (EOFError), corrupt (zlib.error)
+        damaged.unlink()
+        damaged.write_bytes(damage)
         assert main(args) == 0
-        assert "skipped the adaptation figure" in capsys.readouterr().err
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["adaptation.png", "nab.json", "nab.md",
-                                                              "nab_series.png"]
+        err = capsys.readouterr().err
+        assert "skipped the adaptation figure" in err and f"{damaged.name}: unreadable" in err, err[-400:]
+        assert sorted(p.name for p in report.iterdir()) == ["adaptation.png", "nab.json", "nab.md",
+                                                            "nab_series.png"]
     assert main([*args, "--no-adaptation-plot"]) == 0
-    assert (tmp_path / "adaptation.png").read_bytes() == b"an earlier run's figure"
+    assert (report / "adaptation.png").read_bytes() == b"an earlier run's figure"
     assert main([*args[:-3], "--report", "", "--quiet"]) == 2
     assert "--report: an empty folder name" in capsys.readouterr().err
 
