@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from monitor.forecaster import (FleetForecaster, LSTMSpec, forecast_sequence, init_params, stack, step,
@@ -26,11 +27,13 @@ def _reference_cells(params, spec, n):
     return cells
 
 
-def test_fleet_step_matches_lstmcell_for_random_subsets():
+@pytest.mark.parametrize("gather_rows", [FleetForecaster.GATHER_ROWS, 2])  # 2: a subset in several parts
+def test_fleet_step_matches_lstmcell_for_random_subsets(gather_rows):
     spec = LSTMSpec(hidden=16)
     n = 40
     params = _random_stacked(spec, n)
     fleet = FleetForecaster(spec)
+    fleet.GATHER_ROWS = gather_rows
     center = torch.randn(n, dtype=torch.float64)
     scale = torch.rand(n, dtype=torch.float64) + 0.5
     rows = fleet.add(params, center, scale)
@@ -40,7 +43,7 @@ def test_fleet_step_matches_lstmcell_for_random_subsets():
     expected_forecast = center.clone()  # a fresh row forecasts its centre
     g = torch.Generator().manual_seed(1)
     # subsets below and above the share where the fleet switches to the full step
-    for size in (3, 7, 25, 40, 1, 33):
+    for size in (3, 7, 25, 40, 1, 33, 15, 9):
         subset = torch.randperm(n, generator=g)[:size]
         values = torch.randn(size, generator=g, dtype=torch.float64) * 3
         forecast, residual = fleet.observe(rows[subset], values)
