@@ -6,7 +6,7 @@
 1. raw: kafka-python polls the whole topic and discards it (the ceiling);
 2. Forewarn: the daemon (one instance) consumes the same records, parses,
    scores, and commits after each batch; its rate is taken over the live phase,
-   once every device is past its warm-up (60 readings a device by default: the
+   from the moment every device is past its warm-up (60 readings a device by default: the
    first seconds after the warm-ups flattered code whose steady state was slower,
    see the README);
 3. latency (a daemon of its own, after the rounds): readings produced at a
@@ -107,9 +107,17 @@ def forewarn_rate(bootstrap: str, topic: str, group: str, warm: int, total: int,
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()
     wait_for_records(daemon, thread, warm, 0.01)
+    # partitions are not consumed in step: one may still be warming its devices up (adapting
+    # them, growing the fleet) after as many records as the warm-ups hold have been processed
+    while daemon.pipeline.streams_by_state()["live"] < args.devices and daemon.records < total:
+        wait_for_records(daemon, thread, daemon.records + 1, 0.005)
     live_start, live_start_records = time.perf_counter(), daemon.records
+    if total - live_start_records < 5 * POLL_RECORDS:
+        sys.exit(f"kafka_throughput: only {total - live_start_records:,} records were left once every device "
+                 "was live: too few to measure; raise --live-readings")
     wait_for_records(daemon, thread, total, 0.005)
     rate = (daemon.records - live_start_records) / (time.perf_counter() - live_start)
+    print(f"  {group}: {total - live_start_records:,} records after every device was live", file=sys.stderr)
     assert daemon.pipeline.streams_by_state()["live"] == args.devices
     return daemon, thread, rate
 

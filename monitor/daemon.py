@@ -42,6 +42,9 @@ log = logging.getLogger("forewarn.daemon")
 LAG_WARNING_INTERVAL_S = 600.0
 RELEASE_AFTER_STREAMS = 64  # ~2 MB each while adapted: a burst this large frees ~128 MB
 RELEASE_EVERY_STREAMS = 4096  # a run of batches that never ends its burst still hands back
+# a restored state's newest record stamped up to this far ahead of this clock is ordinary skew
+# between two instances' clocks; further, its writer's clock was fast (see _place_restored)
+SEEN_AHEAD_TOLERANCE_S = 300.0
 
 
 def release_free_memory() -> float | None:
@@ -238,7 +241,7 @@ class Daemon:
         # input partition -> the newest offset restored states cover there: the bad records before
         # it were counted and dead-lettered by the partition's previous owner
         self._bad_handled: dict[int, int] = {}
-        self._too_large: set[str] = set()         # devices whose snapshot was too large, already logged
+        self._unsaved: set[str] = set()         # devices whose snapshot could not be saved, already logged
         self._moves_logged = -math.inf            # when devices moving between partitions were last logged
         self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
         self._topic_partitions = 0                # the input topic's partitions at the last assignment
@@ -827,7 +830,7 @@ class Daemon:
         devices = [d for d in devices if d in partition_of]
         states = self._export(devices)
         for state, data in zip(states, self.codec.encode_many(states)):
-            self.store.put(partition_of[state.device], state.device, data)
+            self._put(partition_of[state.device], state.device, data)
         self._old_copy_due.update((d, partition_of[d]) for d in devices if d in self._old_home)
         self._note_dropped()
         return len(devices)
@@ -856,15 +859,28 @@ class Daemon:
         states = [replace(s, offset=-1, moved_from=(self._partition_of[s.device], s.offset))
                   for s in self._export(list(moves))]
         for state, data in zip(states, self.codec.encode_many(states)):
-            self.store.put(moves[state.device], state.device, data)
+            self._put(moves[state.device], state.device, data)
         self._note_dropped()
+
+    def _put(self, partition: int, device: str, data: bytes | None) -> None:
+        """A snapshot to the store; for one the codec could not encode (None), a tombstone in
+        its place, so that no older snapshot of the device is restored either."""
+        if data is not None:
+            self.store.put(partition, device, data)
+            return
+        self.store.delete(partition, device)
+        self.metrics.snapshots_dropped.inc()
+        if device not in self._unsaved:
+            self._unsaved.add(device)
+            log.error("device state holds a number that is not finite: not saved, the device re-warms after a "
+                      "restart", extra=_fields(device=device))
 
     def _note_dropped(self) -> None:
         """Count and log (once per device) the snapshots the store found too large."""
         for device, size in self.store.take_dropped():
             self.metrics.snapshots_dropped.inc()
-            if device not in self._too_large:
-                self._too_large.add(device)
+            if device not in self._unsaved:
+                self._unsaved.add(device)
                 log.error("device snapshot too large for the changelog (state.max_snapshot_bytes, or the "
                           "topic's max.message.bytes): not saved, the device re-warms after a restart",
                           extra=_fields(device=device, bytes=size))
@@ -1016,6 +1032,8 @@ class Daemon:
         ends = self._ends_of_uncommitted(source, committed_at, covers)  # before anything is imported: may raise
         by_device = {s.device: s for _, s in states}
         streams = self.pipeline.import_devices(by_device.values())
+        states, covers, failed = self._left_out(states, covers, failed)
+        by_device = {s.device: s for _, s in states}
         # a partition made again: every state on it covers offsets of the old one, not only
         # those past the new end (a device that went quiet early covers a smaller offset)
         remade = {partition for partition, offset in covers if offset > ends.get(partition, math.inf)}
@@ -1055,21 +1073,44 @@ class Daemon:
                 log.warning("device state not restored; it re-warms", extra=_fields(device=device, reason=str(exc)))
         return states, failed
 
+    def _left_out(self, states: list, covers: list, failed: int) -> tuple[list, list, int]:
+        """The states the pipeline took, and their covers; those it left out (past
+        detector.max_streams) are logged and counted with the failures.  Their snapshots
+        stay where they are, for an instance with room to restore them."""
+        known = self.pipeline.devices()
+        out = [s.device for _, s in states if s.streams and s.device not in known]
+        if not out:
+            return states, covers, failed
+        log.error("device states not restored: detector.max_streams reached; their readings are refused as "
+                  "stream_limit, and their snapshots are kept", extra=_fields(
+                      devices=len(out), first=out[:5], max_streams=self.config.detector.max_streams))
+        left = set(out)
+        kept = [(state, cover) for state, cover in zip(states, covers) if state[1].device not in left]
+        return [k[0] for k in kept], [k[1] for k in kept], failed + len(out)
+
     def _place_restored(self, states: list, covers: list, remade: set) -> None:
         """The daemon's bookkeeping of restored devices: the partition each is placed on, the
         input offset (or, with none to go by, the reading time) its state covers, and its idle clock."""
         now = time.monotonic()
         # the idle clock goes on from the newest record each snapshot saw, measured against the
         # newest of them (as idleness is against the newest record of any device: a fleet that
-        # was down as a whole, or this instance, ages no device)
-        newest = max((s.seen for _, s in states if s.seen is not None), default=None)
+        # was down as a whole, or this instance, ages no device).  One saved ahead of this clock
+        # (by an instance whose clock was fast) would age every other device by as much, and
+        # have them forgotten at the first idle check: it is left out, and taken as just seen
+        seen = [s.seen for _, s in states if s.seen is not None]
+        ahead_of = time.time() + SEEN_AHEAD_TOLERANCE_S
+        newest = max((t for t in seen if t <= ahead_of), default=max(seen, default=None))
+        if newest is not None and newest < max(seen):
+            log.warning("restored states saved by an instance whose clock was ahead of this one's: their devices "
+                        "are taken as just seen", extra=_fields(devices=sum(t > ahead_of for t in seen),
+                                                                ahead_s=round(max(seen) - time.time(), 1)))
         held = {tp.partition for tp in self._assigned}
         for (partition, s), (covered, offset) in zip(states, covers):
             # a copy whose old partition is held here too: its readings arrive there until the
             # producers learn of the new partitions, and it is placed there, as it was
             self._partition_of[s.device] = covered if s.moved_from and covered in held else partition
             self._untouched.add(s.device)
-            self._last_seen[s.device] = now - (newest - s.seen if s.seen is not None else 0.0)
+            self._last_seen[s.device] = now - (max(0.0, newest - s.seen) if s.seen is not None else 0.0)
             if covered in remade:
                 self._covered[s.device] = (covered, -1)  # nothing here; a move still deletes it there
             elif offset >= 0:

@@ -167,14 +167,16 @@ class Metrics:
                                              "(its writes are spread over loop turns)", buckets=ADAPT_BUCKETS, registry=r)
         self.restored = Counter("forewarn_restored_streams_total", "Streams restored from saved state", registry=r)
         self.restore_failures = Counter("forewarn_state_restore_failures_total",
-                                        "Device states that could not be restored (corrupt, other version or "
-                                        "initialization); those devices re-warm", registry=r)
+                                        "Device states that could not be restored: corrupt, other version or "
+                                        "initialization (those devices re-warm), or past detector.max_streams",
+                                        registry=r)
         self.forgotten = Counter("forewarn_devices_forgotten_total",
                                  "Devices forgotten after detector.idle_timeout_s without a reading (streams, "
                                  "score series and saved state dropped)", registry=r)
         self.snapshots_dropped = Counter("forewarn_state_snapshots_dropped_total",
-                                         "Device snapshots too large for the changelog (state.max_snapshot_bytes "
-                                         "or the topic's limit), not saved: those devices re-warm after a restart",
+                                         "Device snapshots not saved, too large for the changelog "
+                                         "(state.max_snapshot_bytes or the topic's limit) or holding a number "
+                                         "that is not finite: those devices re-warm after a restart",
                                          registry=r)
         self.redelivered = Counter("forewarn_redelivered_readings_total",
                                    "Re-delivered readings skipped because restored state already covers them",

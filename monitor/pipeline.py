@@ -655,19 +655,23 @@ class Pipeline:
         return out
 
     def import_devices(self, states: Iterable[DeviceState]) -> int:
-        """Take over devices from snapshots (replacing any state held for them); returns streams restored."""
+        """Take over devices from snapshots (replacing any state held for them); returns streams
+        restored.  A device whose streams do not all fit under ``max_streams`` is left out whole:
+        restored without some channels, its next snapshot would save it without them."""
         states = list(states)
         self.drop_devices({s.device for s in states})
         live: list[tuple[_Stream, StreamState]] = []
         n = 0
         peak_window = self.config.scoring.peak_window
+        room = self.config.max_streams - len(self._streams)
         for ds in states:
-            if peak_window and ds.peaks is not None and len(self._streams) < self.config.max_streams:
+            if len(ds.streams) > room:
+                continue
+            room -= len(ds.streams)
+            if peak_window and ds.peaks is not None:
                 tracker = self._peaks[ds.device] = NewPeaks(peak_window)  # without them nothing is recent yet
                 tracker.restore(ds.peaks)
             for ss in ds.streams:
-                if len(self._streams) >= self.config.max_streams:
-                    break
                 stream = self._make_stream(ds.device, ss.channel)
                 stream.last_ts = ss.last_ts
                 self._attach(ds.device, ss.channel, stream)

@@ -151,12 +151,14 @@ class StateCodec:
         self._base = {k: init.params[k].detach().to(torch.float32) for k in self._names}
         self._layers, self._hidden = init.spec.layers, init.spec.hidden
 
-    def encode(self, state: DeviceState) -> bytes:
+    def encode(self, state: DeviceState) -> bytes | None:
         return self.encode_many([state])[0]
 
-    def encode_many(self, states: list[DeviceState]) -> list[bytes]:
+    def encode_many(self, states: list[DeviceState]) -> list[bytes | None]:
         """``encode`` for many devices, with the weight deltas of all their live
-        streams computed in one tensor operation per weight."""
+        streams computed in one tensor operation per weight.  None for a device holding
+        a number that is not finite (its weights past float16's range, say): ``decode``
+        would refuse it, so it re-warms after a restart rather than come back broken."""
         live = [s for state in states for s in state.streams if s.stage == "live"]
         weights = iter(())
         if live:
@@ -164,7 +166,8 @@ class StateCodec:
             delta = torch.cat([(torch.stack([s.params[k] for s in live]).to(torch.float32) - self._base[k]).reshape(n, -1)
                                for k in self._names], dim=1).to(torch.float16).numpy()
             hc = torch.stack([torch.stack([s.h, s.c]) for s in live]).to(torch.float32).numpy()
-            weights = iter(zip(delta, hc))
+            finite = np.isfinite(delta).all(axis=1) & np.isfinite(hc.reshape(n, -1)).all(axis=1)
+            weights = iter(zip(delta, hc, finite))
         out = []
         for state in states:
             header = {"device": state.device, "offset": state.offset, "streams": []}
@@ -174,7 +177,7 @@ class StateCodec:
                 header["seen"] = state.seen
             if state.moved_from is not None:
                 header["moved_from"] = list(state.moved_from)
-            blobs = []
+            blobs, usable = [], True
             for s in state.streams:
                 entry = {"channel": s.channel, "stage": s.stage, "last_ts": s.last_ts}
                 if s.stage == "live":
@@ -183,7 +186,8 @@ class StateCodec:
                         entry.update(drift=s.drift, rebuffer=s.rebuffer)
                     if s.novelty is not None:
                         entry["novelty"] = s.novelty
-                    row_delta, row_hc = next(weights)
+                    row_delta, row_hc, row_finite = next(weights)
+                    usable = usable and bool(row_finite)
                     blobs += (row_delta.tobytes(), row_hc.tobytes())
                     if s.recent is not None:
                         entry["online"] = [len(s.recent), s.since_update]
@@ -192,7 +196,13 @@ class StateCodec:
                 else:
                     entry["buffer"] = s.buffer
                 header["streams"].append(entry)
-            head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+            try:
+                head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+            except ValueError:  # a statistic that is not finite
+                usable = False
+            if not usable:
+                out.append(None)
+                continue
             body = zlib.compress(struct.pack("<I", len(head)) + head + b"".join(blobs), 0)
             out.append(_PREFIX.pack(MAGIC, VERSION, self.fingerprint, zlib.crc32(body)) + body)
         return out
@@ -211,7 +221,13 @@ class StateCodec:
         if zlib.crc32(body) != crc:
             raise StateError("state record: checksum mismatch (corrupt)")
         try:
-            raw = zlib.decompress(body)
+            # snapshots are written as stored blocks, which never expand: one inflating far past
+            # its own size is a bomb (1 MB of it held 1 GB), refused before it takes the memory
+            inflater = zlib.decompressobj()
+            raw = inflater.decompress(body, 2 * len(body) + 65536)
+            if inflater.unconsumed_tail:
+                raise StateError(f"state record: {len(body):,} bytes that decompress to far more, "
+                                 "not a snapshot")
             (n_head,) = struct.unpack_from("<I", raw)
             header = json.loads(raw[4:4 + n_head])
             return self._streams(header, memoryview(raw)[4 + n_head:])
@@ -258,6 +274,8 @@ class StateCodec:
                 pos += 4 * n_state
                 if len(delta) != n_params or hc.size != n_state:
                     raise StateError("state record: truncated weights")
+                if not (np.isfinite(delta).all() and np.isfinite(hc).all()):  # encode writes none
+                    raise StateError("state record: weights or LSTM state not finite")
                 s.params, offset = {}, 0
                 for k in self._names:
                     base = self._base[k]
@@ -281,7 +299,7 @@ class StateCodec:
                     bits = np.frombuffer(blob[pos + 4 * size:pos + 4 * size + n_bits], dtype=np.uint8)
                     pos += 4 * size + n_bits
                     if len(recent) != size or len(bits) != n_bits or not np.isfinite(recent).all() \
-                            or s.since_update < 0:
+                            or not 0 <= s.since_update < 2**62:  # a torch.long, room to count on
                         raise StateError("state record: truncated or non-finite history")
                     s.recent = torch.from_numpy(recent.copy())
                     s.learnable = torch.from_numpy(np.unpackbits(bits)[:size].astype(bool))

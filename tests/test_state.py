@@ -1,9 +1,13 @@
 """Device snapshots: a restored device forecasts and scores like the one it was taken from."""
 from __future__ import annotations
 
+import json
 import logging
 import math
+import struct
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +16,7 @@ from monitor.forecaster import LSTMSpec
 from monitor.pipeline import Pipeline, PipelineConfig
 from monitor.readings import Reading
 from monitor.scoring import ScoringConfig
-from monitor.state import StateCodec, StateError
+from monitor.state import _PREFIX, DeviceState, StateCodec, StateError
 
 
 def _readings(t0: int, t1: int, devices=("a", "b")) -> list[Reading]:
@@ -107,9 +111,8 @@ def test_snapshots_with_malformed_peaks_are_refused(peaks):
     codec = StateCodec(init)
     codec.decode(codec.encode(state))
     state.peaks = peaks
-    try:
-        data = codec.encode(state)
-    except ValueError:  # NaN: the writer refuses it already
+    data = codec.encode(state)
+    if data is None:  # NaN: the writer refuses it already
         return
     with pytest.raises(StateError, match="new-peak"):
         codec.decode(data)
@@ -171,6 +174,65 @@ def test_a_checksummed_snapshot_that_cannot_be_used_is_refused_so_the_device_rew
     codec = StateCodec(init)
     with pytest.raises(StateError, match=message):
         codec.decode(codec.encode(state))
+
+
+def _resealed(data: bytes, edit) -> bytes:
+    """``data`` with its body changed by ``edit(header, blob)`` and its checksum made to match:
+    what a writer's bug or an edited record gives."""
+    magic, version, fp, _ = _PREFIX.unpack_from(data)
+    raw = zlib.decompress(data[_PREFIX.size:])
+    (n,) = struct.unpack_from("<I", raw)
+    header, blob = json.loads(raw[4:4 + n]), bytearray(raw[4 + n:])
+    edit(header, blob)
+    head = json.dumps(header).encode()
+    body = zlib.compress(struct.pack("<I", len(head)) + head + bytes(blob), 0)
+    return _PREFIX.pack(magic, version, fp, zlib.crc32(body)) + body
+
+
+def _nan_weight(header, blob):
+    blob[0:2] = np.array([np.nan], dtype=np.float16).tobytes()
+
+
+def _huge_count(header, blob):
+    header["streams"][0]["online"][1] = 2**63
+
+
+@pytest.mark.parametrize("edit, message", [
+    # restored, it crashed the next checkpoint (json refuses NaN), at every restart
+    (_nan_weight, "not finite"),
+    # past a torch.long: the restore itself crashed, at every restart
+    (_huge_count, "history"),
+])
+def test_a_checksummed_snapshot_the_daemon_could_not_live_with_is_refused(edit, message):
+    init = Initialization.default()
+    pipe = Pipeline(init, PipelineConfig(warmup=32, online_every=20, online_window=32))
+    pipe.feed([Reading("a", float(t), {"v": math.sin(t / 5)}) for t in range(40)])
+    codec = StateCodec(init)
+    data = codec.encode(pipe.export_devices(["a"])[0])
+    assert codec.decode(_resealed(data, lambda header, blob: None)).device == "a"
+    with pytest.raises(StateError, match=message):
+        codec.decode(_resealed(data, edit))
+
+
+def test_a_record_that_decompresses_far_past_its_size_is_refused_before_it_takes_the_memory():
+    codec = StateCodec(Initialization.default())
+    body = zlib.compress(bytes(50 * 2**20), 9)  # ~50 KB that inflates to 50 MB (a 1 MB one: 1 GB)
+    bomb = _PREFIX.pack(*_PREFIX.unpack_from(codec.encode(DeviceState("a", 0, [])))[:3], zlib.crc32(body)) + body
+    with pytest.raises(StateError, match="decompress to far more"):
+        codec.decode(bomb)
+
+
+def test_a_state_holding_what_is_not_finite_is_not_encoded():
+    init = Initialization.default()
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    pipe.feed([Reading(d, float(t), {"v": math.sin(t / 5)}) for t in range(40) for d in ("a", "b", "c")])
+    a, b, c = pipe.export_devices(["a", "b", "c"])
+    b.streams[0].h[0] = float("inf")    # weights and state go out as bytes
+    c.streams[0].scorer[0] = math.nan   # statistics as JSON
+    codec = StateCodec(init)
+    encoded = codec.encode_many([a, b, c])
+    assert encoded[1:] == [None, None]
+    assert codec.decode(encoded[0]).device == "a"
 
 
 def test_a_stream_snapshotted_while_collecting_its_drift_window_readapts_after_restore():

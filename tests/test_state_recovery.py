@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sqlite3
 import time
@@ -753,6 +754,77 @@ def test_a_restore_keeps_each_device_s_idle_clock():
     assert set(restored._last_seen) == {"busy"}
     assert restored.registry.get_sample_value("forewarn_device_last_reading_timestamp_seconds",
                                               {"device": "quiet"}) is None
+
+
+def test_a_state_saved_by_an_instance_whose_clock_was_fast_ages_no_other_device(caplog):
+    """One snapshot's newest record stamped days ahead (its writer's clock was fast) used to be
+    the newest the others were aged against: all of them were forgotten at the first idle check,
+    their snapshots deleted, with nothing arriving at all."""
+    from connectors.state_store import LocalStore
+    from monitor.readings import Reading
+    saver = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    saver.store = store = LocalStore(":memory:")
+    devices = ("a", "b", "fast")
+    saver.pipeline.feed([Reading(d, float(t), {"v": float(t % 7)}) for t in range(20) for d in devices])
+    saver._partition_of = dict.fromkeys(devices, 0)
+    now = time.monotonic()
+    saver._last_seen = {"a": now, "b": now - 10.0, "fast": now + 8 * 86400.0}
+    saver._write_states(list(devices))
+    store.flush()
+
+    with caplog.at_level(logging.WARNING, logger="forewarn.daemon"):
+        restored = _restored_from(store, FOREWARN_DETECTOR_IDLE_TIMEOUT_S="60")
+    assert restored._last_seen["a"] - restored._last_seen["b"] == pytest.approx(10.0, abs=0.01)
+    assert restored._last_seen["fast"] == pytest.approx(restored._last_seen["a"], abs=0.01)  # taken as just seen
+    assert "clock was ahead" in caplog.text
+    restored._forget_idle(60.0)
+    assert set(restored._last_seen) == set(devices)
+
+
+def test_a_restore_past_max_streams_leaves_whole_devices_out_and_their_snapshots_kept(caplog):
+    """A survivor taking over a failed peer's partitions near its cap used to restore a device
+    without some of its channels, and its next snapshot saved it without them."""
+    from connectors.state_store import LocalStore
+    from monitor.readings import Reading
+    saver = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    saver.store = store = LocalStore(":memory:")
+    saver.pipeline.feed([Reading(d, float(t), {"temp": float(t % 7), "rpm": float(t % 5)})
+                         for t in range(20) for d in ("p1", "p2")])
+    saver._partition_of = {"p1": 0, "p2": 0}
+    saver._write_states(["p1", "p2"])
+    store.flush()
+
+    with caplog.at_level(logging.ERROR, logger="forewarn.daemon"):
+        restored = _restored_from(store, FOREWARN_DETECTOR_MAX_STREAMS="3")
+    held = restored.pipeline.devices()
+    assert len(held) == 1  # one device whole (2 streams); the other's 2 would pass the cap of 3
+    (kept,), (left,) = held, {"p1", "p2"} - held
+    assert sorted(channel for device, channel in restored.pipeline._streams if device == kept) == ["rpm", "temp"]
+    assert left not in restored._partition_of and left not in restored._last_seen
+    assert restored.registry.get_sample_value("forewarn_state_restore_failures_total") == 1
+    assert "max_streams" in caplog.text
+    restored._write_states(list(restored._partition_of))
+    store.flush()
+    assert {device for _, device, _ in store.load([0])} == {"p1", "p2"}  # the one left out is still saved
+
+
+def test_a_device_whose_state_is_not_finite_is_saved_as_a_tombstone_and_the_others_still_saved():
+    """json refuses NaN: one such device used to fail the whole checkpoint and stop the daemon,
+    at every restart."""
+    from connectors.state_store import LocalStore
+    from monitor.readings import Reading
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store = store = LocalStore(":memory:")
+    daemon.pipeline.feed([Reading(d, float(t), {"v": float(t % 7)}) for t in range(20) for d in ("good", "bad")])
+    daemon._partition_of = {"good": 0, "bad": 0}
+    daemon._write_states(["good", "bad"])
+    store.flush()
+    row = daemon.pipeline._streams[("bad", "v")].row
+    daemon.pipeline.fleet._h[:, row] = float("nan")
+    daemon._write_states(["good", "bad"])
+    store.flush()
+    assert {device for _, device, _ in store.load([0])} == {"good"}  # no older snapshot of "bad" either
+    assert daemon.registry.get_sample_value("forewarn_state_snapshots_dropped_total") == 1
 
 
 def test_a_state_stamped_far_ahead_is_restored_taking_its_next_reading_as_its_first():
