@@ -217,6 +217,8 @@ class Daemon:
         self._looping = False  # the main loop has begun: a stop finishes its batch; before, it ends the start-up
         self._last_turn = time.monotonic()
         self._assigned: set = set()
+        self._unassigned_since: float | None = None  # monotonic; None while partitions are held
+        self._unassigned_said = 0.0
         self.server: HealthServer | None = None
         self.source = None
         self.batches = 0
@@ -656,6 +658,7 @@ class Daemon:
         while not self.stopping.is_set():
             batch = source.poll()
             self._last_turn = time.monotonic()
+            self._note_unassigned(self._last_turn)
             self._broker_state(source.connected())
             self.ready()  # keeps forewarn_ready current without a /readyz request
             if batch.records:
@@ -676,6 +679,26 @@ class Daemon:
             idle = self.config.detector.idle_timeout_s
             if idle and time.monotonic() - self._last_idle_check >= min(60.0, idle / 4):
                 self._forget_idle(idle)
+
+    UNASSIGNED_LOG_S = 30.0
+
+    def _note_unassigned(self, now: float) -> None:
+        """Say so while this member holds no partition: 30 s in, then at doubling intervals up
+        to 10 minutes.  A join can take the rebalance timeout (kafka.max_poll_interval_ms), and
+        without a word a slow join, or a group that never assigns, looks like a hung daemon."""
+        if self._assigned:
+            self._unassigned_since = None
+            return
+        if self._unassigned_since is None:
+            self._unassigned_since = self._unassigned_said = now
+            return
+        waited, since_said = now - self._unassigned_since, now - self._unassigned_said
+        if since_said >= min(600.0, max(self.UNASSIGNED_LOG_S, waited / 2)):
+            self._unassigned_said = now
+            log.info("no partitions assigned yet: waiting for the consumer group (a join takes up to "
+                     "kafka.max_poll_interval_ms; a member beyond the topic's partition count stays idle)",
+                     extra=_fields(group=self.config.kafka.group_id, topic=self.config.kafka.topic,
+                                   seconds=round(waited), max_poll_interval_ms=self.config.kafka.max_poll_interval_ms))
 
     def _process(self, batch, source, sinks) -> None:
         self._batch_started = True

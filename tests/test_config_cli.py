@@ -483,3 +483,28 @@ def test_replay_to_kafka_checks_its_bootstrap_servers_as_the_setting_is_checked(
                         ("b:1,", "--bootstrap-servers must be a comma-separated host:port list with no empty entry")):
         assert main(["replay-to-kafka", str(recording), "--topic", "t", "--bootstrap-servers", given]) == 2
         assert said in capsys.readouterr().err
+
+
+def test_ctrl_c_while_torch_loads_ends_the_command_quietly():
+    """The ``forewarn`` command's entry point, interrupted while it imports the CLI (torch takes
+    a second or more): it printed a KeyboardInterrupt traceback from inside the imports."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    child = """
+import os, signal, sys, time
+class InterruptTheImport:  # Ctrl-C exactly while monitor.cli (and torch with it) is being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "monitor.cli":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        return None
+from monitor.entry import main
+sys.meta_path.insert(0, InterruptTheImport())
+main(["config", "--print"])
+"""
+    done = subprocess.run([sys.executable, "-c", child], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGINT  # the shell's 130
+    assert "Traceback" not in done.stderr and done.stdout == ""

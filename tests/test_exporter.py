@@ -535,3 +535,23 @@ def test_lag_is_exported_for_held_partitions_only_and_latency_for_fed_readings_o
     many = [Reading("b", float(t), {"v": 1.0}) for t in range(300)]
     daemon._observe_latency(PolledBatch(many, arrival={id(r): time.time() for r in many}), many)
     assert daemon.registry.get_sample_value("forewarn_processing_latency_seconds_count") <= 1 + 256
+
+
+def test_a_member_with_no_partitions_says_so_at_growing_intervals(forewarn_logs):
+    """A join can take kafka.max_poll_interval_ms (300 s): the log said nothing meanwhile,
+    and a slow join, or a group that never assigns, looked like a hung daemon."""
+    daemon = Daemon(Config.load(environ={"FOREWARN_STATE_STORE": "none"}), registry=CollectorRegistry())
+
+    def said_at(times) -> list[float]:
+        out = []
+        for t in times:
+            forewarn_logs.clear()
+            daemon._note_unassigned(t)
+            out += [t for r in forewarn_logs if "no partitions assigned yet" in r.getMessage()]
+        return out
+
+    assert said_at(range(0, 1300, 5)) == [30, 60, 120, 240, 480, 960]
+    daemon._assigned = {TopicPartition("t", 0)}
+    assert said_at([5000]) == []
+    daemon._assigned = set()  # all revoked later: counted afresh
+    assert said_at([6000, 6025, 6030]) == [6030]
