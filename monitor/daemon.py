@@ -1055,11 +1055,12 @@ class Daemon:
         ends = self._ends_of_uncommitted(source, committed_at, covers)  # before anything is imported: may raise
         by_device = {s.device: s for _, s in states}
         streams = self.pipeline.import_devices(by_device.values())
+        # a partition made again: every state on it covers offsets of the old one, not only
+        # those past the new end (a device that went quiet early covers a smaller offset); any
+        # state tells, one of a device left out below included
+        remade = {partition for partition, offset in covers if offset > ends.get(partition, math.inf)}
         states, covers, failed = self._left_out(states, covers, failed)
         by_device = {s.device: s for _, s in states}
-        # a partition made again: every state on it covers offsets of the old one, not only
-        # those past the new end (a device that went quiet early covers a smaller offset)
-        remade = {partition for partition, offset in covers if offset > ends.get(partition, math.inf)}
         self._place_restored(states, covers, remade)
         if remade:
             devices = [s.device for (_, s), (covered, _) in zip(states, covers) if covered in remade]
@@ -1099,13 +1100,15 @@ class Daemon:
     def _left_out(self, states: list, covers: list, failed: int) -> tuple[list, list, int]:
         """The states the pipeline took, and their covers; those it left out (past
         detector.max_streams) are logged and counted with the failures.  Their snapshots
-        stay where they are, for an instance with room to restore them."""
+        stay where they are (for an instance with room, should the partition move) until
+        the device warms afresh here or is forgotten as idle."""
         known = self.pipeline.devices()
         out = [s.device for _, s in states if s.streams and s.device not in known]
         if not out:
             return states, covers, failed
         log.error("device states not restored: detector.max_streams reached; their readings are refused as "
-                  "stream_limit, and their snapshots are kept", extra=_fields(
+                  "stream_limit, and their snapshots are left as they are until a device warms afresh here, "
+                  "once there is room, or is forgotten as idle", extra=_fields(
                       devices=len(out), first=out[:5], max_streams=self.config.detector.max_streams))
         left = set(out)
         kept = [(state, cover) for state, cover in zip(states, covers) if state[1].device not in left]

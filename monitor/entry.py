@@ -8,7 +8,13 @@ import signal
 
 
 def main(argv: list[str] | None = None) -> int:
-    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
-    from monitor.cli import main as cli_main
-    signal.signal(signal.SIGINT, previous)
+    # only Python's own handler: a SIGINT ignored by whoever started it (`cmd &` in a script) stays so
+    quiet = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if quiet:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        from monitor.cli import main as cli_main
+    finally:
+        if quiet:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     return cli_main(argv)

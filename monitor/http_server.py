@@ -47,8 +47,8 @@ class _RequestErrors:
 
 
 class _DebugLog:
-    """What wsgiref writes to stderr, a traceback when a client stops reading a response
-    (the socket's write times out), as one debug line at each flush."""
+    """What wsgiref writes to stderr, a traceback when a response could not be sent, as one
+    line at each flush: debug where the client stopped reading or went away, else a warning."""
 
     def __init__(self) -> None:
         self._text: list[str] = []
@@ -58,8 +58,13 @@ class _DebugLog:
 
     def flush(self) -> None:
         text, self._text = "".join(self._text).strip(), []
-        if text:
-            log.debug("HTTP response cut short", extra=_fields(error=text.splitlines()[-1]))
+        if not text:
+            return
+        error = text.splitlines()[-1]
+        if error.startswith(("TimeoutError", "BrokenPipeError", "ConnectionResetError", "ConnectionAbortedError")):
+            log.debug("HTTP response cut short", extra=_fields(error=error))  # the client's doing
+        else:
+            log.warning("HTTP response failed", extra=_fields(error=error))
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -83,6 +88,7 @@ class _SharedRenders:
         self._render = render
         self._lock = threading.Lock()
         self._running: dict[tuple, tuple[threading.Event, list]] = {}
+        self.waiting = 0  # scrapes waiting for another's render now
 
     def __call__(self, environ, key: tuple) -> tuple[str, list, bytes]:
         with self._lock:
@@ -92,9 +98,12 @@ class _SharedRenders:
                 leader = True
             else:
                 leader = False
+                self.waiting += 1
         done, answer = running
         if not leader:
             done.wait()
+            with self._lock:
+                self.waiting -= 1
             if answer:
                 return answer[0]
             return self(environ, key)  # the render it waited for failed: its own, to say why
@@ -242,7 +251,7 @@ class HealthServer:
             body = b"".join(metrics_app(environ, lambda status, headers, exc_info=None: answer.extend((status, headers))))
             return answer[0], answer[1], body
 
-        shared_render = _SharedRenders(render_metrics)
+        shared_render = self.renders = _SharedRenders(render_metrics)
 
         def respond(environ, start_response):
             path = environ.get("PATH_INFO", "")

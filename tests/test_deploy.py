@@ -357,7 +357,7 @@ def test_the_image_build_installs_every_module_and_the_shipped_data(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (site / "monitor" / "data" / "nab" / "machine_temperature_system_failure.csv").exists()
     entry_points = next(site.glob("forewarn-*.dist-info")) / "entry_points.txt"
-    assert "forewarn = monitor.cli:main" in entry_points.read_text()
+    assert "forewarn = monitor.entry:main" in entry_points.read_text()
 
 
 # ---- Kubernetes -------------------------------------------------------------------------------------

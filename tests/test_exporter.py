@@ -232,9 +232,8 @@ def test_scrapes_arriving_while_one_is_rendered_share_its_answer():
     try:
         with ThreadPoolExecutor(5) as pool:
             scrapes = [pool.submit(http_get, f"http://127.0.0.1:{server.port}/metrics", timeout=60) for _ in range(5)]
-            wait_for(lambda: collector.calls >= 1 and len(server.server._opened) == 5, 30, what="five scrapes")
-            time.sleep(0.5)  # the four later ones reach the render (or, before, started their own)
-            assert collector.calls == 1
+            wait_for(lambda: collector.calls + server.renders.waiting >= 5, 60, what="five scrapes at the render")
+            assert collector.calls == 1 and server.renders.waiting == 4
             collector.release.set()
             answers = [f.result() for f in scrapes]
         assert {status for status, _ in answers} == {200} and len({text for _, text in answers}) == 1

@@ -806,6 +806,50 @@ def test_a_restore_past_max_streams_leaves_whole_devices_out_and_their_snapshots
     assert {device for _, device, _ in store.load([0])} == {"p1", "p2"}  # the one left out is still saved
 
 
+def test_a_remade_partition_is_found_by_the_state_of_a_device_left_out_too():
+    """Only the state of a device left out (past max_streams) covered an offset past the new
+    topic's end: the partition was not found remade, and the new topic's first readings of the
+    device kept were skipped as re-deliveries."""
+    from kafka import TopicPartition
+
+    from connectors.state_store import LocalStore
+    from monitor.readings import Reading
+    saver = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    saver.pipeline.feed([Reading(d, float(t), {"v": float(t % 7)}) for t in range(20) for d in ("quiet", "busy")])
+    covered = {"quiet": 100, "busy": 5000}
+    store = LocalStore(":memory:")
+    states = saver.pipeline.export_devices(list(covered), covered)
+    for state, data in zip(states, saver.codec.encode_many(states)):
+        store.put(0, state.device, data)
+    store.flush()
+    tp = TopicPartition("t", 0)
+
+    class Remade(_RestoreSource):  # no committed offset, and an end short of what "busy" covers
+        def rewind(self, partitions):
+            return {tp: None}
+
+        def end_offsets(self, partitions):
+            return {tp: 3000}
+
+    for keep in ("quiet", "busy"):  # the cap of one device keeps either, by the order of the store's rows
+        daemon = _idle_daemon(FOREWARN_DETECTOR_MAX_STREAMS="1", FOREWARN_DETECTOR_WARMUP="16")
+        daemon.store = store
+        daemon._assigned, daemon._to_restore = {tp}, {tp}
+        daemon.pipeline.import_devices = _keeping_only(keep, daemon.pipeline.import_devices)
+        daemon._restore_partitions(Remade(committed=0, partitions=1))
+        (held,) = daemon.pipeline.devices()
+        assert held == keep
+        assert daemon._covered == {held: (0, -1)}  # covers nothing of the new topic
+        kept = daemon._skip_covered(_batch(held, 0, range(16), ts0=1000))
+        assert len(kept) == 16
+
+
+def _keeping_only(device, import_devices):
+    def only(states):
+        return import_devices([s for s in states if s.device == device])
+    return only
+
+
 def test_a_device_whose_state_is_not_finite_is_saved_as_a_tombstone_and_the_others_still_saved():
     """json refuses NaN: one such device used to fail the whole checkpoint and stop the daemon,
     at every restart."""
