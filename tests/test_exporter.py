@@ -59,6 +59,8 @@ def test_slow_clients_cannot_take_every_descriptor_and_are_let_go_at_a_deadline(
         server.server.REQUEST_DEADLINE_S = 1.0
         for s in slow:  # shut by the server at the deadline, though they never finished a request
             assert _closed_by_the_server(s)
+        # their handlers let go of their slots just after: until then a probe would be turned away too
+        wait_for(lambda: not server.server._opened, 30, what="the slow clients' slots freed")
         assert http_get(f"http://127.0.0.1:{server.port}/healthz", timeout=30)[0] == 200
     finally:
         for s in slow:
