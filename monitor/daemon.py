@@ -243,7 +243,7 @@ class Daemon:
         # input partition -> the newest offset restored states cover there: the bad records before
         # it were counted and dead-lettered by the partition's previous owner
         self._bad_handled: dict[int, int] = {}
-        self._unsaved: set[str] = set()         # devices whose snapshot could not be saved, already logged
+        self._unsaved: set[str] = set()           # devices whose snapshot could not be saved, already logged
         self._moves_logged = -math.inf            # when devices moving between partitions were last logged
         self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
         self._topic_partitions = 0                # the input topic's partitions at the last assignment

@@ -46,7 +46,7 @@ class _RequestErrors:
             log.debug("HTTP request failed", extra=extra)
 
 
-class _DebugLog:
+class _StderrLog:
     """What wsgiref writes to stderr, a traceback when a response could not be sent, as one
     line at each flush: debug where the client stopped reading or went away, else a warning."""
 
@@ -73,8 +73,8 @@ class _QuietHandler(WSGIRequestHandler):
     def log_message(self, *args) -> None:  # scrapes every few seconds are not news
         pass
 
-    def get_stderr(self) -> _DebugLog:  # wsgiref's handler catches write errors itself and prints them
-        return _DebugLog()
+    def get_stderr(self) -> _StderrLog:  # wsgiref's handler catches write errors itself and prints them
+        return _StderrLog()
 
 
 class _SharedRenders:
