@@ -6,6 +6,7 @@ milliseconds; ``EmbeddedBroker`` runs it on a free loopback port.
 """
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -16,9 +17,30 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 
 def free_port() -> int:
+    """A free loopback port, below the system's ephemeral range where it can read it: a port
+    from that range may be taken, before whoever asked binds it, by the local end of any
+    connection (a scrape, a Kafka client) or by another bind to port 0."""
+    low = _ephemeral_low()
+    if low is not None and low > 2048:
+        for _ in range(50):
+            port = random.randrange(1024, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:  # in use
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int | None:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux
+        return None
 
 
 class EmbeddedBroker:
