@@ -892,21 +892,22 @@ class Daemon:
             self.store.put(partition, device, data)
             return
         self.store.delete(partition, device)
+        self._not_saved(device, "device state holds a number that is not finite: not saved, the device "
+                                "re-warms after a restart")
+
+    def _note_dropped(self) -> None:
+        """Count and log the snapshots the store found too large."""
+        for device, size in self.store.take_dropped():
+            self._not_saved(device, "device snapshot too large for the changelog (state.max_snapshot_bytes, or "
+                                    "the topic's max.message.bytes): not saved, the device re-warms after a "
+                                    "restart", bytes=size)
+
+    def _not_saved(self, device: str, message: str, **fields) -> None:
+        """Count a snapshot not saved; log it once per device."""
         self.metrics.snapshots_dropped.inc()
         if device not in self._unsaved:
             self._unsaved.add(device)
-            log.error("device state holds a number that is not finite: not saved, the device re-warms after a "
-                      "restart", extra=_fields(device=device))
-
-    def _note_dropped(self) -> None:
-        """Count and log (once per device) the snapshots the store found too large."""
-        for device, size in self.store.take_dropped():
-            self.metrics.snapshots_dropped.inc()
-            if device not in self._unsaved:
-                self._unsaved.add(device)
-                log.error("device snapshot too large for the changelog (state.max_snapshot_bytes, or the "
-                          "topic's max.message.bytes): not saved, the device re-warms after a restart",
-                          extra=_fields(device=device, bytes=size))
+            log.error(message, extra=_fields(device=device, **fields))
 
     def _flushed(self, sink, give_up_at: float | None = None) -> None:
         """Wait for the broker to acknowledge what ``sink`` holds (past ``give_up_at``,
@@ -1124,12 +1125,12 @@ class Daemon:
         # (by an instance whose clock was fast) would age every other device by as much, and
         # have them forgotten at the first idle check: it is left out, and taken as just seen
         seen = [s.seen for _, s in states if s.seen is not None]
-        ahead_of = time.time() + SEEN_AHEAD_TOLERANCE_S
-        newest = max((t for t in seen if t <= ahead_of), default=max(seen, default=None))
-        if newest is not None and newest < max(seen):
+        latest, ahead_of = max(seen, default=None), time.time() + SEEN_AHEAD_TOLERANCE_S
+        newest = max((t for t in seen if t <= ahead_of), default=latest)
+        if newest is not None and newest < latest:
             log.warning("restored states saved by an instance whose clock was ahead of this one's: their devices "
                         "are taken as just seen", extra=_fields(devices=sum(t > ahead_of for t in seen),
-                                                                ahead_s=round(max(seen) - time.time(), 1)))
+                                                                ahead_s=round(latest - time.time(), 1)))
         held = {tp.partition for tp in self._assigned}
         for (partition, s), (covered, offset) in zip(states, covers):
             # a copy whose old partition is held here too: its readings arrive there until the

@@ -270,8 +270,9 @@ class FleetForecaster:
         """The weights of ``rows`` (at most GATHER_ROWS), copied into the kept buffers."""
         n = rows.numel()
         buffers = self._gather_buffers
-        if not buffers or next(iter(buffers.values())).shape[0] < n:
-            size = min(self.GATHER_ROWS, max(n, 2 * next(iter(buffers.values())).shape[0] if buffers else n))
+        held = next(iter(buffers.values())).shape[0] if buffers else 0
+        if held < n:
+            size = min(self.GATHER_ROWS, max(n, 2 * held))
             buffers = self._gather_buffers = {k: torch.empty((size, *v.shape[1:]), dtype=v.dtype)
                                               for k, v in self._params.items()}
         return {k: torch.index_select(v, 0, rows, out=buffers[k][:n]) for k, v in self._params.items()}
