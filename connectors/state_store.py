@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewPartitions, NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewPartitions, NewTopic
 from kafka.errors import (IncompatibleBrokerVersion, KafkaTimeoutError, MessageSizeTooLargeError,
                           TopicAlreadyExistsError, UnknownTopicOrPartitionError, UnsupportedVersionError)
 
@@ -185,6 +185,8 @@ class ChangelogStore:
         admin = admin_client(self.cfg, int(timeout_s * 1000))
         try:
             have = self._partition_count(admin)
+            if have is not None:
+                self._check_policy(admin)
             if have is None:
                 try:
                     # the broker's limit would refuse a device of many channels (~9 KB each) otherwise
@@ -218,6 +220,30 @@ class ChangelogStore:
         # otherwise block on the topic's metadata for max_block_ms
         self._await_partitions(have, deadline)
         self._partitions = have  # after: a wait given up is done again when the restore is retried
+
+    def _check_policy(self, admin) -> None:
+        """Warn when a changelog that was already there is not compacted: with
+        ``cleanup.policy=delete`` the snapshots of devices quiet for longer than its
+        ``retention.ms`` are deleted (they re-warm after the next restart or move), and
+        without compaction every restore reads every snapshot ever written.  A broker that
+        will not say (an old one, or ACLs) is taken at its word that it is fine."""
+        try:
+            found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic)],
+                                           config_filter="all")
+            configs = found["topic"][self.topic]
+            policy = configs["cleanup.policy"]["value"]
+        except Exception as exc:  # noqa: BLE001  only a check: the store works without it
+            log.debug("could not read the changelog topic's cleanup.policy",
+                      extra={"fields": {"topic": self.topic, "error": repr(exc)}})
+            return
+        if policy is not None and "compact" not in policy.replace(" ", "").split(","):
+            retention = (configs.get("retention.ms") or {}).get("value")
+            log.warning("changelog topic is not compacted: snapshots of devices quiet for longer than its "
+                        "retention are deleted, and every restore reads every snapshot written; set "
+                        f"cleanup.policy=compact (kafka-configs.sh --alter --entity-type topics --entity-name "
+                        f"{self.topic} --add-config cleanup.policy=compact)",
+                        extra={"fields": {"topic": self.topic, "cleanup_policy": policy,
+                                          "retention_ms": retention}})
 
     def _await_partitions(self, needed: int, deadline: float | None = None) -> None:
         """Wait until the producer knows ``needed`` partitions of the changelog.  kafka-python

@@ -258,6 +258,29 @@ def test_the_changelog_follows_the_input_partitions_or_says_what_to_do(broker):
         store.close()
 
 
+def test_a_changelog_that_is_not_compacted_is_named_in_a_warning(broker, forewarn_logs):
+    """A changelog made beforehand with cleanup.policy=delete loses the snapshots of devices
+    quiet past its retention: the store says so at start, and not for a compacted one."""
+    from kafka.admin import NewTopic
+
+    from connectors.kafka import admin_client
+    from connectors.state_store import ChangelogStore
+    from monitor.config import KafkaConfig
+    cfg = KafkaConfig(bootstrap_servers=broker.bootstrap)
+    admin = admin_client(cfg, 10_000)
+    admin.create_topics([NewTopic(name, 1, -1, topic_configs={"cleanup.policy": policy})
+                         for name, policy in (("deleting-state", "delete"), ("compacted-state", "compact,delete"))])
+    admin.close()
+    for name in ("deleting-state", "compacted-state", "new-state"):
+        store = ChangelogStore(cfg, name)
+        store.ensure_partitions(1)
+        store.close()
+    warned = [r for r in forewarn_logs if r.getMessage().startswith("changelog topic is not compacted")]
+    assert [r.fields["topic"] for r in warned] == ["deleting-state"]
+    assert warned[0].fields["cleanup_policy"] == "delete"
+    assert "cleanup.policy=compact" in warned[0].getMessage()
+
+
 def test_a_snapshot_too_large_for_the_changelog_replaces_the_older_one_with_a_tombstone(broker):
     from connectors.state_store import ChangelogStore
     from monitor.config import KafkaConfig
