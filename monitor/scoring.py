@@ -298,7 +298,12 @@ class ResidualScorer:
         z, std = self._z(residual)
         out = self._surprise(z)
         clip = cfg.learn_clip  # _learn_residual, written out: a call costs ~5% of this hot path
-        self.residuals.update(self.residuals.mean + math.copysign(clip * std, z) if abs(z) > clip else residual)
+        learned = self.residuals.mean + math.copysign(clip * std, z) if abs(z) > clip else residual
+        if learned > CALIBRATION_CAP:  # comparisons, not min/max: a NaN is learned as before
+            learned = CALIBRATION_CAP
+        elif learned < -CALIBRATION_CAP:
+            learned = -CALIBRATION_CAP
+        self.residuals.update(learned)
         if cfg.calibration_fading:
             magnitude = abs(z)
             self.magnitudes.update(magnitude if magnitude < CALIBRATION_CAP else CALIBRATION_CAP)
@@ -314,7 +319,14 @@ class ResidualScorer:
 
     def _learn_residual(self, residual: float, z: float, std: float) -> None:
         clip = self.config.learn_clip  # winsorized: one huge residual does not hide the next
-        self.residuals.update(self.residuals.mean + math.copysign(clip * std, z) if abs(z) > clip else residual)
+        learned = self.residuals.mean + math.copysign(clip * std, z) if abs(z) > clip else residual
+        # capped as stage 2's |z| is: winsorizing bounds one reading, not a run of them, whose
+        # spread grows ~7% a reading until its variance overflows to inf and blinds the stream
+        if learned > CALIBRATION_CAP:
+            learned = CALIBRATION_CAP
+        elif learned < -CALIBRATION_CAP:
+            learned = -CALIBRATION_CAP
+        self.residuals.update(learned)
 
 
 class RangeNovelty:
@@ -481,8 +493,11 @@ def surprise(q: float) -> float:
     """
     if q < 37.0:
         return -math.log10(0.5 * math.erfc(q * _INV_SQRT2))
-    # erfc underflows: its asymptotic form, phi(q) / q, exact to ~1e-3 here
-    return (q * q / 2) / _LN10 + math.log10(q) + _LOG10_SQRT_2PI
+    # erfc underflows: its asymptotic series, phi(q) / q (1 - 1/q^2 + 3/q^4 - 15/q^6 + 105/q^8), exact
+    # to ~1e-13 here (phi(q) / q alone was 3e-4 low at 37: surprise(37) < surprise(36.99999999))
+    r = 1.0 / (q * q)
+    series = 1 - r * (1 - 3 * r * (1 - 5 * r * (1 - 7 * r)))
+    return (q * q / 2) / _LN10 + math.log10(q) + _LOG10_SQRT_2PI - math.log10(series)
 
 
 # Beyond 1e-50 a normal tail probability says more about the residual model than about the

@@ -118,3 +118,24 @@ def test_smoothing_averages_capped_surprises_so_one_absurd_residual_fades_within
 def test_an_unknown_channel_combination_is_refused():
     with pytest.raises(ValueError, match="channel_combination must be one of joint, max"):
         ScoringConfig(channel_combination="mean")
+
+
+def test_a_long_run_of_absurd_residuals_leaves_stage_1_finite_and_sighted():
+    """Winsorizing bounds what one reading teaches, not a run: at the clip every reading
+    widened the spread ~7% until its variance overflowed to inf after ~5,000 readings of a
+    library caller's 1e160 (scaled), and from then on every z was 0 (blind for good) and
+    the device's snapshot could not be written."""
+    scorer = ResidualScorer()
+    for r in [0.1, -0.2, 0.05, 0.15, -0.1, 0.0] * 50:
+        scorer.learn_one(r)
+    for _ in range(6000):
+        scorer.surprise_learn_one(1e160)
+    assert all(math.isfinite(v) for v in scorer.state())
+    assert scorer.surprise_learn_one(-1e160) > 3   # still sees a move of the same size
+
+
+def test_the_surprise_does_not_step_down_where_erfc_gives_way_to_its_asymptotic_form():
+    from monitor.scoring import surprise
+    below = math.nextafter(37.0, 0.0)
+    assert surprise(below) <= surprise(37.0) <= surprise(math.nextafter(37.0, 38.0))
+    assert surprise(math.inf) == math.inf
