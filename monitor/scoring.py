@@ -421,8 +421,8 @@ class RangeNovelty:
         self.high, self.low, self.count = (high, low, count) if filled else (-math.inf, math.inf, count)
         half = len(rest) // 2
         self.highs, self.lows = list(rest[:half][-self.BLOCKS:]), list(rest[half:][-self.BLOCKS:])
-        if self.highs:
-            self.past_high, self.past_low = max(self.highs), min(self.lows)
+        # a state with no closed block replaces the range this object held, if any
+        self.past_high, self.past_low = (max(self.highs), min(self.lows)) if self.highs else (-math.inf, math.inf)
 
 
 class NewPeaks:
