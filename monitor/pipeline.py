@@ -19,7 +19,7 @@ import math
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from numbers import Real
@@ -269,6 +269,11 @@ class Pipeline:
                 ts = self._library_ts(reading, bad)                       # library caller may not
                 if ts is None:
                     continue
+            values = reading.values
+            if not isinstance(values, Mapping) or not values:  # the sources refuse these as missing_value
+                bad.append(BadRecord(BadReason.MISSING_VALUE, f"device {str(device)[:40]!r}: 'values' must be a "
+                                     "non-empty object", reading.ref))
+                continue
             try:
                 known = device in self._devices
             except TypeError:  # unhashable: a library caller's, as every name below is checked
@@ -659,7 +664,10 @@ class Pipeline:
         restored.  A device whose streams do not all fit under ``max_streams`` is left out whole:
         restored without some channels, its next snapshot would save it without them."""
         states = list(states)
-        self.drop_devices({s.device for s in states})
+        names = {s.device for s in states}
+        changed = self._changed & names  # as before: a replaced device still due a write stays so
+        self.drop_devices(names)
+        self._changed |= changed
         live: list[tuple[_Stream, StreamState]] = []
         n = 0
         peak_window = self.config.scoring.peak_window
@@ -724,6 +732,7 @@ class Pipeline:
         rows, dropped = [], 0
         for device in set(devices):
             self._peaks.pop(device, None)
+            self._changed.discard(device)  # else kept for good where nothing takes them (state.store = none)
             for stream in self._devices.pop(device, ()):
                 self._streams.pop((device, stream.channel), None)
                 self._state_counts[stream.state] -= 1

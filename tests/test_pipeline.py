@@ -677,3 +677,18 @@ def test_a_spike_or_two_in_an_otherwise_constant_warm_up_keeps_its_spread():
     counter = torch.full((1, 256), 1e6, dtype=torch.float64)
     counter[0, [5, 50]] += 500
     assert Normalization().fit(counter)[1].item() == pytest.approx(0.1 * counter.std().item())
+
+
+def test_a_reading_without_values_from_a_library_caller_is_a_bad_record_not_lost(init):
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    result = pipe.feed([Reading("a", 0.0, {}), Reading("b", 0.0, None), Reading("c", 0.0, {"v": 1.0})])
+    assert [b.reason for b in result.bad] == [BadReason.MISSING_VALUE] * 2  # the sources' own verdict
+    assert [s.device for s in result.scores] == ["c"] and pipe.devices() == {"c"}
+
+
+def test_dropped_devices_are_no_longer_held_as_changed(init):
+    """With no state store nothing takes the changed set: forgotten devices must leave it."""
+    pipe = Pipeline(init, PipelineConfig(warmup=32))
+    pipe.feed([Reading(f"d{i}", 0.0, {"v": 1.0}) for i in range(100)])
+    pipe.drop_devices([f"d{i}" for i in range(100)])
+    assert not pipe._changed  # take_changed() hides them (it answers for devices held): the set itself grew
