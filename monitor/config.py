@@ -258,8 +258,9 @@ class DetectorConfig:
     online_lr_scale: float = _setting(0.5, "online step size, as a multiple of the adaptation's")
     idle_timeout_s: float = _setting(7 * 86400.0, "a device without a record for this long while others on "
                                                   "the instance kept arriving is forgotten: streams, score "
-                                                  "series, saved state; it warms afresh if it returns "
-                                                  "(0 = never; the daemon only)")
+                                                  "series, saved state; it warms afresh if it returns; "
+                                                  "so is a channel a device stopped sending while it sent "
+                                                  "others (0 = never; the daemon only)")
 
     def scoring_config(self):
         """The ``ScoringConfig`` these settings describe."""

@@ -371,8 +371,14 @@ class Daemon:
         deleted: a fleet that replaces devices would otherwise grow without bound, towards
         ``detector.max_streams``.  One that returns warms afresh.  Idle is measured against
         the newest record of any device, so that while nothing arrives at all (the broker or
-        the producers away, or the partitions paused) nothing is forgotten."""
+        the producers away, or the partitions paused) nothing is forgotten.  So are the channels
+        a device has not sent for as long (by its own timestamps) while it sent others."""
         self._last_idle_check = time.monotonic()
+        quiet = self.pipeline.drop_quiet_channels(idle_timeout_s)  # rewritten at the next checkpoint
+        if quiet:
+            self.metrics.channels_forgotten.inc(sum(quiet.values()))
+            log.info("quiet channels forgotten", extra=_fields(devices=len(quiet), channels=sum(quiet.values()),
+                                                              examples=sorted(quiet)[:5], idle_timeout_s=idle_timeout_s))
         idle = {d for d, seen in self._last_seen.items() if self._newest_seen - seen >= idle_timeout_s}
         if not idle:
             return

@@ -223,6 +223,9 @@ class Pipeline:
         self._state_counts = Counter({s: 0 for s in Lifecycle})
         self.counts: Counter[str] = Counter()           # readings, scored, anomalies, late_channel
         self._changed: set[str] = set()                  # devices whose state changed since take_changed()
+        # device -> timestamp of its latest reading taken, in arrival order: what its channels'
+        # quiet is measured from (not their newest, which one channel's bogus future time would set)
+        self._latest_ts: dict[str, float] = {}
         self.bad_counts: Counter[BadReason] = Counter()
         self._drifted: list[_Stream] = []                # live streams whose drift window filled
         self._due: list[_Stream] = []                    # live streams due an online update
@@ -326,6 +329,7 @@ class Pipeline:
                 continue
             accepted[i] = True
             self._changed.add(device)
+            self._latest_ts[device] = ts
         return rounds, accepted
 
     @staticmethod
@@ -727,12 +731,49 @@ class Pipeline:
         return dict(recent=recent, learnable=learnable, since_update=since)
 
     # ---- membership ------------------------------------------------------
+    def drop_quiet_channels(self, quiet_for: float) -> dict[str, int]:
+        """Forget the channels on which a device has sent nothing for ``quiet_for`` seconds of
+        its own timestamps while it sent others; returns device -> channels forgotten.  A
+        device whose channel names change (a sensor replaced, a disk id in the name) would
+        otherwise fill ``max_channels`` with dead streams, then have every new one refused,
+        for good: its snapshot restores them.  The devices are marked changed, so that their
+        next snapshot leaves those channels out.  A channel that comes back warms afresh.
+
+        >>> from monitor.forecaster import LSTMSpec
+        >>> pipe = Pipeline(Initialization.random(LSTMSpec(hidden=4)), PipelineConfig(warmup=16))
+        >>> _ = pipe.feed([Reading("srv-1", t, {"disk-a": 1.0, "cpu": 2.0}) for t in range(3)])
+        >>> _ = pipe.feed([Reading("srv-1", t, {"disk-b": 1.0, "cpu": 2.0}) for t in range(3, 100)])
+        >>> pipe.drop_quiet_channels(quiet_for=60.0), sorted(s.channel for s in pipe._devices["srv-1"])
+        ({'srv-1': 1}, ['cpu', 'disk-b'])
+        """
+        forgotten: dict[str, int] = {}
+        rows = []
+        for device, streams in self._devices.items():
+            latest = self._latest_ts.get(device)  # None: restored, no reading since
+            if latest is None or len(streams) < 2:  # a device's last channel goes with the device
+                continue
+            quiet = [s for s in streams if s.last_ts is not None and latest - s.last_ts >= quiet_for]
+            if not quiet or len(quiet) == len(streams):  # not quiet: its newest channel is the latest
+                continue
+            for stream in quiet:
+                self._streams.pop((device, stream.channel), None)
+                self._state_counts[stream.state] -= 1
+                if stream.state is Lifecycle.LIVE:
+                    rows.append(stream.row)
+            streams[:] = [s for s in streams if s not in quiet]
+            forgotten[device] = len(quiet)
+            self._changed.add(device)
+        if rows:
+            self.fleet.remove(torch.tensor(rows, dtype=torch.long))
+        return forgotten
+
     def drop_devices(self, devices: Iterable[str]) -> int:
         """Forget devices (for instance when their partition moves away); returns streams dropped."""
         rows, dropped = [], 0
         for device in set(devices):
             self._peaks.pop(device, None)
             self._changed.discard(device)  # else kept for good where nothing takes them (state.store = none)
+            self._latest_ts.pop(device, None)
             for stream in self._devices.pop(device, ()):
                 self._streams.pop((device, stream.channel), None)
                 self._state_counts[stream.state] -= 1

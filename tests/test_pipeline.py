@@ -1,5 +1,6 @@
 import json
 import math
+from collections import Counter
 from dataclasses import asdict
 
 import pytest
@@ -692,3 +693,31 @@ def test_dropped_devices_are_no_longer_held_as_changed(init):
     pipe.feed([Reading(f"d{i}", 0.0, {"v": 1.0}) for i in range(100)])
     pipe.drop_devices([f"d{i}" for i in range(100)])
     assert not pipe._changed  # take_changed() hides them (it answers for devices held): the set itself grew
+
+
+def test_a_device_whose_channel_names_change_keeps_being_scored_once_quiet_channels_go(init):
+    """A channel renamed every 40 readings (a replaced sensor, a disk id in the name): without
+    forgetting the quiet ones, the dead streams fill max_channels and every new one is refused."""
+    def run(forget: bool) -> Counter:
+        pipe = Pipeline(init, PipelineConfig(warmup=16, max_channels=4))
+        bad = Counter()
+        for t in range(400):
+            result = pipe.feed([Reading("srv", float(t), {"cpu": float(t % 7), f"disk-{t // 40}": float(t % 5)})])
+            bad.update(b.reason for b in result.bad)
+            if forget and t % 10 == 9:
+                pipe.drop_quiet_channels(quiet_for=20.0)
+        return bad
+
+    kept_bad, forgot_bad = run(False), run(True)
+    assert kept_bad[BadReason.STREAM_LIMIT] > 200 and not forgot_bad  # each refused reading lost its disk value
+    states = Pipeline(init, PipelineConfig(warmup=16, max_channels=4))
+    states.feed([Reading("srv", float(t), {"cpu": 1.0 + t % 3, "disk-0": 2.0}) for t in range(30)]
+                + [Reading("srv", float(t), {"cpu": 1.0 + t % 3, "disk-1": 2.0}) for t in range(30, 60)])
+    assert states.drop_quiet_channels(quiet_for=25.0) == {"srv": 1}
+    assert [s.channel for s in states.export_devices(["srv"])[0].streams] == ["cpu", "disk-1"]
+    assert states.streams_by_state()["live"] + states.streams_by_state()["warming"] == 2
+    assert states.drop_quiet_channels(quiet_for=25.0) == {}
+    # one channel's reading from a clock gone wrong: quiet is measured from the latest reading
+    # taken, not the newest time seen, or every other channel would look quiet and re-warm
+    states.feed([Reading("srv", 1e9, {"clock": 0.0}), Reading("srv", 60.0, {"cpu": 1.0, "disk-1": 2.0})])
+    assert states.drop_quiet_channels(quiet_for=25.0) == {}
