@@ -58,7 +58,7 @@ def main() -> None:
     for r in range(args.rounds):
         for root in args.checkouts:
             out = subprocess.run([sys.executable, __file__, root, "--child", "--devices", str(args.devices)],
-                                 check=True, capture_output=True, text=True).stdout
+                                 check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr passes through
             print(f"round {r + 1}  {root}: {float(out.strip().splitlines()[-1]):,.0f} readings/s", flush=True)
 
 
