@@ -273,7 +273,8 @@ class Pipeline:
                 if ts is None:
                     continue
             values = reading.values
-            if not isinstance(values, Mapping) or not values:  # the sources refuse these as missing_value
+            # the sources refuse these as missing_value; dict first: an ABC check costs ~0.2 us a reading
+            if type(values) is not dict and not isinstance(values, Mapping) or not values:
                 bad.append(BadRecord(BadReason.MISSING_VALUE, f"device {str(device)[:40]!r}: 'values' must be a "
                                      "non-empty object", reading.ref))
                 continue
