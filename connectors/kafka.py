@@ -215,25 +215,31 @@ class KafkaSource:
         now = time.time()
         latest = now + self.cfg.max_timestamp_ahead_s if self.cfg.max_timestamp_ahead_s else math.inf
         newest_record = -1  # broker timestamp (ms), to tell a clock of this instance's far behind
-        partition_of = batch.partition_of
+        # per record, so the batch's containers are bound once
+        partition_of, arrival, offset_of, readings = batch.partition_of, batch.arrival, batch.offset_of, batch.readings
+        fmt = self.message_format
         for tp, messages in records.items():
+            partition = tp.partition
+            prefix = f"{tp.topic}/{partition}@"  # record_ref's form
             for m in messages:
-                ref = f"{tp.topic}/{tp.partition}@{m.offset}"  # record_ref's form, inline: once per record
-                parsed = parse_message(m.value, self.message_format, ref, latest)
-                batch.bad.extend(parsed.bad)
-                if m.timestamp is not None and m.timestamp > newest_record:
-                    newest_record = m.timestamp
-                if parsed.reading is not None:
-                    batch.readings.append(parsed.reading)
-                    if m.timestamp is not None and m.timestamp >= 0:
-                        batch.arrival[id(parsed.reading)] = m.timestamp / 1000.0
-                    device = parsed.reading.device
-                    was = partition_of.get(device, tp.partition)
-                    if was != tp.partition:
+                parsed = parse_message(m.value, fmt, prefix + str(m.offset), latest)
+                if parsed.bad:
+                    batch.bad.extend(parsed.bad)
+                stamp = m.timestamp
+                if stamp is not None and stamp > newest_record:
+                    newest_record = stamp
+                reading = parsed.reading
+                if reading is not None:
+                    readings.append(reading)
+                    if stamp is not None and stamp >= 0:
+                        arrival[id(reading)] = stamp / 1000.0
+                    device = reading.device
+                    was = partition_of.get(device, partition)
+                    if was != partition:
                         batch.split[device] = was
-                    partition_of[device] = tp.partition
-                    batch.offset_of[id(parsed.reading)] = (tp.partition, m.offset)
-                batch.records += 1
+                    partition_of[device] = partition
+                    offset_of[id(reading)] = (partition, m.offset)
+            batch.records += len(messages)
             batch.offsets[tp] = messages[-1].offset + 1
         if newest_record / 1000.0 > latest:
             self._clock_behind(newest_record / 1000.0 - now)

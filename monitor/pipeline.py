@@ -265,7 +265,8 @@ class Pipeline:
         accepted = [False] * len(readings)
         rounds: list[list[tuple[int, _Stream, float]]] = []
         next_round: dict[int, int] = {}
-        streams = self._streams
+        streams, devices, latest_ts = self._streams, self._devices, self._latest_ts
+        changed = self._changed.add
         for i, reading in enumerate(readings):
             device, ts = reading.device, reading.ts
             if type(ts) is not float or not -math.inf < ts < math.inf:  # the sources refuse these; a
@@ -279,13 +280,13 @@ class Pipeline:
                                      "non-empty object", reading.ref))
                 continue
             try:
-                known = device in self._devices
+                known = device in devices
             except TypeError:  # unhashable: a library caller's, as every name below is checked
                 bad.extend(by_reason(device, [_name_problem(device, c) for c in reading.values], reading.ref))
                 continue
             placed, first, entries = 0, None, None
             rejected = None  # (reason, channel, detail): one bad record per reason, after the channels
-            for channel, value in reading.values.items():
+            for channel, value in values.items():
                 if type(value) is not float or not -MAX_VALUE <= value <= MAX_VALUE:
                     value, reason, detail = check_value(value, MAX_VALUE)  # as the sources judge theirs
                     if reason is not None:
@@ -329,8 +330,8 @@ class Pipeline:
             else:
                 continue
             accepted[i] = True
-            self._changed.add(device)
-            self._latest_ts[device] = ts
+            changed(device)
+            latest_ts[device] = ts
         return rounds, accepted
 
     @staticmethod
