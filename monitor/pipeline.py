@@ -757,11 +757,7 @@ class Pipeline:
             quiet = [s for s in streams if s.last_ts is not None and latest - s.last_ts >= quiet_for]
             if not quiet or len(quiet) == len(streams):  # not quiet: its newest channel is the latest
                 continue
-            for stream in quiet:
-                self._streams.pop((device, stream.channel), None)
-                self._state_counts[stream.state] -= 1
-                if stream.state is Lifecycle.LIVE:
-                    rows.append(stream.row)
+            self._unlink(quiet, rows)
             streams[:] = [s for s in streams if s not in quiet]
             forgotten[device] = len(quiet)
             self._changed.add(device)
@@ -776,12 +772,19 @@ class Pipeline:
             self._peaks.pop(device, None)
             self._changed.discard(device)  # else kept for good where nothing takes them (state.store = none)
             self._latest_ts.pop(device, None)
-            for stream in self._devices.pop(device, ()):
-                self._streams.pop((device, stream.channel), None)
-                self._state_counts[stream.state] -= 1
-                if stream.state is Lifecycle.LIVE:
-                    rows.append(stream.row)
-                dropped += 1
+            dropped += self._unlink(self._devices.pop(device, ()), rows)
         if rows:
             self.fleet.remove(torch.tensor(rows, dtype=torch.long))
         return dropped
+
+    def _unlink(self, streams: Iterable[_Stream], rows: list[int]) -> int:
+        """Take these streams out of the pipeline's indexes; their fleet rows, if live, are
+        added to ``rows`` for the caller to free at once.  Returns how many there were."""
+        n = 0
+        for stream in streams:
+            self._streams.pop((stream.device, stream.channel), None)
+            self._state_counts[stream.state] -= 1
+            if stream.state is Lifecycle.LIVE:
+                rows.append(stream.row)
+            n += 1
+        return n
