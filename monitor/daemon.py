@@ -727,7 +727,7 @@ class Daemon:
         for tp, offset in batch.offsets.items():
             self._processed[tp.partition] = offset
             if self._bad_handled.get(tp.partition, math.inf) <= offset:  # past it: all is new
-                self._bad_handled.pop(tp.partition, None)  # pop: a revoke on kafka-python's thread may race
+                self._bad_handled.pop(tp.partition, None)
         if self.store is None or self.config.state.checkpoint_interval_s == 0:
             self._checkpoint_now(source)
         self.batches += 1
