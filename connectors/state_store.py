@@ -180,12 +180,12 @@ class ChangelogStore:
         ``deadline`` (a monotonic time) bounds the broker's requests and waits."""
         if needed <= self._partitions:
             return
-        # a third of the time left to each of the admin client's start and its two requests
-        timeout_s = 30.0 if deadline is None else max(0.001, (deadline - time.monotonic()) / 3)
+        # a quarter of the time left to each of the admin client's start and its (up to) three requests
+        timeout_s = 30.0 if deadline is None else max(0.001, (deadline - time.monotonic()) / 4)
         admin = admin_client(self.cfg, int(timeout_s * 1000))
         try:
             have = self._partition_count(admin)
-            if have is not None:
+            if have is not None and not self._partitions:  # once: not again when it grows
                 self._check_policy(admin)
             if have is None:
                 try:

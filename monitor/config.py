@@ -258,9 +258,14 @@ class DetectorConfig:
     online_lr_scale: float = _setting(0.5, "online step size, as a multiple of the adaptation's")
     idle_timeout_s: float = _setting(7 * 86400.0, "a device without a record for this long while others on "
                                                   "the instance kept arriving is forgotten: streams, score "
-                                                  "series, saved state; it warms afresh if it returns; "
-                                                  "so is a channel a device stopped sending while it sent "
-                                                  "others (0 = never; the daemon only)")
+                                                  "series, saved state; it warms afresh if it returns "
+                                                  "(0 = never; the daemon only)")
+    channel_idle_timeout_s: float = _setting(7 * 86400.0, "a channel a device has sent nothing on for this long "
+                                                          "(its own timestamps) while it kept sending others is "
+                                                          "forgotten, stream and saved state, so that renamed "
+                                                          "channels do not fill max_channels; a channel reported "
+                                                          "less often than this never goes live (0 = never; the "
+                                                          "daemon only)")
 
     def scoring_config(self):
         """The ``ScoringConfig`` these settings describe."""
@@ -283,7 +288,8 @@ class DetectorConfig:
             warmup=self.warmup, adapt=adapt, scoring=self.scoring_config(),
             max_streams=self.max_streams, max_channels=self.max_channels, adapt_batch=self.adapt_batch,
             drift_threshold=self.drift_threshold, drift_window=self.drift_window, online_every=self.online_every,
-            online_window=self.online_window, online_steps=self.online_steps, online_lr_scale=self.online_lr_scale)
+            online_window=self.online_window, online_steps=self.online_steps, online_lr_scale=self.online_lr_scale,
+            channel_idle_timeout_s=self.channel_idle_timeout_s)
 
     def validate(self) -> None:
         try:  # the scoring settings' own checks (their names are the same here)
@@ -300,7 +306,7 @@ class DetectorConfig:
         # drift and online windows are adapted on as warm-up windows are, at the same memory cost
         _check_bounds("detector", self, drift_threshold=(0, math.inf), drift_window=(16, MAX_WARMUP),
                       online_every=(0, MAX_INT32), online_window=(16, MAX_WARMUP), online_steps=(1, MAX_ADAPT_STEPS),
-                      idle_timeout_s=(0, math.inf), max_streams=(1, math.inf), max_channels=(1, math.inf),
+                      idle_timeout_s=(0, math.inf), channel_idle_timeout_s=(0, math.inf), max_streams=(1, math.inf), max_channels=(1, math.inf),
                       adapt_batch=(1, math.inf), adapt_steps=(-1, MAX_ADAPT_STEPS))
         if self.online_lr_scale <= 0:
             raise ConfigError(f"detector.online_lr_scale must be > 0, got {self.online_lr_scale}")

@@ -252,6 +252,8 @@ class Daemon:
         self._untouched: set[str] = set()         # restored devices no reading has reached since
         self._last_seen: dict[str, float] = {}    # device -> monotonic time of its newest record here
         self._newest_seen = self._last_idle_check = time.monotonic()  # of any record
+        timeouts = [t for t in (config.detector.idle_timeout_s, config.detector.channel_idle_timeout_s) if t]
+        self._idle_check_s = min([60.0] + [t / 4 for t in timeouts]) if timeouts else 0.0  # 0: no idle checks
         self._last_checkpoint = time.monotonic()
         self._lag_warned_at = -math.inf
         self._adapted_unreleased = 0  # streams adapted since memory was last handed back
@@ -371,14 +373,18 @@ class Daemon:
         deleted: a fleet that replaces devices would otherwise grow without bound, towards
         ``detector.max_streams``.  One that returns warms afresh.  Idle is measured against
         the newest record of any device, so that while nothing arrives at all (the broker or
-        the producers away, or the partitions paused) nothing is forgotten.  So are the channels
-        a device has not sent for as long (by its own timestamps) while it sent others."""
+        the producers away, or the partitions paused) nothing is forgotten (0: never).  The
+        channels a device stopped sending go too, after ``detector.channel_idle_timeout_s``."""
         self._last_idle_check = time.monotonic()
-        quiet = self.pipeline.drop_quiet_channels(idle_timeout_s)  # rewritten at the next checkpoint
+        quiet = self.pipeline.drop_quiet_channels()  # their devices are rewritten at the next checkpoint
         if quiet:
             self.metrics.channels_forgotten.inc(sum(quiet.values()))
-            log.info("quiet channels forgotten", extra=_fields(devices=len(quiet), channels=sum(quiet.values()),
-                                                              examples=sorted(quiet)[:5], idle_timeout_s=idle_timeout_s))
+            self.metrics.set_streams(self.pipeline.streams_by_state())
+            log.info("quiet channels forgotten", extra=_fields(
+                devices=len(quiet), channels=sum(quiet.values()), examples=sorted(quiet)[:5],
+                channel_idle_timeout_s=self.config.detector.channel_idle_timeout_s))
+        if not idle_timeout_s:
+            return
         idle = {d for d, seen in self._last_seen.items() if self._newest_seen - seen >= idle_timeout_s}
         if not idle:
             return
@@ -682,9 +688,8 @@ class Daemon:
             if time.monotonic() - last_lag > (5.0 if batch.records else 1.0):
                 self._update_lag(source)
                 last_lag = time.monotonic()
-            idle = self.config.detector.idle_timeout_s
-            if idle and time.monotonic() - self._last_idle_check >= min(60.0, idle / 4):
-                self._forget_idle(idle)
+            if self._idle_check_s and time.monotonic() - self._last_idle_check >= self._idle_check_s:
+                self._forget_idle(self.config.detector.idle_timeout_s)
 
     UNASSIGNED_LOG_S = 30.0
 

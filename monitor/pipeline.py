@@ -86,6 +86,10 @@ class PipelineConfig:
     online_window: int = 256
     online_steps: int = 1
     online_lr_scale: float = 0.5
+    # A channel its device has not sent for this long, by the device's own timestamps, while
+    # it sent others is forgotten at drop_quiet_channels (0 = never).  A device whose readings
+    # jump forward by as much (it was silent, or its clock jumped) starts the count afresh.
+    channel_idle_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.warmup < 16:
@@ -97,7 +101,8 @@ class PipelineConfig:
                 ("online_every", 0 <= self.online_every <= MAX_INT32, f"in 0..{MAX_INT32}"),
                 ("online_window", self.online_window >= 16, ">= 16"),
                 ("online_steps", self.online_steps >= 1, ">= 1"),
-                ("online_lr_scale", self.online_lr_scale > 0, "> 0"))
+                ("online_lr_scale", self.online_lr_scale > 0, "> 0"),
+                ("channel_idle_timeout_s", self.channel_idle_timeout_s >= 0, ">= 0"))
 
 
 class _Stream:
@@ -223,9 +228,11 @@ class Pipeline:
         self._state_counts = Counter({s: 0 for s in Lifecycle})
         self.counts: Counter[str] = Counter()           # readings, scored, anomalies, late_channel
         self._changed: set[str] = set()                  # devices whose state changed since take_changed()
-        # device -> timestamp of its latest reading taken, in arrival order: what its channels'
-        # quiet is measured from (not their newest, which one channel's bogus future time would set)
+        # With channel_idle_timeout_s: device -> timestamp of its latest reading taken (arrival
+        # order), and of the reading that ended its latest silence of that long (or a jump of its
+        # clock), from which its channels' quiet is counted
         self._latest_ts: dict[str, float] = {}
+        self._resumed_ts: dict[str, float] = {}
         self.bad_counts: Counter[BadReason] = Counter()
         self._drifted: list[_Stream] = []                # live streams whose drift window filled
         self._due: list[_Stream] = []                    # live streams due an online update
@@ -267,6 +274,7 @@ class Pipeline:
         next_round: dict[int, int] = {}
         streams, devices, latest_ts = self._streams, self._devices, self._latest_ts
         changed = self._changed.add
+        idle = self.config.channel_idle_timeout_s
         for i, reading in enumerate(readings):
             device, ts = reading.device, reading.ts
             if type(ts) is not float or not -math.inf < ts < math.inf:  # the sources refuse these; a
@@ -331,7 +339,11 @@ class Pipeline:
                 continue
             accepted[i] = True
             changed(device)
-            latest_ts[device] = ts
+            if idle:
+                before = latest_ts.get(device)
+                if before is not None and ts - before >= idle:
+                    self._resumed_ts[device] = ts
+                latest_ts[device] = ts
         return rounds, accepted
 
     @staticmethod
@@ -733,29 +745,37 @@ class Pipeline:
         return dict(recent=recent, learnable=learnable, since_update=since)
 
     # ---- membership ------------------------------------------------------
-    def drop_quiet_channels(self, quiet_for: float) -> dict[str, int]:
-        """Forget the channels on which a device has sent nothing for ``quiet_for`` seconds of
-        its own timestamps while it sent others; returns device -> channels forgotten.  A
-        device whose channel names change (a sensor replaced, a disk id in the name) would
-        otherwise fill ``max_channels`` with dead streams, then have every new one refused,
-        for good: its snapshot restores them.  The devices are marked changed, so that their
-        next snapshot leaves those channels out.  A channel that comes back warms afresh.
+    def drop_quiet_channels(self) -> dict[str, int]:
+        """Forget the channels on which a device has sent nothing for ``channel_idle_timeout_s``
+        of its own timestamps while it kept sending others; returns device -> channels
+        forgotten.  A device whose channel names change (a sensor replaced, a disk id in the
+        name) would otherwise fill ``max_channels`` with dead streams, then have every new one
+        refused, for good: its snapshot restores them.  The devices are marked changed, so that
+        their next snapshot leaves those channels out.  A channel that comes back warms afresh.
+        Quiet counts from the reading that ended the device's latest silence of that long (or
+        forward jump of its clock), so a device back from one keeps the channels it has not
+        sent yet, and one reading stamped far ahead makes none of the others quiet.
 
         >>> from monitor.forecaster import LSTMSpec
-        >>> pipe = Pipeline(Initialization.random(LSTMSpec(hidden=4)), PipelineConfig(warmup=16))
+        >>> pipe = Pipeline(Initialization.random(LSTMSpec(hidden=4)),
+        ...                 PipelineConfig(warmup=16, channel_idle_timeout_s=60.0))
         >>> _ = pipe.feed([Reading("srv-1", t, {"disk-a": 1.0, "cpu": 2.0}) for t in range(3)])
         >>> _ = pipe.feed([Reading("srv-1", t, {"disk-b": 1.0, "cpu": 2.0}) for t in range(3, 100)])
-        >>> pipe.drop_quiet_channels(quiet_for=60.0), sorted(s.channel for s in pipe._devices["srv-1"])
+        >>> pipe.drop_quiet_channels(), sorted(s.channel for s in pipe._devices["srv-1"])
         ({'srv-1': 1}, ['cpu', 'disk-b'])
         """
+        quiet_for = self.config.channel_idle_timeout_s
         forgotten: dict[str, int] = {}
+        if not quiet_for:
+            return forgotten
         rows = []
         for device, streams in self._devices.items():
             latest = self._latest_ts.get(device)  # None: restored, no reading since
             if latest is None or len(streams) < 2:  # a device's last channel goes with the device
                 continue
-            quiet = [s for s in streams if s.last_ts is not None and latest - s.last_ts >= quiet_for]
-            if not quiet or len(quiet) == len(streams):  # not quiet: its newest channel is the latest
+            since = self._resumed_ts.get(device, -math.inf)
+            quiet = [s for s in streams if s.last_ts is not None and latest - max(s.last_ts, since) >= quiet_for]
+            if not quiet or len(quiet) == len(streams):  # never all: the latest reading's are not quiet
                 continue
             self._unlink(quiet, rows)
             streams[:] = [s for s in streams if s not in quiet]
@@ -772,6 +792,7 @@ class Pipeline:
             self._peaks.pop(device, None)
             self._changed.discard(device)  # else kept for good where nothing takes them (state.store = none)
             self._latest_ts.pop(device, None)
+            self._resumed_ts.pop(device, None)
             dropped += self._unlink(self._devices.pop(device, ()), rows)
         if rows:
             self.fleet.remove(torch.tensor(rows, dtype=torch.long))

@@ -698,26 +698,53 @@ def test_dropped_devices_are_no_longer_held_as_changed(init):
 def test_a_device_whose_channel_names_change_keeps_being_scored_once_quiet_channels_go(init):
     """A channel renamed every 40 readings (a replaced sensor, a disk id in the name): without
     forgetting the quiet ones, the dead streams fill max_channels and every new one is refused."""
-    def run(forget: bool) -> Counter:
-        pipe = Pipeline(init, PipelineConfig(warmup=16, max_channels=4))
+    def run(idle: float) -> Counter:
+        pipe = Pipeline(init, PipelineConfig(warmup=16, max_channels=4, channel_idle_timeout_s=idle))
         bad = Counter()
         for t in range(400):
             result = pipe.feed([Reading("srv", float(t), {"cpu": float(t % 7), f"disk-{t // 40}": float(t % 5)})])
             bad.update(b.reason for b in result.bad)
-            if forget and t % 10 == 9:
-                pipe.drop_quiet_channels(quiet_for=20.0)
+            if t % 10 == 9:
+                pipe.drop_quiet_channels()
         return bad
 
-    kept_bad, forgot_bad = run(False), run(True)
+    kept_bad, forgot_bad = run(0.0), run(20.0)  # 0: never
     assert kept_bad[BadReason.STREAM_LIMIT] > 200 and not forgot_bad  # each refused reading lost its disk value
-    states = Pipeline(init, PipelineConfig(warmup=16, max_channels=4))
-    states.feed([Reading("srv", float(t), {"cpu": 1.0 + t % 3, "disk-0": 2.0}) for t in range(30)]
-                + [Reading("srv", float(t), {"cpu": 1.0 + t % 3, "disk-1": 2.0}) for t in range(30, 60)])
-    assert states.drop_quiet_channels(quiet_for=25.0) == {"srv": 1}
-    assert [s.channel for s in states.export_devices(["srv"])[0].streams] == ["cpu", "disk-1"]
-    assert states.streams_by_state()["live"] + states.streams_by_state()["warming"] == 2
-    assert states.drop_quiet_channels(quiet_for=25.0) == {}
-    # one channel's reading from a clock gone wrong: quiet is measured from the latest reading
-    # taken, not the newest time seen, or every other channel would look quiet and re-warm
-    states.feed([Reading("srv", 1e9, {"clock": 0.0}), Reading("srv", 60.0, {"cpu": 1.0, "disk-1": 2.0})])
-    assert states.drop_quiet_channels(quiet_for=25.0) == {}
+
+
+def _two_channel_device(init, idle: float = 25.0) -> Pipeline:
+    pipe = Pipeline(init, PipelineConfig(warmup=16, channel_idle_timeout_s=idle))
+    pipe.feed([Reading("srv", float(t), {"cpu": 1.0 + t % 3, "mem": 2.0 + t % 2}) for t in range(60)])
+    return pipe
+
+
+def _channels(pipe: Pipeline) -> list[str]:
+    return [s.channel for s in pipe.export_devices(["srv"])[0].streams]
+
+
+def test_a_channel_is_forgotten_once_its_device_sent_others_for_the_timeout_without_it(init):
+    pipe = _two_channel_device(init)
+    pipe.feed([Reading("srv", float(t), {"cpu": 1.0 + t % 3}) for t in range(60, 80)])
+    assert pipe.drop_quiet_channels() == {}                      # 20 s without mem: not yet
+    pipe.feed([Reading("srv", float(t), {"cpu": 1.0 + t % 3}) for t in range(80, 90)])
+    assert pipe.drop_quiet_channels() == {"srv": 1} and _channels(pipe) == ["cpu"]
+    assert sum(pipe.streams_by_state().values()) == 1
+    assert pipe.drop_quiet_channels() == {}
+
+
+def test_a_device_back_from_silence_keeps_the_channels_it_has_not_sent_yet(init):
+    """Quiet counts from the end of a silence of the timeout's length: a device whose producers
+    were away, back with one message of its channels, has not dropped the others."""
+    pipe = _two_channel_device(init)
+    pipe.feed([Reading("srv", 100.0, {"cpu": 1.0})])             # 40 s of nothing at all, then cpu alone
+    assert pipe.drop_quiet_channels() == {} and _channels(pipe) == ["cpu", "mem"]
+    pipe.feed([Reading("srv", float(t), {"cpu": 1.0 + t % 3}) for t in range(101, 126)])
+    assert pipe.drop_quiet_channels() == {"srv": 1}              # then 25 s of cpu without it
+
+
+def test_one_reading_stamped_far_ahead_makes_no_other_channel_quiet(init):
+    pipe = _two_channel_device(init)
+    pipe.feed([Reading("srv", 1e9, {"clock": 0.0})])             # the latest reading, at the check
+    assert pipe.drop_quiet_channels() == {}
+    pipe.feed([Reading("srv", 60.0, {"cpu": 1.0, "mem": 2.0})])  # and after it, back to normal
+    assert pipe.drop_quiet_channels() == {} and _channels(pipe) == ["cpu", "mem", "clock"]

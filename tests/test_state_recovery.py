@@ -461,7 +461,9 @@ def test_idleness_is_measured_against_the_newest_record_so_a_silent_instance_for
 
 def test_a_channel_quiet_past_the_idle_timeout_is_forgotten_and_its_device_saved_without_it():
     from monitor.readings import Reading
-    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16", FOREWARN_DETECTOR_IDLE_TIMEOUT_S="60")
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16", FOREWARN_DETECTOR_IDLE_TIMEOUT_S="0",
+                          FOREWARN_DETECTOR_CHANNEL_IDLE_TIMEOUT_S="60")
+    assert daemon._idle_check_s == 15.0                            # a quarter of the one timeout set
     daemon.pipeline.feed([Reading("srv", float(t), {"cpu": 1.0 + t % 3, "disk-0": 2.0}) for t in range(30)]
                          + [Reading("srv", float(t), {"cpu": 1.0 + t % 3, "disk-1": 2.0}) for t in range(30, 100)])
     daemon.pipeline.take_changed()
@@ -469,6 +471,7 @@ def test_a_channel_quiet_past_the_idle_timeout_is_forgotten_and_its_device_saved
     daemon._forget_idle(60.0)
     assert set(daemon._last_seen) == {"srv"}                       # the device stays
     assert daemon.metrics.channels_forgotten._value.get() == 1
+    assert daemon.metrics.streams.labels(state="live")._value.get() == 2   # now, not at the next batch
     assert daemon.pipeline.take_changed() == {"srv"}                # written without it at the next checkpoint
     assert [s.channel for s in daemon.pipeline.export_devices(["srv"])[0].streams] == ["cpu", "disk-1"]
 
