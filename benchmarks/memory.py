@@ -39,6 +39,7 @@ def measure(n: int, steps: int | None) -> dict:
     from monitor.adapt import AdaptConfig
     from monitor.checkpoint import Initialization
     from monitor.cli import tune_runtime
+    from monitor.config import DetectorConfig
     from monitor.pipeline import Pipeline, PipelineConfig
     from monitor.readings import Reading
 
@@ -46,7 +47,10 @@ def measure(n: int, steps: int | None) -> dict:
     tune_runtime()
     init = Initialization.default()
     base = rss()
-    config = PipelineConfig(warmup=256) if steps is None else PipelineConfig(warmup=256, adapt=AdaptConfig(steps=steps))
+    # the daemon's default: its bookkeeping of each device's latest reading for quiet channels included
+    quiet = DetectorConfig().channel_idle_timeout_s
+    config = PipelineConfig(warmup=256, channel_idle_timeout_s=quiet, **({} if steps is None else
+                                                                         {"adapt": AdaptConfig(steps=steps)}))
     pipe = Pipeline(init, config)
     devices = [f"dev-{i}" for i in range(n)]
     g = torch.Generator().manual_seed(0)
