@@ -694,6 +694,9 @@ class Pipeline:
             if len(ds.streams) > room:
                 continue
             room -= len(ds.streams)
+            restored_ts = [ss.last_ts for ss in ds.streams if ss.last_ts is not None]
+            if self.config.channel_idle_timeout_s and restored_ts:  # so a silence across the restart counts
+                self._latest_ts[ds.device] = max(restored_ts)
             if peak_window and ds.peaks is not None:
                 tracker = self._peaks[ds.device] = NewPeaks(peak_window)  # without them nothing is recent yet
                 tracker.restore(ds.peaks)

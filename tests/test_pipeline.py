@@ -742,6 +742,14 @@ def test_a_device_back_from_silence_keeps_the_channels_it_has_not_sent_yet(init)
     assert pipe.drop_quiet_channels() == {"srv": 1}              # then 25 s of cpu without it
 
 
+def test_a_restored_device_back_from_silence_keeps_the_channels_it_has_not_sent_yet(init):
+    snapshot = _two_channel_device(init).export_devices(["srv"])
+    pipe = Pipeline(init, PipelineConfig(warmup=16, channel_idle_timeout_s=25.0))
+    pipe.import_devices(snapshot)
+    pipe.feed([Reading("srv", 100.0, {"cpu": 1.0})])             # silent across the restart, then cpu alone
+    assert pipe.drop_quiet_channels() == {} and _channels(pipe) == ["cpu", "mem"]
+
+
 def test_one_reading_stamped_far_ahead_makes_no_other_channel_quiet(init):
     pipe = _two_channel_device(init)
     pipe.feed([Reading("srv", 1e9, {"clock": 0.0})])             # the latest reading, at the check
