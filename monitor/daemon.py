@@ -246,6 +246,9 @@ class Daemon:
         self._unsaved: set[str] = set()           # devices whose snapshot could not be saved, already logged
         self._moves_logged = -math.inf            # when devices moving between partitions were last logged
         self._old_home: dict[str, int] = {}       # moved device -> the partition its old snapshot is on
+        # restored copy placed on its old partition (held here too) -> the partition the copy lies on:
+        # deleted there too when the device is forgotten, or it would be restored again at every restore
+        self._copy_home: dict[str, int] = {}
         self._topic_partitions = 0                # the input topic's partitions at the last assignment
         self._left: set[str] = set()              # restored devices whose old partition's copy is due for deletion
         self._old_copy_due: dict[str, int] = {}   # moved devices written since the last flush -> partition written
@@ -358,6 +361,7 @@ class Daemon:
             self._seen_until.pop(device, None)
             self._last_seen.pop(device, None)
             self._old_home.pop(device, None)
+            self._copy_home.pop(device, None)
             self._old_copy_due.pop(device, None)
             self._left.discard(device)
             self._untouched.discard(device)
@@ -394,7 +398,8 @@ class Daemon:
                 return
             try:
                 for device in idle:
-                    homes = {self._partition_of.get(device), self._old_home.get(device), self._old_copy_due.get(device)}
+                    homes = {self._partition_of.get(device), self._old_home.get(device), self._old_copy_due.get(device),
+                             self._copy_home.get(device)}
                     for home in homes - {None}:
                         self.store.delete(home, device)
             except KafkaTimeoutError:  # no room in the producer's buffer: forgotten at a later check
@@ -970,6 +975,8 @@ class Daemon:
             self._flushed(self.store)
             self._delete_old_copies()
         self._round = None
+        if not round_.offsets:  # a revoke took every partition it was for: nothing committed, no checkpoint
+            return
         self._last_checkpoint = time.monotonic()
         try:
             source.commit(round_.offsets)
@@ -1146,7 +1153,9 @@ class Daemon:
         for (partition, s), (covered, offset) in zip(states, covers):
             # a copy whose old partition is held here too: its readings arrive there until the
             # producers learn of the new partitions, and it is placed there, as it was
-            self._partition_of[s.device] = covered if s.moved_from and covered in held else partition
+            placed = self._partition_of[s.device] = covered if s.moved_from and covered in held else partition
+            if placed != partition:
+                self._copy_home[s.device] = partition
             self._untouched.add(s.device)
             self._last_seen[s.device] = now - (max(0.0, newest - s.seen) if s.seen is not None else 0.0)
             if covered in remade:
@@ -1173,7 +1182,8 @@ class Daemon:
         for partition, s in states:
             if any(st.last_ts is not None and st.last_ts > latest for st in s.streams):
                 s = replace(s, streams=[replace(st, last_ts=None) if st.last_ts is not None and st.last_ts > latest
-                                        else st for st in s.streams])
+                                        else st for st in s.streams],
+                            resumed=None if s.resumed is not None and s.resumed > latest else s.resumed)
                 repaired.append(s.device)
             out.append((partition, s))
         if repaired:

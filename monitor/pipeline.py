@@ -233,6 +233,7 @@ class Pipeline:
         # clock), from which its channels' quiet is counted
         self._latest_ts: dict[str, float] = {}
         self._resumed_ts: dict[str, float] = {}
+        self._restored_ts: dict[str, float] = {}  # restored device -> its snapshot's newest, until a reading
         self.bad_counts: Counter[BadReason] = Counter()
         self._drifted: list[_Stream] = []                # live streams whose drift window filled
         self._due: list[_Stream] = []                    # live streams due an online update
@@ -341,6 +342,8 @@ class Pipeline:
             changed(device)
             if idle:
                 before = latest_ts.get(device)
+                if before is None:
+                    before = self._restored_ts.pop(device, None)
                 if before is not None and ts - before >= idle:
                     self._resumed_ts[device] = ts
                 latest_ts[device] = ts
@@ -674,7 +677,8 @@ class Pipeline:
                     states.append(StreamState(s.channel, "warming", s.last_ts, buffer=list(s.buffer)))
             tracker = self._peaks.get(device)
             out.append(DeviceState(device, offsets.get(device, -1), states,
-                                   peaks=tracker.state() if tracker is not None else None))
+                                   peaks=tracker.state() if tracker is not None else None,
+                                   resumed=self._resumed_ts.get(device)))
         return out
 
     def import_devices(self, states: Iterable[DeviceState]) -> int:
@@ -695,8 +699,13 @@ class Pipeline:
                 continue
             room -= len(ds.streams)
             restored_ts = [ss.last_ts for ss in ds.streams if ss.last_ts is not None]
-            if self.config.channel_idle_timeout_s and restored_ts:  # so a silence across the restart counts
-                self._latest_ts[ds.device] = max(restored_ts)
+            if self.config.channel_idle_timeout_s and restored_ts:
+                # its first reading here tells a silence across the restart or move, as one here
+                # would; until it comes none of its channels is quiet: a device no reading reaches
+                # here (a frozen copy of a moved one) is not rewritten
+                self._restored_ts[ds.device] = max(restored_ts)
+                if ds.resumed is not None:  # its channels quiet from the end of its latest silence, as here
+                    self._resumed_ts[ds.device] = ds.resumed
             if peak_window and ds.peaks is not None:
                 tracker = self._peaks[ds.device] = NewPeaks(peak_window)  # without them nothing is recent yet
                 tracker.restore(ds.peaks)
@@ -773,7 +782,7 @@ class Pipeline:
             return forgotten
         rows = []
         for device, streams in self._devices.items():
-            latest = self._latest_ts.get(device)  # None: restored, no reading since
+            latest = self._latest_ts.get(device)  # None: restored, no reading since (or tracking off)
             if latest is None or len(streams) < 2:  # a device's last channel goes with the device
                 continue
             since = self._resumed_ts.get(device, -math.inf)
@@ -796,6 +805,7 @@ class Pipeline:
             self._changed.discard(device)  # else kept for good where nothing takes them (state.store = none)
             self._latest_ts.pop(device, None)
             self._resumed_ts.pop(device, None)
+            self._restored_ts.pop(device, None)
             dropped += self._unlink(self._devices.pop(device, ()), rows)
         if rows:
             self.fleet.remove(torch.tensor(rows, dtype=torch.long))

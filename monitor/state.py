@@ -119,6 +119,10 @@ class DeviceState:
     # (partition, offset) it covers on the old one; ``offset`` is then -1, so that a version
     # before this field replays the new partition rather than skip readings it never saw
     moved_from: tuple[int, int] | None = None
+    # the device's own timestamp of the reading that ended its latest silence of
+    # detector.channel_idle_timeout_s: its channels count as quiet only from then, also after a
+    # restore (None: none seen, or a snapshot from before it)
+    resumed: float | None = None
 
 
 def fingerprint(init: Initialization) -> int:
@@ -177,6 +181,8 @@ class StateCodec:
                 header["seen"] = state.seen
             if state.moved_from is not None:
                 header["moved_from"] = list(state.moved_from)
+            if state.resumed is not None:
+                header["resumed"] = state.resumed
             blobs, usable = [], True
             for s in state.streams:
                 entry = {"channel": s.channel, "stage": s.stage, "last_ts": s.last_ts}
@@ -258,6 +264,9 @@ class StateCodec:
                     and moved_from[0] >= 0 and moved_from[1] >= -1):
                 raise StateError("state record: bad partition and offset it moved from")
             moved_from = (moved_from[0], moved_from[1])
+        resumed = header.get("resumed")
+        if resumed is not None and not _finite_numbers([resumed]):
+            raise StateError("state record: bad time its device's latest silence ended")
         for e in header["streams"]:
             s = StreamState(e["channel"], e["stage"], e["last_ts"])
             # checksummed but still unusable (a writer bug, an edited record): refused here, so
@@ -315,7 +324,7 @@ class StateCodec:
             streams.append(s)
         if pos != len(blob):
             raise StateError("state record: trailing bytes")
-        return DeviceState(device, covered, streams, peaks, seen, moved_from)
+        return DeviceState(device, covered, streams, peaks, seen, moved_from, resumed)
 
 
 def _list_or_none(value) -> bool:

@@ -756,3 +756,16 @@ def test_one_reading_stamped_far_ahead_makes_no_other_channel_quiet(init):
     assert pipe.drop_quiet_channels() == {}
     pipe.feed([Reading("srv", 60.0, {"cpu": 1.0, "mem": 2.0})])  # and after it, back to normal
     assert pipe.drop_quiet_channels() == {} and _channels(pipe) == ["cpu", "mem", "clock"]
+
+
+def test_a_restored_device_no_reading_has_reached_keeps_its_channels_and_is_not_rewritten(init):
+    """A frozen copy of a moved device, restored where its readings no longer arrive: rewriting
+    it would make it newer than the live device's own snapshot elsewhere."""
+    pipe = _two_channel_device(init)
+    pipe.feed([Reading("srv", float(t), {"cpu": 1.0}) for t in range(60, 100)])   # mem quiet for 40 s
+    restored = Pipeline(init, PipelineConfig(warmup=16, channel_idle_timeout_s=25.0))
+    restored.import_devices(pipe.export_devices(["srv"]))
+    restored.take_changed()
+    assert restored.drop_quiet_channels() == {} and not restored.take_changed()
+    restored.feed([Reading("srv", 100.0, {"cpu": 1.0})])          # once a reading reaches it here
+    assert restored.drop_quiet_channels() == {"srv": 1}

@@ -8,9 +8,12 @@ import sqlite3
 import time
 
 import pytest
+from kafka import TopicPartition
 
+from connectors.state_store import LocalStore, _newest
 from connectors.tansu import free_port
 from monitor.checkpoint import Initialization
+from monitor.readings import Reading
 from monitor.state import StateCodec
 from tests.kafka_support import (assert_warmed_once, committed_offsets, http_get, metric_value, publish, read_topic,
                                  start_daemon, wait_for)
@@ -1481,3 +1484,140 @@ def test_snapshots_whose_flush_was_cut_short_are_checked_at_the_next(broker, mon
         assert store._snapshots == [] and store.load([0]) == [(0, "d", b"snapshot")]
     finally:
         store.close()
+
+
+# ---- sequences around restores, idle forgetting and checkpoint rounds (from an audit) ----
+
+class _OrderedChangelog:
+    """ChangelogStore's semantics, in memory: newest snapshot per device among the partitions read; a
+    tombstone deletes its own partition's copy only."""
+
+    shared = True
+
+    def __init__(self):
+        self.log, self.t = {}, 0
+
+    def ensure_partitions(self, n, deadline=None):
+        pass
+
+    def put(self, p, d, data):
+        self.t += 1
+        self.log[(p, d)] = (self.t, data)
+
+    def delete(self, p, d):
+        self.t += 1
+        self.log[(p, d)] = (self.t, None)
+
+    def take_dropped(self):
+        return []
+
+    def flush(self, on_wait=None):
+        pass
+
+    def load(self, partitions, on_progress=None):
+        latest, wanted = {}, set(partitions)
+        for (p, d), copy in self.log.items():
+            if p in wanted:
+                latest.setdefault(d, {})[p] = copy
+        return [_newest(d, c) for d, c in latest.items() if any(v is not None for _, v in c.values())]
+
+
+class _GroupSource:
+    def __init__(self, count):
+        self.count, self.commits = count, []
+
+    def partitions_now(self, timeout_ms=2000):
+        return self.count
+
+    def partitions_for_topic(self):
+        return self.count
+
+    def session_alive(self):
+        return True
+
+    def in_group(self):
+        return True
+
+    def connected(self):
+        return True
+
+    def rewind(self, partitions):
+        return {tp: 0 for tp in partitions}
+
+    def pause(self, partitions):
+        pass
+
+    def resume(self, partitions):
+        pass
+
+    def commit(self, offsets):
+        self.commits.append(dict(offsets))
+
+
+def test_a_device_forgotten_as_idle_leaves_no_growth_copy_to_be_restored_again():
+    """The input topic grew 2 -> 4; a member holding every partition restores a moved device
+    from its copy on the new partition and places it on the old one (held too). Forgotten as
+    idle, only the old partition's snapshot was deleted: the copy came back at every restore."""
+    from kafka.partitioner.default import murmur2
+    h = {f"pump-{i}": murmur2(f"pump-{i}".encode()) & 0x7FFFFFFF for i in range(50)}
+    mover = next(d for d, k in h.items() if k % 4 == 2)
+    others = [d for d, k in h.items() if k % 4 == k % 2][:4]
+    env = dict(FOREWARN_DETECTOR_WARMUP="16", FOREWARN_KAFKA_PRODUCER_PARTITIONER="murmur2")
+    store = _OrderedChangelog()
+    old = _idle_daemon(**env)
+    old.store, old.source = store, _GroupSource(4)
+    for i, d in enumerate([mover] + others):
+        old._process(_batch(d, h[d] % 2, list(range(40 * i, 40 * i + 40)), 0), None, _Sinks())
+    old._topic_partitions = 2
+    old._on_revoke({TopicPartition("t", 0), TopicPartition("t", 1)})  # copies to the new partitions
+    for _ in range(2):
+        daemon = _idle_daemon(**env)
+        daemon.store = store
+        daemon._assigned = {TopicPartition("t", p) for p in range(4)}
+        daemon._to_restore = set(daemon._assigned)
+        daemon._restore_partitions(_GroupSource(4))
+        if mover not in daemon.pipeline.devices():
+            break
+        daemon._newest_seen = daemon._last_seen[mover] + 120.0  # the others kept reporting; it did not
+        daemon._last_seen.update(dict.fromkeys(others, daemon._newest_seen))
+        daemon._forget_idle(60.0)
+        assert mover not in daemon.pipeline.devices()
+    assert mover not in daemon.pipeline.devices(), "the forgotten device was restored again"
+    assert mover not in {d for _, d, _ in store.load(range(4))}
+
+
+def test_a_device_back_from_silence_keeps_its_unsent_channels_across_a_restore():
+    """Quiet counts from the end of the device's latest silence: here, and after a restart or a
+    move, where the first idle check used to forget at once the channels it had not sent yet."""
+    env = dict(FOREWARN_DETECTOR_IDLE_TIMEOUT_S="0", FOREWARN_DETECTOR_CHANNEL_IDLE_TIMEOUT_S="25")
+    saver = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16", **env)
+    saver.store = store = LocalStore(":memory:")
+    saver.pipeline.feed([Reading("srv", float(t), {"cpu": 1.0 + t % 3, "mem": 2.0 + t % 2}) for t in range(60)])
+    saver.pipeline.feed([Reading("srv", 100.0, {"cpu": 1.0})])   # 40 s of silence, then cpu alone
+    saver._partition_of = {"srv": 0}
+    saver._write_states(["srv"])
+    store.flush()
+    restored = _restored_from(store, **env)
+    restored._forget_idle(0.0)
+    assert sorted(ch for d, ch in restored.pipeline._streams if d == "srv") == ["cpu", "mem"]
+    assert restored.registry.get_sample_value("forewarn_channels_forgotten_total") == 0
+    restored.pipeline.feed([Reading("srv", float(t), {"cpu": 1.0}) for t in range(101, 126)])
+    restored._forget_idle(0.0)                                   # then 25 s of cpu without it
+    assert sorted(ch for d, ch in restored.pipeline._streams if d == "srv") == ["cpu"]
+
+
+def test_a_round_emptied_by_a_revoke_is_not_counted_as_a_checkpoint():
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16", FOREWARN_STATE_CHECKPOINT_BATCH="1")
+    daemon.store, source = _OrderedChangelog(), _GroupSource(1)
+    daemon.source, tp = source, TopicPartition("t", 0)
+    daemon._assigned = {tp}
+    for i, d in enumerate(("a", "b", "c")):
+        daemon._process(_batch(d, 0, list(range(10 * i, 10 * i + 10)), 0), source, _Sinks())
+    daemon._round = daemon._begin_round()
+    daemon._advance_round(source, 1)
+    daemon._on_revoke({tp})
+    daemon._on_assign({tp})
+    daemon._restore_partitions(source)
+    daemon._advance_round(source, 1)
+    assert daemon._round is None and not [c for c in source.commits if c]
+    assert daemon.registry.get_sample_value("forewarn_state_checkpoints_total") == 0
