@@ -405,6 +405,10 @@ class Daemon:
             except KafkaTimeoutError:  # no room in the producer's buffer: forgotten at a later check
                 self._on_broker_wait(self.SLOW_ACK_S)
                 return
+            if self._waiting_on_broker and self._round is None:
+                # set by an earlier check's full buffer, and nothing else waits: no flush may come to
+                # clear it while no input arrives, and /readyz would stay 503 with the broker back
+                self._waiting_on_broker = False
         streams = self._drop_devices(idle)
         self.metrics.forgotten.inc(len(idle))
         log.info("idle devices forgotten", extra=_fields(devices=len(idle), streams=streams,

@@ -1621,3 +1621,20 @@ def test_a_round_emptied_by_a_revoke_is_not_counted_as_a_checkpoint():
     daemon._advance_round(source, 1)
     assert daemon._round is None and not [c for c in source.commits if c]
     assert daemon.registry.get_sample_value("forewarn_state_checkpoints_total") == 0
+
+
+def test_an_idle_check_that_found_the_buffer_full_is_ready_again_once_its_tombstones_go():
+    """No input arrives, so no flush follows to clear the wait: the next idle check's tombstones
+    finding room must, or /readyz stays 503 with the broker back."""
+    daemon = _idle_daemon(FOREWARN_DETECTOR_WARMUP="16")
+    daemon.store = store = _DictChangelog()
+    daemon._process(_batch("d", 0, list(range(0, 40)), 0), None, _Sinks())
+    daemon._write_states(daemon.pipeline.take_changed())
+    daemon._assigned = {TopicPartition("t", 0)}
+    assert daemon.ready()
+    daemon._newest_seen = daemon._last_seen["d"] + 120.0
+    store.full_once = True
+    daemon._forget_idle(60.0)
+    assert not daemon.ready() and "d" in daemon.pipeline.devices()
+    daemon._forget_idle(60.0)
+    assert daemon.ready() and "d" not in daemon.pipeline.devices() and not store.data
