@@ -62,7 +62,7 @@ def run_in_thread(daemon) -> tuple[threading.Thread, list[BaseException]]:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, whatever http_proxy says
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:  # generous: CI machines stall
     try:
         with _DIRECT.open(url, timeout=timeout) as r:
             return r.status, r.read().decode()

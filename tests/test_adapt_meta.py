@@ -294,15 +294,16 @@ def test_a_name_past_the_file_systems_limit_is_refused_before_training(tmp_path)
         Initialization.check_writable(tmp_path / ("a" * 300 + ".pt"))
 
 
-def test_checkpoints_are_loaded_without_unpickling_objects(tmp_path):
+def test_checkpoints_are_loaded_without_unpickling_objects(tmp_path, capsys):
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
 
     path = tmp_path / "evil.pt"
     torch.save({"format": "forewarn-init", "version": 1, "spec": Evil()}, path)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="not a Forewarn initialization.*Unpickling"):
         Initialization.load(path)
+    assert "pwned" not in capsys.readouterr().out  # refused before the object was made, not after
 
 
 def test_shipped_initialization_loads():

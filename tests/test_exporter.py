@@ -531,8 +531,9 @@ def test_lag_is_exported_for_held_partitions_only_and_latency_for_fed_readings_o
     batch = PolledBatch([old, new], arrival={id(old): time.time() - 25.0, id(new): time.time()})
     daemon._observe_latency(batch, [new])  # old: skipped as covered
     count = daemon.registry.get_sample_value("forewarn_processing_latency_seconds_count")
-    below_1s = daemon.registry.get_sample_value("forewarn_processing_latency_seconds_bucket", {"le": "1.0"})
-    assert count == 1 and below_1s == 1
+    # the new reading's (moments), not the skipped one's (25 s): the bucket between them, far from both
+    below_10s = daemon.registry.get_sample_value("forewarn_processing_latency_seconds_bucket", {"le": "10.0"})
+    assert count == 1 and below_10s == 1
     many = [Reading("b", float(t), {"v": 1.0}) for t in range(300)]
     daemon._observe_latency(PolledBatch(many, arrival={id(r): time.time() for r in many}), many)
     assert daemon.registry.get_sample_value("forewarn_processing_latency_seconds_count") <= 1 + 256

@@ -47,10 +47,11 @@ def test_two_instances_stop_one_its_devices_continue_live_on_the_other(broker, t
     a = start_daemon(_env(broker, topic, group, ports[0], scores), tmp_path / "a.log")
     b = start_daemon(_env(broker, topic, group, ports[1], scores), tmp_path / "b.log")
     try:
+        # both in the group before the readings: a started seconds before b could take them all
+        wait_for(lambda: all("partitions assigned" in (tmp_path / f"{x}.log").read_text() for x in "ab"), 180,
+                 what="both instances to join")
         publish(broker.bootstrap, topic, _messages(range(300)))
         wait_for(_all_committed(broker, group, topic, 300 * DEVICES), 180, what="both instances to process")
-        a_log = (tmp_path / "a.log").read_text()
-        assert "partitions assigned" in a_log and "partitions assigned" in (tmp_path / "b.log").read_text()
         a.send_signal(signal.SIGTERM)
         assert a.wait(60) == 0
         publish(broker.bootstrap, topic, _messages(range(300, 600)))
@@ -960,7 +961,6 @@ def test_a_live_device_whose_key_moves_has_its_old_snapshot_deleted(broker):
 def test_the_changelog_s_new_partitions_are_known_to_its_producer_before_a_write(broker):
     """kafka-python's producer answers from a metadata cache refreshed every 5 minutes: after
     the changelog grew, the first snapshot for a new partition raised until then."""
-    import time
 
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
@@ -976,7 +976,7 @@ def test_the_changelog_s_new_partitions_are_known_to_its_producer_before_a_write
         # made again with 2 under the store; on Kafka, ensure_partitions grows it itself
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
         admin.delete_topics(["grown-state"])
-        time.sleep(1)
+        wait_for(lambda: "grown-state" not in admin.list_topics(), 30, what="the changelog's deletion")
         admin.create_topics([NewTopic("grown-state", 2, -1)])
         admin.close()
         store.ensure_partitions(2)
@@ -1570,13 +1570,15 @@ def test_a_device_forgotten_as_idle_leaves_no_growth_copy_to_be_restored_again()
         old._process(_batch(d, h[d] % 2, list(range(40 * i, 40 * i + 40)), 0), None, _Sinks())
     old._topic_partitions = 2
     old._on_revoke({TopicPartition("t", 0), TopicPartition("t", 1)})  # copies to the new partitions
-    for _ in range(2):
+    for attempt in range(2):
         daemon = _idle_daemon(**env)
         daemon.store = store
         daemon._assigned = {TopicPartition("t", p) for p in range(4)}
         daemon._to_restore = set(daemon._assigned)
         daemon._restore_partitions(_GroupSource(4))
-        if mover not in daemon.pipeline.devices():
+        if attempt == 0:
+            assert mover in daemon.pipeline.devices() and daemon._partition_of[mover] == h[mover] % 2
+        elif mover not in daemon.pipeline.devices():
             break
         daemon._newest_seen = daemon._last_seen[mover] + 120.0  # the others kept reporting; it did not
         daemon._last_seen.update(dict.fromkeys(others, daemon._newest_seen))
