@@ -174,7 +174,7 @@ class Metrics:
                                  "Devices forgotten after detector.idle_timeout_s without a reading (streams, "
                                  "score series and saved state dropped)", registry=r)
         self.channels_forgotten = Counter("forewarn_channels_forgotten_total",
-                                          "Channels forgotten after detector.idle_timeout_s without a value while "
+                                          "Channels forgotten after detector.channel_idle_timeout_s without a value while "
                                           "their device sent others (stream and its saved state dropped)", registry=r)
         self.snapshots_dropped = Counter("forewarn_state_snapshots_dropped_total",
                                          "Device snapshots not saved, too large for the changelog "
