@@ -306,7 +306,8 @@ class DetectorConfig:
         # drift and online windows are adapted on as warm-up windows are, at the same memory cost
         _check_bounds("detector", self, drift_threshold=(0, math.inf), drift_window=(16, MAX_WARMUP),
                       online_every=(0, MAX_INT32), online_window=(16, MAX_WARMUP), online_steps=(1, MAX_ADAPT_STEPS),
-                      idle_timeout_s=(0, math.inf), channel_idle_timeout_s=(0, math.inf), max_streams=(1, math.inf), max_channels=(1, math.inf),
+                      idle_timeout_s=(0, math.inf), channel_idle_timeout_s=(0, math.inf),
+                      max_streams=(1, math.inf), max_channels=(1, math.inf),
                       adapt_batch=(1, math.inf), adapt_steps=(-1, MAX_ADAPT_STEPS))
         if self.online_lr_scale <= 0:
             raise ConfigError(f"detector.online_lr_scale must be > 0, got {self.online_lr_scale}")

@@ -90,8 +90,9 @@ def build_detectors(names: Sequence[str], init_dir: Path | None) -> list[Detecto
         "forewarn-reptile": trained("forewarn-reptile", "reptile", "Reptile init"),
         "forewarn-maml": trained("forewarn-maml", "maml", "MAML from random weights, shipped before"),
         "pooled": pooled,
-        "lstm-scratch": lambda: forewarn_detector("lstm-scratch", Initialization.random(shipped.spec, seed=0,
-                                                  adapt=shipped.adapt), WARMUP, notes=f"random init, same K, one step size {shipped.adapt.lr:g} (no learned ones)"),
+        "lstm-scratch": lambda: forewarn_detector(
+            "lstm-scratch", Initialization.random(shipped.spec, seed=0, adapt=shipped.adapt), WARMUP,
+            notes=f"random init, same K, one step size {shipped.adapt.lr:g} (no learned ones)"),
         "forewarn-calibrated": shipped_variant(
             "forewarn-calibrated", "shipped init, stage-2 calibration 0.002 (picked on even-indexed NAB series)",
             calibrated=True),
