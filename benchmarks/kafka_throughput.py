@@ -114,13 +114,13 @@ def forewarn_rate(bootstrap: str, topic: str, group: str, warm: int, total: int,
     while daemon.pipeline.streams_by_state()["live"] < args.devices and daemon.records < total:
         wait_for_records(daemon, thread, daemon.records + 1, 0.005)
     live_start, live_start_records = time.perf_counter(), daemon.records
-    checkpoints_before = daemon.metrics.checkpoints._value.get()
+    checkpoints_before = daemon.registry.get_sample_value("forewarn_state_checkpoints_total")
     if total - live_start_records < 5 * POLL_RECORDS:
         sys.exit(f"kafka_throughput: only {total - live_start_records:,} records were left once every device "
                  "was live: too few to measure; raise --live-readings")
     wait_for_records(daemon, thread, total, 0.005)
     rate = (daemon.records - live_start_records) / (time.perf_counter() - live_start)
-    checkpoints = int(daemon.metrics.checkpoints._value.get() - checkpoints_before)
+    checkpoints = int(daemon.registry.get_sample_value("forewarn_state_checkpoints_total") - checkpoints_before)
     print(f"  {group}: {total - live_start_records:,} records after every device was live, "
           f"{checkpoints} state checkpoint(s) among them", file=sys.stderr)
     if args.state != "none" and not checkpoints:

@@ -474,8 +474,8 @@ def test_a_channel_quiet_past_the_idle_timeout_is_forgotten_and_its_device_saved
     daemon._last_seen, daemon._newest_seen = {"srv": 99.0}, 99.0
     daemon._forget_idle(60.0)
     assert set(daemon._last_seen) == {"srv"}                       # the device stays
-    assert daemon.metrics.channels_forgotten._value.get() == 1
-    assert daemon.metrics.streams.labels(state="live")._value.get() == 2   # now, not at the next batch
+    assert daemon.registry.get_sample_value("forewarn_channels_forgotten_total") == 1
+    assert daemon.registry.get_sample_value("forewarn_streams", {"state": "live"}) == 2  # now, not at the next batch
     assert daemon.pipeline.take_changed() == {"srv"}                # written without it at the next checkpoint
     assert [s.channel for s in daemon.pipeline.export_devices(["srv"])[0].streams] == ["cpu", "disk-1"]
 
